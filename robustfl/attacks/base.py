@@ -1,0 +1,40 @@
+"""What an attacker sees in one round (white-box adversary, Section 3.2 of the paper)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttackContext:
+    """Everything a colluding group of attackers may use in one round.
+
+    Attackers see the global model and the benign updates of the round (white-box, Section 3.2);
+    each attacker trains only on its own shard plus the backdoor set.
+    """
+
+    model: nn.Module  # architecture template (its own parameters are not the global model)
+    global_flat: torch.Tensor  # (d,) current global parameters theta
+    benign_updates: torch.Tensor  # (n_ben, d) the benign clients' updates of this round
+    n_attackers: int
+    n_clients: int
+    round: int
+    # attackers' own data: one (x float NCHW, y int64) pair per attacker, already on `device`
+    attacker_data: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # backdoor set: inputs (float NCHW) the attacker wants classified as `backdoor_y`
+    backdoor_x: torch.Tensor | None = None
+    backdoor_y: torch.Tensor | None = None
+    # local-training hyper-parameters (Section 6.1)
+    lr: float = 1e-3
+    local_epochs: int = 5
+    batch_size: int = 64
+    num_classes: int = 10
+    # what the server does, for attacks tailored to a rule (Fang et al. target Krum / trimmed mean)
+    defense: str = "fedavg"
+    f: int = 0
+    params: dict[str, Any] = field(default_factory=dict)  # the attack's own config parameters
+    generator: torch.Generator | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))

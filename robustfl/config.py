@@ -1,0 +1,111 @@
+"""Run configuration: one dataclass describes one cell (dataset, attack, defense, setting, seed).
+
+Defaults follow Section 6.1 of the paper (n = 10, all clients selected, Adam lr 1e-3, 5 local
+epochs, T = 20, m = 10 auxiliary samples of one class). Dataset-specific batch sizes follow
+Appendix C (fmnist 64, cifar10/kather 32).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Appendix C batch sizes; everything else uses ``RunConfig.batch_size``.
+PAPER_BATCH = {"fmnist": 64, "cifar10": 32, "kather": 32}
+
+
+@dataclass
+class RunConfig:
+    """All parameters of one FL run (one cell of a study grid, one seed)."""
+
+    dataset: str = "digits"
+    model: str | None = None  # None -> the dataset's default network (models.default_model)
+    n_clients: int = 10
+    n_attackers: int = 0
+    attack: str = "none"
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    defense: str = "fedavg"
+    defense_params: dict[str, Any] = field(default_factory=dict)
+    partition: str = "iid"  # iid | classes | dirichlet
+    partition_params: dict[str, Any] = field(default_factory=dict)
+    rounds: int = 20
+    local_epochs: int = 5
+    batch_size: int | None = None  # None -> PAPER_BATCH.get(dataset, 64)
+    lr: float = 1e-3
+    aux_size: int = 10  # m, Section 6.1
+    aux_class: int = 1  # reference code: class 1
+    aux_source: str = "train"  # train (held out from clients) | test (reference code)
+    root_size: int = 100  # FLTrust root dataset size (Cao et al. use 100)
+    backdoor: str = "semantic"  # semantic | trojan (used by backdoor attacks)
+    backdoor_mode: str = "multiple"  # single | multiple
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    engine: str = "auto"  # auto (vectorised on CUDA, sequential on CPU) | vectorised | sequential
+    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    deterministic: bool = False
+    checkpoint_every: int = 5
+    snapshot_round: int | None = -1  # round whose PLRs are dumped for the figures (-1: last, None: off)
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size if self.batch_size is not None else PAPER_BATCH.get(self.dataset, 64)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field for impossible settings."""
+        def bad(key: str, msg: str) -> None:
+            raise ValueError(f"config key {key!r}: {msg}")
+
+        if self.n_clients < 1:
+            bad("n_clients", f"must be >= 1, got {self.n_clients}")
+        if self.n_attackers < 0:
+            bad("n_attackers", f"must be >= 0, got {self.n_attackers}")
+        if 2 * self.n_attackers >= self.n_clients and self.n_attackers > 0:
+            bad("n_attackers", f"f = {self.n_attackers} attackers out of n = {self.n_clients}: the threat model "
+                "(Section 3.2) needs f < n/2")
+        if self.attack != "none" and self.n_attackers == 0:
+            bad("n_attackers", f"attack {self.attack!r} needs at least one attacker")
+        if self.rounds < 1:
+            bad("rounds", f"must be >= 1, got {self.rounds}")
+        if self.local_epochs < 1:
+            bad("local_epochs", f"must be >= 1, got {self.local_epochs}")
+        if self.batch_size is not None and self.batch_size < 1:
+            bad("batch_size", f"must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if self.aux_size < 2:
+            bad("aux_size", f"the unbiased MMD (Eq. 4) needs m >= 2 auxiliary samples, got {self.aux_size}")
+        if self.aux_source not in ("train", "test"):
+            bad("aux_source", f"must be 'train' or 'test', got {self.aux_source!r}")
+        if self.backdoor not in ("semantic", "trojan"):
+            bad("backdoor", f"must be 'semantic' or 'trojan', got {self.backdoor!r}")
+        if self.backdoor_mode not in ("single", "multiple"):
+            bad("backdoor_mode", f"must be 'single' or 'multiple', got {self.backdoor_mode!r}")
+        if self.partition not in ("iid", "classes", "dirichlet"):
+            bad("partition", f"must be iid, classes or dirichlet, got {self.partition!r}")
+        if self.engine not in ("auto", "vectorised", "sequential"):
+            bad("engine", f"must be auto, vectorised or sequential, got {self.engine!r}")
+        if self.precision not in ("fp32", "bf16"):
+            bad("precision", f"must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.checkpoint_every < 0:
+            bad("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        if self.eval_every < 1:
+            bad("eval_every", f"must be >= 1, got {self.eval_every}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)

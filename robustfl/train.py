@@ -1,0 +1,238 @@
+"""Local training of the clients (Section 3.1 step 2, Section 6.1: Adam, lr 1e-3, E local epochs).
+
+Two engines that compute the same updates:
+
+* :func:`train_vectorised` trains all clients of a round at once: the client parameters are stacked
+  into ``(n, *shape)`` tensors and one ``torch.func.vmap(grad(loss))`` call gives every client's
+  gradient for its own mini-batch; Adam is elementwise, so one Adam over the stacked tensors is n
+  independent Adams (:func:`adam_step`).
+* :func:`train_sequential` is the plain reference: one model and one ``torch.optim.Adam`` per client.
+
+Both draw their mini-batches from the same :func:`batch_plan`, so with dropout off they agree to
+float tolerance (tests/test_train.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from robustfl.params import ParamSpec
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class BatchPlan:
+    """Mini-batch indices for n clients: ``idx (n, S, B)`` into the training arrays, ``mask (n, S, B)``
+    (1 = a real sample, 0 = padding for clients whose shard is shorter or whose last batch is partial)."""
+
+    idx: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def steps(self) -> int:
+        return self.idx.shape[1]
+
+
+def batch_plan(shards: Sequence[torch.Tensor], epochs: int, batch_size: int, generator: torch.Generator) -> BatchPlan:
+    """Per client and epoch a fresh random permutation of its shard, cut into batches of ``batch_size``
+    (the last one partial, as Keras ``fit`` does). Clients with fewer batches are padded with masked
+    steps so that all clients advance in lock-step."""
+    n = len(shards)
+    per_client: list[list[torch.Tensor]] = []
+    for shard in shards:
+        batches: list[torch.Tensor] = []
+        for _ in range(epochs):
+            perm = shard[torch.randperm(len(shard), generator=generator)]
+            batches += list(torch.split(perm, batch_size))
+        per_client.append(batches)
+    steps = max(len(b) for b in per_client)
+    idx = torch.zeros(n, steps, batch_size, dtype=torch.long)
+    mask = torch.zeros(n, steps, batch_size)
+    for i, batches in enumerate(per_client):
+        for s, b in enumerate(batches):
+            idx[i, s, : len(b)] = b
+            mask[i, s, : len(b)] = 1.0
+    return BatchPlan(idx, mask)
+
+
+def masked_ce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the real (mask = 1) samples of a batch."""
+    ce = F.cross_entropy(logits.float(), y, reduction="none")
+    return (ce * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
+              exp_avg_sq: list[torch.Tensor], step: torch.Tensor, active: torch.Tensor, lr: float) -> None:
+    """One Adam step (Kingma & Ba 2015, as ``torch.optim.Adam`` computes it) on stacked ``(n, ...)``
+    tensors, in place. ``step (n,)`` counts each client's own steps; clients with ``active = 0`` (no real
+    sample in this batch) are left untouched, so unequal shards still give independent Adams."""
+    b1, b2 = ADAM_BETAS
+    step += active
+    bc1 = 1 - b1 ** step.clamp_min(1)
+    bc2_sqrt = torch.sqrt(1 - b2 ** step.clamp_min(1))
+    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        a = active.view(shape).to(p.dtype)
+        m.mul_(1 - a * (1 - b1)).add_(a * (1 - b1) * g)
+        v.mul_(1 - a * (1 - b2)).add_(a * (1 - b2) * g * g)
+        denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(ADAM_EPS)
+        p.sub_(a * (lr / bc1.view(shape)) * m / denom)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                     shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
+                     generator: torch.Generator, precision: str = "fp32") -> torch.Tensor:
+    """Train ``len(shards)`` clients from the global model ``theta (d,)`` at once; return their updates
+    ``delta_i = w_i - theta`` as an ``(n, d)`` tensor (Section 3.1).
+
+    ``x`` holds the training inputs (uint8 NHWC or float NCHW) and ``y`` the labels, on the device;
+    ``shards[i]`` are client i's indices into them.
+    """
+    n = len(shards)
+    if n == 0:
+        return theta.new_zeros(0, theta.numel())
+    device = theta.device
+    spec = ParamSpec(model)
+    plan = batch_plan(shards, epochs, batch_size, generator)
+    stacked = spec.unflatten(theta.detach().unsqueeze(0).repeat(n, 1).contiguous())
+    names = spec.names
+    params = [stacked[k].clone() for k in names]
+    exp_avg = [torch.zeros_like(p) for p in params]
+    exp_avg_sq = [torch.zeros_like(p) for p in params]
+    step = torch.zeros(n, device=device)
+
+    def loss_one(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, dict(zip(names, p)), (xb,))
+        return masked_ce(out, yb, mb)
+
+    grad_all = vmap(grad(loss_one), in_dims=(0, 0, 0, 0), randomness="different")
+    idx, mask = plan.idx.to(device), plan.mask.to(device)
+    was_training = model.training
+    model.train()
+    try:
+        for s in range(plan.steps):
+            bi = idx[:, s]
+            xb = prepare_inputs(x[bi.reshape(-1)]).reshape(n, batch_size, *x_shape_nchw(x))
+            yb = y[bi]
+            mb = mask[:, s]
+            with _autocast(device, precision):
+                grads = grad_all(tuple(params), xb, yb, mb)
+            active = (mb.sum(1) > 0).float()
+            adam_step(params, [g.float() for g in grads], exp_avg, exp_avg_sq, step, active, lr)
+    finally:
+        model.train(was_training)
+    return spec.flatten(dict(zip(names, params))) - theta.unsqueeze(0)
+
+
+def train_sequential(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                     shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
+                     generator: torch.Generator, precision: str = "fp32") -> torch.Tensor:
+    """Reference engine: clients one after the other, each with its own ``torch.optim.Adam``.
+    Same batches as :func:`train_vectorised` (same ``generator`` state -> same :func:`batch_plan`)."""
+    from robustfl.params import load_flat_, model_to_flat
+
+    device = theta.device
+    plan = batch_plan(shards, epochs, batch_size, generator)
+    out = []
+    was_training = model.training
+    for i in range(len(shards)):
+        load_flat_(model, theta)
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+        for s in range(plan.steps):
+            mb = plan.mask[i, s].to(device)
+            if mb.sum() == 0:
+                continue
+            bi = plan.idx[i, s].to(device)
+            xb, yb = prepare_inputs(x[bi]), y[bi]
+            opt.zero_grad(set_to_none=True)
+            with _autocast(device, precision):
+                loss = masked_ce(model(xb), yb, mb)
+            loss.backward()
+            opt.step()
+        out.append(model_to_flat(model) - theta)
+    model.train(was_training)
+    return torch.stack(out) if out else theta.new_zeros(0, theta.numel())
+
+
+def x_shape_nchw(x: torch.Tensor) -> tuple[int, int, int]:
+    """(C, H, W) of a batch of images stored as uint8 NHWC or float NCHW."""
+    if x.dtype == torch.uint8:
+        return (x.shape[3], x.shape[1], x.shape[2])
+    return tuple(x.shape[1:])  # type: ignore[return-value]
+
+
+def prepare_inputs(xb: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW in [0, 1]; float inputs pass through."""
+    if xb.dtype == torch.uint8:
+        return xb.permute(0, 3, 1, 2).float().div_(255.0)
+    return xb
+
+
+def train_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
+                 lr: float, generator: torch.Generator) -> None:
+    """Train ``model`` in place on (x, y) with Adam: the server's own training (FLARE's pre-training on
+    the auxiliary set, Section 5.2; FLTrust's root-set update, Cao et al. 2021)."""
+    from robustfl.params import load_flat_, model_to_flat
+
+    theta = model_to_flat(model)
+    shard = torch.arange(len(y))
+    delta = train_sequential(model, theta, x, y, [shard], epochs=epochs, batch_size=batch_size, lr=lr,
+                             generator=generator)
+    load_flat_(model, theta + delta[0])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
+    """Test accuracy and mean cross-entropy of ``model`` on (x, y)."""
+    was = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, len(y)
+    for a in range(0, n, batch):
+        out = model(prepare_inputs(x[a:a + batch])).float()
+        loss += F.cross_entropy(out, y[a:a + batch], reduction="sum").item()
+        correct += (out.argmax(1) == y[a:a + batch]).sum().item()
+    model.train(was)
+    return correct / max(n, 1), loss / max(n, 1)
+
+
+@torch.no_grad()
+def stacked_plrs(model: nn.Module, flats: torch.Tensor, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """PLRs of n models (rows of ``flats (n, d)``) on the same inputs: ``(n, m, o)`` (Alg. 1 lines 4-5).
+    Models run in eval mode (no dropout); ``chunk`` bounds memory for large n."""
+    spec = ParamSpec(model)
+    xb = prepare_inputs(x)
+    was = model.training
+    model.eval()
+
+    def plr_one(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return features_call(model, p, xb)
+
+    outs = [vmap(plr_one)(spec.unflatten(flats[a:a + chunk])) for a in range(0, len(flats), chunk)]
+    model.train(was)
+    return torch.cat(outs).float()
+
+
+def features_call(model: nn.Module, params: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+    """The PLR g_w(x) of the model with parameters ``params`` (a full parameter dict)."""
+    feats = {k[len("features."):]: v for k, v in params.items() if k.startswith("features.")}
+    return functional_call(model.features, feats, (xb,))
+
+
+def num_steps(shard_sizes: Sequence[int], epochs: int, batch_size: int) -> int:
+    return max(epochs * math.ceil(s / batch_size) for s in shard_sizes)
