@@ -64,6 +64,17 @@ def batch_plan(shards: Sequence[torch.Tensor], epochs: int, batch_size: int, gen
     return BatchPlan(idx, mask)
 
 
+def concat_plans(plans: Sequence[BatchPlan]) -> BatchPlan:
+    """Stack the plans of several simulations (clients one after the other), padding to the longest."""
+    steps = max(p.steps for p in plans)
+    bs = plans[0].idx.shape[2]
+    if any(p.idx.shape[2] != bs for p in plans):
+        raise ValueError("cannot pack simulations with different batch sizes")
+    idx = torch.cat([F.pad(p.idx, (0, 0, 0, steps - p.steps)) for p in plans])
+    mask = torch.cat([F.pad(p.mask, (0, 0, 0, steps - p.steps)) for p in plans])
+    return BatchPlan(idx, mask)
+
+
 def masked_ce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the real (mask = 1) samples of a batch."""
     ce = F.cross_entropy(logits.float(), y, reduction="none")
@@ -96,20 +107,26 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                      shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
-                     generator: torch.Generator, precision: str = "fp32") -> torch.Tensor:
-    """Train ``len(shards)`` clients from the global model ``theta (d,)`` at once; return their updates
+                     generator: torch.Generator | None, precision: str = "fp32",
+                     plan: BatchPlan | None = None) -> torch.Tensor:
+    """Train ``len(shards)`` clients from the global model at once; return their updates
     ``delta_i = w_i - theta`` as an ``(n, d)`` tensor (Section 3.1).
 
-    ``x`` holds the training inputs (uint8 NHWC or float NCHW) and ``y`` the labels, on the device;
-    ``shards[i]`` are client i's indices into them.
+    ``theta`` is the global model ``(d,)``, or one starting model per client ``(n, d)`` (several
+    simulations packed into one call, see :func:`robustfl.simulate.simulate_many`). ``x`` holds the
+    training inputs (uint8 NHWC or float NCHW) and ``y`` the labels, on the device; ``shards[i]`` are
+    client i's indices into them. ``plan`` overrides the batch plan drawn from ``generator``.
     """
     n = len(shards)
+    d = theta.shape[-1]
     if n == 0:
-        return theta.new_zeros(0, theta.numel())
+        return theta.new_zeros(0, d)
     device = theta.device
     spec = ParamSpec(model)
-    plan = batch_plan(shards, epochs, batch_size, generator)
-    stacked = spec.unflatten(theta.detach().unsqueeze(0).repeat(n, 1).contiguous())
+    if plan is None:
+        plan = batch_plan(shards, epochs, batch_size, generator)
+    theta_n = theta.detach().expand(n, d) if theta.dim() == 1 else theta.detach()
+    stacked = spec.unflatten(theta_n.contiguous())
     names = spec.names
     params = [stacked[k].clone() for k in names]
     exp_avg = [torch.zeros_like(p) for p in params]
@@ -136,7 +153,7 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
             adam_step(params, [g.float() for g in grads], exp_avg, exp_avg_sq, step, active, lr)
     finally:
         model.train(was_training)
-    return spec.flatten(dict(zip(names, params))) - theta.unsqueeze(0)
+    return spec.flatten(dict(zip(names, params))) - theta_n
 
 
 def train_sequential(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,

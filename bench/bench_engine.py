@@ -1,0 +1,129 @@
+"""Benchmark: one round of local training at the paper's settings, vectorised engine vs the sequential
+per-client reference, in the same process (issue 6). Random inputs of the right shape unless a prepared
+dataset directory is given.
+
+    python bench/bench_engine.py --models fmnist cifar10 kather --rounds 1 --out bench/results/engine.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from robustfl.io import atomic_write_json, device_name, git_commit, versions
+from robustfl.models import build_model
+from robustfl.params import model_to_flat
+from robustfl.train import batch_plan, concat_plans, train_sequential, train_vectorised
+
+# (model, classes, H, W, C, samples per client, batch) -- Section 6.1 / Appendix C
+SETTINGS = {
+    "fmnist": ("fmnist_cnn", 10, 28, 28, 1, 6000, 64),
+    "cifar10": ("cifar10_cnn", 10, 32, 32, 3, 5000, 32),
+    "kather": ("kather_cnn", 8, 128, 128, 3, 400, 32),
+    "digits": ("digits_cnn", 10, 8, 8, 1, 130, 32),
+}
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def train_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FLOPs of one forward+backward on a batch (torch.utils.flop_counter)."""
+    with FlopCounterMode(display=False) as fc:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops()
+
+
+def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precision: str, seq: bool,
+              pack: int, frac: float) -> dict:
+    mname, c, h, w, ch, per, bs = SETTINGS[name]
+    per = max(bs, int(per * frac))
+    torch.manual_seed(0)
+    model = build_model(mname, c, ch).to(dev)
+    theta = model_to_flat(model)
+    n_total = n_clients * per
+    x = torch.randint(0, 256, (n_total, h, w, ch), dtype=torch.uint8, device=dev)
+    y = torch.randint(0, c, (n_total,), device=dev)
+    shards = [torch.arange(i * per, (i + 1) * per, device=dev) for i in range(n_clients)]
+    xb = x[:bs].permute(0, 3, 1, 2).float() / 255
+    flops_step = train_flops(model, xb, y[:bs])
+    steps_per_client = epochs * -(-per // bs)
+    total_flops = flops_step * steps_per_client * n_clients
+    out: dict = {"model": mname, "dataset_shape": [h, w, ch], "n_clients": n_clients, "samples_per_client": per,
+                 "batch": bs, "epochs": epochs, "precision": precision, "train_flops_per_round": total_flops,
+                 "params": theta.numel()}
+    kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision)
+    # warm-up (kernels, autotuning)
+    train_vectorised(model, theta, x, y, [s[:bs * 2] for s in shards], generator=torch.Generator().manual_seed(0),
+                     **{**kw, "epochs": 1})
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t = time.perf_counter()
+    train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), **kw)
+    _sync(dev)
+    tv = time.perf_counter() - t
+    out["vectorised_s_per_round"] = tv
+    out["vectorised_samples_per_s"] = n_clients * per * epochs / tv
+    out["vectorised_tflops"] = total_flops / tv / 1e12
+    if dev.type == "cuda":
+        out["vectorised_peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    if seq:
+        t = time.perf_counter()
+        train_sequential(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), **kw)
+        _sync(dev)
+        ts = time.perf_counter() - t
+        out["sequential_s_per_round"] = ts
+        out["sequential_samples_per_s"] = n_clients * per * epochs / ts
+        out["sequential_tflops"] = total_flops / ts / 1e12
+        out["speedup_vectorised_over_sequential"] = ts / tv
+    if pack > 1:
+        # several cells (e.g. seeds x defenses) packed into one call: pack * n_clients clients per step
+        gens = [torch.Generator().manual_seed(k) for k in range(pack)]
+        plan = concat_plans([batch_plan(shards, epochs, bs, g) for g in gens])
+        thetas = theta.unsqueeze(0).expand(pack * n_clients, -1)
+        t = time.perf_counter()
+        train_vectorised(model, thetas, x, y, shards * pack, plan=plan, generator=None, **kw)
+        _sync(dev)
+        tp = time.perf_counter() - t
+        out["packed_cells"] = pack
+        out["packed_s_per_round"] = tp
+        out["packed_s_per_cell_round"] = tp / pack
+        out["packed_tflops"] = total_flops * pack / tp / 1e12
+        if dev.type == "cuda":
+            out["packed_peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", nargs="+", default=["fmnist", "cifar10", "kather"])
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--no-sequential", action="store_true")
+    ap.add_argument("--pack", type=int, default=1)
+    ap.add_argument("--frac", type=float, default=1.0, help="fraction of each client's shard (quick checks)")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_name(dev),
+           "versions": versions(), "git_commit": git_commit(), "results": []}
+    for m in a.models:
+        r = bench_one(m, dev, a.clients, a.epochs, a.precision, not a.no_sequential, a.pack, a.frac)
+        print(json.dumps(r), flush=True)
+        res["results"].append(r)
+    if a.out:
+        atomic_write_json(a.out, res)
+
+
+if __name__ == "__main__":
+    main()

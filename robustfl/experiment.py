@@ -1,0 +1,162 @@
+"""One cell of a study, end to end: prepared data -> partition -> server sets -> simulation -> outputs.
+
+This is the glue the Snakemake rules call (``scripts/*.py`` stay thin). A cell is a
+:class:`~robustfl.config.RunConfig`; its partition depends only on the fields listed in
+:data:`PARTITION_FIELDS`, so every defense and attack of the same setting and seed trains on exactly
+the same client data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from robustfl import partition as part
+from robustfl import serversets
+from robustfl.attacks import is_targeted
+from robustfl.config import RunConfig
+from robustfl.data import ArrayDataset, load_prepared
+from robustfl.io import device_name, git_commit, versions
+from robustfl.models import build_model, default_model
+from robustfl.simulate import RunData, ServerSets, resolve_device, simulate, write_run_json
+
+log = logging.getLogger("robustfl")
+
+#: The RunConfig fields a partition depends on (the server's reserved sets are excluded from clients).
+PARTITION_FIELDS = ("dataset", "partition", "partition_params", "n_clients", "seed", "aux_size", "aux_class",
+                    "aux_source", "root_size")
+#: Probe inputs whose PLRs are dumped for the PLR figures: this many test images from each of 3 classes.
+PROBE_PER_CLASS = 30
+
+
+def _slug(v: Any) -> str:
+    if isinstance(v, dict):
+        return "-".join(f"{k}{_slug(x)}" for k, x in sorted(v.items())) or "default"
+    s = str(v)
+    return re.sub(r"[^A-Za-z0-9.]+", "", s.replace("-", "m"))
+
+
+def partition_key(cfg: RunConfig) -> str:
+    """A path-safe string of exactly the fields the partition depends on."""
+    pp = _slug(cfg.partition_params) if cfg.partition_params else ""
+    scheme = cfg.partition + (f"-{pp}" if pp else "")
+    return (f"{scheme}_n{cfg.n_clients}_aux{cfg.aux_size}c{cfg.aux_class}{cfg.aux_source}"
+            f"_root{cfg.root_size}_seed{cfg.seed}")
+
+
+def cell_id(cfg: RunConfig) -> str:
+    """A readable, path-safe, unique encoding of every non-seed field that differs from the defaults."""
+    default = RunConfig()
+    parts = []
+    for f in dataclasses.fields(RunConfig):
+        if f.name in ("seed", "device"):
+            continue
+        v = getattr(cfg, f.name)
+        if v != getattr(default, f.name):
+            parts.append(f"{f.name}={_slug(v)}")
+    return ",".join(parts) or "default"
+
+
+def server_split(ds: ArrayDataset, cfg: RunConfig) -> tuple[Any, Any, np.ndarray]:
+    """The aux set, the FLTrust root set and every training index held out of the clients' pool:
+    aux (when drawn from the training set), root, and the backdoor targets of both kinds and modes."""
+    aux = serversets.aux_set(ds, m=cfg.aux_size, cls=cfg.aux_class, source=cfg.aux_source, seed=cfg.seed)
+    held = [np.asarray(aux.indices if cfg.aux_source == "train" else [], dtype=np.int64)]
+    for kind in ("semantic", "trojan"):
+        for mode in ("single", "multiple"):
+            held.append(np.asarray(serversets.backdoor_set(ds, kind=kind, mode=mode, seed=cfg.seed).exclude_train,
+                                   dtype=np.int64))
+    pre = np.unique(np.concatenate(held))
+    root = serversets.root_set(ds, size=cfg.root_size, seed=cfg.seed, exclude=pre)
+    reserved = np.unique(np.concatenate([pre, np.asarray(root.indices, dtype=np.int64)]))
+    return aux, root, reserved
+
+
+def build_partition(data_dir: Path, cfg: RunConfig, out: Path) -> None:
+    """Partition the client pool (training set minus the reserved indices) and save it with its manifest."""
+    ds = load_prepared(data_dir)
+    _, _, reserved = server_split(ds, cfg)
+    labels = np.asarray(ds.y_train)
+    pp = dict(cfg.partition_params)
+    if cfg.partition == "iid":
+        parts = part.iid(labels, cfg.n_clients, cfg.seed, exclude=reserved)
+    elif cfg.partition == "classes":
+        parts = part.classes(labels, cfg.n_clients, int(pp.get("c_sel", 2)), cfg.seed, exclude=reserved)
+    else:
+        parts = part.dirichlet(labels, cfg.n_clients, float(pp.get("alpha", 0.5)), cfg.seed, exclude=reserved)
+    man = part.manifest(parts, labels, cfg.seed, cfg.partition, pp)
+    man.update(n_reserved=int(len(reserved)), partition_key=partition_key(cfg), dataset=cfg.dataset)
+    part.save_partition(out, parts, man)
+
+
+def _server_sets(ds: ArrayDataset, cfg: RunConfig, aux: Any, root: Any, device: torch.device) -> ServerSets:
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    def labels(a: Any) -> torch.Tensor:
+        return t(np.asarray(a, dtype=np.int64))
+
+    sets = ServerSets(aux_x=t(aux.x), aux_y=labels(aux.y))
+    sets.root_x, sets.root_y = t(ds.x_train[root.indices]), labels(ds.y_train[root.indices])
+    if cfg.attack != "none" and is_targeted(cfg.attack):
+        bd = serversets.backdoor_set(ds, kind=cfg.backdoor, mode=cfg.backdoor_mode, seed=cfg.seed)
+        sets.bd_train_x, sets.bd_train_y = t(bd.train_x), labels(bd.train_y)
+        sets.bd_eval_x, sets.bd_eval_y = t(bd.eval_x), labels(bd.eval_y)
+        sets.info["backdoor"] = bd.description
+    classes = [0, 1, 2] if ds.num_classes >= 3 else list(range(ds.num_classes))
+    probe = np.concatenate([np.flatnonzero(np.asarray(ds.y_test) == c)[:PROBE_PER_CLASS] for c in classes])
+    sets.probe_x, sets.probe_y = t(ds.x_test[probe]), labels(ds.y_test[probe])
+    sets.info.update(aux_indices=np.asarray(aux.indices).tolist(), aux_source=cfg.aux_source,
+                     root_size=int(len(root.indices)))
+    return sets
+
+
+def run_cell(cfg: RunConfig, data_dir: Path, partition: Path, out_dir: Path, cell: dict[str, Any] | None = None,
+             ckpt_path: Path | None = None) -> dict[str, Any]:
+    """Run one cell and write ``rounds.csv``, ``clients.csv``, ``snapshot.npz`` and ``run.json`` into
+    ``out_dir`` (atomically; ``run.json`` last). Returns the final metrics."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    ds = load_prepared(data_dir)
+    parts, man = part.load_partition(partition)
+    if man.get("partition_key") not in (None, partition_key(cfg)):
+        raise ValueError(f"partition {partition} was built for {man.get('partition_key')!r}, "
+                         f"this cell needs {partition_key(cfg)!r}")
+    aux, root, _ = server_split(ds, cfg)
+    model_name = cfg.model or default_model(cfg.dataset)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_name, ds.num_classes, ds.image_shape[2])
+    x_train = torch.from_numpy(np.ascontiguousarray(ds.x_train)).to(device)
+    data = RunData(
+        model=model, x_train=x_train, y_train=torch.from_numpy(np.asarray(ds.y_train, dtype=np.int64)).to(device),
+        x_test=torch.from_numpy(np.ascontiguousarray(ds.x_test)).to(device),
+        y_test=torch.from_numpy(np.asarray(ds.y_test, dtype=np.int64)).to(device),
+        shards=[torch.as_tensor(p, dtype=torch.long) for p in parts],
+        sets=_server_sets(ds, cfg, aux, root, device), num_classes=ds.num_classes)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt_path is None:
+        ckpt_path = out_dir.parent / f".{out_dir.name}.ckpt.pt"
+    log.info("cell %s seed %d on %s: model %s, %d clients (%d attackers), attack %s, defense %s",
+             (cell or {}).get("cell_id", cell_id(cfg)), cfg.seed, device, model_name, cfg.n_clients,
+             cfg.n_attackers, cfg.attack, cfg.defense)
+    final = simulate(cfg, data, out_dir, ckpt_path=ckpt_path, device=device)
+    payload = {
+        "config": cfg.to_dict(), "cell": dict(cell or {}, cell_id=(cell or {}).get("cell_id", cell_id(cfg))),
+        "final": final, "seed": cfg.seed, "model": model_name, "versions": versions(),
+        "device": device_name(device), "git_commit": git_commit(), "wall_s": time.perf_counter() - t0,
+        "partition": str(partition), "dataset_meta": {k: ds.meta.get(k) for k in ("source", "split", "checksums")},
+        "server_sets": data.sets.info,
+    }
+    json.dumps(payload, default=str)
+    write_run_json(out_dir, payload)
+    return final
