@@ -43,7 +43,7 @@ def train_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int
 
 
 def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precision: str, seq: bool,
-              pack: int, frac: float) -> dict:
+              pack: int, frac: float, compile: bool = False) -> dict:
     mname, c, h, w, ch, per, bs = SETTINGS[name]
     per = max(bs, int(per * frac))
     torch.manual_seed(0)
@@ -61,14 +61,15 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
                  "batch": bs, "epochs": epochs, "precision": precision, "train_flops_per_round": total_flops,
                  "params": theta.numel()}
     kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision)
+    out["compiled"] = compile
     # warm-up (kernels, autotuning)
     train_vectorised(model, theta, x, y, [s[:bs * 2] for s in shards], generator=torch.Generator().manual_seed(0),
-                     **{**kw, "epochs": 1})
+                     compile=compile, **{**kw, "epochs": 1})
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t = time.perf_counter()
-    train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), **kw)
+    train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), compile=compile, **kw)
     _sync(dev)
     tv = time.perf_counter() - t
     out["vectorised_s_per_round"] = tv
@@ -90,8 +91,12 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
         gens = [torch.Generator().manual_seed(k) for k in range(pack)]
         plan = concat_plans([batch_plan(shards, epochs, bs, g) for g in gens])
         thetas = theta.unsqueeze(0).expand(pack * n_clients, -1)
+        if compile:  # warm-up compile for the packed shape
+            train_vectorised(model, thetas, x, y, [s[:bs * 2] for s in shards] * pack, generator=gens[0],
+                             compile=True, **{**kw, "epochs": 1})
+            _sync(dev)
         t = time.perf_counter()
-        train_vectorised(model, thetas, x, y, shards * pack, plan=plan, generator=None, **kw)
+        train_vectorised(model, thetas, x, y, shards * pack, plan=plan, generator=None, compile=compile, **kw)
         _sync(dev)
         tp = time.perf_counter() - t
         out["packed_cells"] = pack
@@ -112,13 +117,14 @@ def main() -> None:
     ap.add_argument("--no-sequential", action="store_true")
     ap.add_argument("--pack", type=int, default=1)
     ap.add_argument("--frac", type=float, default=1.0, help="fraction of each client's shard (quick checks)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the per-step gradient function")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_name(dev),
            "versions": versions(), "git_commit": git_commit(), "results": []}
     for m in a.models:
-        r = bench_one(m, dev, a.clients, a.epochs, a.precision, not a.no_sequential, a.pack, a.frac)
+        r = bench_one(m, dev, a.clients, a.epochs, a.precision, not a.no_sequential, a.pack, a.frac, a.compile)
         print(json.dumps(r), flush=True)
         res["results"].append(r)
     if a.out:

@@ -65,15 +65,15 @@ def cell_id(cfg: RunConfig) -> str:
 
 
 def server_split(ds: ArrayDataset, cfg: RunConfig) -> tuple[Any, Any, np.ndarray]:
-    """The aux set, the FLTrust root set and every training index held out of the clients' pool:
-    aux (when drawn from the training set), root, and the backdoor targets of both kinds and modes."""
-    aux = serversets.aux_set(ds, m=cfg.aux_size, cls=cfg.aux_class, source=cfg.aux_source, seed=cfg.seed)
-    held = [np.asarray(aux.indices if cfg.aux_source == "train" else [], dtype=np.int64)]
-    for kind in ("semantic", "trojan"):
-        for mode in ("single", "multiple"):
-            held.append(np.asarray(serversets.backdoor_set(ds, kind=kind, mode=mode, seed=cfg.seed).exclude_train,
-                                   dtype=np.int64))
-    pre = np.unique(np.concatenate(held))
+    """The aux set, the FLTrust root set and every training index held out of the clients' pool: the
+    backdoor targets of both kinds and modes, then aux (when drawn from the training set) and root,
+    each disjoint from the sets before it."""
+    held = [np.asarray(serversets.backdoor_set(ds, kind=kind, mode=mode, seed=cfg.seed).exclude_train, dtype=np.int64)
+            for kind in ("semantic", "trojan") for mode in ("single", "multiple")]
+    targets = np.unique(np.concatenate(held))
+    aux = serversets.aux_set(ds, m=cfg.aux_size, cls=cfg.aux_class, source=cfg.aux_source, seed=cfg.seed,
+                             exclude=targets)
+    pre = np.union1d(targets, aux.exclude_train)
     root = serversets.root_set(ds, size=cfg.root_size, seed=cfg.seed, exclude=pre)
     reserved = np.unique(np.concatenate([pre, np.asarray(root.indices, dtype=np.int64)]))
     return aux, root, reserved

@@ -99,6 +99,32 @@ def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: li
         p.sub_(a * (lr / bc1.view(shape)) * m / denom)
 
 
+def adam_step_uniform(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
+                      exp_avg_sq: list[torch.Tensor], step: int, lr: float) -> None:
+    """:func:`adam_step` when every client is active and all have taken ``step`` steps: the same
+    arithmetic with scalar bias corrections, in a handful of foreach launches."""
+    b1, b2 = ADAM_BETAS
+    torch._foreach_lerp_(exp_avg, grads, 1 - b1)
+    torch._foreach_mul_(exp_avg_sq, b2)
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - b2)
+    denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_div_(denom, math.sqrt(1 - b2 ** step))
+    torch._foreach_add_(denom, ADAM_EPS)
+    torch._foreach_addcdiv_(params, exp_avg, denom, value=-lr / (1 - b1 ** step))
+
+
+_COMPILED: dict[tuple[int, int, int], object] = {}
+
+
+def _compiled(fn, model: nn.Module, n: int, batch_size: int):  # noqa: ANN001, ANN202
+    """torch.compile the per-step gradient function once per (model, n, batch) (CUDA graphs cut the
+    launch overhead that dominates small models)."""
+    key = (id(model), n, batch_size)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=False)
+    return _COMPILED[key]
+
+
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -108,7 +134,7 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                      shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
                      generator: torch.Generator | None, precision: str = "fp32",
-                     plan: BatchPlan | None = None) -> torch.Tensor:
+                     plan: BatchPlan | None = None, compile: bool = False) -> torch.Tensor:
     """Train ``len(shards)`` clients from the global model at once; return their updates
     ``delta_i = w_i - theta`` as an ``(n, d)`` tensor (Section 3.1).
 
@@ -138,19 +164,34 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
         return masked_ce(out, yb, mb)
 
     grad_all = vmap(grad(loss_one), in_dims=(0, 0, 0, 0), randomness="different")
+    if compile:
+        grad_all = _compiled(grad_all, model, n, batch_size)
+    # steps where every client has a real sample: the common case, with one shared step count, takes
+    # the foreach fast path; the masked per-client path starts at the first step where one idles
+    # (padding only ever trails, see batch_plan)
+    all_active = (plan.mask.sum(2) > 0).all(0).tolist()
     idx, mask = plan.idx.to(device), plan.mask.to(device)
+    shape = x_shape_nchw(x)
+    k = 0
+    masked_mode = False
     was_training = model.training
     model.train()
     try:
         for s in range(plan.steps):
             bi = idx[:, s]
-            xb = prepare_inputs(x[bi.reshape(-1)]).reshape(n, batch_size, *x_shape_nchw(x))
+            xb = prepare_inputs(x[bi.reshape(-1)]).reshape(n, batch_size, *shape)
             yb = y[bi]
             mb = mask[:, s]
             with _autocast(device, precision):
-                grads = grad_all(tuple(params), xb, yb, mb)
-            active = (mb.sum(1) > 0).float()
-            adam_step(params, [g.float() for g in grads], exp_avg, exp_avg_sq, step, active, lr)
+                grads = [g.float() for g in grad_all(tuple(params), xb, yb, mb)]
+            if not masked_mode and all_active[s]:
+                k += 1
+                adam_step_uniform(params, grads, exp_avg, exp_avg_sq, k, lr)
+            else:
+                if not masked_mode:
+                    masked_mode = True
+                    step.fill_(k)
+                adam_step(params, grads, exp_avg, exp_avg_sq, step, (mb.sum(1) > 0).float(), lr)
     finally:
         model.train(was_training)
     return spec.flatten(dict(zip(names, params))) - theta_n

@@ -110,3 +110,23 @@ def test_stacked_plrs_match_per_model_features() -> None:
         ref = model.plr(x.permute(0, 3, 1, 2).float() / 255)
         torch.testing.assert_close(plrs[i], ref, rtol=1e-4, atol=1e-5)
     assert ParamSpec(model).dim == theta.numel()
+
+
+def test_uniform_adam_fast_path_equals_masked_step() -> None:
+    """The foreach fast path (all clients active) computes the same Adam as the per-client masked step."""
+    from robustfl.train import adam_step_uniform
+
+    g = torch.Generator().manual_seed(1)
+    p0 = [torch.randn(4, 3, 2, generator=g), torch.randn(4, 5, generator=g)]
+    pa = [t.clone() for t in p0]
+    pb = [t.clone() for t in p0]
+    ma, va = [torch.zeros_like(t) for t in p0], [torch.zeros_like(t) for t in p0]
+    mb, vb = [torch.zeros_like(t) for t in p0], [torch.zeros_like(t) for t in p0]
+    step = torch.zeros(4)
+    for k in range(1, 6):
+        grads = [torch.randn(t.shape, generator=g) for t in p0]
+        adam_step(pa, grads, ma, va, step, torch.ones(4), lr=0.01)
+        adam_step_uniform(pb, grads, mb, vb, k, lr=0.01)
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(pa[0], p0[0])
