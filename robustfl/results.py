@@ -1,0 +1,242 @@
+"""Per-run outputs -> tidy frames -> seed-aggregated summary (the numbers behind Tables 2-5).
+
+A run directory holds ``rounds.csv``, ``clients.csv``, ``run.json`` (docs/architecture.md, "Per-run
+outputs"). :func:`collect_runs` stacks many runs into two long frames with the cell's configuration
+flattened onto every row; :func:`summarise` reduces them to one row per cell (all configuration
+columns except ``seed``) with the mean, sample standard deviation (ddof = 1) and count over seeds of
+each run's final metrics. The paper averages three runs per cell (Section 6.1).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+#: Configuration flattened onto every row of the collected frames; all but ``seed`` identify a cell.
+CONFIG_COLUMNS: tuple[str, ...] = (
+    "study", "cell_id", "dataset", "attack", "backdoor", "defense", "defense_variant",
+    "partition", "c_sel", "alpha", "n_clients", "n_attackers", "aux_size", "seed",
+)
+#: The columns a cell is grouped by when averaging over seeds.
+KEY_COLUMNS: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c != "seed")
+
+ROUND_COLUMNS: tuple[str, ...] = (
+    "round", "test_acc", "test_loss", "asr", "target_conf", "train_s", "attack_s", "agg_s", "n_excluded",
+)
+CLIENT_COLUMNS: tuple[str, ...] = ("round", "client", "malicious", "weight", "detected")
+
+#: Metrics taken from a run's last evaluated round (final model quality).
+FINAL_METRICS: tuple[str, ...] = ("test_acc", "test_loss", "asr", "target_conf")
+#: Metrics averaged over a run's rounds (per-round cost, Section 7.4).
+TIME_METRICS: tuple[str, ...] = ("train_s", "attack_s", "agg_s")
+
+#: Attacks that have a backdoor (semantic / trojan) target; the others get ``backdoor = "none"``.
+BACKDOOR_ATTACKS: frozenset[str] = frozenset({"krum_backdoor", "median_backdoor", "adaptive_plr"})
+#: Keys of ``partition_params`` accepted for Sattler et al.'s classes-per-client (Section 7.3.2).
+C_SEL_KEYS: tuple[str, ...] = ("c_sel", "classes_per_client", "n_classes", "classes", "k")
+
+
+# --------------------------------------------------------------------------------------- writing
+def _atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Atomic UTF-8 text write (temp file + ``os.replace``)."""
+    return _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write ``df`` as CSV (no index) atomically; returns the path."""
+    return _atomic_write_text(path, df.to_csv(index=False))
+
+
+# --------------------------------------------------------------------------------------- loading
+@dataclass(frozen=True)
+class RunResult:
+    """One run directory: per-round metrics, per-client weights and ``run.json``."""
+
+    run_dir: Path
+    rounds: pd.DataFrame
+    clients: pd.DataFrame
+    meta: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.meta.get("config", {})
+
+    @property
+    def keys(self) -> dict[str, Any]:
+        """The flattened configuration columns (:data:`CONFIG_COLUMNS`) of this run."""
+        return config_columns(self.meta)
+
+
+def _read_csv(path: Path, required: Iterable[str]) -> pd.DataFrame:
+    df = pd.read_csv(path)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+    return df
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> RunResult:
+    """Read one run directory; ``clients.csv`` may be absent (empty frame), the others may not."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "run.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no run.json (is this a run directory?)")
+    meta = json.loads(meta_path.read_text())
+    if not isinstance(meta.get("config"), Mapping):
+        raise ValueError(f"{meta_path}: no 'config' object")
+    rounds = _read_csv(run_dir / "rounds.csv", ROUND_COLUMNS).sort_values("round", ignore_index=True)
+    clients_path = run_dir / "clients.csv"
+    if clients_path.is_file():
+        clients = _read_csv(clients_path, CLIENT_COLUMNS)
+    else:
+        clients = pd.DataFrame({c: pd.Series(dtype=float) for c in CLIENT_COLUMNS})
+    return RunResult(run_dir=run_dir, rounds=rounds, clients=clients, meta=meta)
+
+
+def _first_param(params: Mapping[str, Any], keys: Iterable[str]) -> float:
+    for k in keys:
+        if params.get(k) is not None:
+            return float(params[k])
+    return math.nan
+
+
+def config_columns(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Flatten ``run.json`` into the :data:`CONFIG_COLUMNS` of a run.
+
+    ``backdoor`` is ``"none"`` for attacks without a backdoor target; ``defense_variant`` is
+    ``defense_params["variant"]`` (e.g. ``"code"`` for the authors'-code FLARE) or ``"default"``;
+    ``c_sel`` / ``alpha`` are NaN unless the partition is ``classes`` / ``dirichlet``.
+    """
+    cfg = meta.get("config", {})
+    cell = meta.get("cell") or {}
+    attack = str(cfg.get("attack", "none"))
+    partition = str(cfg.get("partition", "iid"))
+    pparams = cfg.get("partition_params") or {}
+    dparams = cfg.get("defense_params") or {}
+    return {
+        "study": str(cell.get("study", "")),
+        "cell_id": str(cell.get("cell_id", "")),
+        "dataset": str(cfg.get("dataset", "")),
+        "attack": attack,
+        "backdoor": str(cfg.get("backdoor", "semantic")) if attack in BACKDOOR_ATTACKS else "none",
+        "defense": str(cfg.get("defense", "")),
+        "defense_variant": str(dparams.get("variant") or "default"),
+        "partition": partition,
+        "c_sel": _first_param(pparams, C_SEL_KEYS) if partition == "classes" else math.nan,
+        "alpha": _first_param(pparams, ("alpha",)) if partition == "dirichlet" else math.nan,
+        "n_clients": int(cfg.get("n_clients", 0)),
+        "n_attackers": int(cfg.get("n_attackers", 0)),
+        "aux_size": int(cfg.get("aux_size", 0)),
+        "seed": int(cfg.get("seed", 0)),
+    }
+
+
+def _with_keys(df: pd.DataFrame, keys: Mapping[str, Any], run: RunResult) -> pd.DataFrame:
+    head = pd.DataFrame({k: [v] * len(df) for k, v in keys.items()}, index=df.index)
+    head["run_dir"] = str(run.run_dir)
+    head["device"] = str(run.meta.get("device", ""))
+    return pd.concat([head, df], axis=1)
+
+
+def collect_runs(run_dirs: Iterable[str | os.PathLike[str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stack runs into ``(rounds_df, clients_df)`` with :data:`CONFIG_COLUMNS`, ``run_dir`` and
+    ``device`` on every row."""
+    rounds, clients = [], []
+    for d in dict.fromkeys(Path(p) for p in run_dirs):  # a run listed twice is read once
+        run = load_run(d)
+        keys = run.keys
+        rounds.append(_with_keys(run.rounds, keys, run))
+        clients.append(_with_keys(run.clients, keys, run))
+    extra = ("run_dir", "device")
+    if not rounds:
+        empty = lambda cols: pd.DataFrame(columns=[*CONFIG_COLUMNS, *extra, *cols])  # noqa: E731
+        return empty(ROUND_COLUMNS), empty(CLIENT_COLUMNS)
+    return pd.concat(rounds, ignore_index=True), pd.concat(clients, ignore_index=True)
+
+
+def find_run_dirs(root: str | os.PathLike[str]) -> list[Path]:
+    """All directories under ``root`` (itself included) that hold a ``run.json``, sorted."""
+    return sorted(p.parent for p in Path(root).rglob("run.json"))
+
+
+# ----------------------------------------------------------------------------------- summarising
+def _last_valid(s: pd.Series) -> float:
+    v = s.dropna()
+    return float(v.iloc[-1]) if len(v) else math.nan
+
+
+def final_metrics(rounds_df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: each final metric's last non-NaN value (by round) and the per-round mean
+    of the timing columns."""
+    run_cols = [c for c in (*CONFIG_COLUMNS, "run_dir") if c in rounds_df.columns]
+    df = rounds_df.sort_values([*run_cols, "round"], kind="stable")
+    g = df.groupby(run_cols, dropna=False, sort=True)
+    parts = {m: g[m].agg(_last_valid) for m in FINAL_METRICS if m in df.columns}
+    parts.update({m: g[m].mean() for m in TIME_METRICS if m in df.columns})
+    parts["final_round"] = g["round"].max()
+    if "device" in df.columns:
+        parts["device"] = g["device"].first()
+    return pd.DataFrame(parts).reset_index()
+
+
+def summarise(rounds_df: pd.DataFrame) -> pd.DataFrame:
+    """Per cell (:data:`KEY_COLUMNS`): ``{metric}_mean``, ``{metric}_std`` (ddof = 1, NaN for one
+    seed), ``{metric}_n`` (runs with a value) over seeds, plus ``n_seeds``, ``seeds`` and ``devices``.
+
+    NaN metrics (ASR and target confidence of untargeted / attack-free runs) stay NaN with n = 0.
+    """
+    per_run = final_metrics(rounds_df)
+    keys = [c for c in KEY_COLUMNS if c in per_run.columns]
+    metrics = [m for m in (*FINAL_METRICS, *TIME_METRICS) if m in per_run.columns]
+    g = per_run.groupby(keys, dropna=False, sort=True)
+    out = pd.DataFrame(index=g.size().index)
+    for m in metrics:
+        out[f"{m}_mean"] = g[m].mean()
+        out[f"{m}_std"] = g[m].std(ddof=1)
+        out[f"{m}_n"] = g[m].count()
+    out["n_seeds"] = g["seed"].nunique() if "seed" in per_run.columns else g.size()
+    out["n_runs"] = g.size()
+    if "seed" in per_run.columns:
+        out["seeds"] = g["seed"].agg(lambda s: " ".join(str(int(x)) for x in sorted(set(s))))
+    if "device" in per_run.columns:
+        out["devices"] = g["device"].agg(lambda s: ";".join(sorted(set(map(str, s)))))
+    return out.reset_index()
+
+
+def summarise_runs(run_dirs: Iterable[str | os.PathLike[str]],
+                   out_csv: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+    """:func:`collect_runs` + :func:`summarise`, optionally written atomically to ``out_csv``."""
+    rounds_df, _ = collect_runs(run_dirs)
+    summary = summarise(rounds_df)
+    if out_csv is not None:
+        write_csv(summary, out_csv)
+    return summary
+
+
+__all__ = [
+    "CONFIG_COLUMNS", "KEY_COLUMNS", "RunResult", "collect_runs", "config_columns", "final_metrics",
+    "find_run_dirs", "load_run", "summarise", "summarise_runs", "write_csv",
+]
