@@ -25,7 +25,7 @@ from robustfl.config import RunConfig
 from robustfl.data import ArrayDataset, load_prepared
 from robustfl.io import device_name, git_commit, versions
 from robustfl.models import build_model, default_model
-from robustfl.simulate import RunData, ServerSets, resolve_device, simulate, write_run_json
+from robustfl.simulate import RunData, ServerSets, Simulation, resolve_device, simulate, simulate_many, write_run_json
 
 log = logging.getLogger("robustfl")
 
@@ -118,6 +118,42 @@ def _server_sets(ds: ArrayDataset, cfg: RunConfig, aux: Any, root: Any, device: 
     return sets
 
 
+def _setup(cfg: RunConfig, ds: ArrayDataset, partition: Path, device: torch.device,
+           x_cache: dict[str, torch.Tensor]) -> tuple[RunData, str]:
+    parts, man = part.load_partition(partition)
+    if man.get("partition_key") not in (None, partition_key(cfg)):
+        raise ValueError(f"partition {partition} was built for {man.get('partition_key')!r}, "
+                         f"this cell needs {partition_key(cfg)!r}")
+    aux, root, _ = server_split(ds, cfg)
+    model_name = cfg.model or default_model(cfg.dataset)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_name, ds.num_classes, ds.image_shape[2])
+    if "x_train" not in x_cache:  # one copy of the data on the device, shared by packed cells
+        x_cache["x_train"] = torch.from_numpy(np.array(ds.x_train)).to(device)
+        x_cache["y_train"] = torch.from_numpy(np.asarray(ds.y_train, dtype=np.int64)).to(device)
+        x_cache["x_test"] = torch.from_numpy(np.array(ds.x_test)).to(device)
+        x_cache["y_test"] = torch.from_numpy(np.asarray(ds.y_test, dtype=np.int64)).to(device)
+    data = RunData(model=model, x_train=x_cache["x_train"], y_train=x_cache["y_train"], x_test=x_cache["x_test"],
+                   y_test=x_cache["y_test"], shards=[torch.as_tensor(p, dtype=torch.long) for p in parts],
+                   sets=_server_sets(ds, cfg, aux, root, device), num_classes=ds.num_classes)
+    return data, model_name
+
+
+def _payload(cfg: RunConfig, cell: dict[str, Any] | None, final: dict[str, Any], model_name: str, device: torch.device,
+             wall_s: float, partition: Path, ds: ArrayDataset, data: RunData, packed: int = 1) -> dict[str, Any]:
+    return {
+        "config": cfg.to_dict(), "cell": dict(cell or {}, cell_id=(cell or {}).get("cell_id", cell_id(cfg))),
+        "final": final, "seed": cfg.seed, "model": model_name, "versions": versions(),
+        "device": device_name(device), "git_commit": git_commit(), "wall_s": wall_s, "packed_cells": packed,
+        "partition": str(partition), "dataset_meta": {k: ds.meta.get(k) for k in ("source", "split", "checksums")},
+        "server_sets": data.sets.info,
+    }
+
+
+def _ckpt(out_dir: Path, ckpt_path: Path | None) -> Path:
+    return ckpt_path if ckpt_path is not None else out_dir.parent / f".{out_dir.name}.ckpt.pt"
+
+
 def run_cell(cfg: RunConfig, data_dir: Path, partition: Path, out_dir: Path, cell: dict[str, Any] | None = None,
              ckpt_path: Path | None = None) -> dict[str, Any]:
     """Run one cell and write ``rounds.csv``, ``clients.csv``, ``snapshot.npz`` and ``run.json`` into
@@ -127,36 +163,54 @@ def run_cell(cfg: RunConfig, data_dir: Path, partition: Path, out_dir: Path, cel
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     ds = load_prepared(data_dir)
-    parts, man = part.load_partition(partition)
-    if man.get("partition_key") not in (None, partition_key(cfg)):
-        raise ValueError(f"partition {partition} was built for {man.get('partition_key')!r}, "
-                         f"this cell needs {partition_key(cfg)!r}")
-    aux, root, _ = server_split(ds, cfg)
-    model_name = cfg.model or default_model(cfg.dataset)
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_name, ds.num_classes, ds.image_shape[2])
-    x_train = torch.from_numpy(np.ascontiguousarray(ds.x_train)).to(device)
-    data = RunData(
-        model=model, x_train=x_train, y_train=torch.from_numpy(np.asarray(ds.y_train, dtype=np.int64)).to(device),
-        x_test=torch.from_numpy(np.ascontiguousarray(ds.x_test)).to(device),
-        y_test=torch.from_numpy(np.asarray(ds.y_test, dtype=np.int64)).to(device),
-        shards=[torch.as_tensor(p, dtype=torch.long) for p in parts],
-        sets=_server_sets(ds, cfg, aux, root, device), num_classes=ds.num_classes)
+    data, model_name = _setup(cfg, ds, Path(partition), device, {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if ckpt_path is None:
-        ckpt_path = out_dir.parent / f".{out_dir.name}.ckpt.pt"
     log.info("cell %s seed %d on %s: model %s, %d clients (%d attackers), attack %s, defense %s",
              (cell or {}).get("cell_id", cell_id(cfg)), cfg.seed, device, model_name, cfg.n_clients,
              cfg.n_attackers, cfg.attack, cfg.defense)
-    final = simulate(cfg, data, out_dir, ckpt_path=ckpt_path, device=device)
-    payload = {
-        "config": cfg.to_dict(), "cell": dict(cell or {}, cell_id=(cell or {}).get("cell_id", cell_id(cfg))),
-        "final": final, "seed": cfg.seed, "model": model_name, "versions": versions(),
-        "device": device_name(device), "git_commit": git_commit(), "wall_s": time.perf_counter() - t0,
-        "partition": str(partition), "dataset_meta": {k: ds.meta.get(k) for k in ("source", "split", "checksums")},
-        "server_sets": data.sets.info,
-    }
-    json.dumps(payload, default=str)
-    write_run_json(out_dir, payload)
+    final = simulate(cfg, data, out_dir, ckpt_path=_ckpt(out_dir, ckpt_path), device=device)
+    write_run_json(out_dir, _payload(cfg, cell, final, model_name, device, time.perf_counter() - t0,
+                                     Path(partition), ds, data))
     return final
+
+
+def pack_key(cfg: RunConfig) -> tuple[Any, ...]:
+    """Cells with the same key can be trained together in one vectorised call (:func:`run_cells`)."""
+    return (cfg.dataset, cfg.model or default_model(cfg.dataset), cfg.local_epochs, cfg.effective_batch_size,
+            cfg.lr, cfg.precision, cfg.device, cfg.rounds)
+
+
+def run_cells(cfgs: list[RunConfig], data_dir: Path, partitions: list[Path], out_dirs: list[Path],
+              cells: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Run several cells of one dataset in one process, their benign clients trained together in one
+    vectorised call per round (:func:`robustfl.simulate.simulate_many`): the GPU batch mode. Each cell
+    still writes its own outputs and checkpoints; a cell whose ``run.json`` exists is skipped."""
+    if not cfgs:
+        return []
+    keys = {pack_key(c) for c in cfgs}
+    if len(keys) != 1:
+        raise ValueError(f"run_cells: cells differ in dataset/model/local-training settings: {sorted(map(str, keys))}")
+    t0 = time.perf_counter()
+    device = resolve_device(cfgs[0].device)
+    ds = load_prepared(data_dir)
+    cache: dict[str, torch.Tensor] = {}
+    cells = cells or [{} for _ in cfgs]
+    todo, sims, setups = [], [], []
+    for cfg, partition, out_dir, cell in zip(cfgs, partitions, out_dirs, cells):
+        out_dir = Path(out_dir)
+        if (out_dir / "run.json").exists():
+            log.info("cell %s seed %d already done; skipped", cell.get("cell_id", cell_id(cfg)), cfg.seed)
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        data, model_name = _setup(cfg, ds, Path(partition), device, cache)
+        sims.append(Simulation(cfg, data, out_dir, _ckpt(out_dir, None), device))
+        todo.append((cfg, cell, Path(partition), out_dir))
+        setups.append((data, model_name))
+    log.info("packed run: %d cells on %s", len(sims), device)
+    finals = simulate_many(sims)
+    wall = time.perf_counter() - t0
+    for (cfg, cell, partition, out_dir), (data, model_name), final in zip(todo, setups, finals):
+        write_run_json(out_dir, _payload(cfg, cell, final, model_name, device, wall / max(len(sims), 1), partition,
+                                         ds, data, packed=len(sims)))
+    return finals

@@ -354,6 +354,8 @@ def simulate_many(sims: list[Simulation]) -> list[dict[str, Any]]:
     """
     if not sims:
         return []
+    for s in sims:
+        s.engine = f"vectorised-packed({len(sims)})"
     ref = sims[0]
     key = lambda s: (type(s.model), s.cfg.local_epochs, s.bs, s.cfg.lr, s.cfg.precision, id(s.data.x_train))  # noqa: E731
     if any(key(s) != key(ref) for s in sims):
