@@ -69,13 +69,41 @@ class RunData:
     num_classes: int
 
 
+_GPU_LOCK: Any = None
+
+
+def claim_gpu() -> int:
+    """Claim one of the visible GPUs for this process with an exclusive file lock, so that concurrent
+    Snakemake jobs on a multi-GPU machine (``--resources gpu=N``) each get their own card. Returns the
+    index; falls back to 0 when every card is claimed."""
+    global _GPU_LOCK
+    if _GPU_LOCK is not None:
+        return _GPU_LOCK[1]
+    import fcntl
+    import os
+    import tempfile
+
+    for i in range(torch.cuda.device_count()):
+        fh = open(os.path.join(tempfile.gettempdir(), f"robustfl-gpu{i}.lock"), "w")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            continue
+        _GPU_LOCK = (fh, i)
+        return i
+    return 0
+
+
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cuda' without a GPU is an error."""
+    """'auto' -> a claimed CUDA GPU if available else cpu; 'cuda' without a GPU is an error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"config device {name!r} requested, but torch sees no CUDA GPU on this machine")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", claim_gpu())
     return dev
 
 
