@@ -10,6 +10,7 @@ with the same arguments resumes from the last checkpoint and ends with the same 
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import math
@@ -27,7 +28,7 @@ from robustfl import aggregators as agg
 from robustfl.attacks import ATTACKS, AttackContext, is_targeted
 from robustfl.config import RunConfig
 from robustfl.defenses import DEFENSES, NEEDS_AUX, NEEDS_ROOT, ServerContext
-from robustfl.io import atomic_open, atomic_save_torch, atomic_write_json, load_checkpoint
+from robustfl.io import atomic_open, atomic_write_json, load_checkpoint, save_checkpoint
 from robustfl.metrics import backdoor_metrics, detected
 from robustfl.models import PLRModel
 from robustfl.params import ParamSpec, load_flat_, model_to_flat
@@ -72,10 +73,11 @@ class RunData:
 _GPU_LOCK: Any = None
 
 
-def claim_gpu() -> int:
-    """Claim one of the visible GPUs for this process with an exclusive file lock, so that concurrent
-    Snakemake jobs on a multi-GPU machine (``--resources gpu=N``) each get their own card. Returns the
-    index; falls back to 0 when every card is claimed."""
+def claim_gpu(max_slots: int = 256) -> int:
+    """Spread concurrent run jobs over the visible GPUs: each process takes the first free (slot, GPU)
+    file lock in the order slot 0 of every GPU, slot 1 of every GPU, ... so that k jobs on g GPUs put
+    ceil(k/g) jobs on each card (Snakemake ``--resources gpu=N`` decides how many jobs run at once).
+    The lock is held for the life of the process. Returns the GPU index."""
     global _GPU_LOCK
     if _GPU_LOCK is not None:
         return _GPU_LOCK[1]
@@ -83,15 +85,18 @@ def claim_gpu() -> int:
     import os
     import tempfile
 
-    for i in range(torch.cuda.device_count()):
-        fh = open(os.path.join(tempfile.gettempdir(), f"robustfl-gpu{i}.lock"), "w")  # noqa: SIM115 - held for life
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            continue
-        _GPU_LOCK = (fh, i)
-        return i
+    n = torch.cuda.device_count()
+    for slot in range(max_slots):
+        for i in range(n):
+            path = os.path.join(tempfile.gettempdir(), f"robustfl-gpu{i}-slot{slot}.lock")
+            fh = open(path, "w")  # noqa: SIM115 - held for the life of the process
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                continue
+            _GPU_LOCK = (fh, i)
+            return i
     return 0
 
 
@@ -203,22 +208,32 @@ class Simulation:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _resume(self) -> None:
+        """Restore the last good checkpoint: the latest, else the previous one (``.prev.pt``); a corrupt,
+        foreign (another configuration) or mismatched one is skipped with a logged warning, and with none
+        usable the run starts from round 1. Never resumes from a state it has not verified."""
         ckpt = self.ckpt_path
-        if ckpt is None or not (ckpt.exists() or ckpt.with_suffix(".prev.pt").exists()):
+        if ckpt is None:
             return
-        st = None
-        for path in (ckpt, ckpt.with_suffix(".prev.pt")):
+        prev = ckpt.with_suffix(".prev.pt")
+        if not (ckpt.exists() or prev.exists()):
+            return
+        st, used = None, None
+        for path in (ckpt, prev):
             if not path.exists():
                 continue
             try:
                 cand = load_checkpoint(path)
+                if cand.get("config_hash") != self.chash:
+                    log.warning("checkpoint %s belongs to another configuration; ignored", path)
+                    continue
+                self._check_state(cand, path)
             except ValueError as exc:
-                log.warning("%s; trying the previous checkpoint", exc)
+                log.warning("%s; %s", exc, "trying the previous checkpoint" if path == ckpt else "ignored")
+                if path == ckpt:
+                    # drop it, so that the next checkpoint does not rotate it onto the good previous one
+                    ckpt.unlink(missing_ok=True)
                 continue
-            if cand.get("config_hash") != self.chash:
-                log.warning("checkpoint %s belongs to another configuration; ignored", path)
-                continue
-            st = cand
+            st, used = cand, path
             break
         if st is None:
             log.warning("no usable checkpoint; starting from round 1")
@@ -227,7 +242,37 @@ class Simulation:
         self.rows, self.client_rows = _rows_from_state(st)
         self.round = int(st["round"])
         _set_rng_state(st["rng"], self.g, self.g_att, self.device)
-        log.info("resumed from checkpoint %s after round %d", ckpt, self.round)
+        log.info("resumed from checkpoint %s after round %d", used, self.round)
+
+    def _check_state(self, st: dict[str, Any], path: Path) -> None:
+        """Raise ValueError naming ``path`` unless ``st`` is a run state of this run's shapes."""
+        def bad(msg: str) -> None:
+            raise ValueError(f"checkpoint {path} does not match this run: {msg}")
+
+        missing = sorted({"round", "theta", "rng", "rows", "client_rows"} - set(st))
+        if missing:
+            bad(f"missing {missing}")
+        rnd = st["round"]
+        if isinstance(rnd, bool) or not isinstance(rnd, int) or not 1 <= rnd <= self.cfg.rounds:
+            bad(f"round {rnd!r} is not in 1..{self.cfg.rounds}")
+        th = st["theta"]
+        if (not isinstance(th, torch.Tensor) or tuple(th.shape) != tuple(self.theta.shape)
+                or th.dtype != self.theta.dtype):
+            bad(f"global model {getattr(th, 'dtype', type(th))} {tuple(getattr(th, 'shape', ()))}, expected "
+                f"{self.theta.dtype} {tuple(self.theta.shape)} (another model?)")
+        if not bool(torch.isfinite(th).all()):
+            bad("the global model is not finite")
+        for key, width, n_rows in (("rows", len(ROUND_COLUMNS), rnd),
+                                   ("client_rows", len(CLIENT_COLUMNS), rnd * self.cfg.n_clients)):
+            t = st[key]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n_rows, width):
+                bad(f"{key} has shape {tuple(getattr(t, 'shape', ()))}, expected {(n_rows, width)}")
+        want = _rng_state(self.g, self.g_att, self.device)
+        rng = st["rng"]
+        if not isinstance(rng, dict) or any(
+                not isinstance(rng.get(k), torch.Tensor) or rng[k].dtype != v.dtype or rng[k].shape != v.shape
+                for k, v in want.items() if k != "cuda"):
+            bad("RNG states of the wrong kind or size")
 
     def _checkpoint(self) -> None:
         ckpt = self.ckpt_path
@@ -235,9 +280,9 @@ class Simulation:
             return
         if ckpt.exists():
             ckpt.replace(ckpt.with_suffix(".prev.pt"))
-        atomic_save_torch(ckpt, {"round": self.round, "theta": self.theta.cpu(), "config_hash": self.chash,
-                                 "rng": _rng_state(self.g, self.g_att, self.device),
-                                 **_rows_to_state(self.rows, self.client_rows)})
+        save_checkpoint(ckpt, {"round": self.round, "theta": self.theta.cpu(), "config_hash": self.chash,
+                               "rng": _rng_state(self.g, self.g_att, self.device),
+                               **_rows_to_state(self.rows, self.client_rows)})
 
     @property
     def done(self) -> bool:
@@ -277,6 +322,9 @@ class Simulation:
                 num_classes=data.num_classes, defense=cfg.defense, f=cfg.n_attackers,
                 params=dict(cfg.attack_params), generator=self.g_att, device=device)
             crafted = self.attack_fn(ctx)
+            if not isinstance(crafted, torch.Tensor) or not crafted.is_floating_point():
+                got = getattr(crafted, "dtype", type(crafted).__name__)
+                raise ValueError(f"attack {cfg.attack!r} returned {got}, expected a floating-point tensor")
             if tuple(crafted.shape) != (len(mal), d):
                 raise ValueError(f"attack {cfg.attack!r} returned shape {tuple(crafted.shape)}, expected {(len(mal), d)}")
             updates[mal] = crafted.to(updates.dtype)
@@ -315,7 +363,12 @@ class Simulation:
         if not bool(torch.isfinite(agg_update).all()):
             raise FloatingPointError(f"round {rnd}: defense {cfg.defense!r} produced a non-finite aggregate; "
                                      "the global model was not updated")
-        self.theta = theta + agg_update.to(theta.dtype)
+        new_theta = theta + agg_update.to(theta.dtype)
+        if not bool(torch.isfinite(new_theta).all()):  # finite aggregate, but theta + aggregate overflows
+            raise FloatingPointError(f"round {rnd}: the aggregate of defense {cfg.defense!r} (norm "
+                                     f"{float(agg_update.double().norm()):.3g}) makes the global model non-finite; "
+                                     "the global model was not updated")
+        self.theta = new_theta
         _sync(device)
         t3 = time.perf_counter()
 
@@ -324,6 +377,10 @@ class Simulation:
                                "n_excluded": int(n - len(kept))}
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
             acc, loss = evaluate(model, data.x_test, data.y_test)
+            if not math.isfinite(loss):
+                log.warning("round %d: the global model (finite) gives a non-finite test loss (%s) after defense %r "
+                            "accepted an update of norm %.3g; clients training from it produce non-finite updates, "
+                            "which the server excludes", rnd, loss, cfg.defense, float(agg_update.double().norm()))
         else:
             acc, loss = float("nan"), float("nan")
         asr, conf = (backdoor_metrics(model, data.sets.bd_eval_x, data.sets.bd_eval_y) if self.targeted
@@ -351,8 +408,7 @@ class Simulation:
         with atomic_open(self.out_dir / "clients.csv") as fh:
             pd.DataFrame(self.client_rows, columns=CLIENT_COLUMNS).to_csv(fh, index=False, float_format="%.6g")
         if self.ckpt_path is not None:
-            for p in (self.ckpt_path, self.ckpt_path.with_suffix(".prev.pt")):
-                p.unlink(missing_ok=True)
+            remove_checkpoints(self.ckpt_path)
         last = self.rows[-1]
         return {"test_acc": last["test_acc"], "test_loss": last["test_loss"], "asr": last["asr"],
                 "target_conf": last["target_conf"], "sim_wall_s": time.perf_counter() - self.wall0,
@@ -457,6 +513,18 @@ def _write_snapshot(path: Path, model: PLRModel, spec: ParamSpec, theta_prev: to
 
 def write_run_json(out_dir: Path, payload: dict[str, Any]) -> None:
     atomic_write_json(Path(out_dir) / "run.json", payload)
+
+
+def remove_checkpoints(ckpt_path: Path) -> None:
+    """Delete a run's checkpoint, its previous one and temporary files a killed checkpoint write left."""
+    ckpt_path = Path(ckpt_path)
+    prev = ckpt_path.with_suffix(".prev.pt")
+    for p in (ckpt_path, prev):
+        p.unlink(missing_ok=True)
+    if ckpt_path.parent.is_dir():
+        for p in (ckpt_path, prev):
+            for tmp in ckpt_path.parent.glob(f".{glob.escape(p.name)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 def clean_checkpoints(ckpt_path: Path) -> None:
