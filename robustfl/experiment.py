@@ -130,9 +130,9 @@ def _setup(cfg: RunConfig, ds: ArrayDataset, partition: Path, device: torch.devi
     model = build_model(model_name, ds.num_classes, ds.image_shape[2])
     if "x_train" not in x_cache:  # one copy of the data on the device, shared by packed cells
         x_cache["x_train"] = torch.from_numpy(np.array(ds.x_train)).to(device)
-        x_cache["y_train"] = torch.from_numpy(np.asarray(ds.y_train, dtype=np.int64)).to(device)
+        x_cache["y_train"] = torch.from_numpy(np.array(ds.y_train, dtype=np.int64)).to(device)
         x_cache["x_test"] = torch.from_numpy(np.array(ds.x_test)).to(device)
-        x_cache["y_test"] = torch.from_numpy(np.asarray(ds.y_test, dtype=np.int64)).to(device)
+        x_cache["y_test"] = torch.from_numpy(np.array(ds.y_test, dtype=np.int64)).to(device)
     data = RunData(model=model, x_train=x_cache["x_train"], y_train=x_cache["y_train"], x_test=x_cache["x_test"],
                    y_test=x_cache["y_test"], shards=[torch.as_tensor(p, dtype=torch.long) for p in parts],
                    sets=_server_sets(ds, cfg, aux, root, device), num_classes=ds.num_classes)
