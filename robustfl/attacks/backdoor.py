@@ -1,0 +1,406 @@
+"""Targeted model poisoning of Bhagoji et al. (ICML 2019), as FLARE uses it (Section 7.1.1, Eq. 7):
+
+    argmin_{delta_mal}  L(D_mal) + lambda L(D_train) + rho ||delta_mal - mean benign delta||        (7)
+
+Two registered attacks, after the authors' run scripts (docs/decisions/attacks-backdoor.md):
+
+* ``krum_backdoor`` (Attack-Krum-Backdoor): **alternating minimisation with a distance (stealth) term**
+  (the authors' ``converge_train_alternate_dist_self``): benign mini-batch steps on the attacker's own
+  shard with the rho-term, each followed by one malicious step on the backdoor set whose weight change is
+  explicitly boosted; :func:`alternating_minimisation`.
+* ``median_backdoor`` (Attack-Coomed-Backdoor): Bhagoji's **baseline targeted attack with explicit
+  boosting** (the authors' ``converge``): train on the backdoor set alone until its loss has converged,
+  then multiply the update by the boost factor; :func:`explicit_boosting`. No benign data, no distance
+  term -- "the local training process at attackers is a little different" (FLARE Sec. 7.1.1).
+
+Every attacker crafts its update from its own shard (``ctx.attacker_data[i]``), the backdoor set, the
+global parameters and the mean of the round's benign updates (white-box, Section 3.2); nothing else.
+Attackers draw their own random streams from ``ctx.generator`` up front, so attacker i's update does
+not depend on another attacker's data.
+
+Options (``ctx.params``), with defaults for ``variant="paper"`` / ``variant="code"``:
+
+=================  ============================  =====================================================
+key                paper (default)               code (authors' TF code)
+=================  ============================  =====================================================
+boost              "n" (= ctx.n_clients)         10 (``mal_boost``)
+rho                1e-4                          1e-4
+dist               "norm": rho ||w - w_ref||     "sq": rho * 0.5 ||w - w_ref||^2 (``tf.nn.l2_loss``)
+stealth_ref        "benign_mean": theta+mean     "self": theta + the attacker's own benign update
+                   benign delta (white-box)      (E local epochs on its shard, ``dist_self``)
+benign_epochs      2 (``mal_E``)                 2
+ls                 1 benign steps / alternation  1
+mal_steps          1 malicious steps / altern.   1
+iterations         None -> ceil(steps(benign_epochs) / ls)
+order              "benign_first"                "benign_first"
+lr, batch_size     ctx.lr, ctx.batch_size        same
+min_steps          2 (converge: at least mal_E steps)
+tol                1e-6 (converge: stop when L(D_mal) <= tol)
+max_steps          1000 (converge: safety cap; the code has none)
+check_every        1                             100 (the code reads the loss every 100 steps)
+add_benign         False (median_backdoor: add the attacker's own benign update, Bhagoji ``add_ben``)
+share              False: every attacker crafts  True: attacker 0 crafts, the others send copies
+                   on its own shard              (``mal_agent_copy``)
+=================  ============================  =====================================================
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from robustfl.attacks import register_attack
+from robustfl.attacks.base import AttackContext
+from robustfl.params import ParamSpec
+
+log = logging.getLogger(__name__)
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+_NORM_EPS = 1e-12  # inside sqrt: keeps the gradient of ||v|| finite at v = 0
+
+# extra_loss(plr (B, o) or None, logits (B, c), y (B,), idx (B,) indices into x_own) -> scalar
+ExtraLoss = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "paper": {"boost": "n", "dist": "norm", "stealth_ref": "benign_mean", "check_every": 1, "share": False},
+    "code": {"boost": 10.0, "dist": "sq", "stealth_ref": "self", "check_every": 100, "share": True},
+}
+COMMON: dict[str, Any] = {
+    "rho": 1e-4, "benign_epochs": 2.0, "ls": 1, "mal_steps": 1, "iterations": None,
+    "order": "benign_first", "lr": None, "batch_size": None,
+    "min_steps": 2, "tol": 1e-6, "max_steps": 1000, "add_benign": False, "self_epochs": None,
+}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def resolve_options(ctx: AttackContext, extra_defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``ctx.params`` over the variant's defaults; validates names and values."""
+    params = dict(ctx.params)
+    variant = params.pop("variant", "paper")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    opts: dict[str, Any] = {**COMMON, **VARIANTS[variant], **dict(extra_defaults or {})}
+    unknown = set(params) - set(opts)
+    if unknown:
+        raise ValueError(f"unknown backdoor attack option(s) {sorted(unknown)}; known: {sorted(opts)}")
+    opts.update(params)
+    opts["variant"] = variant
+    if opts["boost"] == "n":
+        opts["boost"] = float(ctx.n_clients)
+    opts["boost"] = float(opts["boost"])
+    opts["lr"] = float(ctx.lr if opts["lr"] is None else opts["lr"])
+    opts["batch_size"] = int(ctx.batch_size if opts["batch_size"] is None else opts["batch_size"])
+    opts["self_epochs"] = float(ctx.local_epochs if opts["self_epochs"] is None else opts["self_epochs"])
+    if opts["dist"] not in ("norm", "sq"):
+        raise ValueError(f"dist must be 'norm' or 'sq', got {opts['dist']!r}")
+    if opts["stealth_ref"] not in ("benign_mean", "self"):
+        raise ValueError(f"stealth_ref must be 'benign_mean' or 'self', got {opts['stealth_ref']!r}")
+    if opts["order"] not in ("benign_first", "mal_first"):
+        raise ValueError(f"order must be 'benign_first' or 'mal_first', got {opts['order']!r}")
+    if opts["rho"] < 0 or opts["boost"] < 0 or opts["ls"] < 1 or opts["mal_steps"] < 0:
+        raise ValueError("need rho >= 0, boost >= 0, ls >= 1, mal_steps >= 0")
+    return opts
+
+
+def attacker_generators(ctx: AttackContext) -> list[torch.Generator]:
+    """One CPU generator per attacker, all seeded from ``ctx.generator`` before any attacker runs."""
+    g = ctx.generator
+    if g is None:
+        g = torch.Generator().manual_seed(1_000_003 * (ctx.round + 1))
+    seeds = torch.randint(0, 2**62, (ctx.n_attackers,), generator=g, device=g.device).tolist()
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def check_context(ctx: AttackContext) -> None:
+    if len(ctx.attacker_data) != ctx.n_attackers:
+        raise ValueError(f"attacker_data has {len(ctx.attacker_data)} shards for {ctx.n_attackers} attackers")
+    if ctx.backdoor_x is None or ctx.backdoor_y is None or len(ctx.backdoor_y) == 0:
+        raise ValueError("a backdoor attack needs a non-empty backdoor set (ctx.backdoor_x, ctx.backdoor_y)")
+    if ctx.benign_updates.dim() != 2 or ctx.benign_updates.shape[1] != ctx.global_flat.numel():
+        raise ValueError("ctx.benign_updates must be (n_ben, d) with d = len(ctx.global_flat)")
+
+
+def mean_benign_delta(ctx: AttackContext) -> torch.Tensor:
+    """The mean benign update of the round (white-box knowledge, Section 3.2); 0 when there is none."""
+    if ctx.benign_updates.shape[0] == 0:
+        return torch.zeros_like(ctx.global_flat)
+    return ctx.benign_updates.mean(0).to(ctx.global_flat)
+
+
+def _as_input(x: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1]; float input passes through."""
+    if x.dtype == torch.uint8:
+        return x.permute(0, 3, 1, 2).float().div_(255.0)
+    return x
+
+
+@contextlib.contextmanager
+def _training_mode(model: nn.Module, generator: torch.Generator, on: bool = True) -> Iterator[None]:
+    """Set the template's train/eval mode and make dropout draw from a stream seeded by ``generator``,
+    leaving the global RNG and the template's mode as they were."""
+    was = model.training
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model.train(on)
+        try:
+            yield
+        finally:
+            model.train(was)
+
+
+def _sub_params(params: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in params.items() if k.startswith(prefix + ".")}
+
+
+def forward_with(model: nn.Module, params: Mapping[str, torch.Tensor],
+                 x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(plr, logits)`` of the template run with ``params``; the PLR is ``model.features(x)`` (None for a
+    model without the features/head split). One forward pass either way."""
+    if isinstance(getattr(model, "features", None), nn.Module) and isinstance(getattr(model, "head", None), nn.Module):
+        r = functional_call(model.features, _sub_params(params, "features"), (x,))
+        return r, functional_call(model.head, _sub_params(params, "head"), (r,))
+    return None, functional_call(model, dict(params), (x,))
+
+
+@torch.no_grad()
+def plr_with(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """PLRs ``(N, o)`` of the template with flat parameters ``flat`` (eval mode, no dropout)."""
+    spec = ParamSpec(model)
+    params = spec.unflatten(flat)
+    was = model.training
+    model.eval()
+    try:
+        out = [forward_with(model, params, _as_input(x[i:i + chunk]))[0] for i in range(0, len(x), chunk)]
+    finally:
+        model.train(was)
+    if out and out[0] is None:
+        raise ValueError("the model has no features/head split, so it has no PLR")
+    return torch.cat(out) if out else x.new_zeros(0)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+    """Endless stream of mini-batch indices: per epoch a fresh permutation cut into batches (the last one
+    partial), as the benign clients train (robustfl.train.batch_plan)."""
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for b in torch.split(perm, batch_size):
+            yield b.to(device)
+
+
+def _distance(v: torch.Tensor, form: str) -> torch.Tensor:
+    sq = v.pow(2).sum()
+    return torch.sqrt(sq + _NORM_EPS) if form == "norm" else 0.5 * sq
+
+
+# ------------------------------------------------------------------------------------------- the cores
+def benign_update(model: nn.Module, theta_flat: torch.Tensor, x_own: torch.Tensor, y_own: torch.Tensor, *,
+                  epochs: float, lr: float, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """An honest local update ``(d,)`` on the attacker's own shard (Adam, cross-entropy): the authors'
+    ``benign_train``, used for the self-estimated stealth reference and for ``add_benign``."""
+    return alternating_minimisation(model, theta_flat, x_own, y_own, x_own[:0], y_own[:0], None,
+                                    boost=0.0, rho=0.0, benign_epochs=epochs, mal_steps=0, lr=lr,
+                                    batch_size=batch_size, generator=generator)
+
+
+def alternating_minimisation(
+    model: nn.Module, theta_flat: torch.Tensor, x_own: torch.Tensor, y_own: torch.Tensor,
+    x_bd: torch.Tensor, y_bd: torch.Tensor, ben_mean_delta: torch.Tensor | None, *,
+    boost: float, rho: float, benign_epochs: float = 2.0, ls: int = 1, mal_steps: int = 1,
+    iterations: int | None = None, lr: float = 1e-3, batch_size: int = 64,
+    generator: torch.Generator | None = None, device: torch.device | str | None = None,
+    dist: str = "norm", order: str = "benign_first", extra_loss: ExtraLoss | None = None,
+) -> torch.Tensor:
+    """Bhagoji et al.'s alternating minimisation with explicit boosting; returns ``delta = w - theta (d,)``.
+
+    Starting from ``w = theta``, each *iteration* does
+
+    (a) stealth step(s): ``ls`` Adam mini-batch steps on the attacker's shard minimising
+        ``CE(w; batch) + rho * D(w - theta - ben_mean_delta) [+ extra_loss]`` with ``D = ||.||_2``
+        (``dist="norm"``, Eq. 7) or ``0.5 ||.||_2^2`` (``dist="sq"``, the authors' ``tf.nn.l2_loss``);
+    (b) malicious step(s): ``mal_steps`` times, one full-batch Adam step on the backdoor set from the
+        current weights ``w_b`` gives ``w'``; the weights become ``w_b + boost * (w' - w_b)`` (explicit
+        boosting of the malicious component only). Skipped while the backdoor loss is exactly 0, as in
+        the authors' code.
+
+    ``order="mal_first"`` runs (b) before (a). The number of iterations is ``iterations`` or, by default,
+    ``ceil(S / ls)`` where ``S = round(benign_epochs * ceil(N / batch_size))`` mini-batch steps, i.e. the
+    stealth objective sees ``benign_epochs`` epochs of the shard in total (the code's ``mal_E``). The two
+    objectives have their own Adam states (two optimisers, as in the code); lr 1e-3 per Section 6.1.
+    ``ben_mean_delta=None`` means a zero reference (plain ``rho ||w - theta||``).
+
+    ``extra_loss(plr, logits, y, idx)`` is added to the stealth loss (the adaptive attack's PLR term);
+    ``idx`` are the batch's indices into ``x_own``. Deterministic for a given ``generator`` state.
+    """
+    if dist not in ("norm", "sq") or order not in ("benign_first", "mal_first"):
+        raise ValueError(f"bad dist {dist!r} or order {order!r}")
+    device = torch.device(device) if device is not None else theta_flat.device
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    spec = ParamSpec(model)
+    theta = theta_flat.detach().to(device=device, dtype=torch.float32)
+    x_own, y_own = _as_input(x_own.to(device)), y_own.to(device)
+    x_bd, y_bd = _as_input(x_bd.to(device)), y_bd.to(device)
+    ref = theta if ben_mean_delta is None else theta + ben_mean_delta.detach().to(theta)
+    n_own = len(y_own)
+    if n_own == 0:
+        raise ValueError("the attacker's shard is empty")
+    steps = max(1, round(benign_epochs * math.ceil(n_own / batch_size)))
+    n_iter = math.ceil(steps / ls) if iterations is None else int(iterations)
+    do_mal = mal_steps > 0 and len(y_bd) > 0
+
+    w = theta.clone().requires_grad_(True)
+    opt_ben = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    opt_mal = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    stream = _batches(n_own, batch_size, gen, device)
+
+    def stealth() -> None:
+        for _ in range(ls):
+            idx = next(stream)
+            r, logits = forward_with(model, spec.unflatten(w), x_own[idx])
+            loss = F.cross_entropy(logits.float(), y_own[idx])
+            if rho > 0:
+                loss = loss + rho * _distance(w - ref, dist)
+            if extra_loss is not None:
+                loss = loss + extra_loss(r, logits, y_own[idx], idx)
+            opt_ben.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_ben.step()
+
+    def malicious() -> None:
+        for _ in range(mal_steps):
+            _, logits = forward_with(model, spec.unflatten(w), x_bd)
+            mal_loss = F.cross_entropy(logits.float(), y_bd)
+            if not mal_loss.item() > 0.0:  # the code's "only if mal loss is non-zero"
+                return
+            start = w.detach().clone()
+            opt_mal.zero_grad(set_to_none=True)
+            mal_loss.backward()
+            opt_mal.step()
+            with torch.no_grad():
+                w.copy_(start + boost * (w - start))
+
+    with _training_mode(model, gen):
+        for _ in range(n_iter):
+            if order == "benign_first":
+                stealth()
+                if do_mal:
+                    malicious()
+            else:
+                if do_mal:
+                    malicious()
+                stealth()
+    return w.detach() - theta
+
+
+def explicit_boosting(
+    model: nn.Module, theta_flat: torch.Tensor, x_bd: torch.Tensor, y_bd: torch.Tensor, *,
+    boost: float, min_steps: int = 2, tol: float = 1e-6, max_steps: int = 1000, check_every: int = 1,
+    lr: float = 1e-3, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Bhagoji et al.'s baseline targeted model poisoning with explicit boosting (``mal_strat=converge``):
+    full-batch Adam steps on the backdoor set alone, from ``theta``, until the backdoor loss is
+    ``<= tol`` (read every ``check_every`` steps) and at least ``min_steps`` steps were taken, or
+    ``max_steps`` is reached; the update is then boosted: ``delta = boost * (w - theta)``.
+
+    Returns ``(delta (d,), info)`` with ``info = {"steps", "mal_loss"}`` (the loss before boosting)."""
+    device = torch.device(device) if device is not None else theta_flat.device
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    spec = ParamSpec(model)
+    theta = theta_flat.detach().to(device=device, dtype=torch.float32)
+    x_bd, y_bd = _as_input(x_bd.to(device)), y_bd.to(device)
+    w = theta.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    loss_val, step = float("inf"), 0
+    with _training_mode(model, gen):
+        while step < max_steps:
+            _, logits = forward_with(model, spec.unflatten(w), x_bd)
+            loss = F.cross_entropy(logits.float(), y_bd)
+            if step % check_every == 0:
+                loss_val = loss.item()
+            if step >= min_steps and loss_val <= tol:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        if step >= max_steps:
+            with torch.no_grad():
+                loss_val = F.cross_entropy(forward_with(model, spec.unflatten(w), x_bd)[1].float(), y_bd).item()
+            log.debug("explicit_boosting: stopped at max_steps=%d with backdoor loss %.3g", max_steps, loss_val)
+    return boost * (w.detach() - theta), {"steps": float(step), "mal_loss": loss_val}
+
+
+# ------------------------------------------------------------------------------------ registered attacks
+def stealth_reference(ctx: AttackContext, opts: Mapping[str, Any], x_own: torch.Tensor, y_own: torch.Tensor,
+                      gen: torch.Generator) -> torch.Tensor:
+    """The update the stealth term pulls towards: the round's mean benign update (white-box, default) or
+    the attacker's own honest update of ``self_epochs`` epochs (the code's ``dist_self``)."""
+    if opts["stealth_ref"] == "self":
+        return benign_update(ctx.model, ctx.global_flat, x_own, y_own, epochs=opts["self_epochs"],
+                             lr=opts["lr"], batch_size=opts["batch_size"], generator=gen)
+    return mean_benign_delta(ctx)
+
+
+def craft_alternating(ctx: AttackContext, opts: Mapping[str, Any],
+                      extra_loss_for: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator],
+                                               ExtraLoss | None] | None = None) -> torch.Tensor:
+    """Run :func:`alternating_minimisation` for every attacker on its own shard; ``(n_attackers, d)``.
+    ``extra_loss_for(i, x_own, y_own, ref_delta, gen)`` may supply an extra stealth loss per attacker."""
+    check_context(ctx)
+    gens = attacker_generators(ctx)
+    rows: list[torch.Tensor] = []
+    for i, ((x_own, y_own), gen) in enumerate(zip(ctx.attacker_data, gens)):
+        if opts["share"] and rows:  # the code's mal_agent_copy: all attackers send attacker 0's update
+            rows.append(rows[0])
+            continue
+        ref = stealth_reference(ctx, opts, x_own, y_own, gen)
+        extra = extra_loss_for(i, x_own, y_own, ref, gen) if extra_loss_for is not None else None
+        rows.append(alternating_minimisation(
+            ctx.model, ctx.global_flat, x_own, y_own, ctx.backdoor_x, ctx.backdoor_y, ref,
+            boost=opts["boost"], rho=opts["rho"], benign_epochs=opts["benign_epochs"], ls=opts["ls"],
+            mal_steps=opts["mal_steps"], iterations=opts["iterations"], lr=opts["lr"],
+            batch_size=opts["batch_size"], generator=gen, device=ctx.device, dist=opts["dist"],
+            order=opts["order"], extra_loss=extra))
+    return torch.stack(rows) if rows else ctx.global_flat.new_zeros(0, ctx.global_flat.numel())
+
+
+@register_attack("krum_backdoor", targeted=True)
+def krum_backdoor(ctx: AttackContext) -> torch.Tensor:
+    """Attack-Krum-Backdoor (FLARE Sec. 7.1.1; Bhagoji et al. 2019): alternating minimisation of Eq. (7)
+    with the distance (stealth) term and explicit boosting of the malicious steps."""
+    return craft_alternating(ctx, resolve_options(ctx))
+
+
+@register_attack("median_backdoor", targeted=True)
+def median_backdoor(ctx: AttackContext) -> torch.Tensor:
+    """Attack-Coomed-Backdoor (FLARE Sec. 7.1.1; Bhagoji et al. 2019): train on the backdoor set alone to
+    convergence and boost the update (the authors' ``converge`` strategy); with ``add_benign=True`` the
+    attacker's own honest update is added (Bhagoji's ``add_ben``)."""
+    check_context(ctx)
+    opts = resolve_options(ctx)
+    gens = attacker_generators(ctx)
+    rows: list[torch.Tensor] = []
+    for (x_own, y_own), gen in zip(ctx.attacker_data, gens):
+        if opts["share"] and rows:
+            rows.append(rows[0])
+            continue
+        delta, info = explicit_boosting(
+            ctx.model, ctx.global_flat, ctx.backdoor_x, ctx.backdoor_y, boost=opts["boost"],
+            min_steps=int(opts["min_steps"]), tol=float(opts["tol"]), max_steps=int(opts["max_steps"]),
+            check_every=int(opts["check_every"]), lr=opts["lr"], generator=gen, device=ctx.device)
+        if opts["add_benign"]:
+            delta = delta + benign_update(ctx.model, ctx.global_flat, x_own, y_own, epochs=opts["self_epochs"],
+                                          lr=opts["lr"], batch_size=opts["batch_size"], generator=gen)
+        log.debug("median_backdoor: %d steps, backdoor loss %.3g before boosting", info["steps"], info["mal_loss"])
+        rows.append(delta)
+    return torch.stack(rows) if rows else ctx.global_flat.new_zeros(0, ctx.global_flat.numel())

@@ -1,0 +1,317 @@
+"""Backdoor attacks of Bhagoji et al. (krum_backdoor, median_backdoor) and FLARE's adaptive attack.
+
+All on scikit-learn's 8x8 digits with the small digits CNN, CPU only. Every claim is measured:
+ASR under FedAvg against a no-attack run, the boosting equation, the distance term, the PLR term, and
+what the attackers read.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robustfl.attacks import ATTACKS, is_targeted
+from robustfl.attacks import adaptive, backdoor  # noqa: F401  (registers the attacks)
+from robustfl.attacks.adaptive import d_plr
+from robustfl.attacks.backdoor import alternating_minimisation, benign_update, explicit_boosting, forward_with
+from robustfl.attacks.base import AttackContext
+from robustfl.models import build_model
+from robustfl.params import ParamSpec, model_to_flat
+
+N_BEN, N_CLIENTS, SOURCE, TARGET, BATCH = 5, 6, 4, 3, 32
+MEASURED: dict[str, float] = {}  # printed at the end (pytest -s) for the record
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are tiny: one intra-op thread is as fast and does not stall when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    d = sklearn_datasets.load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    test_x, test_y, train_x, train_y = x[:300], y[:300], x[300:], y[300:]
+    shards = list(torch.arange(len(train_y)).chunk(N_CLIENTS))  # the last shard is the attacker's
+    # backdoor set: 10 held-out digits of class 4 relabelled to 3 (semantic, "multiple" targets)
+    src = (test_y == SOURCE).nonzero().squeeze(1)[:10]
+    return {
+        "train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "shards": shards,
+        "bd_x": test_x[src].clone(), "bd_y": torch.full((len(src),), TARGET, dtype=torch.int64),
+    }
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model("digits_cnn", 10, 1)
+
+
+@torch.no_grad()
+def _predict(model, flat, x):
+    return forward_with(model, ParamSpec(model).unflatten(flat), x)[1].argmax(1)
+
+
+def _ctx(model, theta, benign, data, attacker_shards, params=None, seed=7, local_epochs=1):
+    return AttackContext(
+        model=model, global_flat=theta, benign_updates=benign, n_attackers=len(attacker_shards),
+        n_clients=N_BEN + len(attacker_shards), round=0,
+        attacker_data=[(data["train_x"][s], data["train_y"][s]) for s in attacker_shards],
+        backdoor_x=data["bd_x"], backdoor_y=data["bd_y"], lr=1e-3, local_epochs=local_epochs,
+        batch_size=BATCH, num_classes=10, params=dict(params or {}),
+        generator=torch.Generator().manual_seed(seed))
+
+
+def _benign(model, theta, data, seed=1, epochs=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([benign_update(model, theta, data["train_x"][s], data["train_y"][s], epochs=epochs,
+                                      lr=1e-3, batch_size=BATCH, generator=g) for s in data["shards"][:N_BEN]])
+
+
+def _fedavg_run(data, attack: str | None, rounds: int = 4):
+    """Plain FedAvg: 5 benign clients (Adam, 1 epoch) + 1 client that is honest or runs ``attack``."""
+    model = _model()
+    theta = model_to_flat(model)
+    g = torch.Generator().manual_seed(1)
+    att_shard = data["shards"][-1]
+    for r in range(rounds):
+        ben = torch.stack([benign_update(model, theta, data["train_x"][s], data["train_y"][s], epochs=1,
+                                         lr=1e-3, batch_size=BATCH, generator=g) for s in data["shards"][:N_BEN]])
+        if attack is None:
+            last = benign_update(model, theta, data["train_x"][att_shard], data["train_y"][att_shard], epochs=1,
+                                 lr=1e-3, batch_size=BATCH, generator=g)[None]
+        else:
+            ctx = _ctx(model, theta, ben, data, [att_shard], seed=100 + r)
+            last = ATTACKS.get(attack)(ctx)
+            assert last.shape == (1, theta.numel()) and torch.isfinite(last).all()
+        theta = theta + torch.cat([ben, last]).mean(0)
+    asr = (_predict(model, theta, data["bd_x"]) == TARGET).float().mean().item()
+    acc = (_predict(model, theta, data["test_x"]) == data["test_y"]).float().mean().item()
+    return asr, acc
+
+
+# ------------------------------------------------------------------------------------------ registry
+def test_registered_as_targeted():
+    for name in ("krum_backdoor", "median_backdoor", "adaptive_plr"):
+        assert name in ATTACKS and is_targeted(name)
+
+
+def test_unknown_option_and_variant_rejected(digits):
+    model = _model()
+    theta = model_to_flat(model)
+    ben = torch.zeros(N_BEN, theta.numel())
+    with pytest.raises(ValueError, match="unknown backdoor attack option"):
+        ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, [digits["shards"][-1]], {"rhoo": 1.0}))
+    with pytest.raises(ValueError, match="unknown variant"):
+        ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, [digits["shards"][-1]], {"variant": "x"}))
+
+
+# ------------------------------------------------------------------------------- ASR under FedAvg
+def test_krum_backdoor_raises_asr_under_fedavg(digits):
+    asr_none, acc_none = _fedavg_run(digits, None)
+    asr_att, acc_att = _fedavg_run(digits, "krum_backdoor")
+    MEASURED.update(fedavg_asr_none=asr_none, fedavg_acc_none=acc_none,
+                    fedavg_asr_krum_backdoor=asr_att, fedavg_acc_krum_backdoor=acc_att)
+    assert asr_none <= 0.2
+    assert asr_att >= asr_none + 0.5, (asr_att, asr_none)
+
+
+def test_median_backdoor_raises_asr_under_fedavg(digits):
+    asr_none, _ = _fedavg_run(digits, None, rounds=2)
+    asr_att, acc_att = _fedavg_run(digits, "median_backdoor", rounds=2)
+    MEASURED.update(fedavg_asr_median_backdoor=asr_att, fedavg_acc_median_backdoor=acc_att)
+    assert asr_att >= asr_none + 0.5, (asr_att, asr_none)
+
+
+# ------------------------------------------------------------------------------- boosting equation
+def test_alternation_is_affine_in_boost(digits):
+    """One alternation: w = w_ben + boost * (w' - w_ben), with w_ben (the stealth steps) and the
+    malicious step w' - w_ben independent of boost -> delta(b) = delta(0) + b * m exactly."""
+    model = _model()
+    theta = model_to_flat(model)
+    s = digits["shards"][-1]
+    ref = _benign(model, theta, digits).mean(0)
+
+    def run(boost, mal_steps=1):
+        return alternating_minimisation(
+            model, theta, digits["train_x"][s], digits["train_y"][s], digits["bd_x"], digits["bd_y"], ref,
+            boost=boost, rho=1e-4, ls=3, mal_steps=mal_steps, iterations=1, batch_size=BATCH,
+            generator=torch.Generator().manual_seed(3))
+
+    d0, d1, d2, d5 = run(0.0), run(1.0), run(2.0), run(5.0)
+    benign_only = run(7.0, mal_steps=0)
+    m = d1 - d0
+    assert m.norm() > 1e-3  # the malicious step is not empty
+    assert torch.equal(d0, benign_only)  # boost 0 removes exactly the malicious component
+    torch.testing.assert_close(d2 - d0, 2 * m, atol=1e-6, rtol=1e-4)  # doubling boost doubles it
+    torch.testing.assert_close(d5 - d0, 5 * m, atol=1e-6, rtol=1e-4)
+
+
+def test_boost_zero_is_honest_training_over_many_iterations(digits):
+    model = _model()
+    theta = model_to_flat(model)
+    s = digits["shards"][-1]
+    kw = dict(rho=0.0, benign_epochs=2, batch_size=BATCH)
+    a = alternating_minimisation(model, theta, digits["train_x"][s], digits["train_y"][s], digits["bd_x"],
+                                 digits["bd_y"], None, boost=0.0, generator=torch.Generator().manual_seed(4), **kw)
+    b = alternating_minimisation(model, theta, digits["train_x"][s], digits["train_y"][s], digits["bd_x"],
+                                 digits["bd_y"], None, boost=0.0, mal_steps=0,
+                                 generator=torch.Generator().manual_seed(4), **kw)
+    c = alternating_minimisation(model, theta, digits["train_x"][s], digits["train_y"][s], digits["bd_x"],
+                                 digits["bd_y"], None, boost=10.0, generator=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(a, b)
+    assert (c - a).norm() > 10 * (a.norm() * 1e-3)
+
+
+def test_boost_default_is_number_of_clients(digits):
+    model = _model()
+    theta = model_to_flat(model)
+    ben = _benign(model, theta, digits)
+    shard = [digits["shards"][-1]]
+    opts = {"iterations": 2}
+    default = ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, shard, opts))
+    n = ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, shard, {**opts, "boost": N_CLIENTS}))
+    other = ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, shard, {**opts, "boost": 2}))
+    assert torch.equal(default, n)
+    assert not torch.allclose(default, other)
+
+
+def test_explicit_boosting_scales_linearly_and_converges(digits):
+    model = _model()
+    theta = model_to_flat(model)
+    kw = dict(min_steps=2, tol=1e-3, max_steps=400)
+    d1, info1 = explicit_boosting(model, theta, digits["bd_x"], digits["bd_y"], boost=1.0,
+                                  generator=torch.Generator().manual_seed(5), **kw)
+    d4, info4 = explicit_boosting(model, theta, digits["bd_x"], digits["bd_y"], boost=4.0,
+                                  generator=torch.Generator().manual_seed(5), **kw)
+    torch.testing.assert_close(d4, 4 * d1, atol=1e-6, rtol=1e-5)
+    assert info1["mal_loss"] <= 1e-3 and info1["steps"] < 400
+    assert (_predict(model, theta + d1, digits["bd_x"]) == TARGET).all()  # the unboosted update hits
+
+
+# ------------------------------------------------------------------------------------ distance term
+def test_larger_rho_gives_update_closer_to_benign_mean(digits):
+    model = _model()
+    theta = model_to_flat(model)
+    s = digits["shards"][-1]
+    ref = _benign(model, theta, digits).mean(0)
+
+    def dist(rho, mal_steps=1, form="norm"):
+        d = alternating_minimisation(
+            model, theta, digits["train_x"][s], digits["train_y"][s], digits["bd_x"], digits["bd_y"], ref,
+            boost=N_CLIENTS, rho=rho, benign_epochs=2, mal_steps=mal_steps, batch_size=BATCH, dist=form,
+            generator=torch.Generator().manual_seed(6))
+        return (d - ref).norm().item()
+
+    # stealth objective alone: the rho-term is what pulls towards the reference
+    assert dist(10.0, mal_steps=0) < 0.5 * dist(0.0, mal_steps=0)
+    # the whole attack: monotone in rho, and clearly closer at rho = 1 than without the term
+    full = [dist(r) for r in (0.0, 0.1, 1.0)]
+    MEASURED.update(dist_rho0=full[0], dist_rho0_1=full[1], dist_rho1=full[2])
+    assert full[0] > full[1] > full[2]
+    assert full[2] < 0.95 * full[0]
+    assert dist(1.0, form="sq") < full[0]
+
+
+# ------------------------------------------------------------------------------------ adaptive (PLR)
+def test_adaptive_plr_term_brings_plrs_closer(digits):
+    """eta > 0 lowers the measured d_plr (Eq. 10, norm reading) between the malicious model and the mean
+    benign model on the attacker's data. Run with Bhagoji's stealth ratio ls = 10, benign_epochs = 10:
+    with ls = 1 the boosted malicious steps dominate on this small model (decision record)."""
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    x, y = digits["train_x"], digits["train_y"]
+    theta = model_to_flat(model)
+    theta = theta + benign_update(model, theta, x, y, epochs=3, lr=1e-3, batch_size=BATCH, generator=g)
+    ben = _benign(model, theta, digits)
+    s = digits["shards"][-1]
+    base = {"ls": 10, "benign_epochs": 10}
+    out = {}
+    for eta in (0.0, 0.1):
+        delta = ATTACKS.get("adaptive_plr")(_ctx(model, theta, ben, digits, [s], {**base, "eta": eta}))[0]
+        out[eta] = d_plr(model, theta + delta, theta + ben.mean(0), x[s], y[s], 10)
+    benign_level = max(d_plr(model, theta + b, theta + ben.mean(0), x[s], y[s], 10) for b in ben)
+    MEASURED.update(d_plr_eta0=out[0.0], d_plr_eta0_1=out[0.1], d_plr_benign_max=benign_level)
+    assert out[0.1] < 0.7 * out[0.0], out
+
+
+def test_adaptive_with_eta_zero_equals_krum_backdoor(digits):
+    model = _model()
+    theta = model_to_flat(model)
+    ben = _benign(model, theta, digits)
+    shard = [digits["shards"][-1]]
+    a = ATTACKS.get("adaptive_plr")(_ctx(model, theta, ben, digits, shard, {"eta": 0.0}))
+    k = ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, shard))
+    assert torch.equal(a, k)
+
+
+# ------------------------------------------------------------------------------------ what is read
+@pytest.mark.parametrize("name", ["krum_backdoor", "median_backdoor", "adaptive_plr"])
+def test_attackers_read_only_their_own_shard(digits, name):
+    """Two attackers. Poisoning everything an attacker must not read -- the template's own parameters and
+    the other attacker's shard -- leaves its row bit-identical; poisoning its own shard does not (for the
+    attacks that train on it), so the check can fail."""
+    model = _model()
+    theta = model_to_flat(model)
+    ben = _benign(model, theta, digits)
+    shards = [digits["shards"][-2], digits["shards"][-1]]
+    opts = {"benign_epochs": 1, "max_steps": 60}
+    clean = ATTACKS.get(name)(_ctx(model, theta, ben, digits, shards, opts))
+    assert clean.shape == (2, theta.numel()) and torch.isfinite(clean).all()
+
+    with torch.no_grad():  # the template's parameters are not the global model
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    ctx = _ctx(model, theta, ben, digits, shards, opts)
+    ctx.attacker_data[1] = (torch.full_like(ctx.attacker_data[1][0], float("nan")), ctx.attacker_data[1][1])
+    poisoned = ATTACKS.get(name)(ctx)
+    assert torch.equal(poisoned[0], clean[0])
+    if name == "median_backdoor":  # trains on the backdoor set only: the shard is not read at all
+        assert torch.equal(poisoned[1], clean[1])
+    else:
+        assert not torch.isfinite(poisoned[1]).all()
+
+    ctx = _ctx(model, theta, ben, digits, shards, opts)  # and the other way round, labels too
+    x0, y0 = ctx.attacker_data[0]
+    ctx.attacker_data[0] = (torch.full_like(x0, float("nan")), (y0 + 1) % 10)
+    assert torch.equal(ATTACKS.get(name)(ctx)[1], clean[1])
+
+
+def test_code_variant_uses_own_estimate_not_benign_updates(digits):
+    """variant="code" (dist_self): the stealth reference is the attacker's own honest update, so the benign
+    updates are not read; the default white-box variant does read their mean."""
+    model = _model()
+    theta = model_to_flat(model)
+    nan_ben = torch.full((N_BEN, theta.numel()), float("nan"))
+    shards = [digits["shards"][-2], digits["shards"][-1]]
+    code = ATTACKS.get("krum_backdoor")(_ctx(model, theta, nan_ben, digits, shards,
+                                              {"variant": "code", "self_epochs": 1}))
+    assert torch.isfinite(code).all()
+    assert torch.equal(code[0], code[1])  # the code's attackers send copies of attacker 0's update
+    paper = ATTACKS.get("krum_backdoor")(_ctx(model, theta, nan_ben, digits, shards[:1], {"iterations": 1}))
+    assert not torch.isfinite(paper).all()
+
+
+def test_deterministic_and_leaves_global_rng_alone(digits):
+    model = _model()
+    theta = model_to_flat(model)
+    ben = _benign(model, theta, digits)
+    shard = [digits["shards"][-1]]
+    state = torch.random.get_rng_state()
+    a = ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, shard, {"iterations": 3}, seed=11))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, shard, {"iterations": 3}, seed=11))
+    c = ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, shard, {"iterations": 3}, seed=12))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_report_measurements():
+    """Not a check: prints what the tests above measured (visible with pytest -s)."""
+    for k, v in sorted(MEASURED.items()):
+        print(f"{k} = {v:.4f}")
