@@ -7,6 +7,8 @@ Snakemake would trust.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -21,20 +23,53 @@ import torch
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary sibling of ``path``; on success fsync and rename it onto ``path``."""
+    """Open a temporary sibling of ``path``; on success fsync and rename it onto ``path``.
+
+    On any error (including in the caller's block) the temporary file is removed and ``path`` is left as
+    it was (absent, or its previous complete content). An ``OSError`` (full disk, unwritable or missing
+    directory, ...) is re-raised as an ``OSError`` of the same errno whose message names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        named = _naming(exc, path)
+        if named is exc:
+            raise
+        raise named from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """An OSError like ``exc`` (same errno, hence the same subclass) whose message names ``path``."""
+    if str(path) in str(exc):
+        return exc
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None:
+        what += f" ({exc.filename})"
+    msg = f"cannot write {path}: {what}"
+    return OSError(exc.errno, msg) if exc.errno is not None else OSError(msg)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (power loss); best effort, some filesystems cannot fsync a directory."""
+    with contextlib.suppress(OSError):
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -48,32 +83,83 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):  # numpy / torch scalars and arrays of any size (``item`` fails for size != 1)
+        return o.tolist()
     if hasattr(o, "item"):
         return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def atomic_save_torch(path: str | Path, obj: Any) -> Path:
-    """``torch.save`` through a temporary file; load it back with :func:`load_checkpoint`."""
+    """``torch.save`` through a temporary file (no checksum: use :func:`save_checkpoint` for run states)."""
     with atomic_open(path, "wb") as fh:
         torch.save(obj, fh)
     return Path(path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``: no code is ever unpickled).
+#: key of the content checksum stored in every checkpoint written by :func:`save_checkpoint`
+CHECKSUM_KEY = "sha256"
 
-    Raises ``ValueError`` naming the file if it is corrupt or truncated."""
+
+def state_digest(obj: Any) -> str:
+    """sha256 of a checkpoint's content (tensors by dtype, shape and bytes; dict keys sorted).
+
+    ``torch.load`` does not verify the CRCs of its zip container, so a flipped bit in a tensor would
+    load silently; this digest, stored in the checkpoint and checked on load, catches it."""
+    h = hashlib.sha256()
+
+    def feed(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            h.update(f"D|{len(o)}|".encode())
+            for k in sorted(o, key=repr):
+                feed(k)
+                feed(o[k])
+        elif isinstance(o, (list, tuple)):
+            h.update(f"L|{len(o)}|".encode())
+            for v in o:
+                feed(v)
+        elif o is None or isinstance(o, (bool, int, float, str)):
+            h.update(f"S|{type(o).__name__}|{o!r}|".encode())
+        else:
+            raise TypeError(f"cannot checksum a {type(o).__name__} in a checkpoint")
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write a run state atomically with its content checksum; read it back with :func:`load_checkpoint`."""
+    state = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+    state[CHECKSUM_KEY] = state_digest(state)
+    return atomic_save_torch(path, state)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``: no code is ever unpickled) and verify its checksum.
+
+    Raises ``ValueError`` naming the file if it is corrupt, truncated, not a robustfl run state, holds
+    anything but tensors and plain values, or its content does not match its checksum."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt (or hostile) file
         raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict) or "round" not in obj:
         raise ValueError(f"checkpoint {path} does not hold a robustfl run state")
+    stored = obj.pop(CHECKSUM_KEY, None)
+    if not isinstance(stored, str):
+        raise ValueError(f"checkpoint {path} has no content checksum (not written by save_checkpoint)")
+    try:
+        actual = state_digest(obj)
+    except TypeError as exc:
+        raise ValueError(f"checkpoint {path} holds unexpected content ({exc})") from exc
+    if actual != stored:
+        raise ValueError(f"checkpoint {path} is corrupt: its content does not match its checksum")
     return obj
 
 
@@ -95,9 +181,12 @@ def versions() -> dict[str, str]:
     import numpy
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-    for mod in ("torchvision", "scipy", "sklearn", "pandas", "snakemake"):
+    # from the installed metadata (no build tag such as +cu130; torch's CUDA is under "cuda"): importing
+    # torchvision, scikit-learn, scipy or snakemake only to read a version string costs seconds per run job
+    for mod, dist in (("torchvision", "torchvision"), ("scipy", "scipy"), ("sklearn", "scikit-learn"),
+                      ("pandas", "pandas"), ("snakemake", "snakemake")):
         with contextlib.suppress(Exception):
-            out[mod] = __import__(mod).__version__
+            out[mod] = importlib.metadata.version(dist)
     out["cuda"] = torch.version.cuda or "none"
     from robustfl import __version__
 
