@@ -1,0 +1,38 @@
+# Stage 5: the paper's tables (robustfl.tables), one rule per table, each fed by exactly the runs of the
+# cells tagged with it (so a changed cell rebuilds only the tables it appears in). Written as
+# <name>.{csv,md,tex} (paper layout, ours beside the paper's value) and <name>_long.{csv,md,tex} (tidy).
+
+for _table in TABLES:
+
+    rule:
+        name:
+            _table
+        input:
+            runs=output_runs(_table),
+        output:
+            csv=report(
+                f"{REPORTS}/{{study}}/tables/{_table}.csv",
+                caption=f"../reports/captions/{_table}.rst",
+                category="Tables",
+                subcategory=TABLE_TITLES[_table],
+                labels={"table": TABLE_TITLES[_table], "layout": "paper"},
+            ),
+            md=f"{REPORTS}/{{study}}/tables/{_table}.md",
+            tex=f"{REPORTS}/{{study}}/tables/{_table}.tex",
+            long_csv=report(
+                f"{REPORTS}/{{study}}/tables/{_table}_long.csv",
+                caption=f"../reports/captions/{_table}.rst",
+                category="Tables",
+                subcategory=TABLE_TITLES[_table],
+                labels={"table": TABLE_TITLES[_table], "layout": "long (one row per cell and metric)"},
+            ),
+            long_md=f"{REPORTS}/{{study}}/tables/{_table}_long.md",
+            long_tex=f"{REPORTS}/{{study}}/tables/{_table}_long.tex",
+        params:
+            table=_table,
+        log:
+            f"{RESULTS}/logs/tables/{{study}}/{_table}.log",
+        conda:
+            "../envs/robustfl.yaml"
+        script:
+            "../scripts/make_table.py"

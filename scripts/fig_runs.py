@@ -1,0 +1,21 @@
+"""Rules fig_confidence, fig12, fig13: a figure from the runs of its cells (robustfl.figures)."""
+from _pipeline import setup
+
+log = setup(snakemake)  # noqa: F821 - injected by Snakemake
+
+from robustfl import figures  # noqa: E402
+from robustfl.results import collect_runs, summarise  # noqa: E402
+
+sm = snakemake  # noqa: F821
+rounds, clients = collect_runs(sm.input.runs)
+out = sm.output[0]
+kind = sm.params.kind
+if kind == "confidence":  # Figures 7-9
+    figures.fig_confidence(rounds, out)
+elif kind == "scaling":  # Figure 12
+    figures.fig_scaling(summarise(rounds), out, dataset=sm.wildcards.dataset)
+elif kind == "adaptive":  # Figure 13
+    figures.fig_adaptive(rounds, clients, out)
+else:
+    raise ValueError(f"unknown figure kind {kind!r}")
+log.info("wrote %s", out)

@@ -1,0 +1,18 @@
+"""Rules table2 ... table5: one paper table from the runs of its cells (robustfl.tables)."""
+from pathlib import Path
+
+from _pipeline import setup
+
+log = setup(snakemake)  # noqa: F821 - injected by Snakemake
+
+from robustfl.results import collect_runs, summarise  # noqa: E402
+from robustfl.tables import write_paper_table  # noqa: E402
+
+sm = snakemake  # noqa: F821
+rounds, _ = collect_runs(sm.input.runs)
+rounds["study"] = sm.wildcards.study
+written = write_paper_table(summarise(rounds), sm.params.table, Path(sm.output.csv).parent)
+missing = sorted(set(map(str, sm.output)) - {str(p) for p in written})
+if missing:
+    raise RuntimeError(f"robustfl.tables.write_paper_table did not write {missing}")
+log.info("wrote %s", [str(p) for p in written])

@@ -1,0 +1,219 @@
+"""The Snakemake pipeline: lint, validation before any job (one clear line per mistake), a real
+end-to-end run of the `tiny` study, incremental reruns and the HTML report.
+
+Every snakemake call runs in its own temporary working directory (-d), with the repository's
+Snakefile and config.yaml, so the repository's own results/ and .snakemake/ are never touched.
+The real runs are marked `slow` (5-10 minutes on two CPU cores).
+"""
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def snakemake(workdir: Path, *args: str, configfiles: tuple[Path, ...] = (), timeout: int = 600
+              ) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(REPO / "config.yaml"), *map(str, configfiles), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def planned_jobs(text: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job a dry-run lists."""
+    jobs: list[tuple[str, dict[str, str]]] = []
+    for line in text.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):\s*$", line)
+        if m:
+            jobs.append((m.group(1), {}))
+        elif jobs and line.strip().startswith("wildcards:"):
+            body = line.strip()[len("wildcards:"):].strip()
+            jobs[-1][1].update(kv.split("=", 1) for kv in body.split(", "))  # cell ids hold "," not ", "
+    return jobs
+
+
+# ------------------------------------------------------------------------------------ lint, dry-run
+def test_lint_is_clean(tmp_path):
+    proc = snakemake(tmp_path, "--lint")
+    assert proc.returncode == 0, output(proc)
+    assert "Lints for" not in output(proc), output(proc)
+
+
+@pytest.mark.parametrize("study", ["quick", "tiny", "paper"])
+def test_dry_run_plans_every_output_kind(tmp_path, study):
+    proc = snakemake(tmp_path, "-n", "--config", f"study={study}")
+    assert proc.returncode == 0, output(proc)
+    rules = {r for r, _ in planned_jobs(output(proc))}
+    expected = {"prepare_data", "partition", "run_cell", "aggregate", "cells_manifest", "table2", "table3",
+                "table3_trojan", "table4", "table5", "fig_confidence", "fig12", "fig13", "fig_plr", "fig_mmd",
+                "fig4", "cost", "all"}
+    assert expected <= rules, expected - rules
+
+
+def test_dry_run_cifar10_with_local_mirror(tmp_path):
+    mirror = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+    if not mirror.exists():
+        pytest.skip("no offline CIFAR-10 copy on this machine")
+    cfg = yaml.safe_load((REPO / "config" / "local-mirror.yaml").read_text())
+    cfg["data"]["datasets"]["cifar10"]["mirror"] = str(mirror)  # absolute: the test runs elsewhere
+    extra = write_yaml(tmp_path / "mirror.yaml", cfg)
+    proc = snakemake(tmp_path, "-n", "--config", "study=cifar10", configfiles=(extra,))
+    assert proc.returncode == 0, output(proc)
+    runs = [w for r, w in planned_jobs(output(proc)) if r == "run_cell"]
+    assert runs and all("dataset=cifar10" in w["cell"] for w in runs)
+
+
+# ----------------------------------------------------------------------- validation before any job
+def tiny_with(**study_changes) -> dict:
+    study = copy.deepcopy(CONFIG["studies"]["tiny"])
+    study.update(study_changes)
+    return {"study": "tiny", "studies": {"tiny": study}}
+
+
+BAD_CONFIGS = {
+    "misspelt_defense": (tiny_with(grid=[{"defense": ["fedavg", "flair"]}]),
+                         "unknown defense 'flair' at studies.tiny.grid[0].defense"),
+    "misspelt_attack": (tiny_with(grid=[{"attack": ["krum_backdor"], "n_attackers": [1]}]),
+                        "unknown attack 'krum_backdor' at studies.tiny.grid[0].attack"),
+    "misspelt_dataset": (tiny_with(base={"dataset": "fmnst"}),
+                         "unknown dataset 'fmnst' at studies.tiny.base.dataset"),
+    "empty_grid_list": (tiny_with(grid=[{"defense": []}]),
+                        "studies.tiny.grid[0].defense is an empty list, so this grid block has zero cells"),
+    "zero_cells": (tiny_with(grid=[]), "study 'tiny' has zero cells"),
+    "missing_mirror": ({"study": "tiny", "data": {"datasets": {"digits": {"mirror": "no/such/digits.tar.gz",
+                                                                           "download": False}}}},
+                       "data.datasets.digits.mirror: 'no/such/digits.tar.gz' does not exist"),
+    "no_source": ({"study": "cifar10", "data": {"datasets": {"cifar10": {"mirror": None, "download": False}}}},
+                  "data.datasets.cifar10: no mirror and download: false"),
+    "unknown_top_key": ({"studdy": "tiny"}, "unknown key 'studdy' at <top level>"),
+    "unknown_base_key": (tiny_with(base={"roundz": 2}), "unknown key 'roundz' at studies.tiny.base"),
+    "unknown_block_key": (tiny_with(grid=[{"defence": ["flare"]}]), "unknown key 'defence' at studies.tiny.grid[0]"),
+    "bad_type": (tiny_with(base={"rounds": "three"}), "bad value at studies.tiny.base.rounds"),
+    "impossible_cell": (tiny_with(grid=[{"attack": ["krum_untargeted"], "n_attackers": [5]}]),
+                        "config key 'n_attackers'"),
+    "unknown_study": ({"study": "quik"}, "study 'quik' is not defined under `studies`"),
+    "unknown_include": ({"studies": {"both": {"include": ["tiny", "tinny"]}}, "study": "both"},
+                        "unknown study 'tinny' included by 'both'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_bad_config_fails_with_one_clear_line(tmp_path, name):
+    data, message = BAD_CONFIGS[name]
+    extra = write_yaml(tmp_path / "bad.yaml", data)
+    proc = snakemake(tmp_path, "-n", configfiles=(extra,))
+    text = output(proc)
+    assert proc.returncode != 0
+    lines = [ln for ln in text.splitlines() if "config error:" in ln]
+    assert len(lines) == 1, text
+    assert message in lines[0], lines[0]
+    assert "rule run_cell" not in text  # nothing was scheduled
+
+
+def test_cuda_without_gpu_fails_before_any_job(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = snakemake(tmp_path, "-n", "--config", "study=tiny", "device=cuda")
+    lines = [ln for ln in output(proc).splitlines() if "config error:" in ln]
+    assert proc.returncode != 0 and len(lines) == 1, output(proc)
+    assert "device: cuda requested but torch.cuda.is_available() is False" in lines[0]
+    # ... and gpu_check: false lets a GPU-less submit host plan GPU jobs (SLURM)
+    proc = snakemake(tmp_path, "-n", "--config", "study=tiny", "device=cuda", "gpu_check=False")
+    assert proc.returncode == 0, output(proc)
+    assert "gpu=1" in output(proc)
+
+
+# --------------------------------------------------------------------------------- real tiny run
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tiny")
+    proc = snakemake(work, "--cores", "2", "--config", "study=tiny", timeout=3600)
+    assert proc.returncode == 0, output(proc)[-5000:]
+    return work
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_writes_every_table_and_figure(tiny_run):
+    reports = tiny_run / "reports" / "tiny"
+    summary = pd.read_csv(tiny_run / "results" / "studies" / "tiny" / "summary.csv")
+    tiny = CONFIG["studies"]["tiny"]
+    assert len(summary) == len(pd.read_csv(reports / "cells.csv")) >= len(tiny["grid"])
+    assert summary["test_acc_mean"].between(0, 1).all()
+    for table in ("table2", "table3", "table3_trojan", "table4", "table5"):
+        long = pd.read_csv(reports / "tables" / f"{table}_long.csv")
+        ours = long[long["dataset"] == "digits"]
+        assert len(ours) and ours["ours_mean"].notna().all(), table
+        assert (reports / "tables" / f"{table}.md").read_text().count("(n=1)") >= 1, table
+        assert (reports / "tables" / f"{table}.tex").stat().st_size > 0
+    cost = pd.read_csv(reports / "tables" / "cost.csv")
+    assert (cost["seconds"] > 0).all()
+    figures = sorted((reports / "figures").rglob("*.png"))
+    names = {p.relative_to(reports / "figures").parts[0].split(".")[0] for p in figures}
+    assert {"fig_confidence_digits", "fig12_digits", "fig13_digits", "fig_plr", "fig_mmd", "fig4", "cost"} <= names
+    for p in figures:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000, p
+    # interrupted-job hygiene: no checkpoint or temp file is left behind after a clean run
+    assert not list((tiny_run / "results" / "runs").rglob("*.ckpt*"))
+    assert not list((tiny_run / "results").rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_nothing_to_do_after_a_complete_run(tiny_run):
+    proc = snakemake(tiny_run, "-n", "--config", "study=tiny")
+    assert proc.returncode == 0, output(proc)
+    assert planned_jobs(output(proc)) == [], output(proc)
+
+
+@pytest.mark.slow
+def test_changing_one_cell_reruns_only_that_cell_and_its_outputs(tiny_run):
+    from robustfl.config import RunConfig
+    from robustfl.experiment import cell_id
+
+    tiny = CONFIG["studies"]["tiny"]
+    grid = copy.deepcopy(tiny["grid"])
+    (i,) = [i for i, b in enumerate(grid) if b.get("outputs") == ["table5"]]  # a one-cell block
+    grid[i]["lr"] = [0.002]
+    point = {**tiny["base"], **{k: v[0] for k, v in grid[i].items() if k != "outputs"}}
+    new_cell = cell_id(RunConfig.from_dict(point))
+    # a config file, not --config: snakemake parses nested --config values as strings
+    change = write_yaml(tiny_run / "change.yaml", {"studies": {"tiny": {"grid": grid}}})
+    proc = snakemake(tiny_run, "-n", "--config", "study=tiny", configfiles=(change,))
+    assert proc.returncode == 0, output(proc)
+    jobs = planned_jobs(output(proc))
+    assert sorted((r, w.get("cell"), w.get("seed")) for r, w in jobs if r == "run_cell") == [
+        ("run_cell", new_cell, "0")]
+    assert sorted(r for r, _ in jobs) == sorted(["run_cell", "aggregate", "table5", "cells_manifest", "all"])
+
+
+@pytest.mark.slow
+def test_report_holds_every_table_and_figure_with_captions(tiny_run):
+    html = tiny_run / "report.html"
+    proc = snakemake(tiny_run, "--config", "study=tiny", "--report", str(html))
+    assert proc.returncode == 0, output(proc)
+    text = html.read_text(errors="replace")
+    for caption in ("Mirrors <strong>Table 2</strong>", "Mirrors <strong>Table 3</strong>",
+                    "Mirrors <strong>Table 4</strong>", "Mirrors <strong>Table 5</strong>",
+                    "trojan</strong> counterpart of Table 3", "Mirrors <strong>Figure 12</strong>",
+                    "Mirrors <strong>Figure 13</strong>", "Figures 1a, 6, 10 and 11", "Figure 1b",
+                    "Figure 4", "Section 7.4", "stands in for fMNIST"):
+        assert caption in text, caption
