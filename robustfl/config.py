@@ -93,6 +93,9 @@ class RunConfig:
             bad("precision", f"must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.checkpoint_every < 0:
             bad("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        if self.snapshot_round is not None and self.snapshot_round != -1 and not 1 <= self.snapshot_round <= self.rounds:
+            bad("snapshot_round", f"must be -1 (last round), null (off) or a round in 1..{self.rounds}, "
+                f"got {self.snapshot_round}")
         if self.eval_every < 1:
             bad("eval_every", f"must be >= 1, got {self.eval_every}")
 

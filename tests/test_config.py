@@ -1,0 +1,32 @@
+"""RunConfig: impossible settings fail with a message naming the key."""
+from __future__ import annotations
+
+import pytest
+
+from robustfl.config import RunConfig
+
+
+@pytest.mark.parametrize("kw, key", [
+    ({"n_clients": 10, "n_attackers": 5, "attack": "krum_untargeted"}, "n_attackers"),  # f >= n/2
+    ({"attack": "krum_untargeted", "n_attackers": 0}, "n_attackers"),
+    ({"aux_size": 1}, "aux_size"),  # the unbiased MMD needs m >= 2
+    ({"rounds": 3, "snapshot_round": 5}, "snapshot_round"),
+    ({"engine": "fast"}, "engine"),
+    ({"lr": 0.0}, "lr"),
+    ({"partition": "shards"}, "partition"),
+])
+def test_impossible_settings_name_the_key(kw: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=repr(key)):
+        RunConfig(**kw)
+
+
+def test_unknown_key_is_rejected_by_name() -> None:
+    with pytest.raises(ValueError, match="n_client"):
+        RunConfig.from_dict({"n_client": 10})
+
+
+def test_defaults_follow_section_6_1() -> None:
+    c = RunConfig(dataset="fmnist")
+    assert (c.n_clients, c.rounds, c.local_epochs, c.lr, c.aux_size) == (10, 20, 5, 1e-3, 10)
+    assert c.effective_batch_size == 64 and RunConfig(dataset="cifar10").effective_batch_size == 32
+    assert c.engine == "auto" and RunConfig.from_dict(c.to_dict()) == c
