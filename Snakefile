@@ -1,7 +1,7 @@
 # robustfl: reproduce every table and figure of FLARE (Wang et al., ASIA CCS '22).
 #
 #   snakemake --cores all                                   # the `quick` study (offline, digits)
-#   snakemake --profile profiles/local --config study=paper # the paper (needs the datasets)
+#   snakemake --profile profiles/local --config study=full # the paper (needs the datasets)
 #   snakemake --report reports/quick/report.html            # HTML report of the built study
 #
 # See docs/pipeline.md. Stages: data -> partition -> run -> aggregate -> tables / figures -> report.

@@ -57,7 +57,7 @@ def test_lint_is_clean(tmp_path):
     assert "Lints for" not in output(proc), output(proc)
 
 
-@pytest.mark.parametrize("study", ["quick", "tiny", "paper"])
+@pytest.mark.parametrize("study", ["quick", "tiny", "full"])
 def test_dry_run_plans_every_output_kind(tmp_path, study):
     proc = snakemake(tmp_path, "-n", "--config", f"study={study}")
     assert proc.returncode == 0, output(proc)
