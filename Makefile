@@ -19,7 +19,7 @@ $(BIN)/snakemake: pyproject.toml
 env: $(BIN)/snakemake
 
 quick: env
-	$(BIN)/snakemake --cores $(CORES) --config study=quick
+	$(BIN)/snakemake --cores $(CORES) --set-threads run_cell=1 --config study=quick
 	$(BIN)/snakemake --cores $(CORES) --config study=quick --report reports/quick/report.html
 
 test: env
