@@ -35,16 +35,20 @@ def _check_common(labels: np.ndarray, n: int) -> np.ndarray:
     return labels
 
 
-def _pool(labels: np.ndarray, exclude: Any) -> np.ndarray:
-    """Indices that may go to clients: all minus ``exclude`` (which must be valid indices)."""
-    n_total = len(labels)
+def available_mask(n_total: int, exclude: Any) -> np.ndarray:
+    """Boolean mask of the indices 0..n_total-1 not in ``exclude`` (which must be valid indices)."""
     mask = np.ones(n_total, dtype=bool)
     if exclude is not None:
         ex = np.asarray(exclude, dtype=np.int64).ravel()
         if len(ex) and (ex.min() < 0 or ex.max() >= n_total):
             raise ValueError(f"exclude holds indices outside 0..{n_total - 1}")
         mask[ex] = False
-    return np.flatnonzero(mask)
+    return mask
+
+
+def _pool(labels: np.ndarray, exclude: Any) -> np.ndarray:
+    """Indices that may go to clients: all minus ``exclude``."""
+    return np.flatnonzero(available_mask(len(labels), exclude))
 
 
 def iid(labels: np.ndarray, n: int, seed: int, exclude: Any = None) -> list[np.ndarray]:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from robustfl.data import ArrayDataset
+from robustfl.partition import available_mask
 
 __all__ = [
     "AuxSet", "RootSet", "BackdoorSet", "SemanticRule", "SEMANTIC_RULES", "TRIGGER_OFFSETS",
@@ -43,16 +44,6 @@ def union(*arrays: Any) -> np.ndarray:
     """Sorted unique int64 union of index arrays (``None`` entries ignored)."""
     parts = [np.asarray(a, dtype=np.int64).ravel() for a in arrays if a is not None]
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
-
-
-def _available(n_total: int, exclude: Any) -> np.ndarray:
-    mask = np.ones(n_total, dtype=bool)
-    if exclude is not None:
-        ex = np.asarray(exclude, dtype=np.int64).ravel()
-        if len(ex) and (ex.min() < 0 or ex.max() >= n_total):
-            raise ValueError(f"exclude holds indices outside 0..{n_total - 1}")
-        mask[ex] = False
-    return mask
 
 
 def _check_class(ds: ArrayDataset, k: int, what: str) -> int:
@@ -93,7 +84,7 @@ def aux_set(ds: ArrayDataset, m: int = 10, cls: int = 1, source: str = "train", 
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
         raise ValueError(f"m must be an integer >= 1, got {m!r}")
     if source == "train":
-        avail = np.flatnonzero(_available(len(ds.y_train), exclude) & (np.asarray(ds.y_train) == cls))
+        avail = np.flatnonzero(available_mask(len(ds.y_train), exclude) & (np.asarray(ds.y_train) == cls))
         if m > len(avail):
             raise ValueError(f"aux set: m = {m} but only {len(avail)} training images of class {cls} are available")
         idx = np.sort(np.random.default_rng(seed).choice(avail, size=m, replace=False))
@@ -122,7 +113,7 @@ def root_set(ds: ArrayDataset, size: int = 100, seed: int = 0, exclude: Any = No
     """``size`` training samples drawn uniformly without replacement from those not in ``exclude``."""
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"root set size must be an integer >= 1, got {size!r}")
-    avail = np.flatnonzero(_available(len(ds.y_train), exclude))
+    avail = np.flatnonzero(available_mask(len(ds.y_train), exclude))
     if size > len(avail):
         raise ValueError(f"root set: size = {size} but only {len(avail)} training samples are available")
     idx = np.sort(np.random.default_rng(seed).choice(avail, size=size, replace=False)).astype(np.int64)
@@ -350,7 +341,7 @@ def backdoor_set(ds: ArrayDataset, kind: str = "semantic", mode: str = "multiple
         raise ValueError(f"n_eval must be an integer >= 1, got {n_eval!r}")
     if eval_on not in (None, "targets", "test"):
         raise ValueError(f"eval_on must be 'targets' or 'test', got {eval_on!r}")
-    avail = _available(len(ds.y_train), exclude)
+    avail = available_mask(len(ds.y_train), exclude)
     y_tr, y_te = np.asarray(ds.y_train), np.asarray(ds.y_test)
     rng = np.random.default_rng(seed)
     cname = ds.classes
