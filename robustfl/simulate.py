@@ -197,7 +197,7 @@ class Simulation:
         if cfg.defense in NEEDS_AUX and cfg.defense_params.get("pretrain", True):
             # Section 5.2 point 1: the server initialises theta by training on its auxiliary set D.
             train_single(model, data.sets.aux_x, data.sets.aux_y, epochs=cfg.local_epochs, batch_size=self.bs,
-                         lr=cfg.lr, generator=self.g)
+                         lr=cfg.lr, generator=torch.Generator().manual_seed(cfg.seed + 15485863))
             self.theta = model_to_flat(model)
         self.rows: list[dict[str, Any]] = []
         self.client_rows: list[dict[str, Any]] = []
@@ -355,7 +355,8 @@ class Simulation:
                 n_clients=len(kept), f=cfg.defense_params.get("f", max(cfg.n_attackers, 1)),
                 params={k: v for k, v in cfg.defense_params.items() if k not in ("f", "pretrain")},
                 plr_fn=(lambda u, _p=plrs, _k=kept: _p[_k]) if plrs is not None else None,
-                server_update_fn=((lambda: _server_update(model, theta, data.sets, cfg, self.g))
+                server_update_fn=((lambda: _server_update(model, theta, data.sets, cfg,
+                                                          torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd)))
                                   if cfg.defense in NEEDS_ROOT else None))
             res = self.defense_fn(updates[kept], sctx)
             agg_update = res.update
@@ -525,8 +526,3 @@ def remove_checkpoints(ckpt_path: Path) -> None:
         for p in (ckpt_path, prev):
             for tmp in ckpt_path.parent.glob(f".{glob.escape(p.name)}.*.tmp"):
                 tmp.unlink(missing_ok=True)
-
-
-def clean_checkpoints(ckpt_path: Path) -> None:
-    if ckpt_path.parent.exists() and ckpt_path.parent.name.endswith(".ckpt"):
-        shutil.rmtree(ckpt_path.parent, ignore_errors=True)
