@@ -8,7 +8,6 @@ the same client data.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import time

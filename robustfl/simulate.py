@@ -14,7 +14,6 @@ import glob
 import hashlib
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
