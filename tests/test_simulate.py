@@ -71,3 +71,26 @@ def test_packed_run_writes_every_cell(digits: Path, tmp_path: Path) -> None:
     for o in outs:
         assert {"rounds.csv", "clients.csv", "run.json"} <= {p.name for p in o.iterdir()}
     assert all(f["engine"].startswith("vectorised-packed(2)") for f in finals)
+
+
+def test_claim_gpu_spreads_jobs_over_cards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent jobs take the first free (slot, GPU) lock in slot-major order: one job per card first."""
+    import fcntl
+    import tempfile
+
+    from robustfl import simulate
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    held = []
+    for name in ("robustfl-gpu0-slot0.lock",):  # another job already holds card 0, slot 0
+        fh = open(tmp_path / name, "w")  # noqa: SIM115
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(fh)
+    monkeypatch.setattr(simulate, "_GPU_LOCK", None)
+    assert simulate.claim_gpu() == 1  # card 1 is free at slot 0
+    assert simulate.claim_gpu() == 1  # a process claims once and keeps its card
+    monkeypatch.setattr(simulate, "_GPU_LOCK", None)
+    assert simulate.claim_gpu() == 0  # slot 1 of card 0 comes next
+    for fh in held:
+        fh.close()
