@@ -293,7 +293,9 @@ def in_range(sub: dict) -> st.SearchStrategy | None:
 
 # keys whose valid values depend on more than their own schema (a study name, a registry name, RunConfig's
 # cross-field rules): exercised by the cell fuzz below, not here
-SEMANTIC = {"study", "dataset", "model", "attack", "defense", "n_clients", "n_attackers", "include"}
+# keys whose validity depends on other keys (checked by RunConfig / the registries, not the schema);
+# snapshot_round must lie within 1..rounds (or be -1 / null)
+SEMANTIC = {"study", "dataset", "model", "attack", "defense", "n_clients", "n_attackers", "include", "snapshot_round"}
 UNIQUE_LISTS = {p for p, s, v in NODES if isinstance(v, list) and resolve(s).get("uniqueItems")}
 VALID_SLOTS = [(p, s) for p, s in SLOTS if last_key(p) not in SEMANTIC and in_range(s) is not None
                and not (isinstance(p[-1], int) and p[:-1] in UNIQUE_LISTS)]
@@ -320,7 +322,7 @@ RUNCONFIG_DOMAINS = {
     "aux_class": st.integers(0, 9), "root_size": st.integers(1, 1000), "eval_every": st.integers(1, 10),
     "partition": st.sampled_from(["iid", "classes", "dirichlet"]), "aux_source": st.sampled_from(["train", "test"]),
     "backdoor": st.sampled_from(["semantic", "trojan"]), "backdoor_mode": st.sampled_from(["single", "multiple"]),
-    "engine": st.sampled_from(["vectorised", "sequential"]),  # "auto" is RunConfig's default, not settable
+    "engine": st.sampled_from(["auto", "vectorised", "sequential"]),
     "precision": st.sampled_from(["fp32", "bf16"]), "deterministic": st.booleans(),
     "snapshot_round": st.one_of(st.none(), st.just(-1), st.integers(1, 3)),
     "attack_params": st.dictionaries(st.sampled_from(["epsilon", "boost"]), st.floats(0, 10), max_size=2),
@@ -336,6 +338,9 @@ def test_runconfig_domains_cover_the_cell_fields():
 @FUZZ
 @given(st.fixed_dictionaries({}, optional=RUNCONFIG_DOMAINS), st.booleans())
 def test_runconfig_domain_values_are_accepted(values, as_grid):
+    # a snapshot round must lie within the run (RunConfig rejects a later one, naming snapshot_round)
+    snap = values.get("snapshot_round")
+    assume(snap in (None, -1) or snap <= values.get("rounds", CONFIG["studies"]["quick"]["base"].get("rounds", 20)))
     cfg = copy.deepcopy(CONFIG)
     if as_grid:
         cfg["studies"]["quick"]["grid"][0].update({k: [v] for k, v in values.items()})
