@@ -63,25 +63,35 @@ def cell_id(cfg: RunConfig) -> str:
     return ",".join(parts) or "default"
 
 
-def server_split(ds: ArrayDataset, cfg: RunConfig) -> tuple[Any, Any, np.ndarray]:
+@dataclasses.dataclass
+class ServerSplit:
+    """What the server holds or holds out of the clients' pool, for one dataset and cell."""
+
+    aux: Any  # serversets.AuxSet
+    root: Any  # serversets.RootSet
+    backdoors: dict[tuple[str, str], Any]  # (kind, mode) -> serversets.BackdoorSet
+    reserved: np.ndarray  # every training index no client may get
+
+
+def server_split(ds: ArrayDataset, cfg: RunConfig) -> ServerSplit:
     """The aux set, the FLTrust root set and every training index held out of the clients' pool: the
     backdoor targets of both kinds and modes, then aux (when drawn from the training set) and root,
     each disjoint from the sets before it."""
-    held = [np.asarray(serversets.backdoor_set(ds, kind=kind, mode=mode, seed=cfg.seed).exclude_train, dtype=np.int64)
-            for kind in ("semantic", "trojan") for mode in ("single", "multiple")]
-    targets = np.unique(np.concatenate(held))
+    backdoors = {(kind, mode): serversets.backdoor_set(ds, kind=kind, mode=mode, seed=cfg.seed)
+                 for kind in ("semantic", "trojan") for mode in ("single", "multiple")}
+    targets = np.unique(np.concatenate([np.asarray(b.exclude_train, dtype=np.int64) for b in backdoors.values()]))
     aux = serversets.aux_set(ds, m=cfg.aux_size, cls=cfg.aux_class, source=cfg.aux_source, seed=cfg.seed,
                              exclude=targets)
     pre = np.union1d(targets, aux.exclude_train)
     root = serversets.root_set(ds, size=cfg.root_size, seed=cfg.seed, exclude=pre)
     reserved = np.unique(np.concatenate([pre, np.asarray(root.indices, dtype=np.int64)]))
-    return aux, root, reserved
+    return ServerSplit(aux, root, backdoors, reserved)
 
 
 def build_partition(data_dir: Path, cfg: RunConfig, out: Path) -> None:
     """Partition the client pool (training set minus the reserved indices) and save it with its manifest."""
     ds = load_prepared(data_dir)
-    _, _, reserved = server_split(ds, cfg)
+    reserved = server_split(ds, cfg).reserved
     labels = np.asarray(ds.y_train)
     pp = dict(cfg.partition_params)
     if cfg.partition == "iid":
@@ -95,17 +105,18 @@ def build_partition(data_dir: Path, cfg: RunConfig, out: Path) -> None:
     part.save_partition(out, parts, man)
 
 
-def _server_sets(ds: ArrayDataset, cfg: RunConfig, aux: Any, root: Any, device: torch.device) -> ServerSets:
+def _server_sets(ds: ArrayDataset, cfg: RunConfig, split: ServerSplit, device: torch.device) -> ServerSets:
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
     def labels(a: Any) -> torch.Tensor:
         return t(np.asarray(a, dtype=np.int64))
 
+    aux, root = split.aux, split.root
     sets = ServerSets(aux_x=t(aux.x), aux_y=labels(aux.y))
     sets.root_x, sets.root_y = t(ds.x_train[root.indices]), labels(ds.y_train[root.indices])
     if cfg.attack != "none" and is_targeted(cfg.attack):
-        bd = serversets.backdoor_set(ds, kind=cfg.backdoor, mode=cfg.backdoor_mode, seed=cfg.seed)
+        bd = split.backdoors[(cfg.backdoor, cfg.backdoor_mode)]
         sets.bd_train_x, sets.bd_train_y = t(bd.train_x), labels(bd.train_y)
         sets.bd_eval_x, sets.bd_eval_y = t(bd.eval_x), labels(bd.eval_y)
         sets.info["backdoor"] = bd.description
@@ -123,7 +134,7 @@ def _setup(cfg: RunConfig, ds: ArrayDataset, partition: Path, device: torch.devi
     if man.get("partition_key") not in (None, partition_key(cfg)):
         raise ValueError(f"partition {partition} was built for {man.get('partition_key')!r}, "
                          f"this cell needs {partition_key(cfg)!r}")
-    aux, root, _ = server_split(ds, cfg)
+    split = server_split(ds, cfg)
     model_name = cfg.model or default_model(cfg.dataset)
     torch.manual_seed(cfg.seed)
     model = build_model(model_name, ds.num_classes, ds.image_shape[2])
@@ -134,7 +145,7 @@ def _setup(cfg: RunConfig, ds: ArrayDataset, partition: Path, device: torch.devi
         x_cache["y_test"] = torch.from_numpy(np.array(ds.y_test, dtype=np.int64)).to(device)
     data = RunData(model=model, x_train=x_cache["x_train"], y_train=x_cache["y_train"], x_test=x_cache["x_test"],
                    y_test=x_cache["y_test"], shards=[torch.as_tensor(p, dtype=torch.long) for p in parts],
-                   sets=_server_sets(ds, cfg, aux, root, device), num_classes=ds.num_classes)
+                   sets=_server_sets(ds, cfg, split, device), num_classes=ds.num_classes)
     return data, model_name
 
 
