@@ -290,7 +290,3 @@ def features_call(model: nn.Module, params: dict[str, torch.Tensor], xb: torch.T
     """The PLR g_w(x) of the model with parameters ``params`` (a full parameter dict)."""
     feats = {k[len("features."):]: v for k, v in params.items() if k.startswith("features.")}
     return functional_call(model.features, feats, (xb,))
-
-
-def num_steps(shard_sizes: Sequence[int], epochs: int, batch_size: int) -> int:
-    return max(epochs * math.ceil(s / batch_size) for s in shard_sizes)
