@@ -290,6 +290,41 @@ def partition_cfg(dataset, key):
         raise WorkflowError(f"no cell of the config uses partition {dataset}/{key}") from None
 
 
+# ------------------------------------------------------------------------------- packed runs
+PACK = int(config.get("pack", 1))
+
+
+def run_done(cid, seed):
+    """A run is done when its run.json exists: robustfl writes it last, atomically."""
+    return (Path(run_dir(cid, seed)) / "run.json").exists()
+
+
+def make_packs(study, size):
+    """GPU batch mode: the runs of `study` not done yet, grouped by robustfl.experiment.pack_key (same
+    dataset, model and local-training settings) and dealt round-robin into jobs of at most `size` runs
+    (so the costly attack cells spread over the jobs). A pack's id is a digest of its members; runs that
+    are done are left out, so a rerun after an interruption packs only what is missing."""
+    import hashlib
+
+    groups = {}
+    for c in study_cells(study):
+        for s in sorted(c["seeds"]):
+            if not run_done(c["id"], s):
+                key = json.dumps(rx.pack_key(_run_config(c["id"], s)), default=str)
+                groups.setdefault(key, []).append((c["id"], s))
+    packs = []
+    for key in sorted(groups):
+        members = groups[key]
+        k = -(-len(members) // size)
+        for j in range(k):
+            mem = members[j::k]
+            digest = hashlib.sha1(json.dumps(mem).encode()).hexdigest()[:10]
+            dataset = cell_dataset(mem[0][0])
+            packs.append({"name": f"run_pack_{dataset}_{digest}", "dataset": dataset, "members": mem})
+    return packs
+
+
+
 def dataset_spec(dataset):
     return dict(config["data"]["datasets"][dataset])
 

@@ -1,29 +1,68 @@
-# Stage 3: one job per cell x seed (robustfl.experiment.run_cell). The output directory is named by the
-# cell id (every non-default RunConfig field) and the seed, so changing a cell's parameters creates a
-# new directory and reruns that cell only. The whole directory is the output: an interrupted job leaves
-# nothing Snakemake trusts (it deletes the directory; --rerun-incomplete reruns it), while the library's
-# resume checkpoint lives next to it (runs/<cell>/.seed<N>.ckpt.pt) and survives to resume the rerun.
+# Stage 3: the runs. The output directory of a run is named by the cell id (every non-default RunConfig
+# field) and the seed, so changing a cell's parameters creates a new directory and reruns that cell only.
+# The whole directory is the output: an interrupted job leaves nothing Snakemake trusts (it deletes the
+# directory; --rerun-incomplete reruns it), while the library's resume checkpoint lives next to it
+# (runs/<cell>/.seed<N>.ckpt.pt) and survives to resume the rerun.
+#
+# pack: 1 (default) -- rule run_cell, one job per cell x seed (robustfl.experiment.run_cell).
+# pack: N > 1       -- GPU batch mode: one rule per pack of up to N runs not done yet (rules/common.smk
+#                      make_packs), each one process training its runs' clients together
+#                      (robustfl.experiment.run_cells). Runs already done are inputs, not outputs.
 
+if PACK <= 1:
 
-rule run_cell:
-    input:
-        data=lambda w: f"{DATA_DIR}/{cell_dataset(w.cell)}",
-        partition=lambda w: partition_path(w.cell, w.seed, "npz"),
-        manifest=lambda w: partition_path(w.cell, w.seed, "json"),
-    output:
-        directory(f"{RESULTS}/runs/{{cell}}/seed{{seed}}"),
-    params:
-        cfg=lambda w: cell_params(w.cell),
-    log:
-        f"{RESULTS}/logs/run/{{cell}}/seed{{seed}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/run/{{cell}}/seed{{seed}}.tsv"
-    threads: res("run", "threads", 2)
-    resources:
-        mem_mb=res("run", "mem_mb", 8000),
-        runtime=res("run", "runtime", 240),
-        gpu=RUN_GPU,
-    conda:
-        "../envs/robustfl.yaml"
-    script:
-        "../scripts/run_cell.py"
+    rule run_cell:
+        input:
+            data=lambda w: f"{DATA_DIR}/{cell_dataset(w.cell)}",
+            partition=lambda w: partition_path(w.cell, w.seed, "npz"),
+            manifest=lambda w: partition_path(w.cell, w.seed, "json"),
+        output:
+            directory(f"{RESULTS}/runs/{{cell}}/seed{{seed}}"),
+        params:
+            cfg=lambda w: cell_params(w.cell),
+        log:
+            f"{RESULTS}/logs/run/{{cell}}/seed{{seed}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/run/{{cell}}/seed{{seed}}.tsv"
+        threads: res("run", "threads", 2)
+        resources:
+            mem_mb=res("run", "mem_mb", 8000),
+            runtime=res("run", "runtime", 240),
+            gpu=RUN_GPU,
+        conda:
+            "../envs/robustfl.yaml"
+        script:
+            "../scripts/run_cell.py"
+
+else:
+
+    PACKS = make_packs(STUDY, PACK)
+
+    for _pack in PACKS:
+
+        rule:
+            name:
+                _pack["name"]
+            input:
+                data=f"{DATA_DIR}/{_pack['dataset']}",
+                partitions=[partition_path(c, s, "npz") for c, s in _pack["members"]],
+                manifests=[partition_path(c, s, "json") for c, s in _pack["members"]],
+            output:
+                [directory(run_dir(c, s)) for c, s in _pack["members"]],
+            params:
+                cells=[c for c, _ in _pack["members"]],
+                seeds=[s for _, s in _pack["members"]],
+                cfgs=[cell_params(c) for c, _ in _pack["members"]],
+            log:
+                f"{RESULTS}/logs/run/packs/{_pack['name']}.log",
+            benchmark:
+                f"{RESULTS}/benchmarks/run/packs/{_pack['name']}.tsv"
+            threads: res("run", "threads", 2)
+            resources:
+                mem_mb=res("run", "mem_mb", 8000),
+                runtime=res("run", "runtime", 240),
+                gpu=RUN_GPU,
+            conda:
+                "../envs/robustfl.yaml"
+            script:
+                "../scripts/run_pack.py"

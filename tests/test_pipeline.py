@@ -81,6 +81,32 @@ def test_dry_run_cifar10_with_local_mirror(tmp_path):
     assert runs and all("dataset=cifar10" in w["cell"] for w in runs)
 
 
+def planned_outputs(text: str) -> dict[str, list[str]]:
+    """rule name -> the outputs of each job a dry-run lists (one entry per job, comma-joined)."""
+    out: dict[str, list[str]] = {}
+    rule = None
+    for line in text.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):\s*$", line)
+        if m:
+            rule = m.group(1)
+        elif rule and line.strip().startswith("output:"):
+            out.setdefault(rule, []).append(line.strip()[len("output:"):].strip())
+    return out
+
+
+def test_pack_mode_plans_every_run_once_in_packs_of_at_most_n(tmp_path):
+    plain = snakemake(tmp_path, "-n", "--config", "study=tiny")
+    packed = snakemake(tmp_path, "-n", "--config", "study=tiny", "pack=5")
+    assert plain.returncode == 0 and packed.returncode == 0, output(packed)
+    runs = sorted(o for o in planned_outputs(output(plain))["run_cell"])
+    packs = {r: o for r, o in planned_outputs(output(packed)).items() if r.startswith("run_pack_")}
+    assert "run_cell" not in planned_outputs(output(packed))
+    members = [d for (jobs,) in packs.values() for d in jobs.split(", ")]
+    assert sorted(members) == runs  # every run exactly once
+    assert all(len(jobs.split(", ")) <= 5 for (jobs,) in packs.values())
+    assert len(packs) == -(-len(runs) // 5)  # tiny's runs share one pack key
+
+
 # ----------------------------------------------------------------------- validation before any job
 def tiny_with(**study_changes) -> dict:
     study = copy.deepcopy(CONFIG["studies"]["tiny"])
@@ -203,6 +229,31 @@ def test_changing_one_cell_reruns_only_that_cell_and_its_outputs(tiny_run):
     assert sorted((r, w.get("cell"), w.get("seed")) for r, w in jobs if r == "run_cell") == [
         ("run_cell", new_cell, "0")]
     assert sorted(r for r, _ in jobs) == sorted(["run_cell", "aggregate", "table5", "cells_manifest", "all"])
+
+
+@pytest.mark.slow
+def test_pack_mode_runs_only_the_missing_runs_together(tiny_run, tmp_path):
+    import json
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    runs = sorted((work / "results" / "runs").glob("*/seed0"))
+    gone, kept = runs[:2], runs[2:]
+    before = {p: (p / "run.json").stat().st_mtime_ns for p in kept}
+    for p in gone:
+        shutil.rmtree(p)
+    proc = snakemake(work, "--cores", "2", "--config", "study=tiny", "pack=4", timeout=1200)
+    assert proc.returncode == 0, output(proc)[-5000:]
+    jobs = [r for r, _ in planned_jobs(output(proc)) if r.startswith("run_")]
+    assert len(jobs) == 1 and jobs[0].startswith("run_pack_digits_"), jobs  # both missing runs, one job
+    for p in gone:
+        meta = json.loads((p / "run.json").read_text())
+        assert meta["packed_cells"] == 2 and meta["final"]["engine"] == "vectorised-packed(2)"
+        assert len(pd.read_csv(p / "rounds.csv")) == CONFIG["studies"]["tiny"]["base"]["rounds"]
+    assert {p: (p / "run.json").stat().st_mtime_ns for p in kept} == before  # the others untouched
+    again = snakemake(work, "-n", "--config", "study=tiny", "pack=4")
+    assert again.returncode == 0 and planned_jobs(output(again)) == [], output(again)
 
 
 @pytest.mark.slow
