@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -125,6 +126,27 @@ def _compiled(fn, model: nn.Module, n: int, batch_size: int):  # noqa: ANN001, A
     return _COMPILED[key]
 
 
+#: ``conv="auto"`` of :func:`train_vectorised` per device type (bench/README.md: measured choice).
+CONV_AUTO: dict[str, str] = {"cpu": "cudnn", "cuda": "cudnn"}
+_TWINS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _conv_twin(model: nn.Module, device: torch.device, conv: str) -> nn.Module:
+    """``model`` itself (``"cudnn"``) or its cached :func:`~robustfl.models.with_matmul_convs` twin."""
+    if conv == "auto":
+        conv = CONV_AUTO.get(device.type, "cudnn")
+    if conv == "cudnn":
+        return model
+    if conv != "matmul":
+        raise ValueError(f"conv must be 'auto', 'cudnn' or 'matmul', got {conv!r}")
+    from robustfl.models import with_matmul_convs
+
+    twin = _TWINS.get(model)
+    if twin is None:
+        twin = _TWINS[model] = with_matmul_convs(model)
+    return twin
+
+
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -134,7 +156,7 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                      shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
                      generator: torch.Generator | None, precision: str = "fp32",
-                     plan: BatchPlan | None = None, compile: bool = False) -> torch.Tensor:
+                     plan: BatchPlan | None = None, compile: bool = False, conv: str = "auto") -> torch.Tensor:
     """Train ``len(shards)`` clients from the global model at once; return their updates
     ``delta_i = w_i - theta`` as an ``(n, d)`` tensor (Section 3.1).
 
@@ -142,6 +164,9 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     simulations packed into one call, see :func:`robustfl.simulate.simulate_many`). ``x`` holds the
     training inputs (uint8 NHWC or float NCHW) and ``y`` the labels, on the device; ``shards[i]`` are
     client i's indices into them. ``plan`` overrides the batch plan drawn from ``generator``.
+    ``conv`` picks how the vmapped convolutions compute: ``"cudnn"`` (grouped convolution, one group
+    per client), ``"matmul"`` (im2col + batched GEMM, :class:`robustfl.models.Conv2dMM`) or ``"auto"``
+    (:data:`CONV_AUTO` of the device type; both give the same function, tests/test_train.py).
     """
     n = len(shards)
     d = theta.shape[-1]
@@ -159,8 +184,10 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     exp_avg_sq = [torch.zeros_like(p) for p in params]
     step = torch.zeros(n, device=device)
 
+    net = _conv_twin(model, device, conv)
+
     def loss_one(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, dict(zip(names, p)), (xb,))
+        out = functional_call(net, dict(zip(names, p)), (xb,))
         return masked_ce(out, yb, mb)
 
     grad_all = vmap(grad(loss_one), in_dims=(0, 0, 0, 0), randomness="different")
@@ -174,8 +201,8 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     shape = x_shape_nchw(x)
     k = 0
     masked_mode = False
-    was_training = model.training
-    model.train()
+    was_training = net.training
+    net.train()
     try:
         for s in range(plan.steps):
             bi = idx[:, s]
@@ -193,7 +220,7 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
                     step.fill_(k)
                 adam_step(params, grads, exp_avg, exp_avg_sq, step, (mb.sum(1) > 0).float(), lr)
     finally:
-        model.train(was_training)
+        net.train(was_training)
     return spec.flatten(dict(zip(names, params))) - theta_n
 
 

@@ -1,0 +1,147 @@
+"""Benchmark: how the vectorised engine's convolutions and GPU settings change local-training speed
+(issue 6), side by side in one process. For each model at its paper batch size and each number of
+clients trained at once (one cell = 10 clients; packed cells = more), times the same training steps
+under several variants:
+
+    cudnn            vmap over per-client weights -> grouped convolution (cuDNN), PyTorch defaults
+    cudnn+bench      the same with torch.backends.cudnn.benchmark = True (autotuned algorithms)
+    matmul           im2col + batched GEMM (robustfl.models.Conv2dMM), FP32 matmuls
+    matmul+tf32      the same with TF32 matmuls (what cuDNN already uses for FP32 convolutions)
+    matmul+bf16      the same under bf16 autocast
+    cudnn+bench+bf16 grouped convolution under bf16 autocast
+    sequential       the per-client reference loop (one model + torch.optim.Adam per client; only for
+                     the one-cell size), for the vectorised/sequential ratio
+
+Random uint8 inputs of the dataset's shape. Times a shortened round (``--steps`` mini-batch steps per
+client) after a warm-up, and reports seconds per step, samples/s, achieved TFLOP/s (FLOPs counted with
+torch.utils.flop_counter) and peak memory; ``s_per_round`` extrapolates to the paper's full round.
+
+    python bench/bench_conv.py --models cifar10 --clients 10 90 300 --out bench/results/conv_cifar10.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from robustfl.io import atomic_write_json, device_name, git_commit, versions
+from robustfl.models import build_model
+from robustfl.params import model_to_flat
+from robustfl.train import train_sequential, train_vectorised
+
+try:  # run as `python bench/bench_conv.py` from the repository root
+    from bench_engine import SETTINGS, train_flops
+except ImportError:  # pragma: no cover - imported as bench.bench_conv
+    from bench.bench_engine import SETTINGS, train_flops
+
+VARIANTS = {
+    "cudnn": dict(conv="cudnn", bench=False, tf32=False, precision="fp32"),
+    "cudnn+bench": dict(conv="cudnn", bench=True, tf32=False, precision="fp32"),
+    "matmul": dict(conv="matmul", bench=False, tf32=False, precision="fp32"),
+    "matmul+tf32": dict(conv="matmul", bench=False, tf32=True, precision="fp32"),
+    "matmul+bf16": dict(conv="matmul", bench=False, tf32=False, precision="bf16"),
+    "cudnn+bench+bf16": dict(conv="cudnn", bench=True, tf32=False, precision="bf16"),
+}
+
+
+@contextlib.contextmanager
+def cuda_flags(bench: bool, tf32: bool) -> Iterator[None]:
+    old = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = bench, tf32
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, variants: list[str],
+                sequential: bool) -> list[dict]:
+    mname, c, h, w, ch, per_paper, bs = SETTINGS[name]
+    epochs_paper = 5
+    steps_paper = epochs_paper * -(-per_paper // bs)
+    torch.manual_seed(0)
+    model = build_model(mname, c, ch).to(dev)
+    theta = model_to_flat(model)
+    per = bs * steps  # one epoch of `steps` full batches per client
+    xb = torch.rand(bs, ch, h, w, device=dev)
+    flops_step = train_flops(model, xb, torch.randint(0, c, (bs,), device=dev))
+    rows = []
+    for n in sizes:
+        x = torch.randint(0, 256, (n * per, h, w, ch), dtype=torch.uint8, device=dev)
+        y = torch.randint(0, c, (n * per,), device=dev)
+        shards = [torch.arange(i * per, (i + 1) * per, device=dev) for i in range(n)]
+        names = list(variants) + (["sequential"] if sequential and n == min(sizes) else [])
+        for v in names:
+            row = {"model": mname, "n_clients": n, "batch": bs, "variant": v, "steps_timed": steps}
+            try:
+                if v == "sequential":
+                    fn = lambda: train_sequential(model, theta, x, y, shards, epochs=1, batch_size=bs, lr=1e-3,  # noqa: E731
+                                                  generator=torch.Generator().manual_seed(0))
+                    flags = contextlib.nullcontext()
+                else:
+                    o = VARIANTS[v]
+                    flags = cuda_flags(o["bench"], o["tf32"]) if dev.type == "cuda" else contextlib.nullcontext()
+                    fn = lambda o=o: train_vectorised(model, theta, x, y, shards, epochs=1, batch_size=bs,  # noqa: E731
+                                                      lr=1e-3, generator=torch.Generator().manual_seed(0),
+                                                      precision=o["precision"], conv=o["conv"])
+                with flags:
+                    fn()  # warm-up: kernels, autotuning
+                    _sync(dev)
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    t = time.perf_counter()
+                    fn()
+                    _sync(dev)
+                    dt_ = time.perf_counter() - t
+                row.update(s_per_step=dt_ / steps, samples_per_s=n * per / dt_,
+                           tflops=flops_step * steps * n / dt_ / 1e12,
+                           s_per_round=dt_ / steps * steps_paper)
+                if dev.type == "cuda":
+                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            except torch.OutOfMemoryError as exc:  # a size that does not fit is a result, not a crash
+                row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
+                torch.cuda.empty_cache()
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del x, y
+    base = {r["n_clients"]: r["s_per_step"] for r in rows if r["variant"] == "cudnn" and "s_per_step" in r}
+    seq = {r["n_clients"]: r["s_per_step"] for r in rows if r["variant"] == "sequential" and "s_per_step" in r}
+    for r in rows:
+        if "s_per_step" in r and r["n_clients"] in base:
+            r["speedup_over_cudnn"] = base[r["n_clients"]] / r["s_per_step"]
+        if "s_per_step" in r and r["n_clients"] in seq and r["variant"] != "sequential":
+            r["speedup_over_sequential"] = seq[r["n_clients"]] / r["s_per_step"]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", nargs="+", default=["cifar10"])
+    ap.add_argument("--clients", nargs="+", type=int, default=[10, 90])
+    ap.add_argument("--steps", type=int, default=40, help="timed mini-batch steps per client")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--no-sequential", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_name(dev),
+           "versions": versions(), "git_commit": git_commit(), "steps_timed": a.steps, "results": []}
+    for m in a.models:
+        res["results"] += bench_model(m, dev, a.clients, a.steps, a.variants, not a.no_sequential)
+    if a.out:
+        atomic_write_json(a.out, res)
+
+
+if __name__ == "__main__":
+    main()
