@@ -164,7 +164,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """The current git commit (with '+dirty' if the tree has changes), or 'unknown'."""
+    """The commit the code was taken from: ``$ROBUSTFL_GIT_COMMIT`` when set (a copy of a checkout whose
+    ``.git`` is stale or absent, e.g. on a remote GPU machine), else ``git rev-parse HEAD`` (with
+    '+dirty' if tracked files changed), else 'unknown'."""
+    if os.environ.get("ROBUSTFL_GIT_COMMIT"):
+        return os.environ["ROBUSTFL_GIT_COMMIT"]
     cwd = cwd or Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
@@ -173,7 +177,7 @@ def git_commit(cwd: str | Path | None = None) -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except Exception:  # noqa: BLE001 - not a git checkout
-        return os.environ.get("ROBUSTFL_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def versions() -> dict[str, str]:

@@ -180,3 +180,10 @@ def test_provenance_helpers():
     assert {"python", "torch", "numpy", "robustfl"} <= set(v)
     assert isinstance(rio.git_commit(), str) and rio.git_commit()
     assert rio.device_name(torch.device("cpu")).startswith("cpu")
+
+
+def test_git_commit_override_wins_over_a_stale_checkout(monkeypatch, tmp_path):
+    monkeypatch.setenv("ROBUSTFL_GIT_COMMIT", "abc123")
+    assert rio.git_commit() == "abc123"
+    monkeypatch.delenv("ROBUSTFL_GIT_COMMIT")
+    assert rio.git_commit(tmp_path) == "unknown"  # not a git checkout, no override
