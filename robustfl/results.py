@@ -236,7 +236,35 @@ def summarise_runs(run_dirs: Iterable[str | os.PathLike[str]],
     return summary
 
 
+# ------------------------------------------------------------------------------------- restoring
+def restore_runs(rounds_df: pd.DataFrame, clients_df: pd.DataFrame, metas: Mapping[str, Mapping[str, Any]],
+                 results_dir: str | os.PathLike[str]) -> list[Path]:
+    """The inverse of :func:`collect_runs` for archived results: write ``rounds.csv``, ``clients.csv`` and
+    ``run.json`` of every run in ``rounds_df`` under ``<results_dir>/runs/<cell_id>/seed<seed>``, so that a
+    later study can aggregate runs whose directories were not kept (only their tidy frames and
+    ``run.json``; ``snapshot.npz`` cannot be restored). ``metas[cell_id]`` is the run's ``run.json``; its
+    seed must match. Writes nothing over an existing ``run.json``. Returns the restored directories."""
+    out = []
+    for (cid, seed), rounds in rounds_df.groupby(["cell_id", "seed"], sort=True):
+        meta = metas.get(cid)
+        if meta is None:
+            raise ValueError(f"no run.json given for cell {cid!r}")
+        meta_seed = meta.get("seed", meta.get("config", {}).get("seed"))
+        if meta_seed is None or int(meta_seed) != int(seed):
+            raise ValueError(f"run.json of {cid!r} is for seed {meta_seed}, the rows for seed {seed}")
+        run_dir = Path(results_dir) / "runs" / str(cid) / f"seed{int(seed)}"
+        if (run_dir / "run.json").exists():
+            raise FileExistsError(f"{run_dir} already holds a run; not overwritten")
+        clients = clients_df[(clients_df["cell_id"] == cid) & (clients_df["seed"] == seed)]
+        _atomic_write_text(run_dir / "rounds.csv", rounds[list(ROUND_COLUMNS)].sort_values("round").to_csv(index=False))
+        _atomic_write_text(run_dir / "clients.csv",
+                           clients[list(CLIENT_COLUMNS)].sort_values(["round", "client"]).to_csv(index=False))
+        _atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=1, sort_keys=True))  # last: marks done
+        out.append(run_dir)
+    return out
+
+
 __all__ = [
     "CONFIG_COLUMNS", "KEY_COLUMNS", "RunResult", "collect_runs", "config_columns", "final_metrics",
-    "find_run_dirs", "load_run", "summarise", "summarise_runs", "write_csv",
+    "find_run_dirs", "load_run", "restore_runs", "summarise", "summarise_runs", "write_csv",
 ]

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from robustfl.results import (
-    CONFIG_COLUMNS, collect_runs, config_columns, find_run_dirs, load_run, summarise, summarise_runs,
+    CONFIG_COLUMNS, collect_runs, config_columns, find_run_dirs, load_run, restore_runs, summarise, summarise_runs,
 )
 
 
@@ -148,3 +148,22 @@ def test_summarise_runs_writes_csv_atomically(two_seeds: list[Path], tmp_path: P
     back = pd.read_csv(out)
     assert len(back) == len(s) == 2
     assert back["test_acc_mean"].tolist() == pytest.approx(s["test_acc_mean"].tolist())
+
+
+def test_restore_runs_inverts_collect_runs(two_seeds: list[Path], tmp_path: Path) -> None:
+    runs = [two_seeds[0], two_seeds[2]]  # cells c0 and c1, seed 0
+    rounds, clients = collect_runs(runs)
+    metas = {load_run(d).meta["cell"]["cell_id"]: load_run(d).meta for d in runs}
+    out = restore_runs(rounds, clients, metas, tmp_path / "restored")
+    assert [p.relative_to(tmp_path / "restored") for p in out] == [Path("runs/c0/seed0"), Path("runs/c1/seed0")]
+    r2, c2 = collect_runs(out)
+    drop = ["run_dir"]
+    pd.testing.assert_frame_equal(r2.drop(columns=drop), rounds.drop(columns=drop), check_dtype=False)
+    pd.testing.assert_frame_equal(c2.drop(columns=drop), clients.drop(columns=drop), check_dtype=False)
+    assert summarise(r2).equals(summarise(rounds))
+    with pytest.raises(FileExistsError, match="not overwritten"):
+        restore_runs(rounds, clients, metas, tmp_path / "restored")
+    with pytest.raises(ValueError, match="seed 0, the rows for seed 1"):
+        restore_runs(rounds.assign(seed=1), clients, metas, tmp_path / "other")
+    with pytest.raises(ValueError, match="no run.json given for cell 'c1'"):
+        restore_runs(rounds, clients, {"c0": metas["c0"]}, tmp_path / "third")
