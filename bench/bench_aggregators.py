@@ -72,19 +72,29 @@ def byzfl_rules(u: torch.Tensor, f: int) -> dict[str, Callable]:
 
 
 def flower_rules(u: torch.Tensor, f: int) -> dict[str, Callable]:
+    """Flower's numpy implementations (``flwr.server.strategy.aggregate``), one layer = the flat vector."""
     try:
         from flwr.server.strategy import aggregate as fa
     except Exception:  # noqa: BLE001 - optional comparison
         return {}
+    res = [([row.cpu().numpy()], 1) for row in u]
+    trimmed = getattr(fa, "aggregate_trimmed_avg", None) or getattr(fa, "aggregate_trimmed_mean")
+    out = {"krum": lambda: fa.aggregate_krum(res, f, 0), "median": lambda: fa.aggregate_median(res),
+           "trimmed_mean": lambda: trimmed(res, f / len(res))}
+    if hasattr(fa, "aggregate_bulyan") and len(res) >= 4 * f + 3:
+        # aggregate_bulyan pops from its argument: a fresh list per call
+        out["bulyan"] = lambda: fa.aggregate_bulyan(list(res), f, fa.aggregate_krum, to_keep=0)
+    return out
+
+
+def _flat(x: object) -> torch.Tensor:
+    """A rule's output as one float64 CPU vector (our AggResult, a tensor, or Flower's list of arrays)."""
     import numpy as np
 
-    res = [([row.cpu().numpy()], 1) for row in u]
-    out = {"krum": lambda: fa.aggregate_krum(res, f, 1), "median": lambda: fa.aggregate_median(res),
-           "trimmed_mean": lambda: fa.aggregate_trimmed_mean(res, f / len(res))}
-    if hasattr(fa, "aggregate_bulyan"):
-        out["bulyan"] = lambda: fa.aggregate_bulyan(res, f, fa.aggregate_krum)
-    del np
-    return out
+    x = getattr(x, "update", x)
+    if isinstance(x, (list, tuple)):
+        x = np.concatenate([np.asarray(a).ravel() for a in x])
+    return torch.as_tensor(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)).double().flatten()
 
 
 def main() -> None:
@@ -94,6 +104,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--peers", action="store_true", help="also time ByzFL / Flower implementations")
     ap.add_argument("--max-cpu-n", type=int, default=200)
+    ap.add_argument("--peer-max-n", type=int, default=200, help="largest n for the peers (Flower's Krum is O(n^2) in Python)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
@@ -110,7 +121,7 @@ def main() -> None:
             f = max(1, n // 10)
             rules, u = ours(model, theta, aux, n, f)
             impls = {"robustfl": rules}
-            if a.peers:
+            if a.peers and n <= a.peer_max_n:
                 impls["byzfl"] = byzfl_rules(u, f)
                 if dev.type == "cpu":
                     impls["flower"] = flower_rules(u, f)
@@ -125,6 +136,9 @@ def main() -> None:
                     else:
                         row = {"device": device_name(dev), "n": n, "d": theta.numel(), "f": f, "impl": impl,
                                "rule": rule, "seconds": t}
+                        if impl != "robustfl" and rule in rules:  # same inputs: do the answers agree?
+                            diff = (_flat(fn()) - _flat(rules[rule]())).abs().max().item()
+                            row["max_abs_diff_vs_robustfl"] = diff
                     print(json.dumps(row), flush=True)
                     res["results"].append(row)
             del u
