@@ -51,8 +51,9 @@ def planned_jobs(text: str) -> list[tuple[str, dict[str, str]]]:
 
 
 # ------------------------------------------------------------------------------------ lint, dry-run
-def test_lint_is_clean(tmp_path):
-    proc = snakemake(tmp_path, "--lint")
+@pytest.mark.parametrize("args", [(), ("--config", "study=tiny", "pack=4")], ids=["per-run", "packed"])
+def test_lint_is_clean(tmp_path, args):
+    proc = snakemake(tmp_path, "--lint", *args)
     assert proc.returncode == 0, output(proc)
     assert "Lints for" not in output(proc), output(proc)
 
@@ -105,6 +106,20 @@ def test_pack_mode_plans_every_run_once_in_packs_of_at_most_n(tmp_path):
     assert sorted(members) == runs  # every run exactly once
     assert all(len(jobs.split(", ")) <= 5 for (jobs,) in packs.values())
     assert len(packs) == -(-len(runs) // 5)  # tiny's runs share one pack key
+
+
+def test_packs_never_mix_local_training_settings(tmp_path):
+    """Runs whose local training differs (here: rounds) go to different packs (robustfl.experiment.pack_key)."""
+    study = copy.deepcopy(CONFIG["studies"]["tiny"])
+    study["grid"] = [{"defense": ["fedavg", "flare", "median"]}, {"defense": ["krum", "fedavg"], "rounds": [3]}]
+    extra = write_yaml(tmp_path / "mixed.yaml", {"studies": {"tiny": study}})
+    proc = snakemake(tmp_path, "-n", "--config", "study=tiny", "pack=8", configfiles=(extra,))
+    assert proc.returncode == 0, output(proc)
+    packs = [jobs.split(", ") for r, o in planned_outputs(output(proc)).items() if r.startswith("run_pack_")
+             for jobs in o]
+    assert sorted(len(p) for p in packs) == [2, 3]
+    for p in packs:
+        assert len({"rounds=3" in d for d in p}) == 1, p
 
 
 # ----------------------------------------------------------------------- validation before any job
