@@ -61,6 +61,11 @@ def agg_section() -> list[str]:
         df["col"] = df["impl"] + ":" + df["rule"]
         piv = df.pivot_table(index="n", columns="col", values="seconds")
         out += [piv.to_markdown(floatfmt=".4g"), ""]
+        if "max_abs_diff_vs_robustfl" in df:
+            diffs = df[df["max_abs_diff_vs_robustfl"].notna()]
+            piv = diffs.pivot_table(index="n", columns="col", values="max_abs_diff_vs_robustfl")
+            out += ["Largest absolute difference of each peer's aggregate from ours (same inputs):", "",
+                    piv.to_markdown(floatfmt=".2g"), ""]
         errs = [r for r in d["results"] if "error" in r]
         for r in errs:
             out.append(f"- {r['impl']}:{r['rule']} n={r['n']}: {r['error']}")
