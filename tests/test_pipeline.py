@@ -80,6 +80,12 @@ def test_dry_run_cifar10_with_local_mirror(tmp_path):
     assert proc.returncode == 0, output(proc)
     runs = [w for r, w in planned_jobs(output(proc)) if r == "run_cell"]
     assert runs and all("dataset=cifar10" in w["cell"] for w in runs)
+    # the committed reproduction studies (every study is expanded and checked at parse time)
+    repro = (REPO / "config" / "reproduction.yaml", extra)
+    proc = snakemake(tmp_path, "-n", "--config", "study=repro3", "pack=9", configfiles=repro)
+    assert proc.returncode == 0, output(proc)
+    packs = {r: o for r, o in planned_outputs(output(proc)).items() if r.startswith("run_pack_cifar10_")}
+    assert sum(len(jobs.split(", ")) for (jobs,) in packs.values()) == 34 * 3
 
 
 def planned_outputs(text: str) -> dict[str, list[str]]:
