@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from robustfl.plr import project_plrs, select_classes  # noqa: E402
-from robustfl.results import _atomic_write_bytes  # noqa: E402
+from robustfl.io import atomic_write_bytes  # noqa: E402
 from robustfl.tables import DATASET_NAMES, DEFENSE_NAMES, PAPER_DIR, display, load_paper  # noqa: E402
 
 BENIGN, MALICIOUS = "tab:blue", "tab:red"
@@ -36,7 +36,7 @@ def _save(fig: plt.Figure, out: str | os.PathLike[str]) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return _atomic_write_bytes(out, buf.getvalue())
+    return atomic_write_bytes(out, buf.getvalue())
 
 
 def _filter(df: pd.DataFrame, filters: Mapping[str, Any]) -> pd.DataFrame:

@@ -16,14 +16,15 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: results/tables/figures write through here
+    import torch
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary sibling of ``path``; on success fsync and rename it onto ``path``.
+    """Open a temporary sibling of ``path`` (text modes in UTF-8); on success fsync and rename it onto ``path``.
 
     On any error (including in the caller's block) the temporary file is removed and ``path`` is left as
     it was (absent, or its previous complete content). An ``OSError`` (full disk, unwritable or missing
@@ -33,7 +34,7 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, mode) as fh:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -78,6 +79,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
@@ -94,6 +101,8 @@ def _json_default(o: Any) -> Any:
 
 def atomic_save_torch(path: str | Path, obj: Any) -> Path:
     """``torch.save`` through a temporary file (no checksum: use :func:`save_checkpoint` for run states)."""
+    import torch
+
     with atomic_open(path, "wb") as fh:
         torch.save(obj, fh)
     return Path(path)
@@ -108,6 +117,8 @@ def state_digest(obj: Any) -> str:
 
     ``torch.load`` does not verify the CRCs of its zip container, so a flipped bit in a tensor would
     load silently; this digest, stored in the checkpoint and checked on load, catches it."""
+    import torch
+
     h = hashlib.sha256()
 
     def feed(o: Any) -> None:
@@ -145,6 +156,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Raises ``ValueError`` naming the file if it is corrupt, truncated, not a robustfl run state, holds
     anything but tensors and plain values, or its content does not match its checksum."""
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt (or hostile) file
@@ -183,6 +196,7 @@ def git_commit(cwd: str | Path | None = None) -> str:
 def versions() -> dict[str, str]:
     """Versions of the packages that determine results."""
     import numpy
+    import torch
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
     # from the installed metadata (no build tag such as +cu130; torch's CUDA is under "cuda"): importing
@@ -200,5 +214,7 @@ def versions() -> dict[str, str]:
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

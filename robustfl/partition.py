@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from robustfl.io import atomic_open, atomic_write_text
 
 __all__ = ["iid", "classes", "dirichlet", "manifest", "save_partition", "load_partition", "PARTITIONS"]
 
@@ -206,23 +207,6 @@ def manifest(parts: list[np.ndarray], labels: np.ndarray, seed: int, scheme: str
     }
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)
     base = p.with_suffix("") if p.suffix in (".npz", ".json") else p
@@ -236,10 +220,11 @@ def save_partition(path: str | os.PathLike, parts: list[np.ndarray], manifest: d
     parts = [np.asarray(p, dtype=np.int64) for p in parts]
     offsets = np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
     indices = np.concatenate(parts) if parts else np.empty(0, np.int64)
-    _atomic_write_bytes(npz, lambda f: np.savez(f, indices=indices, offsets=offsets))
+    with atomic_open(npz, "wb") as f:
+        np.savez(f, indices=indices, offsets=offsets)
     m = dict(manifest)
     m["sizes"] = [int(len(p)) for p in parts]
-    _atomic_write_bytes(js, lambda f: f.write(json.dumps(m, indent=1, sort_keys=True).encode()))
+    atomic_write_text(js, json.dumps(m, indent=1, sort_keys=True))
     return npz, js
 
 

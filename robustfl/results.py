@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from robustfl.io import atomic_write_text
 
 #: Configuration flattened onto every row of the collected frames; all but ``seed`` identify a cell.
 CONFIG_COLUMNS: tuple[str, ...] = (
@@ -44,30 +45,9 @@ C_SEL_KEYS: tuple[str, ...] = ("c_sel", "classes_per_client", "n_classes", "clas
 
 
 # --------------------------------------------------------------------------------------- writing
-def _atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Atomic UTF-8 text write (temp file + ``os.replace``)."""
-    return _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write ``df`` as CSV (no index) atomically; returns the path."""
-    return _atomic_write_text(path, df.to_csv(index=False))
+    return atomic_write_text(path, df.to_csv(index=False))
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -256,10 +236,10 @@ def restore_runs(rounds_df: pd.DataFrame, clients_df: pd.DataFrame, metas: Mappi
         if (run_dir / "run.json").exists():
             raise FileExistsError(f"{run_dir} already holds a run; not overwritten")
         clients = clients_df[(clients_df["cell_id"] == cid) & (clients_df["seed"] == seed)]
-        _atomic_write_text(run_dir / "rounds.csv", rounds[list(ROUND_COLUMNS)].sort_values("round").to_csv(index=False))
-        _atomic_write_text(run_dir / "clients.csv",
+        atomic_write_text(run_dir / "rounds.csv", rounds[list(ROUND_COLUMNS)].sort_values("round").to_csv(index=False))
+        atomic_write_text(run_dir / "clients.csv",
                            clients[list(CLIENT_COLUMNS)].sort_values(["round", "client"]).to_csv(index=False))
-        _atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=1, sort_keys=True))  # last: marks done
+        atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=1, sort_keys=True))  # last: marks done
         out.append(run_dir)
     return out
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from robustfl.results import _atomic_write_text
+from robustfl.io import atomic_write_text
 
 #: Where the transcribed paper numbers live (repository checkout).
 PAPER_DIR = Path(__file__).resolve().parent.parent / "reports" / "paper"
@@ -275,9 +275,9 @@ def write_table(df: pd.DataFrame, prefix: str | os.PathLike[str], caption: str |
     tex = sty.to_latex(caption=tex_caption, hrules=True, column_format="l" * len(df.columns))
     tex = tex.replace("±", r"$\pm$")
     return [
-        _atomic_write_text(prefix.with_name(prefix.name + ".csv"), df.to_csv(index=False)),
-        _atomic_write_text(prefix.with_name(prefix.name + ".md"), md + "\n"),
-        _atomic_write_text(prefix.with_name(prefix.name + ".tex"), tex),
+        atomic_write_text(prefix.with_name(prefix.name + ".csv"), df.to_csv(index=False)),
+        atomic_write_text(prefix.with_name(prefix.name + ".md"), md + "\n"),
+        atomic_write_text(prefix.with_name(prefix.name + ".tex"), tex),
     ]
 
 
