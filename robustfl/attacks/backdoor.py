@@ -59,11 +59,11 @@ from torch.func import functional_call
 from robustfl.attacks import register_attack
 from robustfl.attacks.base import AttackContext
 from robustfl.params import ParamSpec
+from robustfl.train import ADAM_BETAS, ADAM_EPS
+from robustfl.train import prepare_inputs as _as_input
 
 log = logging.getLogger(__name__)
 
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 _NORM_EPS = 1e-12  # inside sqrt: keeps the gradient of ||v|| finite at v = 0
 
 # extra_loss(plr (B, o) or None, logits (B, c), y (B,), idx (B,) indices into x_own) -> scalar
@@ -133,13 +133,6 @@ def mean_benign_delta(ctx: AttackContext) -> torch.Tensor:
     if ctx.benign_updates.shape[0] == 0:
         return torch.zeros_like(ctx.global_flat)
     return ctx.benign_updates.mean(0).to(ctx.global_flat)
-
-
-def _as_input(x: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [0, 1]; float input passes through."""
-    if x.dtype == torch.uint8:
-        return x.permute(0, 3, 1, 2).float().div_(255.0)
-    return x
 
 
 @contextlib.contextmanager
