@@ -126,19 +126,15 @@ def _compiled(fn, model: nn.Module, n: int, batch_size: int):  # noqa: ANN001, A
     return _COMPILED[key]
 
 
-#: ``conv="auto"`` of :func:`train_vectorised` per device type (bench/README.md: measured choice).
-CONV_AUTO: dict[str, str] = {"cpu": "cudnn", "cuda": "cudnn"}
 _TWINS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
 
-def _conv_twin(model: nn.Module, device: torch.device, conv: str) -> nn.Module:
+def _conv_twin(model: nn.Module, conv: str) -> nn.Module:
     """``model`` itself (``"cudnn"``) or its cached :func:`~robustfl.models.with_matmul_convs` twin."""
-    if conv == "auto":
-        conv = CONV_AUTO.get(device.type, "cudnn")
     if conv == "cudnn":
         return model
     if conv != "matmul":
-        raise ValueError(f"conv must be 'auto', 'cudnn' or 'matmul', got {conv!r}")
+        raise ValueError(f"conv must be 'cudnn' or 'matmul', got {conv!r}")
     from robustfl.models import with_matmul_convs
 
     twin = _TWINS.get(model)
@@ -156,7 +152,7 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                      shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
                      generator: torch.Generator | None, precision: str = "fp32",
-                     plan: BatchPlan | None = None, compile: bool = False, conv: str = "auto") -> torch.Tensor:
+                     plan: BatchPlan | None = None, compile: bool = False, conv: str = "cudnn") -> torch.Tensor:
     """Train ``len(shards)`` clients from the global model at once; return their updates
     ``delta_i = w_i - theta`` as an ``(n, d)`` tensor (Section 3.1).
 
@@ -165,8 +161,8 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     training inputs (uint8 NHWC or float NCHW) and ``y`` the labels, on the device; ``shards[i]`` are
     client i's indices into them. ``plan`` overrides the batch plan drawn from ``generator``.
     ``conv`` picks how the vmapped convolutions compute: ``"cudnn"`` (grouped convolution, one group
-    per client), ``"matmul"`` (im2col + batched GEMM, :class:`robustfl.models.Conv2dMM`) or ``"auto"``
-    (:data:`CONV_AUTO` of the device type; both give the same function, tests/test_train.py).
+    per client; the default, measured faster on an H100, bench/README.md) or ``"matmul"`` (im2col +
+    batched GEMM, :class:`robustfl.models.Conv2dMM`); both give the same function (tests/test_train.py).
     """
     n = len(shards)
     d = theta.shape[-1]
@@ -184,7 +180,7 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     exp_avg_sq = [torch.zeros_like(p) for p in params]
     step = torch.zeros(n, device=device)
 
-    net = _conv_twin(model, device, conv)
+    net = _conv_twin(model, conv)
 
     def loss_one(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
         out = functional_call(net, dict(zip(names, p)), (xb,))
