@@ -324,7 +324,6 @@ def make_packs(study, size):
     return packs
 
 
-
 def dataset_spec(dataset):
     return dict(config["data"]["datasets"][dataset])
 

@@ -45,8 +45,9 @@ else:
                 _pack["name"]
             input:
                 data=f"{DATA_DIR}/{_pack['dataset']}",
+                # one per member, in the order of the outputs (run_cells pairs them)
                 partitions=[partition_path(c, s, "npz") for c, s in _pack["members"]],
-                manifests=[partition_path(c, s, "json") for c, s in _pack["members"]],
+                manifests=sorted({partition_path(c, s, "json") for c, s in _pack["members"]}),
             output:
                 [directory(run_dir(c, s)) for c, s in _pack["members"]],
             params:

@@ -31,3 +31,12 @@ def setup(snakemake) -> logging.Logger:  # noqa: ANN001 - the object Snakemake i
     log = logging.getLogger("robustfl")
     log.info("rule %s, wildcards %s", snakemake.rule, dict(snakemake.wildcards.items()))
     return log
+
+
+def run_config(snakemake, cell_cfg: dict, seed: int):  # noqa: ANN001, ANN201 - Snakemake's object; a RunConfig
+    """A run's RunConfig: the cell's fields (rule params; a change reruns the run), the seed, and the
+    top-level ``device`` and ``checkpoint_every`` (not cell fields: switching them reruns nothing)."""
+    from robustfl.config import RunConfig
+
+    return RunConfig.from_dict({**cell_cfg, "seed": int(seed), "device": snakemake.config.get("device", "auto"),
+                                "checkpoint_every": int(snakemake.config.get("checkpoint_every", 5))})

@@ -1,22 +1,19 @@
 """Dynamic rule run_pack_*: several runs (cell x seed) trained together in one process
-(robustfl.experiment.run_cells). Glue only, like run_cell.py: RunConfigs from params, seeds from params,
-device and checkpoint cadence from the top-level config."""
+(robustfl.experiment.run_cells). Glue only, like run_cell.py: RunConfigs from params and the top-level
+config (_pipeline.run_config)."""
 from pathlib import Path
 
-from _pipeline import setup
+from _pipeline import run_config, setup
 
 log = setup(snakemake)  # noqa: F821 - injected by Snakemake
 
 import torch  # noqa: E402
 
-from robustfl.config import RunConfig  # noqa: E402
 from robustfl.experiment import run_cells  # noqa: E402
 
 sm = snakemake  # noqa: F821
 torch.set_num_threads(max(1, int(sm.threads)))
-cfgs = [RunConfig.from_dict({**cfg, "seed": int(seed), "device": sm.config.get("device", "auto"),
-                             "checkpoint_every": int(sm.config.get("checkpoint_every", 5))})
-        for cfg, seed in zip(sm.params.cfgs, sm.params.seeds)]
+cfgs = [run_config(sm, cfg, seed) for cfg, seed in zip(sm.params.cfgs, sm.params.seeds)]
 finals = run_cells(cfgs, Path(sm.input.data), [Path(p) for p in sm.input.partitions],
                    [Path(o) for o in sm.output], cells=[{"cell_id": c} for c in sm.params.cells])
 for cell, seed, final in zip(sm.params.cells, sm.params.seeds, finals):
