@@ -8,6 +8,7 @@ FLARE's time includes computing the n models' PLRs on the m auxiliary inputs (Se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import statistics
@@ -107,7 +108,14 @@ def main() -> None:
     ap.add_argument("--peer-max-n", type=int, default=200, help="largest n for the peers (Flower's Krum is O(n^2) in Python)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
-    res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
+    vers = versions()
+    if a.peers:  # the peers compared against, where installed
+        import importlib.metadata
+
+        for dist in ("byzfl", "flwr"):
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                vers[dist] = importlib.metadata.version(dist)
+    res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": vers,
            "git_commit": git_commit(), "model": "fmnist_cnn", "m_aux": 10, "results": []}
     for dname in a.devices:
         dev = torch.device(dname)
