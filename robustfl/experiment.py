@@ -8,6 +8,7 @@ the same client data.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -189,6 +190,15 @@ def pack_key(cfg: RunConfig) -> tuple[Any, ...]:
     """Cells with the same key can be trained together in one vectorised call (:func:`run_cells`)."""
     return (cfg.dataset, cfg.model or default_model(cfg.dataset), cfg.local_epochs, cfg.effective_batch_size,
             cfg.lr, cfg.precision, cfg.device, cfg.rounds)
+
+
+def pack_group(cfg: RunConfig) -> tuple[Any, ...]:
+    """:func:`pack_key` plus what sets a client's shard size (number of clients, partition): the
+    pipeline packs only runs of one group. Packed clients advance in lock-step, padded to the client
+    with the most batches (:func:`robustfl.train.concat_plans`), so a 50-client run packed with 10-client
+    runs would compute the 10-client runs' ~5x more steps per round on masked batches."""
+    params = json.dumps(cfg.partition_params or {}, sort_keys=True, default=str)
+    return pack_key(cfg) + (cfg.n_clients, cfg.partition, params)
 
 
 def run_cells(cfgs: list[RunConfig], data_dir: Path, partitions: list[Path], out_dirs: list[Path],

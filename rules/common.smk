@@ -300,8 +300,8 @@ def run_done(cid, seed):
 
 
 def make_packs(study, size):
-    """GPU batch mode: the runs of `study` not done yet, grouped by robustfl.experiment.pack_key (same
-    dataset, model and local-training settings) and dealt round-robin into jobs of at most `size` runs
+    """GPU batch mode: the runs of `study` not done yet, grouped by robustfl.experiment.pack_group (same
+    dataset, model, local-training settings, number of clients and partition) and dealt round-robin into jobs of at most `size` runs
     (so the costly attack cells spread over the jobs). A pack's id is a digest of its members; runs that
     are done are left out, so a rerun after an interruption packs only what is missing."""
     import hashlib
@@ -310,7 +310,7 @@ def make_packs(study, size):
     for c in study_cells(study):
         for s in sorted(c["seeds"]):
             if not run_done(c["id"], s):
-                key = json.dumps(rx.pack_key(_run_config(c["id"], s)), default=str)
+                key = json.dumps(rx.pack_group(_run_config(c["id"], s)), default=str)
                 groups.setdefault(key, []).append((c["id"], s))
     packs = []
     for key in sorted(groups):

@@ -7,6 +7,7 @@ The real runs are marked `slow` (5-10 minutes on two CPU cores).
 """
 from __future__ import annotations
 
+import collections
 import copy
 import re
 import subprocess
@@ -111,7 +112,13 @@ def test_pack_mode_plans_every_run_once_in_packs_of_at_most_n(tmp_path):
     members = [d for (jobs,) in packs.values() for d in jobs.split(", ")]
     assert sorted(members) == runs  # every run exactly once
     assert all(len(jobs.split(", ")) <= 5 for (jobs,) in packs.values())
-    assert len(packs) == -(-len(runs) // 5)  # tiny's runs share one pack key
+    # one group per client count / partition (robustfl.experiment.pack_group), each in ceil(size / 5) packs
+    group = lambda d: tuple(sorted(t for t in d.split("/")[-2].split(",") if t.split("=")[0].startswith(("n_clients", "partition"))))
+    sizes = collections.Counter(group(d) for d in runs)
+    assert len(sizes) > 1  # tiny has 10- and 20-client and class-partitioned cells
+    assert len(packs) == sum(-(-k // 5) for k in sizes.values())
+    for (jobs,) in packs.values():
+        assert len({group(d) for d in jobs.split(", ")}) == 1
 
 
 def test_packs_never_mix_local_training_settings(tmp_path):
@@ -126,6 +133,21 @@ def test_packs_never_mix_local_training_settings(tmp_path):
     assert sorted(len(p) for p in packs) == [2, 3]
     for p in packs:
         assert len({"rounds=3" in d for d in p}) == 1, p
+
+
+def test_packs_never_mix_client_counts(tmp_path):
+    """Lock-step training pads every client to the longest shard, so runs with other client counts
+    (shard sizes) go to other packs (robustfl.experiment.pack_group)."""
+    study = copy.deepcopy(CONFIG["studies"]["tiny"])
+    study["grid"] = [{"defense": ["fedavg", "flare"], "n_clients": [10, 20]}, {"defense": ["median"]}]
+    extra = write_yaml(tmp_path / "mixed.yaml", {"studies": {"tiny": study}})
+    proc = snakemake(tmp_path, "-n", "--config", "study=tiny", "pack=8", configfiles=(extra,))
+    assert proc.returncode == 0, output(proc)
+    packs = [jobs.split(", ") for r, o in planned_outputs(output(proc)).items() if r.startswith("run_pack_")
+             for jobs in o]
+    assert sorted(len(p) for p in packs) == [2, 3]
+    for p in packs:
+        assert len({"n_clients=20" in d for d in p}) == 1, p
 
 
 # ----------------------------------------------------------------------- validation before any job
