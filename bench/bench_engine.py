@@ -3,6 +3,10 @@ per-client reference, in the same process (issue 6). Random inputs of the right 
 dataset directory is given.
 
     python bench/bench_engine.py --models fmnist cifar10 kather --rounds 1 --out bench/results/engine.json
+
+``--dirichlet ALPHA`` instead times unequal shards (a label-skewed Dirichlet split of the same number of
+samples, ``robustfl.partition.dirichlet``): the vectorised engine skipping clients whose batches ran
+out (``skip_idle``, the default) vs computing them on masked batches, side by side.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from robustfl.io import atomic_write_json, device_name, git_commit, versions
 from robustfl.models import build_model
+from robustfl.partition import dirichlet
 from robustfl.params import model_to_flat
 from robustfl.train import batch_plan, concat_plans, train_sequential, train_vectorised
 
@@ -108,6 +113,41 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
     return out
 
 
+def bench_unequal(name: str, dev: torch.device, n_clients: int, epochs: int, precision: str, frac: float,
+                  alpha: float, repeats: int = 3) -> dict:
+    """One round on Dirichlet(alpha) shards: ``skip_idle`` on vs off (best of ``repeats``, alternating)."""
+    mname, c, h, w, ch, per, bs = SETTINGS[name]
+    per = max(bs, int(per * frac))
+    torch.manual_seed(0)
+    model = build_model(mname, c, ch).to(dev)
+    theta = model_to_flat(model)
+    n_total = n_clients * per
+    x = torch.randint(0, 256, (n_total, h, w, ch), dtype=torch.uint8, device=dev)
+    y = torch.arange(n_total, device=dev) % c  # balanced classes
+    shards = [torch.as_tensor(p, device=dev) for p in dirichlet(y.cpu().numpy(), n_clients, alpha, seed=0)]
+    sizes = [len(s) for s in shards]
+    steps = [epochs * -(-k // bs) for k in sizes]
+    out: dict = {"model": mname, "n_clients": n_clients, "samples": n_total, "dirichlet_alpha": alpha,
+                 "batch": bs, "epochs": epochs, "precision": precision, "shard_sizes": sizes,
+                 "real_client_steps": sum(steps), "padded_client_steps": max(steps) * n_clients}
+    out["fill"] = out["real_client_steps"] / out["padded_client_steps"]
+    kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(repeats + 1):  # the first pass warms up
+        for skip in (True, False):
+            _sync(dev)
+            t = time.perf_counter()
+            train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0),
+                             skip_idle=skip, **kw)
+            _sync(dev)
+            if r:
+                times[skip].append(time.perf_counter() - t)
+    out["skip_idle_s_per_round"] = min(times[True])
+    out["masked_s_per_round"] = min(times[False])
+    out["speedup_skip_idle"] = out["masked_s_per_round"] / out["skip_idle_s_per_round"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", nargs="+", default=["fmnist", "cifar10", "kather"])
@@ -118,13 +158,18 @@ def main() -> None:
     ap.add_argument("--pack", type=int, default=1)
     ap.add_argument("--frac", type=float, default=1.0, help="fraction of each client's shard (quick checks)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the per-step gradient function")
+    ap.add_argument("--dirichlet", type=float, default=None, metavar="ALPHA",
+                    help="time unequal (Dirichlet) shards, skip_idle on vs off")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_name(dev),
            "versions": versions(), "git_commit": git_commit(), "results": []}
     for m in a.models:
-        r = bench_one(m, dev, a.clients, a.epochs, a.precision, not a.no_sequential, a.pack, a.frac, a.compile)
+        if a.dirichlet is not None:
+            r = bench_unequal(m, dev, a.clients, a.epochs, a.precision, a.frac, a.dirichlet)
+        else:
+            r = bench_one(m, dev, a.clients, a.epochs, a.precision, not a.no_sequential, a.pack, a.frac, a.compile)
         print(json.dumps(r), flush=True)
         res["results"].append(r)
     if a.out:

@@ -195,8 +195,10 @@ def pack_key(cfg: RunConfig) -> tuple[Any, ...]:
 def pack_group(cfg: RunConfig) -> tuple[Any, ...]:
     """:func:`pack_key` plus what sets a client's shard size (number of clients, partition): the
     pipeline packs only runs of one group. Packed clients advance in lock-step, padded to the client
-    with the most batches (:func:`robustfl.train.concat_plans`), so a 50-client run packed with 10-client
-    runs would compute the 10-client runs' ~5x more steps per round on masked batches."""
+    with the most batches (:func:`robustfl.train.concat_plans`): a 50-client run packed with 10-client
+    runs would wait through the 10-client runs' ~5x more steps per round. ``train_vectorised`` no
+    longer computes clients whose batches ran out (``skip_idle``), but those tail steps would train
+    only the 10-client runs' clients, a narrower batch than a pack of their own."""
     params = json.dumps(cfg.partition_params or {}, sort_keys=True, default=str)
     return pack_key(cfg) + (cfg.n_clients, cfg.partition, params)
 

@@ -152,7 +152,8 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                      shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
                      generator: torch.Generator | None, precision: str = "fp32",
-                     plan: BatchPlan | None = None, compile: bool = False, conv: str = "cudnn") -> torch.Tensor:
+                     plan: BatchPlan | None = None, compile: bool = False, conv: str = "cudnn",
+                     skip_idle: bool = True) -> torch.Tensor:
     """Train ``len(shards)`` clients from the global model at once; return their updates
     ``delta_i = w_i - theta`` as an ``(n, d)`` tensor (Section 3.1).
 
@@ -163,6 +164,12 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     ``conv`` picks how the vmapped convolutions compute: ``"cudnn"`` (grouped convolution, one group
     per client; the default, measured faster on an H100, bench/README.md) or ``"matmul"`` (im2col +
     batched GEMM, :class:`robustfl.models.Conv2dMM`); both give the same function (tests/test_train.py).
+
+    ``skip_idle``: clients whose batches have run out (unequal shards, packed runs of different sizes)
+    are not computed. Clients are ordered by their number of batches, longest first, so that the active
+    ones at any step are a prefix of the stacked parameters and each step trains views of that prefix;
+    the updates are the same as with every client computed on masked batches (tests/test_train.py).
+    Off under ``compile`` (a changing client count would recompile the step).
     """
     n = len(shards)
     d = theta.shape[-1]
@@ -173,6 +180,16 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     if plan is None:
         plan = batch_plan(shards, epochs, batch_size, generator)
     theta_n = theta.detach().expand(n, d) if theta.dim() == 1 else theta.detach()
+    # per step, how many clients (longest first) still have a real sample: padding only trails
+    real = plan.mask.sum(2) > 0  # (n, steps)
+    n_steps = torch.where(real.any(1), plan.steps - real.flip(1).int().argmax(1), 0)
+    order = None
+    if skip_idle and not compile and bool((n_steps != n_steps[0]).any()):
+        order = torch.argsort(n_steps, descending=True, stable=True)
+        plan = BatchPlan(plan.idx[order], plan.mask[order])
+        theta_n = theta_n[order.to(theta_n.device)]
+        n_steps = n_steps[order]
+    n_active = (n_steps.unsqueeze(1) > torch.arange(plan.steps, device=n_steps.device)).sum(0).tolist() if order is not None else None
     stacked = spec.unflatten(theta_n.contiguous())
     names = spec.names
     params = [stacked[k].clone() for k in names]
@@ -201,23 +218,30 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     net.train()
     try:
         for s in range(plan.steps):
-            bi = idx[:, s]
-            xb = prepare_inputs(x[bi.reshape(-1)]).reshape(n, batch_size, *shape)
+            m = n if n_active is None else n_active[s]
+            # the first m clients (all, unless idle ones are skipped): views, updated in place
+            p_m, a_m, v_m = ((params, exp_avg, exp_avg_sq) if m == n else
+                             ([t[:m] for t in params], [t[:m] for t in exp_avg], [t[:m] for t in exp_avg_sq]))
+            bi = idx[:m, s]
+            xb = prepare_inputs(x[bi.reshape(-1)]).reshape(m, batch_size, *shape)
             yb = y[bi]
-            mb = mask[:, s]
+            mb = mask[:m, s]
             with _autocast(device, precision):
-                grads = [g.float() for g in grad_all(tuple(params), xb, yb, mb)]
+                grads = [g.float() for g in grad_all(tuple(p_m), xb, yb, mb)]
             if not masked_mode and all_active[s]:
                 k += 1
-                adam_step_uniform(params, grads, exp_avg, exp_avg_sq, k, lr)
+                adam_step_uniform(p_m, grads, a_m, v_m, k, lr)
             else:
                 if not masked_mode:
                     masked_mode = True
                     step.fill_(k)
-                adam_step(params, grads, exp_avg, exp_avg_sq, step, (mb.sum(1) > 0).float(), lr)
+                adam_step(p_m, grads, a_m, v_m, step[:m], (mb.sum(1) > 0).float(), lr)
     finally:
         net.train(was_training)
-    return spec.flatten(dict(zip(names, params))) - theta_n
+    out = spec.flatten(dict(zip(names, params))) - theta_n
+    if order is not None:
+        out = out[torch.argsort(order).to(out.device)]
+    return out
 
 
 def train_sequential(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,

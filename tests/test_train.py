@@ -197,3 +197,48 @@ def test_vmapped_per_client_gradients_agree_between_conv_paths(name: str, shape:
 
     for a, b in zip(grads(model), grads(twin)):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("sizes", [[17, 60, 35, 50], [20, 80, 20, 20]])
+def test_skipping_idle_clients_gives_the_same_updates(sizes: list[int]) -> None:
+    """Unequal shards: training only the clients that still have batches (longest first, a prefix of
+    the stacked parameters) equals computing every client on masked batches, in the callers' order."""
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 10, 1)
+    theta = model_to_flat(model)
+    x, y = _data()
+    starts = torch.tensor([0] + sizes).cumsum(0)
+    shards = [torch.arange(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+    kw = dict(epochs=2, batch_size=10, lr=1e-3)
+    skip = train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3), **kw)
+    full = train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3),
+                            skip_idle=False, **kw)
+    assert full.abs().max() > 1e-3
+    torch.testing.assert_close(skip, full, rtol=1e-5, atol=1e-7)
+    # per-client starting models (packed simulations) are permuted with their clients
+    thetas = theta + 0.01 * torch.randn(len(shards), theta.numel())
+    skip = train_vectorised(model, thetas, x, y, shards, generator=torch.Generator().manual_seed(3), **kw)
+    full = train_vectorised(model, thetas, x, y, shards, generator=torch.Generator().manual_seed(3),
+                            skip_idle=False, **kw)
+    torch.testing.assert_close(skip, full, rtol=1e-5, atol=1e-7)
+
+
+def test_idle_clients_cost_no_flops() -> None:
+    """One long shard and three short ones: 28 real client-steps of 64 padded ones; skipping the idle
+    clients must cut the counted FLOPs accordingly (conv/matmul FLOPs scale with the clients computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 10, 1)
+    theta = model_to_flat(model)
+    x, y = _data(n=140)
+    shards = [torch.arange(0, 20), torch.arange(20, 100), torch.arange(100, 120), torch.arange(120, 140)]
+    kw = dict(epochs=2, batch_size=10, lr=1e-3)
+    flops = {}
+    for skip in (True, False):
+        with FlopCounterMode(display=False) as fc:
+            train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3),
+                             skip_idle=skip, **kw)
+        flops[skip] = fc.get_total_flops()
+    assert flops[False] > 0
+    assert flops[True] <= (28 / 64 + 0.02) * flops[False]
