@@ -47,16 +47,22 @@ def train_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int
     return fc.get_total_flops()
 
 
-def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precision: str, seq: bool,
-              pack: int, frac: float, compile: bool = False) -> dict:
+def _setup(name: str, dev: torch.device, n_clients: int, frac: float):
+    """The model of ``name`` at seed 0, its flat parameters, and random uint8 inputs for ``n_clients``
+    shards of the paper's size times ``frac``; returns ``(model, theta, x, per, bs, classes)``."""
     mname, c, h, w, ch, per, bs = SETTINGS[name]
     per = max(bs, int(per * frac))
     torch.manual_seed(0)
     model = build_model(mname, c, ch).to(dev)
-    theta = model_to_flat(model)
-    n_total = n_clients * per
-    x = torch.randint(0, 256, (n_total, h, w, ch), dtype=torch.uint8, device=dev)
-    y = torch.randint(0, c, (n_total,), device=dev)
+    x = torch.randint(0, 256, (n_clients * per, h, w, ch), dtype=torch.uint8, device=dev)
+    return model, model_to_flat(model), x, per, bs, c
+
+
+def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precision: str, seq: bool,
+              pack: int, frac: float, compile: bool = False) -> dict:
+    mname, _, h, w, ch, _, _ = SETTINGS[name]
+    model, theta, x, per, bs, c = _setup(name, dev, n_clients, frac)
+    y = torch.randint(0, c, (len(x),), device=dev)
     shards = [torch.arange(i * per, (i + 1) * per, device=dev) for i in range(n_clients)]
     xb = x[:bs].permute(0, 3, 1, 2).float() / 255
     flops_step = train_flops(model, xb, y[:bs])
@@ -116,18 +122,13 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
 def bench_unequal(name: str, dev: torch.device, n_clients: int, epochs: int, precision: str, frac: float,
                   alpha: float, repeats: int = 3) -> dict:
     """One round on Dirichlet(alpha) shards: ``skip_idle`` on vs off (best of ``repeats``, alternating)."""
-    mname, c, h, w, ch, per, bs = SETTINGS[name]
-    per = max(bs, int(per * frac))
-    torch.manual_seed(0)
-    model = build_model(mname, c, ch).to(dev)
-    theta = model_to_flat(model)
-    n_total = n_clients * per
-    x = torch.randint(0, 256, (n_total, h, w, ch), dtype=torch.uint8, device=dev)
+    model, theta, x, _, bs, c = _setup(name, dev, n_clients, frac)
+    n_total = len(x)
     y = torch.arange(n_total, device=dev) % c  # balanced classes
     shards = [torch.as_tensor(p, device=dev) for p in dirichlet(y.cpu().numpy(), n_clients, alpha, seed=0)]
     sizes = [len(s) for s in shards]
     steps = [epochs * -(-k // bs) for k in sizes]
-    out: dict = {"model": mname, "n_clients": n_clients, "samples": n_total, "dirichlet_alpha": alpha,
+    out: dict = {"model": SETTINGS[name][0], "n_clients": n_clients, "samples": n_total, "dirichlet_alpha": alpha,
                  "batch": bs, "epochs": epochs, "precision": precision, "shard_sizes": sizes,
                  "real_client_steps": sum(steps), "padded_client_steps": max(steps) * n_clients}
     out["fill"] = out["real_client_steps"] / out["padded_client_steps"]

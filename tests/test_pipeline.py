@@ -121,10 +121,15 @@ def test_pack_mode_plans_every_run_once_in_packs_of_at_most_n(tmp_path):
         assert len({group(d) for d in jobs.split(", ")}) == 1
 
 
-def test_packs_never_mix_local_training_settings(tmp_path):
-    """Runs whose local training differs (here: rounds) go to different packs (robustfl.experiment.pack_key)."""
+@pytest.mark.parametrize("grid,token", [
+    # local training differs (rounds): robustfl.experiment.pack_key
+    ([{"defense": ["fedavg", "flare", "median"]}, {"defense": ["krum", "fedavg"], "rounds": [3]}], "rounds=3"),
+    # client counts (shard sizes) differ: lock-step training pads to the longest shard (pack_group)
+    ([{"defense": ["fedavg", "flare"], "n_clients": [10, 20]}, {"defense": ["median"]}], "n_clients=20"),
+])
+def test_packs_never_mix_local_training_settings_or_client_counts(tmp_path, grid, token):
     study = copy.deepcopy(CONFIG["studies"]["tiny"])
-    study["grid"] = [{"defense": ["fedavg", "flare", "median"]}, {"defense": ["krum", "fedavg"], "rounds": [3]}]
+    study["grid"] = grid
     extra = write_yaml(tmp_path / "mixed.yaml", {"studies": {"tiny": study}})
     proc = snakemake(tmp_path, "-n", "--config", "study=tiny", "pack=8", configfiles=(extra,))
     assert proc.returncode == 0, output(proc)
@@ -132,22 +137,7 @@ def test_packs_never_mix_local_training_settings(tmp_path):
              for jobs in o]
     assert sorted(len(p) for p in packs) == [2, 3]
     for p in packs:
-        assert len({"rounds=3" in d for d in p}) == 1, p
-
-
-def test_packs_never_mix_client_counts(tmp_path):
-    """Lock-step training pads every client to the longest shard, so runs with other client counts
-    (shard sizes) go to other packs (robustfl.experiment.pack_group)."""
-    study = copy.deepcopy(CONFIG["studies"]["tiny"])
-    study["grid"] = [{"defense": ["fedavg", "flare"], "n_clients": [10, 20]}, {"defense": ["median"]}]
-    extra = write_yaml(tmp_path / "mixed.yaml", {"studies": {"tiny": study}})
-    proc = snakemake(tmp_path, "-n", "--config", "study=tiny", "pack=8", configfiles=(extra,))
-    assert proc.returncode == 0, output(proc)
-    packs = [jobs.split(", ") for r, o in planned_outputs(output(proc)).items() if r.startswith("run_pack_")
-             for jobs in o]
-    assert sorted(len(p) for p in packs) == [2, 3]
-    for p in packs:
-        assert len({"n_clients=20" in d for d in p}) == 1, p
+        assert len({token in d for d in p}) == 1, p
 
 
 # ----------------------------------------------------------------------- validation before any job

@@ -16,6 +16,11 @@ def _data(n: int = 260, hw: int = 8, c: int = 1, seed: int = 0) -> tuple[torch.T
     return x, y
 
 
+def _consecutive_shards(sizes: list[int]) -> list[torch.Tensor]:
+    starts = torch.tensor([0] + sizes).cumsum(0)
+    return [torch.arange(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+
+
 @pytest.mark.parametrize("sizes", [[50, 50, 50, 50], [60, 35, 50, 17]])
 def test_vectorised_equals_sequential(sizes: list[int]) -> None:
     """Same seed, CPU: both engines give the same updates, also for unequal shards (masked Adam)."""
@@ -23,8 +28,7 @@ def test_vectorised_equals_sequential(sizes: list[int]) -> None:
     model = build_model("digits_cnn", 10, 1)
     theta = model_to_flat(model)
     x, y = _data()
-    starts = torch.tensor([0] + sizes).cumsum(0)
-    shards = [torch.arange(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+    shards = _consecutive_shards(sizes)
     kw = dict(epochs=2, batch_size=16, lr=1e-3)
     dv = train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3), **kw)
     ds = train_sequential(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3), **kw)
@@ -207,8 +211,7 @@ def test_skipping_idle_clients_gives_the_same_updates(sizes: list[int]) -> None:
     model = build_model("digits_cnn", 10, 1)
     theta = model_to_flat(model)
     x, y = _data()
-    starts = torch.tensor([0] + sizes).cumsum(0)
-    shards = [torch.arange(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+    shards = _consecutive_shards(sizes)
     kw = dict(epochs=2, batch_size=10, lr=1e-3)
     skip = train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3), **kw)
     full = train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3),
@@ -232,7 +235,7 @@ def test_idle_clients_cost_no_flops() -> None:
     model = build_model("digits_cnn", 10, 1)
     theta = model_to_flat(model)
     x, y = _data(n=140)
-    shards = [torch.arange(0, 20), torch.arange(20, 100), torch.arange(100, 120), torch.arange(120, 140)]
+    shards = _consecutive_shards([20, 80, 20, 20])
     kw = dict(epochs=2, batch_size=10, lr=1e-3)
     flops = {}
     for skip in (True, False):
