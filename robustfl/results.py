@@ -32,6 +32,9 @@ ROUND_COLUMNS: tuple[str, ...] = (
     "round", "test_acc", "test_loss", "asr", "target_conf", "train_s", "attack_s", "agg_s", "n_excluded",
 )
 CLIENT_COLUMNS: tuple[str, ...] = ("round", "client", "malicious", "weight", "detected")
+#: Per-client columns that runs written before they existed lack (NaN when read): ``update_norm`` is
+#: the L2 norm of the client's update delta_i as the server received it (NaN/Inf if it held NaN/Inf).
+CLIENT_OPTIONAL_COLUMNS: tuple[str, ...] = ("update_norm",)
 
 #: Metrics taken from a run's last evaluated round (final model quality).
 FINAL_METRICS: tuple[str, ...] = ("test_acc", "test_loss", "asr", "target_conf")
@@ -93,6 +96,9 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunResult:
         clients = _read_csv(clients_path, CLIENT_COLUMNS)
     else:
         clients = pd.DataFrame({c: pd.Series(dtype=float) for c in CLIENT_COLUMNS})
+    for c in CLIENT_OPTIONAL_COLUMNS:
+        if c not in clients:
+            clients[c] = math.nan
     return RunResult(run_dir=run_dir, rounds=rounds, clients=clients, meta=meta)
 
 
@@ -153,7 +159,7 @@ def collect_runs(run_dirs: Iterable[str | os.PathLike[str]]) -> tuple[pd.DataFra
     extra = ("run_dir", "device")
     if not rounds:
         empty = lambda cols: pd.DataFrame(columns=[*CONFIG_COLUMNS, *extra, *cols])  # noqa: E731
-        return empty(ROUND_COLUMNS), empty(CLIENT_COLUMNS)
+        return empty(ROUND_COLUMNS), empty((*CLIENT_COLUMNS, *CLIENT_OPTIONAL_COLUMNS))
     return pd.concat(rounds, ignore_index=True), pd.concat(clients, ignore_index=True)
 
 
@@ -237,14 +243,15 @@ def restore_runs(rounds_df: pd.DataFrame, clients_df: pd.DataFrame, metas: Mappi
             raise FileExistsError(f"{run_dir} already holds a run; not overwritten")
         clients = clients_df[(clients_df["cell_id"] == cid) & (clients_df["seed"] == seed)]
         atomic_write_text(run_dir / "rounds.csv", rounds[list(ROUND_COLUMNS)].sort_values("round").to_csv(index=False))
+        cols = [*CLIENT_COLUMNS, *(c for c in CLIENT_OPTIONAL_COLUMNS if c in clients and clients[c].notna().any())]
         atomic_write_text(run_dir / "clients.csv",
-                           clients[list(CLIENT_COLUMNS)].sort_values(["round", "client"]).to_csv(index=False))
+                           clients[cols].sort_values(["round", "client"]).to_csv(index=False))
         atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=1, sort_keys=True))  # last: marks done
         out.append(run_dir)
     return out
 
 
 __all__ = [
-    "CONFIG_COLUMNS", "KEY_COLUMNS", "RunResult", "collect_runs", "config_columns", "final_metrics",
+    "CLIENT_COLUMNS", "CLIENT_OPTIONAL_COLUMNS", "CONFIG_COLUMNS", "KEY_COLUMNS", "ROUND_COLUMNS", "RunResult", "collect_runs", "config_columns", "final_metrics",
     "find_run_dirs", "load_run", "restore_runs", "summarise", "summarise_runs", "write_csv",
 ]

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from robustfl import aggregators as agg
+from robustfl import results
 from robustfl.attacks import ATTACKS, AttackContext, is_targeted
 from robustfl.config import RunConfig
 from robustfl.defenses import DEFENSES, NEEDS_AUX, NEEDS_ROOT, ServerContext
@@ -36,8 +37,8 @@ from robustfl.train import (BatchPlan, batch_plan, concat_plans, evaluate, prepa
 
 log = logging.getLogger("robustfl")
 
-ROUND_COLUMNS = ["round", "test_acc", "test_loss", "asr", "target_conf", "train_s", "attack_s", "agg_s", "n_excluded"]
-CLIENT_COLUMNS = ["round", "client", "malicious", "weight", "detected"]
+ROUND_COLUMNS = list(results.ROUND_COLUMNS)
+CLIENT_COLUMNS = [*results.CLIENT_COLUMNS, *results.CLIENT_OPTIONAL_COLUMNS]  # what a run writes
 
 
 @dataclass
@@ -261,11 +262,13 @@ class Simulation:
                 f"{self.theta.dtype} {tuple(self.theta.shape)} (another model?)")
         if not bool(torch.isfinite(th).all()):
             bad("the global model is not finite")
-        for key, width, n_rows in (("rows", len(ROUND_COLUMNS), rnd),
-                                   ("client_rows", len(CLIENT_COLUMNS), rnd * self.cfg.n_clients)):
-            t = st[key]
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n_rows, width):
-                bad(f"{key} has shape {tuple(getattr(t, 'shape', ()))}, expected {(n_rows, width)}")
+        for key, widths, n_rows in (("rows", (len(ROUND_COLUMNS),), rnd),
+                                    ("client_rows", (len(CLIENT_COLUMNS), len(results.CLIENT_COLUMNS)),
+                                     rnd * self.cfg.n_clients)):
+            t = st[key]  # client_rows without the optional columns: a checkpoint of an older version
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or (tuple(t.shape) not in
+                                                                    {(n_rows, w) for w in widths}):
+                bad(f"{key} has shape {tuple(getattr(t, 'shape', ()))}, expected {(n_rows, widths[0])}")
         want = _rng_state(self.g, self.g_att, self.device)
         rng = st["rng"]
         if not isinstance(rng, dict) or any(
@@ -336,6 +339,7 @@ class Simulation:
         t2 = time.perf_counter()
 
         keep = screen_updates(updates, d)
+        norms = torch.linalg.vector_norm(updates, dim=1).tolist()
         plrs = None
         if cfg.defense in NEEDS_AUX or rnd == self.snapshot_round:
             plrs = stacked_plrs(model, theta.unsqueeze(0) + torch.nan_to_num(updates), data.sets.aux_x)
@@ -390,7 +394,8 @@ class Simulation:
         det = detected(weights)
         for i in range(n):
             self.client_rows.append({"round": rnd, "client": i, "malicious": int(i in mal),
-                                     "weight": float(weights[i]), "detected": int(det[i])})
+                                     "weight": float(weights[i]), "detected": int(det[i]),
+                                     "update_norm": norms[i]})
         log.info("[%s seed %d] round %d/%d acc=%.4f loss=%.4f asr=%s conf=%s weights=[%s] excluded=%d "
                  "(train %.2fs, attack %.2fs, agg %.2fs)", cfg.defense, cfg.seed, rnd, cfg.rounds, acc, loss,
                  _fmt(asr), _fmt(conf), " ".join(f"{w:.3f}" for w in weights.tolist()), n - len(kept),
@@ -488,7 +493,8 @@ def _rows_from_state(st: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dic
     ints = {"round", "n_excluded", "client", "malicious", "detected"}
 
     def conv(t: torch.Tensor, cols: list[str]) -> list[dict[str, Any]]:
-        return [{c: (int(v) if c in ints else float(v)) for c, v in zip(cols, r.tolist())} for r in t]
+        pad = [math.nan] * (len(cols) - t.shape[1])  # optional columns a legacy checkpoint lacks
+        return [{c: (int(v) if c in ints else float(v)) for c, v in zip(cols, r.tolist() + pad)} for r in t]
 
     return conv(st["rows"], ROUND_COLUMNS), conv(st["client_rows"], CLIENT_COLUMNS)
 

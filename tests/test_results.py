@@ -19,8 +19,9 @@ from robustfl.results import (
 
 def write_run(root: Path, name: str, *, acc: list[float], asr: list[float] | None = None,
               agg_s: list[float] | None = None, study: str = "fixture", cell_id: str = "c0",
-              **cfg: object) -> Path:
-    """Write a fake run directory (test fixture) with len(acc) rounds and 3 clients (client 2 malicious)."""
+              norms: list[float] | None = None, **cfg: object) -> Path:
+    """Write a fake run directory (test fixture) with len(acc) rounds and 3 clients (client 2 malicious);
+    ``norms`` (the 3 clients' update norms, every round) adds the optional ``update_norm`` column."""
     d = root / name
     d.mkdir(parents=True)
     T = len(acc)
@@ -30,11 +31,14 @@ def write_run(root: Path, name: str, *, acc: list[float], asr: list[float] | Non
         "asr": asr if asr is not None else nan, "target_conf": asr if asr is not None else nan,
         "train_s": [1.0] * T, "attack_s": [0.5] * T, "agg_s": agg_s or [0.1] * T, "n_excluded": [0] * T,
     }).to_csv(d / "rounds.csv", index=False)
-    pd.DataFrame({
+    clients = pd.DataFrame({
         "round": np.repeat(np.arange(1, T + 1), 3), "client": np.tile([0, 1, 2], T),
         "malicious": np.tile([0, 0, 1], T), "weight": np.tile([0.4, 0.4, 0.2], T),
         "detected": np.tile([0, 0, 1], T),
-    }).to_csv(d / "clients.csv", index=False)
+    })
+    if norms is not None:
+        clients["update_norm"] = np.tile(norms, T)
+    clients.to_csv(d / "clients.csv", index=False)
     config = {"dataset": "fmnist", "n_clients": 10, "n_attackers": 1, "attack": "krum_backdoor",
               "defense": "flare", "defense_params": {}, "partition": "iid", "partition_params": {},
               "aux_size": 10, "backdoor": "semantic", "seed": 0, "rounds": T}
@@ -61,6 +65,21 @@ def test_load_run_reads_all_three_files(two_seeds: list[Path]) -> None:
     assert len(run.clients) == 9
     assert run.config["defense"] == "flare"
     assert run.keys["seed"] == 0
+
+
+def test_update_norm_is_optional_and_survives_restore(tmp_path: Path) -> None:
+    """Runs written before clients.csv had update_norm read as NaN; runs with it keep it through
+    collect_runs -> restore_runs."""
+    old = write_run(tmp_path, "old", acc=[0.5, 0.6])
+    new = write_run(tmp_path, "new", acc=[0.5, 0.6], norms=[1.5, 2.0, 30.0], cell_id="c1")
+    assert load_run(old).clients["update_norm"].isna().all()
+    assert list(load_run(new).clients["update_norm"]) == [1.5, 2.0, 30.0] * 2
+    rounds, clients = collect_runs([old, new])
+    metas = {load_run(d).meta["cell"]["cell_id"]: load_run(d).meta for d in (old, new)}
+    out = restore_runs(rounds, clients, metas, tmp_path / "restored")
+    assert "update_norm" not in pd.read_csv(out[0] / "clients.csv")  # c0: the old run, nothing to keep
+    _, c2 = collect_runs(out)
+    pd.testing.assert_frame_equal(c2.drop(columns="run_dir"), clients.drop(columns="run_dir"), check_dtype=False)
 
 
 def test_load_run_rejects_missing_column_and_missing_json(tmp_path: Path) -> None:

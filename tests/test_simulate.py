@@ -94,3 +94,45 @@ def test_claim_gpu_spreads_jobs_over_cards(tmp_path: Path, monkeypatch: pytest.M
     assert simulate.claim_gpu() == 0  # slot 1 of card 0 comes next
     for fh in held:
         fh.close()
+
+
+def test_clients_record_the_norm_of_each_update(digits: Path, tmp_path: Path) -> None:
+    """clients.csv's update_norm is ||delta_i||_2 of the update the server received; a client whose
+    update holds NaN is excluded (weight 0) and its norm is NaN."""
+    import math
+
+    s = _sim(digits, tmp_path, defense="fedavg")
+    n, d = s.cfg.n_clients, s.spec.dim
+    ben = torch.zeros(n, d, dtype=s.theta.dtype)
+    for i in range(n):
+        ben[i, i] = 3.0 * (i + 1)
+        ben[i, i + n] = 4.0 * (i + 1)  # ||delta_i|| = 5 (i + 1)
+    ben[2, 0] = float("nan")
+    s.step(ben, 0.0)
+    rows = {r["client"]: r for r in s.client_rows}
+    for i in range(n):
+        if i == 2:
+            assert math.isnan(rows[i]["update_norm"]) and rows[i]["weight"] == 0.0
+        else:
+            assert rows[i]["update_norm"] == pytest.approx(5.0 * (i + 1), rel=1e-6)
+
+
+def test_resumes_a_checkpoint_written_before_update_norm(digits: Path, tmp_path: Path) -> None:
+    """A checkpoint whose client rows lack the optional columns (an older version's) still resumes;
+    the rounds it holds get NaN there."""
+    import math
+
+    from robustfl.io import load_checkpoint, save_checkpoint
+    from robustfl.results import CLIENT_COLUMNS
+
+    cfg = dict(defense="fedavg", checkpoint_every=1)
+    s = _sim(digits, tmp_path, **cfg)
+    s.ckpt_path = tmp_path / "run.ckpt.pt"
+    s.step(_train(s), 0.0)
+    st = load_checkpoint(s.ckpt_path)
+    st["client_rows"] = st["client_rows"][:, : len(CLIENT_COLUMNS)]
+    save_checkpoint(s.ckpt_path, st)
+    r = Simulation(s.cfg, s.data, s.out_dir, s.ckpt_path, torch.device("cpu"))
+    assert r.round == 1 and torch.equal(r.theta, s.theta)
+    assert all(math.isnan(row["update_norm"]) for row in r.client_rows)
+    assert [row["weight"] for row in r.client_rows] == [row["weight"] for row in s.client_rows]
