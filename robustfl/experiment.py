@@ -150,12 +150,24 @@ def _setup(cfg: RunConfig, ds: ArrayDataset, partition: Path, device: torch.devi
     return data, model_name
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gpu_mem_gib(device: torch.device) -> float | None:
+    """Peak GPU memory allocated by tensors of this process on ``device`` since the run began (GiB;
+    None on CPU). For a packed job it is the whole pack's (``packed_cells`` runs)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def _payload(cfg: RunConfig, cell: dict[str, Any] | None, final: dict[str, Any], model_name: str, device: torch.device,
              wall_s: float, partition: Path, ds: ArrayDataset, data: RunData, packed: int = 1) -> dict[str, Any]:
     return {
         "config": cfg.to_dict(), "cell": dict(cell or {}, cell_id=(cell or {}).get("cell_id", cell_id(cfg))),
         "final": final, "seed": cfg.seed, "model": model_name, "versions": versions(),
         "device": device_name(device), "git_commit": git_commit(), "wall_s": wall_s, "packed_cells": packed,
+        "peak_gpu_mem_gib": peak_gpu_mem_gib(device),
         "partition": str(partition), "dataset_meta": {k: ds.meta.get(k) for k in ("source", "split", "checksums")},
         "server_sets": data.sets.info,
     }
@@ -173,6 +185,7 @@ def run_cell(cfg: RunConfig, data_dir: Path, partition: Path, out_dir: Path, cel
     device = resolve_device(cfg.device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
+    _reset_peak_memory(device)
     ds = load_prepared(data_dir)
     data, model_name = _setup(cfg, ds, Path(partition), device, {})
     out_dir = Path(out_dir)
@@ -215,6 +228,7 @@ def run_cells(cfgs: list[RunConfig], data_dir: Path, partitions: list[Path], out
         raise ValueError(f"run_cells: cells differ in dataset/model/local-training settings: {sorted(map(str, keys))}")
     t0 = time.perf_counter()
     device = resolve_device(cfgs[0].device)
+    _reset_peak_memory(device)
     ds = load_prepared(data_dir)
     cache: dict[str, torch.Tensor] = {}
     cells = cells or [{} for _ in cfgs]

@@ -1,6 +1,7 @@
 """The FL loop: common random numbers across defenses, and the packed (lock-step) runner."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,14 @@ def test_packed_run_writes_every_cell(digits: Path, tmp_path: Path) -> None:
     assert len(finals) == 2 and all(0.0 <= f["test_acc"] <= 1.0 for f in finals)
     for o in outs:
         assert {"rounds.csv", "clients.csv", "run.json"} <= {p.name for p in o.iterdir()}
+        assert json.loads((o / "run.json").read_text())["peak_gpu_mem_gib"] is None  # CPU
     assert all(f["engine"].startswith("vectorised-packed(2)") for f in finals)
+
+
+def test_peak_gpu_memory_is_reported_in_gib(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30 + 2**29)
+    assert experiment.peak_gpu_mem_gib(torch.device("cuda", 0)) == 3.5
+    assert experiment.peak_gpu_mem_gib(torch.device("cpu")) is None
 
 
 def test_claim_gpu_spreads_jobs_over_cards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
