@@ -144,3 +144,37 @@ def test_resumes_a_checkpoint_written_before_update_norm(digits: Path, tmp_path:
     assert r.round == 1 and torch.equal(r.theta, s.theta)
     assert all(math.isnan(row["update_norm"]) for row in r.client_rows)
     assert [row["weight"] for row in r.client_rows] == [row["weight"] for row in s.client_rows]
+
+
+def test_packing_runs_of_different_client_counts(digits: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 10-client and a 4-client run packed together (unequal shards): skipping the idle clients gives
+    the same runs as computing them on masked batches, and round 1 matches each run alone up to float
+    summation order (later rounds drift apart through Adam, as any two float orders do)."""
+    import functools
+
+    import pandas as pd
+
+    from robustfl import simulate, train
+
+    cfgs = [RunConfig(dataset="digits", rounds=2, local_epochs=1, batch_size=32, engine="vectorised",
+                      defense="fedavg", n_clients=n, seed=s) for n, s in ((10, 0), (4, 1))]
+    parts = []
+    for c in cfgs:
+        p = tmp_path / f"{experiment.partition_key(c)}.npz"
+        experiment.build_partition(digits, c, p)
+        parts.append(p)
+    out = {k: [tmp_path / k / str(i) for i in range(2)] for k in ("skip", "masked", "alone")}
+    experiment.run_cells(cfgs, digits, parts, out["skip"])
+    with monkeypatch.context() as m:
+        m.setattr(simulate, "train_vectorised", functools.partial(train.train_vectorised, skip_idle=False))
+        experiment.run_cells(cfgs, digits, parts, out["masked"])
+    for c, p, o in zip(cfgs, parts, out["alone"]):
+        experiment.run_cell(c, digits, p, o)
+    read = lambda d, f: pd.read_csv(d / f)  # noqa: E731
+    for a, b, alone in zip(out["skip"], out["masked"], out["alone"]):
+        assert read(a, "rounds.csv")["test_acc"].tolist() == read(b, "rounds.csv")["test_acc"].tolist()
+        pd.testing.assert_series_equal(read(a, "clients.csv")["update_norm"], read(b, "clients.csv")["update_norm"],
+                                       rtol=1e-6)
+        first = lambda d: read(d, "clients.csv").query("round == 1")["update_norm"]  # noqa: E731
+        pd.testing.assert_series_equal(first(a), first(alone), rtol=1e-3)
