@@ -115,6 +115,9 @@ def _scaling_panel(ax: plt.Axes, df: pd.DataFrame, x: str, xlabel: str) -> None:
     ax.set_ylim(-0.02, 1.02)
     if not df.empty:
         ax.legend(fontsize=8)
+    if df[x].nunique() == 1:  # a panel that shares its only point with another: say the sweep was not run
+        ax.text(0.5, 0.5, f"only {xlabel.split(' (')[0].split(',')[0]} = {df[x].iloc[0]:g} run",
+                ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
 def fig_scaling(summary: pd.DataFrame, out: str | os.PathLike[str], attack: str = "krum_backdoor",

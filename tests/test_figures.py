@@ -65,6 +65,19 @@ def test_fig_scaling(tmp_path: Path) -> None:
         fig_scaling(pd.DataFrame(rows), tmp_path / "x.png", dataset="kather")
 
 
+def test_fig_scaling_says_which_sweeps_were_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only panel (a) run: panels (b) and (c) hold the one point they share with (a) and say so."""
+    import robustfl.figures as figures
+
+    rows = [{**CFG, "defense": d, "n_clients": n, "n_attackers": n // 10, "asr_mean": 0.5, "asr_std": 0.1}
+            for d in ("fedavg", "flare") for n in (10, 20, 30)]
+    seen = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out: seen.setdefault("fig", fig))
+    fig_scaling(pd.DataFrame(rows), tmp_path / "fig12.png")
+    texts = [[t.get_text() for t in ax.texts] for ax in seen["fig"].axes]
+    assert texts == [[], ["only malicious clients p = 10 run"], ["only auxiliary set size m = 10 run"]]
+
+
 def adaptive_data() -> tuple[pd.DataFrame, pd.DataFrame]:
     """Two FLARE seeds + one FedAvg seed of the adaptive attack, client 2 malicious."""
     detected = {0: [1, 0, 1, 1, 1], 1: [1, 1, 1, 0, 1]}
