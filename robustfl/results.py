@@ -252,6 +252,7 @@ def restore_runs(rounds_df: pd.DataFrame, clients_df: pd.DataFrame, metas: Mappi
 
 
 __all__ = [
-    "CLIENT_COLUMNS", "CLIENT_OPTIONAL_COLUMNS", "CONFIG_COLUMNS", "KEY_COLUMNS", "ROUND_COLUMNS", "RunResult", "collect_runs", "config_columns", "final_metrics",
+    "CLIENT_COLUMNS", "CLIENT_OPTIONAL_COLUMNS", "CONFIG_COLUMNS", "KEY_COLUMNS", "ROUND_COLUMNS", "RunResult",
+    "collect_runs", "config_columns", "final_metrics",
     "find_run_dirs", "load_run", "restore_runs", "summarise", "summarise_runs", "write_csv",
 ]

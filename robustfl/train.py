@@ -189,7 +189,9 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
         plan = BatchPlan(plan.idx[order], plan.mask[order])
         theta_n = theta_n[order.to(theta_n.device)]
         n_steps = n_steps[order]
-    n_active = (n_steps.unsqueeze(1) > torch.arange(plan.steps, device=n_steps.device)).sum(0).tolist() if order is not None else None
+    n_active = None  # clients computed at each step: all, or the prefix that still has batches
+    if order is not None:
+        n_active = (n_steps.unsqueeze(1) > torch.arange(plan.steps, device=n_steps.device)).sum(0).tolist()
     stacked = spec.unflatten(theta_n.contiguous())
     names = spec.names
     params = [stacked[k].clone() for k in names]
