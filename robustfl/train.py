@@ -180,18 +180,20 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     if plan is None:
         plan = batch_plan(shards, epochs, batch_size, generator)
     theta_n = theta.detach().expand(n, d) if theta.dim() == 1 else theta.detach()
-    # per step, how many clients (longest first) still have a real sample: padding only trails
-    real = plan.mask.sum(2) > 0  # (n, steps)
-    n_steps = torch.where(real.any(1), plan.steps - real.flip(1).int().argmax(1), 0)
-    order = None
-    if skip_idle and not compile and bool((n_steps != n_steps[0]).any()):
-        order = torch.argsort(n_steps, descending=True, stable=True)
-        plan = BatchPlan(plan.idx[order], plan.mask[order])
-        theta_n = theta_n[order.to(theta_n.device)]
-        n_steps = n_steps[order]
-    n_active = None  # clients computed at each step: all, or the prefix that still has batches
-    if order is not None:
-        n_active = (n_steps.unsqueeze(1) > torch.arange(plan.steps, device=n_steps.device)).sum(0).tolist()
+    real = plan.mask.sum(2) > 0  # (n, steps): client i has a real sample at step s
+    # steps where every client has a real sample: the common case, with one shared step count, takes
+    # the foreach fast path; the masked per-client path starts at the first step where one idles
+    # (padding only ever trails, see batch_plan). The same for any client order.
+    all_active = real.all(0).tolist()
+    order = n_active = None  # n_active: clients computed at each step, the prefix that still has batches
+    if skip_idle and not compile:
+        n_steps = torch.where(real.any(1), plan.steps - real.flip(1).int().argmax(1), 0)
+        if bool((n_steps != n_steps[0]).any()):
+            order = torch.argsort(n_steps, descending=True, stable=True)
+            plan = BatchPlan(plan.idx[order], plan.mask[order])
+            theta_n = theta_n[order.to(theta_n.device)]
+            steps = torch.arange(plan.steps, device=n_steps.device)
+            n_active = (n_steps[order].unsqueeze(1) > steps).sum(0).tolist()
     stacked = spec.unflatten(theta_n.contiguous())
     names = spec.names
     params = [stacked[k].clone() for k in names]
@@ -208,10 +210,6 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     grad_all = vmap(grad(loss_one), in_dims=(0, 0, 0, 0), randomness="different")
     if compile:
         grad_all = _compiled(grad_all, model, n, batch_size)
-    # steps where every client has a real sample: the common case, with one shared step count, takes
-    # the foreach fast path; the masked per-client path starts at the first step where one idles
-    # (padding only ever trails, see batch_plan)
-    all_active = (plan.mask.sum(2) > 0).all(0).tolist()
     idx, mask = plan.idx.to(device), plan.mask.to(device)
     shape = x_shape_nchw(x)
     k = 0
@@ -241,7 +239,7 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     finally:
         net.train(was_training)
     out = spec.flatten(dict(zip(names, params))) - theta_n
-    if order is not None:
+    if order is not None:  # back to the callers' client order
         out = out[torch.argsort(order).to(out.device)]
     return out
 

@@ -301,8 +301,8 @@ def run_done(cid, seed):
 
 def make_packs(study, size):
     """GPU batch mode: the runs of `study` not done yet, grouped by robustfl.experiment.pack_group (same
-    dataset, model, local-training settings, number of clients and partition) and dealt round-robin into jobs of at most `size` runs
-    (so the costly attack cells spread over the jobs). A pack's id is a digest of its members; runs that
+    dataset, model, local-training settings, number of clients and partition) and dealt round-robin
+    into jobs of at most `size` runs (so the costly attack cells spread over the jobs). A pack's id is a digest of its members; runs that
     are done are left out, so a rerun after an interruption packs only what is missing."""
     import hashlib
 
