@@ -9,6 +9,12 @@ under several variants:
     matmul+tf32      the same with TF32 matmuls (what cuDNN already uses for FP32 convolutions)
     matmul+bf16      the same under bf16 autocast
     cudnn+bench+bf16 grouped convolution under bf16 autocast
+    grouped, channels_last, loop
+                     the forward pass written out on stacked parameters (robustfl.stacked) with the
+                     grouped convolution in NCHW, the same in channels-last memory, or one ordinary
+                     convolution per client; gradients by one plain backward pass
+    ...+graph        that step captured once as a CUDA graph and replayed (the timed call includes the
+                     capture: 2 eager warm-up steps and the capture itself)
     sequential       the per-client reference loop (one model + torch.optim.Adam per client; only for
                      the one-cell size), for the vectorised/sequential ratio
 
@@ -47,6 +53,18 @@ VARIANTS = {
     "matmul+tf32": dict(conv="matmul", bench=False, tf32=True, precision="fp32"),
     "matmul+bf16": dict(conv="matmul", bench=False, tf32=False, precision="bf16"),
     "cudnn+bench+bf16": dict(conv="cudnn", bench=True, tf32=False, precision="bf16"),
+    "grouped": dict(conv="grouped", bench=False, tf32=False, precision="fp32"),
+    "grouped+graph": dict(conv="grouped", bench=False, tf32=False, precision="fp32", graph=True),
+    "channels_last": dict(conv="channels_last", bench=False, tf32=False, precision="fp32"),
+    "channels_last+bench": dict(conv="channels_last", bench=True, tf32=False, precision="fp32"),
+    "channels_last+graph": dict(conv="channels_last", bench=False, tf32=False, precision="fp32", graph=True),
+    "channels_last+bench+graph": dict(conv="channels_last", bench=True, tf32=False, precision="fp32", graph=True),
+    "loop": dict(conv="loop", bench=False, tf32=False, precision="fp32"),
+    "loop+graph": dict(conv="loop", bench=False, tf32=False, precision="fp32", graph=True),
+    "loop+bench+graph": dict(conv="loop", bench=True, tf32=False, precision="fp32", graph=True),
+    "grouped+graph+bf16": dict(conv="grouped", bench=True, tf32=False, precision="bf16", graph=True),
+    "channels_last+bench+graph+bf16": dict(conv="channels_last", bench=True, tf32=False, precision="bf16", graph=True),
+    "loop+bench+graph+bf16": dict(conv="loop", bench=True, tf32=False, precision="bf16", graph=True),
 }
 
 
@@ -66,7 +84,7 @@ def _sync(dev: torch.device) -> None:
 
 
 def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, variants: list[str],
-                sequential: bool) -> list[dict]:
+                sequential: bool, sequential_bench: bool = False) -> list[dict]:
     mname, c, h, w, ch, per_paper, bs = SETTINGS[name]
     epochs_paper = 5
     steps_paper = epochs_paper * -(-per_paper // bs)
@@ -81,20 +99,22 @@ def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, vari
         x = torch.randint(0, 256, (n * per, h, w, ch), dtype=torch.uint8, device=dev)
         y = torch.randint(0, c, (n * per,), device=dev)
         shards = [torch.arange(i * per, (i + 1) * per, device=dev) for i in range(n)]
-        names = list(variants) + (["sequential"] if sequential and n == min(sizes) else [])
+        seqs = (["sequential"] + (["sequential+bench"] if sequential_bench else [])) if sequential else []
+        names = list(variants) + (seqs if n == min(sizes) else [])
         for v in names:
             row = {"model": mname, "n_clients": n, "batch": bs, "variant": v, "steps_timed": steps}
             try:
-                if v == "sequential":
+                if v.startswith("sequential"):
                     fn = lambda: train_sequential(model, theta, x, y, shards, epochs=1, batch_size=bs, lr=1e-3,  # noqa: E731
                                                   generator=torch.Generator().manual_seed(0))
-                    flags = contextlib.nullcontext()
+                    flags = cuda_flags(True, False) if v == "sequential+bench" else contextlib.nullcontext()
                 else:
                     o = VARIANTS[v]
                     flags = cuda_flags(o["bench"], o["tf32"]) if dev.type == "cuda" else contextlib.nullcontext()
                     fn = lambda o=o: train_vectorised(model, theta, x, y, shards, epochs=1, batch_size=bs,  # noqa: E731
                                                       lr=1e-3, generator=torch.Generator().manual_seed(0),
-                                                      precision=o["precision"], conv=o["conv"])
+                                                      precision=o["precision"], conv=o["conv"],
+                                                      cuda_graph=o.get("graph", False) and dev.type == "cuda")
                 with flags:
                     fn()  # warm-up: kernels, autotuning
                     _sync(dev)
@@ -120,7 +140,7 @@ def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, vari
     for r in rows:
         if "s_per_step" in r and r["n_clients"] in base:
             r["speedup_over_cudnn"] = base[r["n_clients"]] / r["s_per_step"]
-        if "s_per_step" in r and r["n_clients"] in seq and r["variant"] != "sequential":
+        if "s_per_step" in r and r["n_clients"] in seq and not r["variant"].startswith("sequential"):
             r["speedup_over_sequential"] = seq[r["n_clients"]] / r["s_per_step"]
     return rows
 
@@ -131,6 +151,8 @@ def main() -> None:
     ap.add_argument("--clients", nargs="+", type=int, default=[10, 90])
     ap.add_argument("--steps", type=int, default=40, help="timed mini-batch steps per client")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--sequential-bench", action="store_true",
+                    help="also time the sequential reference with cudnn.benchmark on (its best flags)")
     ap.add_argument("--no-sequential", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -138,7 +160,8 @@ def main() -> None:
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_name(dev),
            "versions": versions(), "git_commit": git_commit(), "steps_timed": a.steps, "results": []}
     for m in a.models:
-        res["results"] += bench_model(m, dev, a.clients, a.steps, a.variants, not a.no_sequential)
+        res["results"] += bench_model(m, dev, a.clients, a.steps, a.variants, not a.no_sequential,
+                                      a.sequential_bench)
     if a.out:
         atomic_write_json(a.out, res)
 

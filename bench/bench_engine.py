@@ -59,7 +59,7 @@ def _setup(name: str, dev: torch.device, n_clients: int, frac: float):
 
 
 def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precision: str, seq: bool,
-              pack: int, frac: float, compile: bool = False) -> dict:
+              pack: int, frac: float, compile: bool = False, engine: dict | None = None) -> dict:
     mname, _, h, w, ch, _, _ = SETTINGS[name]
     model, theta, x, per, bs, c = _setup(name, dev, n_clients, frac)
     y = torch.randint(0, c, (len(x),), device=dev)
@@ -71,16 +71,19 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
     out: dict = {"model": mname, "dataset_shape": [h, w, ch], "n_clients": n_clients, "samples_per_client": per,
                  "batch": bs, "epochs": epochs, "precision": precision, "train_flops_per_round": total_flops,
                  "params": theta.numel()}
+    engine = engine or {}
     kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision)
     out["compiled"] = compile
+    out.update(engine)
     # warm-up (kernels, autotuning)
     train_vectorised(model, theta, x, y, [s[:bs * 2] for s in shards], generator=torch.Generator().manual_seed(0),
-                     compile=compile, **{**kw, "epochs": 1})
+                     compile=compile, **{**kw, "epochs": 1}, **engine)
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t = time.perf_counter()
-    train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), compile=compile, **kw)
+    train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), compile=compile, **kw,
+                     **engine)
     _sync(dev)
     tv = time.perf_counter() - t
     out["vectorised_s_per_round"] = tv
@@ -104,10 +107,11 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
         thetas = theta.unsqueeze(0).expand(pack * n_clients, -1)
         if compile:  # warm-up compile for the packed shape
             train_vectorised(model, thetas, x, y, [s[:bs * 2] for s in shards] * pack, generator=gens[0],
-                             compile=True, **{**kw, "epochs": 1})
+                             compile=True, **{**kw, "epochs": 1}, **engine)
             _sync(dev)
         t = time.perf_counter()
-        train_vectorised(model, thetas, x, y, shards * pack, plan=plan, generator=None, compile=compile, **kw)
+        train_vectorised(model, thetas, x, y, shards * pack, plan=plan, generator=None, compile=compile, **kw,
+                         **engine)
         _sync(dev)
         tp = time.perf_counter() - t
         out["packed_cells"] = pack
@@ -120,7 +124,7 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
 
 
 def bench_unequal(name: str, dev: torch.device, n_clients: int, epochs: int, precision: str, frac: float,
-                  alpha: float, repeats: int = 3) -> dict:
+                  alpha: float, repeats: int = 3, engine: dict | None = None) -> dict:
     """One round on Dirichlet(alpha) shards: ``skip_idle`` on vs off (best of ``repeats``, alternating)."""
     model, theta, x, _, bs, c = _setup(name, dev, n_clients, frac)
     n_total = len(x)
@@ -132,7 +136,9 @@ def bench_unequal(name: str, dev: torch.device, n_clients: int, epochs: int, pre
                  "batch": bs, "epochs": epochs, "precision": precision, "shard_sizes": sizes,
                  "real_client_steps": sum(steps), "padded_client_steps": max(steps) * n_clients}
     out["fill"] = out["real_client_steps"] / out["padded_client_steps"]
-    kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision)
+    engine = engine or {}
+    out.update(engine)
+    kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision, **engine)
     times: dict[bool, list[float]] = {True: [], False: []}
     for r in range(repeats + 1):  # the first pass warms up
         for skip in (True, False):
@@ -161,16 +167,24 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the per-step gradient function")
     ap.add_argument("--dirichlet", type=float, default=None, metavar="ALPHA",
                     help="time unequal (Dirichlet) shards, skip_idle on vs off")
+    ap.add_argument("--conv", default="cudnn", help="train_vectorised's conv: cudnn, matmul (vmap) or "
+                    "grouped, channels_last, loop (robustfl.stacked)")
+    ap.add_argument("--cuda-graph", action="store_true", help="capture the stacked step as a CUDA graph")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    torch.backends.cudnn.benchmark = a.cudnn_benchmark
+    engine = {"conv": a.conv, "cuda_graph": a.cuda_graph}
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_name(dev),
            "versions": versions(), "git_commit": git_commit(), "results": []}
     for m in a.models:
         if a.dirichlet is not None:
-            r = bench_unequal(m, dev, a.clients, a.epochs, a.precision, a.frac, a.dirichlet)
+            r = bench_unequal(m, dev, a.clients, a.epochs, a.precision, a.frac, a.dirichlet, engine=engine)
         else:
-            r = bench_one(m, dev, a.clients, a.epochs, a.precision, not a.no_sequential, a.pack, a.frac, a.compile)
+            r = bench_one(m, dev, a.clients, a.epochs, a.precision, not a.no_sequential, a.pack, a.frac, a.compile,
+                          engine=engine)
+        r["cudnn_benchmark"] = a.cudnn_benchmark
         print(json.dumps(r), flush=True)
         res["results"].append(r)
     if a.out:

@@ -11,6 +11,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+#: train_vectorised's ``conv`` options (robustfl.train), ``auto`` resolved by robustfl.train.resolve_kernels
+CONV_CHOICES = ("auto", "cudnn", "matmul", "grouped", "channels_last", "loop")
+
 #: Appendix C batch sizes; everything else uses ``RunConfig.batch_size``.
 PAPER_BATCH = {"fmnist": 64, "cifar10": 32, "kather": 32}
 
@@ -43,6 +46,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     engine: str = "auto"  # auto (vectorised on CUDA, sequential on CPU) | vectorised | sequential
     precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    conv: str = "auto"  # vectorised engine's layers: auto | cudnn | matmul (vmap) | grouped | channels_last | loop
+    cuda_graph: bool | None = None  # capture the vectorised step as a CUDA graph (None: auto)
     deterministic: bool = False
     checkpoint_every: int = 5
     snapshot_round: int | None = -1  # round whose PLRs are dumped for the figures (-1: last, None: off)
@@ -89,6 +94,12 @@ class RunConfig:
             bad("partition", f"must be iid, classes or dirichlet, got {self.partition!r}")
         if self.engine not in ("auto", "vectorised", "sequential"):
             bad("engine", f"must be auto, vectorised or sequential, got {self.engine!r}")
+        if self.conv not in CONV_CHOICES:
+            bad("conv", f"must be one of {list(CONV_CHOICES)}, got {self.conv!r}")
+        if self.cuda_graph not in (None, True, False):
+            bad("cuda_graph", f"must be true, false or null (auto), got {self.cuda_graph!r}")
+        if self.cuda_graph and self.conv in ("cudnn", "matmul"):
+            bad("cuda_graph", f"CUDA graphs need conv grouped, channels_last or loop (or auto), not {self.conv!r}")
         if self.precision not in ("fp32", "bf16"):
             bad("precision", f"must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.checkpoint_every < 0:

@@ -202,7 +202,7 @@ def run_cell(cfg: RunConfig, data_dir: Path, partition: Path, out_dir: Path, cel
 def pack_key(cfg: RunConfig) -> tuple[Any, ...]:
     """Cells with the same key can be trained together in one vectorised call (:func:`run_cells`)."""
     return (cfg.dataset, cfg.model or default_model(cfg.dataset), cfg.local_epochs, cfg.effective_batch_size,
-            cfg.lr, cfg.precision, cfg.device, cfg.rounds)
+            cfg.lr, cfg.precision, cfg.conv, cfg.cuda_graph, cfg.device, cfg.rounds)
 
 
 def pack_group(cfg: RunConfig) -> tuple[Any, ...]:

@@ -32,8 +32,8 @@ from robustfl.io import atomic_open, atomic_write_json, load_checkpoint, save_ch
 from robustfl.metrics import backdoor_metrics, detected
 from robustfl.models import PLRModel
 from robustfl.params import ParamSpec, load_flat_, model_to_flat
-from robustfl.train import (BatchPlan, batch_plan, concat_plans, evaluate, prepare_inputs, stacked_plrs,
-                            train_sequential, train_single, train_vectorised)
+from robustfl.train import (BatchPlan, batch_plan, concat_plans, evaluate, prepare_inputs, resolve_kernels,
+                            stacked_plrs, train_sequential, train_single, train_vectorised)
 
 log = logging.getLogger("robustfl")
 
@@ -185,6 +185,8 @@ class Simulation:
             engine = "vectorised" if device.type == "cuda" else "sequential"
         self.engine = engine
         self.train_fn = train_vectorised if engine == "vectorised" else train_sequential
+        conv, graph = resolve_kernels(model, device, cfg.conv, cfg.cuda_graph)
+        self.kernels = {"conv": conv, "cuda_graph": graph} if engine == "vectorised" else {}
         self.bs = cfg.effective_batch_size
         self.shards = [s.to(device) for s in data.shards]
         snap = cfg.snapshot_round
@@ -301,7 +303,8 @@ class Simulation:
         if self.engine == "vectorised":
             return train_vectorised(self.model, self.theta, self.data.x_train, self.data.y_train, shards,
                                     epochs=self.cfg.local_epochs, batch_size=self.bs, lr=self.cfg.lr,
-                                    generator=None, precision=self.cfg.precision, plan=self.benign_plan())
+                                    generator=None, precision=self.cfg.precision, plan=self.benign_plan(),
+                                    **self.kernels)
         return train_sequential(self.model, self.theta, self.data.x_train, self.data.y_train, shards,
                                 epochs=self.cfg.local_epochs, batch_size=self.bs, lr=self.cfg.lr,
                                 generator=self.g, precision=self.cfg.precision)
@@ -334,7 +337,7 @@ class Simulation:
             # attackers configured but no attack: they train honestly
             updates[mal] = self.train_fn(model, theta, data.x_train, data.y_train, [self.shards[i] for i in mal],
                                          epochs=cfg.local_epochs, batch_size=self.bs, lr=cfg.lr, generator=self.g,
-                                         precision=cfg.precision)
+                                         precision=cfg.precision, **self.kernels)
         _sync(device)
         t2 = time.perf_counter()
 
@@ -417,7 +420,7 @@ class Simulation:
         last = self.rows[-1]
         return {"test_acc": last["test_acc"], "test_loss": last["test_loss"], "asr": last["asr"],
                 "target_conf": last["target_conf"], "sim_wall_s": time.perf_counter() - self.wall0,
-                "engine": self.engine}
+                "engine": self.engine, **{f"engine_{k}": v for k, v in self.kernels.items()}}
 
 
 def simulate(cfg: RunConfig, data: RunData, out_dir: Path, ckpt_path: Path | None = None,
@@ -446,7 +449,8 @@ def simulate_many(sims: list[Simulation]) -> list[dict[str, Any]]:
     for s in sims:
         s.engine = f"vectorised-packed({len(sims)})"
     ref = sims[0]
-    key = lambda s: (type(s.model), s.cfg.local_epochs, s.bs, s.cfg.lr, s.cfg.precision, id(s.data.x_train))  # noqa: E731
+    key = lambda s: (type(s.model), s.cfg.local_epochs, s.bs, s.cfg.lr, s.cfg.precision, s.kernels.get("conv"),  # noqa: E731
+                     s.kernels.get("cuda_graph"), id(s.data.x_train))
     if any(key(s) != key(ref) for s in sims):
         raise ValueError("simulate_many: cells differ in model, data or local-training hyper-parameters")
     while any(not s.done for s in sims):
@@ -457,7 +461,7 @@ def simulate_many(sims: list[Simulation]) -> list[dict[str, Any]]:
         shards = [s.shards[i] for s in active for i in s.benign]
         ben_all = train_vectorised(ref.model, thetas, ref.data.x_train, ref.data.y_train, shards,
                                    epochs=ref.cfg.local_epochs, batch_size=ref.bs, lr=ref.cfg.lr, generator=None,
-                                   precision=ref.cfg.precision, plan=concat_plans(plans))
+                                   precision=ref.cfg.precision, plan=concat_plans(plans), **ref.kernels)
         _sync(ref.device)
         train_s = (time.perf_counter() - t0) / len(active)
         a = 0

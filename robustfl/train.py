@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from robustfl import stacked
 from robustfl.params import ParamSpec
 
 ADAM_BETAS = (0.9, 0.999)
@@ -134,13 +135,46 @@ def _conv_twin(model: nn.Module, conv: str) -> nn.Module:
     if conv == "cudnn":
         return model
     if conv != "matmul":
-        raise ValueError(f"conv must be 'cudnn' or 'matmul', got {conv!r}")
+        raise ValueError(f"conv must be 'cudnn', 'matmul' or one of {stacked.LAYOUTS}, got {conv!r}")
     from robustfl.models import with_matmul_convs
 
     twin = _TWINS.get(model)
     if twin is None:
         twin = _TWINS[model] = with_matmul_convs(model)
     return twin
+
+
+#: what ``conv="auto"`` means on a CUDA device for models robustfl.stacked supports (bench/README.md)
+AUTO_CUDA_CONV = "cudnn"
+
+
+def resolve_kernels(model: nn.Module, device: torch.device, conv: str = "auto",
+                    cuda_graph: bool | None = None) -> tuple[str, bool]:
+    """The ``conv`` and ``cuda_graph`` arguments of :func:`train_vectorised` for a run's settings:
+    ``conv="auto"`` is :data:`AUTO_CUDA_CONV` on CUDA (vmap's ``"cudnn"`` on CPU or for a model
+    :mod:`robustfl.stacked` cannot compute); ``cuda_graph=None`` turns graphs on wherever they apply
+    (CUDA and a stacked layout)."""
+    if conv == "auto":
+        conv = AUTO_CUDA_CONV if device.type == "cuda" and stacked.supports(model) else "cudnn"
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and conv in stacked.LAYOUTS
+    return conv, bool(cuda_graph)
+
+
+def _capture(fn, warmup: int = 2):  # noqa: ANN001, ANN202
+    """Capture ``fn()`` (no host synchronisation, fixed shapes, inputs in static tensors) as a CUDA
+    graph after ``warmup`` eager calls on a side stream (as torch.cuda.graph's documentation asks);
+    returns the graph and the outputs that every ``graph.replay()`` rewrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -153,7 +187,7 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
                      shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
                      generator: torch.Generator | None, precision: str = "fp32",
                      plan: BatchPlan | None = None, compile: bool = False, conv: str = "cudnn",
-                     skip_idle: bool = True) -> torch.Tensor:
+                     skip_idle: bool = True, cuda_graph: bool = False) -> torch.Tensor:
     """Train ``len(shards)`` clients from the global model at once; return their updates
     ``delta_i = w_i - theta`` as an ``(n, d)`` tensor (Section 3.1).
 
@@ -164,6 +198,11 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     ``conv`` picks how the vmapped convolutions compute: ``"cudnn"`` (grouped convolution, one group
     per client; the default, measured faster on an H100, bench/README.md) or ``"matmul"`` (im2col +
     batched GEMM, :class:`robustfl.models.Conv2dMM`); both give the same function (tests/test_train.py).
+    ``conv`` = ``"grouped"``, ``"channels_last"`` or ``"loop"`` computes the clients' forward pass
+    explicitly instead of through vmap (:mod:`robustfl.stacked`, with that convolution layout) and takes
+    the gradients with one plain backward pass; ``cuda_graph`` (CUDA only, with those three) then
+    captures that forward and backward once per call as a CUDA graph and replays it at every step where
+    all clients train, removing the per-kernel launch cost (the Adam step stays eager).
 
     ``skip_idle``: clients whose batches have run out (unequal shards, packed runs of different sizes)
     are not computed. Clients are ordered by their number of batches, longest first, so that the active
@@ -194,40 +233,65 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
             theta_n = theta_n[order.to(theta_n.device)]
             steps = torch.arange(plan.steps, device=n_steps.device)
             n_active = (n_steps[order].unsqueeze(1) > steps).sum(0).tolist()
-    stacked = spec.unflatten(theta_n.contiguous())
+    unflat = spec.unflatten(theta_n.contiguous())
     names = spec.names
-    params = [stacked[k].clone() for k in names]
+    params = [unflat[k].clone() for k in names]
     exp_avg = [torch.zeros_like(p) for p in params]
     exp_avg_sq = [torch.zeros_like(p) for p in params]
     step = torch.zeros(n, device=device)
 
-    net = _conv_twin(model, conv)
+    if conv in stacked.LAYOUTS:
+        if compile:
+            raise ValueError(f"compile applies to the vmap engine (conv 'cudnn' or 'matmul'), not conv={conv!r}")
+        net = model
 
-    def loss_one(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
-        out = functional_call(net, dict(zip(names, p)), (xb,))
-        return masked_ce(out, yb, mb)
+        def grad_all(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor,
+                     mb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return stacked.stacked_grads(net, names, p, xb, yb, mb, layout=conv)
+    else:
+        if cuda_graph:
+            raise ValueError(f"cuda_graph needs conv in {stacked.LAYOUTS}, got {conv!r}")
+        net = _conv_twin(model, conv)
 
-    grad_all = vmap(grad(loss_one), in_dims=(0, 0, 0, 0), randomness="different")
-    if compile:
-        grad_all = _compiled(grad_all, model, n, batch_size)
+        def loss_one(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+            out = functional_call(net, dict(zip(names, p)), (xb,))
+            return masked_ce(out, yb, mb)
+
+        grad_all = vmap(grad(loss_one), in_dims=(0, 0, 0, 0), randomness="different")
+        if compile:
+            grad_all = _compiled(grad_all, model, n, batch_size)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
     idx, mask = plan.idx.to(device), plan.mask.to(device)
     shape = x_shape_nchw(x)
+
+    def grads_of(p_m: list[torch.Tensor], bi: torch.Tensor, mb: torch.Tensor) -> list[torch.Tensor]:
+        xb = prepare_inputs(x[bi.reshape(-1)]).reshape(len(bi), batch_size, *shape)
+        with _autocast(device, precision):
+            return [g.float() for g in grad_all(tuple(p_m), xb, y[bi], mb)]
+
+    graph = None
     k = 0
     masked_mode = False
     was_training = net.training
     net.train()
     try:
+        if cuda_graph and (n_active is None or n in n_active):
+            static_bi, static_mb = idx[:, 0].clone(), mask[:, 0].clone()
+            graph, static_grads = _capture(lambda: grads_of(params, static_bi, static_mb))
         for s in range(plan.steps):
             m = n if n_active is None else n_active[s]
             # the first m clients (all, unless idle ones are skipped): views, updated in place
             p_m, a_m, v_m = ((params, exp_avg, exp_avg_sq) if m == n else
                              ([t[:m] for t in params], [t[:m] for t in exp_avg], [t[:m] for t in exp_avg_sq]))
-            bi = idx[:m, s]
-            xb = prepare_inputs(x[bi.reshape(-1)]).reshape(m, batch_size, *shape)
-            yb = y[bi]
             mb = mask[:m, s]
-            with _autocast(device, precision):
-                grads = [g.float() for g in grad_all(tuple(p_m), xb, yb, mb)]
+            if graph is not None and m == n:
+                static_bi.copy_(idx[:, s])
+                static_mb.copy_(mb)
+                graph.replay()
+                grads = static_grads
+            else:
+                grads = grads_of(p_m, idx[:m, s], mb)
             if not masked_mode and all_active[s]:
                 k += 1
                 adam_step_uniform(p_m, grads, a_m, v_m, k, lr)

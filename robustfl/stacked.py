@@ -1,0 +1,144 @@
+"""The forward pass of n client models at once, written out layer by layer on stacked parameters.
+
+:func:`robustfl.train.train_vectorised` can get every client's gradient from
+``torch.func.vmap(grad(loss))``; vmap then decides how the per-client layers run (a grouped
+convolution in NCHW for ``Conv2d``). This module computes the same function explicitly, so that the
+layout and the kernels are ours to pick and the step is plain autograd (which CUDA graphs can capture):
+
+* ``Linear``: one batched matrix product, ``baddbmm(b, x, W^T)`` over the client dimension;
+* ``Conv2d``, three ways (``layout``):
+
+  - ``"grouped"``: the clients' channels side by side, ``(B, n*C, H, W)``, one grouped convolution
+    with ``groups = n`` (what vmap produces, without vmap's bookkeeping);
+  - ``"channels_last"``: the same grouped convolution on channels-last (NHWC) memory, where cuDNN has
+    other kernels;
+  - ``"loop"``: one ordinary convolution per client, ``(n, B, C, H, W)``;
+
+* ``ReLU``, ``MaxPool2d``, ``Dropout``, ``Identity``, ``Flatten``: applied to every client's activations.
+
+Only ``nn.Sequential`` stacks of these layers are supported (all models of :mod:`robustfl.models`);
+:func:`supports` says whether a model qualifies. The loss is the sum over clients of each client's
+masked mean cross-entropy, so the gradient with respect to client i's parameters is client i's own
+gradient (the clients' losses share no parameter).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYOUTS = ("grouped", "channels_last", "loop")
+_ELEMENTWISE = (nn.ReLU, nn.Identity, nn.Dropout)
+_LEAVES = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.Flatten) + _ELEMENTWISE
+
+
+def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's leaf layers in execution order with their parameter-name prefixes (``features``
+    then ``head`` for a :class:`~robustfl.models.PLRModel`). Raises ``NotImplementedError`` for a model
+    this module cannot compute."""
+    out: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, m: nn.Module) -> None:
+        if isinstance(m, nn.Sequential):
+            for k, c in m.named_children():
+                walk(f"{prefix}{k}.", c)
+        elif isinstance(m, _LEAVES) and type(m) in _LEAVES:
+            out.append((prefix, m))
+        else:
+            raise NotImplementedError(f"stacked engine: unsupported layer {type(m).__name__} at '{prefix}'")
+
+    if not (hasattr(model, "features") and hasattr(model, "head")):
+        raise NotImplementedError(f"stacked engine: {type(model).__name__} is not a features/head model")
+    walk("features.", model.features)
+    walk("head.", model.head)
+    for prefix, m in out:
+        if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+            raise NotImplementedError(f"stacked engine: Conv2d at '{prefix}' needs numeric zero padding")
+        if isinstance(m, nn.Flatten) and (m.start_dim != 1 or m.end_dim != -1):
+            raise NotImplementedError(f"stacked engine: Flatten at '{prefix}' must flatten dims 1..-1")
+    return out
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether :func:`stacked_logits` can compute ``model``."""
+    try:
+        layers(model)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _to_merged(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """(n, B, C, H, W) -> (B, n*C, H, W), channels-last memory for ``"channels_last"``."""
+    n, b, c, h, w = x.shape
+    m = x.transpose(0, 1).reshape(b, n * c, h, w)
+    return m.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else m
+
+
+def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, *,
+                   layout: str = "grouped") -> torch.Tensor:
+    """Logits ``(n, B, classes)`` of the n models whose stacked parameters ``params[name] (n, ...)``
+    are applied to their own inputs ``x (n, B, C, H, W)`` (or ``(n, B, F)`` for a dense-only model).
+    Training-mode layers (dropout) follow ``model.training``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    n, b = x.shape[:2]
+    h = x
+    merged = False  # True while h is (B, n*C, H, W) (grouped layouts), else (n, B, ...)
+    for prefix, m in layers(model):
+        if isinstance(m, nn.Conv2d):
+            w = params[prefix + "weight"]
+            bias = params.get(prefix + "bias")
+            if layout == "loop":
+                h = torch.stack([F.conv2d(h[i], w[i], None if bias is None else bias[i], m.stride,
+                                          m.padding, m.dilation, m.groups) for i in range(n)])
+            else:
+                if not merged:
+                    h, merged = _to_merged(h, layout), True
+                h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), None if bias is None else bias.reshape(-1),
+                             m.stride, m.padding, m.dilation, m.groups * n)
+        elif isinstance(m, nn.MaxPool2d):
+            if merged:
+                h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+            else:
+                y = F.max_pool2d(h.flatten(0, 1), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+                h = y.unflatten(0, (n, b))
+        elif isinstance(m, nn.Flatten):
+            if merged:  # (B, n*C, H, W) -> (n, B, C*H*W), each client's features in C, H, W order
+                h, merged = h.reshape(b, n, -1).transpose(0, 1), False
+            else:
+                h = h.flatten(2)
+        elif isinstance(m, nn.Linear):
+            if merged:
+                raise NotImplementedError("stacked engine: Linear on a 4-d activation (add a Flatten)")
+            w = params[prefix + "weight"]
+            bias = params.get(prefix + "bias")
+            h = torch.bmm(h, w.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2))
+        elif isinstance(m, nn.Dropout):
+            h = F.dropout(h, m.p, m.training)
+        elif isinstance(m, nn.ReLU):
+            h = F.relu(h)
+        # nn.Identity: nothing
+    if merged:
+        raise NotImplementedError("stacked engine: the model must end in dense layers")
+    return h
+
+
+def stacked_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                 mask: torch.Tensor, *, layout: str = "grouped") -> torch.Tensor:
+    """Sum over the n clients of each one's mean cross-entropy over its real samples (``mask (n, B)``,
+    as :func:`robustfl.train.masked_ce`); its gradient w.r.t. ``params`` stacks the clients' gradients."""
+    logits = stacked_logits(model, params, x, layout=layout).float()
+    ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view_as(mask)
+    return ((ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)).sum()
+
+
+def stacked_grads(model: nn.Module, names: Sequence[str], params: Sequence[torch.Tensor], x: torch.Tensor,
+                  y: torch.Tensor, mask: torch.Tensor, *, layout: str = "grouped") -> tuple[torch.Tensor, ...]:
+    """Every client's gradient of its own loss, stacked like ``params`` (what ``vmap(grad(masked_ce))``
+    returns). ``params`` are taken as constants (detached leaves sharing their storage)."""
+    leaves = [p.detach().requires_grad_() for p in params]
+    loss = stacked_loss(model, dict(zip(names, leaves)), x, y, mask, layout=layout)
+    return torch.autograd.grad(loss, leaves)
