@@ -23,7 +23,7 @@ from robustfl.io import atomic_write_json, device_name, git_commit, versions
 from robustfl.models import build_model
 from robustfl.partition import dirichlet
 from robustfl.params import model_to_flat
-from robustfl.train import batch_plan, concat_plans, train_sequential, train_vectorised
+from robustfl.train import batch_plan, concat_plans, resolve_kernels, train_sequential, train_vectorised
 
 # (model, classes, H, W, C, samples per client, batch) -- Section 6.1 / Appendix C
 SETTINGS = {
@@ -58,6 +58,14 @@ def _setup(name: str, dev: torch.device, n_clients: int, frac: float):
     return model, model_to_flat(model), x, per, bs, c
 
 
+def _resolve(engine: dict | None, model: torch.nn.Module, dev: torch.device, precision: str) -> dict:
+    """``--conv auto`` / no ``--cuda-graph`` flag -> what a run would use (robustfl.train.resolve_kernels)."""
+    engine = dict(engine or {})
+    if engine.get("conv") == "auto":
+        engine["conv"], engine["cuda_graph"] = resolve_kernels(model, dev, "auto", engine.get("cuda_graph"), precision)
+    return engine
+
+
 def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precision: str, seq: bool,
               pack: int, frac: float, compile: bool = False, engine: dict | None = None) -> dict:
     mname, _, h, w, ch, _, _ = SETTINGS[name]
@@ -71,7 +79,7 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
     out: dict = {"model": mname, "dataset_shape": [h, w, ch], "n_clients": n_clients, "samples_per_client": per,
                  "batch": bs, "epochs": epochs, "precision": precision, "train_flops_per_round": total_flops,
                  "params": theta.numel()}
-    engine = engine or {}
+    engine = _resolve(engine, model, dev, precision)
     kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision)
     out["compiled"] = compile
     out.update(engine)
@@ -136,7 +144,7 @@ def bench_unequal(name: str, dev: torch.device, n_clients: int, epochs: int, pre
                  "batch": bs, "epochs": epochs, "precision": precision, "shard_sizes": sizes,
                  "real_client_steps": sum(steps), "padded_client_steps": max(steps) * n_clients}
     out["fill"] = out["real_client_steps"] / out["padded_client_steps"]
-    engine = engine or {}
+    engine = _resolve(engine, model, dev, precision)
     out.update(engine)
     kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision, **engine)
     times: dict[bool, list[float]] = {True: [], False: []}
@@ -169,12 +177,16 @@ def main() -> None:
                     help="time unequal (Dirichlet) shards, skip_idle on vs off")
     ap.add_argument("--conv", default="cudnn", help="train_vectorised's conv: cudnn, matmul (vmap) or "
                     "grouped, channels_last, loop (robustfl.stacked)")
-    ap.add_argument("--cuda-graph", action="store_true", help="capture the stacked step as a CUDA graph")
+    ap.add_argument("--cuda-graph", action="store_true", default=None,
+                    help="capture the stacked step as a CUDA graph (with --conv auto: on unless --no-cuda-graph)")
+    ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
     engine = {"conv": a.conv, "cuda_graph": a.cuda_graph}
+    if a.conv != "auto":
+        engine["cuda_graph"] = bool(a.cuda_graph)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_name(dev),
            "versions": versions(), "git_commit": git_commit(), "results": []}

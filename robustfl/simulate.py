@@ -185,7 +185,7 @@ class Simulation:
             engine = "vectorised" if device.type == "cuda" else "sequential"
         self.engine = engine
         self.train_fn = train_vectorised if engine == "vectorised" else train_sequential
-        conv, graph = resolve_kernels(model, device, cfg.conv, cfg.cuda_graph)
+        conv, graph = resolve_kernels(model, device, cfg.conv, cfg.cuda_graph, cfg.precision)
         self.kernels = {"conv": conv, "cuda_graph": graph} if engine == "vectorised" else {}
         self.bs = cfg.effective_batch_size
         self.shards = [s.to(device) for s in data.shards]

@@ -144,18 +144,25 @@ def _conv_twin(model: nn.Module, conv: str) -> nn.Module:
     return twin
 
 
-#: what ``conv="auto"`` means on a CUDA device for models robustfl.stacked supports (bench/README.md)
-AUTO_CUDA_CONV = "cudnn"
+#: what ``conv="auto"`` means on a CUDA device, per model class, in fp32 (measured on an H100,
+#: bench/results/kern_*_h100.json): the fastest layout with CUDA graphs for the paper's models.
+AUTO_CUDA_CONV = {"FMNISTNet": "grouped", "CIFARNet": "channels_last", "KatherNet": "channels_last"}
+#: in bf16 channels-last was the fastest for every model measured
+AUTO_CUDA_CONV_BF16 = "channels_last"
 
 
-def resolve_kernels(model: nn.Module, device: torch.device, conv: str = "auto",
-                    cuda_graph: bool | None = None) -> tuple[str, bool]:
-    """The ``conv`` and ``cuda_graph`` arguments of :func:`train_vectorised` for a run's settings:
-    ``conv="auto"`` is :data:`AUTO_CUDA_CONV` on CUDA (vmap's ``"cudnn"`` on CPU or for a model
-    :mod:`robustfl.stacked` cannot compute); ``cuda_graph=None`` turns graphs on wherever they apply
-    (CUDA and a stacked layout)."""
+def resolve_kernels(model: nn.Module, device: torch.device, conv: str = "auto", cuda_graph: bool | None = None,
+                    precision: str = "fp32") -> tuple[str, bool]:
+    """The ``conv`` and ``cuda_graph`` arguments of :func:`train_vectorised` for a run's settings.
+    ``conv="auto"``: on CUDA the layout of :data:`AUTO_CUDA_CONV` for the model's class (``"grouped"``
+    for others; :data:`AUTO_CUDA_CONV_BF16` in bf16), on CPU or for a model :mod:`robustfl.stacked`
+    cannot compute vmap's ``"cudnn"``. ``cuda_graph=None`` turns graphs on wherever they apply (CUDA and
+    a stacked layout)."""
     if conv == "auto":
-        conv = AUTO_CUDA_CONV if device.type == "cuda" and stacked.supports(model) else "cudnn"
+        if device.type == "cuda" and stacked.supports(model):
+            conv = AUTO_CUDA_CONV_BF16 if precision == "bf16" else AUTO_CUDA_CONV.get(type(model).__name__, "grouped")
+        else:
+            conv = "cudnn"
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and conv in stacked.LAYOUTS
     return conv, bool(cuda_graph)
