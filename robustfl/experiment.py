@@ -151,7 +151,9 @@ def _setup(cfg: RunConfig, ds: ArrayDataset, partition: Path, device: torch.devi
 
 
 def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
+    # before the process's first CUDA call there is nothing to reset, and torch raises "Invalid device
+    # argument" (measured on an H100 with torch 2.11: every pipeline run job failed here)
+    if device.type == "cuda" and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats(device)
 
 
