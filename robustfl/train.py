@@ -13,6 +13,7 @@ float tolerance (tests/test_train.py).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import weakref
@@ -168,6 +169,11 @@ def resolve_kernels(model: nn.Module, device: torch.device, conv: str = "auto", 
     return conv, bool(cuda_graph)
 
 
+#: a CUDA graph is captured only for a client count that at least this many steps of the call use
+#: (capture costs about three eager steps: two warm-up calls and the capture)
+GRAPH_MIN_STEPS = 8
+
+
 def _capture(fn, warmup: int = 2):  # noqa: ANN001, ANN202
     """Capture ``fn()`` (no host synchronisation, fixed shapes, inputs in static tensors) as a CUDA
     graph after ``warmup`` eager calls on a side stream (as torch.cuda.graph's documentation asks);
@@ -208,8 +214,11 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     ``conv`` = ``"grouped"``, ``"channels_last"`` or ``"loop"`` computes the clients' forward pass
     explicitly instead of through vmap (:mod:`robustfl.stacked`, with that convolution layout) and takes
     the gradients with one plain backward pass; ``cuda_graph`` (CUDA only, with those three) then
-    captures that forward and backward once per call as a CUDA graph and replays it at every step where
-    all clients train, removing the per-kernel launch cost (the Adam step stays eager).
+    captures that forward and backward as a CUDA graph and replays it, removing the per-kernel launch
+    cost (the Adam step stays eager). One graph per number of clients computed: with idle clients
+    skipped that number only falls during a call, so each graph is captured when its first step comes
+    (if at least :data:`GRAPH_MIN_STEPS` steps will use it; shorter stretches run eagerly) and freed
+    when the number falls.
 
     ``skip_idle``: clients whose batches have run out (unequal shards, packed runs of different sizes)
     are not computed. Clients are ordered by their number of batches, longest first, so that the active
@@ -277,23 +286,28 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
         with _autocast(device, precision):
             return [g.float() for g in grad_all(tuple(p_m), xb, y[bi], mb)]
 
-    graph = None
+    graph = graph_m = None  # the CUDA graph in use and the number of clients it computes
+    steps_with = collections.Counter([n] * plan.steps if n_active is None else n_active)
     k = 0
     masked_mode = False
     was_training = net.training
     net.train()
     try:
-        if cuda_graph and (n_active is None or n in n_active):
-            static_bi, static_mb = idx[:, 0].clone(), mask[:, 0].clone()
-            graph, static_grads = _capture(lambda: grads_of(params, static_bi, static_mb))
         for s in range(plan.steps):
             m = n if n_active is None else n_active[s]
             # the first m clients (all, unless idle ones are skipped): views, updated in place
             p_m, a_m, v_m = ((params, exp_avg, exp_avg_sq) if m == n else
                              ([t[:m] for t in params], [t[:m] for t in exp_avg], [t[:m] for t in exp_avg_sq]))
             mb = mask[:m, s]
-            if graph is not None and m == n:
-                static_bi.copy_(idx[:, s])
+            if cuda_graph and m != graph_m:  # the active prefix shrank (or the first step): new graph
+                graph = graph_m = static_grads = None
+                if steps_with[m] >= GRAPH_MIN_STEPS:
+                    static_bi, static_mb = idx[:m, s].clone(), mb.clone()
+                    graph, static_grads = _capture(
+                        lambda p_m=p_m, bi=static_bi, mbs=static_mb: grads_of(p_m, bi, mbs))
+                    graph_m = m
+            if graph is not None:
+                static_bi.copy_(idx[:m, s])
                 static_mb.copy_(mb)
                 graph.replay()
                 grads = static_grads

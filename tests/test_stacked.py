@@ -140,11 +140,15 @@ def _cuda_case(sizes: list[int]):  # noqa: ANN202
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("sizes", [[64, 64, 64], [64, 40, 23]])
-def test_cuda_graph_replays_the_eager_steps(sizes: list[int]) -> None:
+def test_cuda_graph_replays_the_eager_steps(sizes: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     """On the GPU, dropout off: the captured-and-replayed step gives the eager step's updates (the same
-    kernels; cuDNN's run-to-run nondeterminism aside), for equal and unequal shards. One epoch: over
-    more steps Adam amplifies even the eager path's run-to-run differences (measured 6e-4 after 8
-    steps of the vmap path against itself on an H100)."""
+    kernels; cuDNN's run-to-run nondeterminism aside), for equal and unequal shards (there one graph per
+    shrinking number of active clients: GRAPH_MIN_STEPS = 1 captures every one). One epoch: over more
+    steps Adam amplifies even the eager path's run-to-run differences (measured 6e-4 after 8 steps of
+    the vmap path against itself on an H100)."""
+    import robustfl.train
+
+    monkeypatch.setattr(robustfl.train, "GRAPH_MIN_STEPS", 1)
     run = _cuda_case(sizes)
     for conv in stacked.LAYOUTS:
         eager = run(conv=conv)

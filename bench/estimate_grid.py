@@ -1,0 +1,107 @@
+"""Estimate: GPU-hours of a whole study grid (issue 6: "the whole paper grid, all studies, 3 seeds,
+estimated from measured per-cell times, under 3 GPU-hours"), from measured numbers only:
+
+* local training, per run and round: the packed per-cell-round time of the engine benchmark
+  (``bench_engine.py --pack 9``, ``round_auto_h100.json``: 9 runs of 10 clients in one call, the
+  pipeline's ``pack: 9`` mode), per dataset's model. For IID shards a run's client-steps per round are
+  the same for any n (n clients x 1/n of the pool), so the n = 10 time stands for n = 20-50 too;
+* the attacker's crafting and the server's aggregation, per round: the median ``attack_s`` per attack
+  and ``agg_s`` per defense over the CIFAR-10 reproduction's rounds (``reports/reproduction/all_rounds.csv``,
+  H100 and H200). Crafting a backdoor trains the attacker's model like one sequential client, so for the
+  other datasets it is scaled by the sequential engine's per-round time relative to CIFAR-10's
+  (``round_cudnn_h100.json``);
+* everything else in a round (evaluation, PLRs for FLARE's MMD, logging): the median of
+  ``(sim_wall_s - sum of train_s + attack_s + agg_s) / rounds`` over the reproduction's unpacked runs.
+
+    snakemake --cores 1 --config study=full -- reports/full/cells.csv
+    python bench/estimate_grid.py --cells reports/full/cells.csv --out bench/results/grid_estimate_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from robustfl.io import atomic_write_json, git_commit
+
+DATASET_MODEL = {"fmnist": "fmnist_cnn", "cifar10": "cifar10_cnn", "kather": "kather_cnn"}
+
+
+def _by_model(path: Path, key: str) -> dict[str, float]:
+    return {r["model"]: r[key] for r in json.loads(path.read_text())["results"] if key in r}
+
+
+def other_per_round(runs_dir: Path, rounds: pd.DataFrame) -> float:
+    """Median per-round time outside training, attack and aggregation, over the unpacked reproduction
+    runs (their ``run.json`` under ``runs_dir``, their rounds in ``rounds`` by ``run_dir``)."""
+    busy = rounds.groupby("run_dir")[["train_s", "attack_s", "agg_s"]].sum().sum(axis=1)
+    n = rounds.groupby("run_dir")["round"].count()
+    vals = []
+    for f in sorted(runs_dir.glob("*/seed*/run.json")):
+        run = json.loads(f.read_text())
+        key = f"results/runs/{f.parent.parent.name}/{f.parent.name}"
+        if run.get("packed_cells", 1) != 1 or key not in busy:
+            continue
+        vals.append((run["final"]["sim_wall_s"] - busy[key]) / n[key])
+    if not vals:
+        raise ValueError(f"no unpacked run under {runs_dir} with rounds in the rounds table")
+    return float(pd.Series(vals).median())
+
+
+def estimate(cells: pd.DataFrame, packed: dict[str, float], seq: dict[str, float], rounds: pd.DataFrame,
+             other: float) -> tuple[pd.DataFrame, dict]:
+    attack_s = rounds.groupby("attack")["attack_s"].median().to_dict()
+    agg_s = rounds.groupby("defense")["agg_s"].median().to_dict()
+    rows = []
+    for _, c in cells.iterrows():
+        ov = json.loads(c["overrides"])
+        ds = ov.get("dataset", "digits")
+        model = DATASET_MODEL[ds]
+        attack, defense = ov.get("attack", "none"), ov.get("defense", "fedavg")
+        t_rounds = ov.get("rounds", 20)
+        scale = seq[model] / seq["cifar10_cnn"]
+        per_round = (packed[model] + attack_s.get(attack, attack_s["none"]) * scale
+                     + agg_s.get(defense, max(agg_s.values())) + other)
+        n_seeds = len(str(c["seeds"]).split())
+        rows.append({"cell_id": c["cell_id"], "dataset": ds, "attack": attack, "defense": defense,
+                     "runs": n_seeds, "s_per_run": per_round * t_rounds, "gpu_s": per_round * t_rounds * n_seeds})
+    est = pd.DataFrame(rows)
+    summary = {
+        "runs": int(est["runs"].sum()),
+        "gpu_hours": float(est["gpu_s"].sum() / 3600),
+        "gpu_hours_by_dataset": (est.groupby("dataset")["gpu_s"].sum() / 3600).round(3).to_dict(),
+        "gpu_hours_training_only": float(sum(packed[DATASET_MODEL[d]] * 20 * r
+                                             for d, r in zip(est["dataset"], est["runs"])) / 3600),
+        "inputs": {"packed_train_s_per_cell_round": packed, "sequential_s_per_round": seq,
+                   "attack_s_per_round_cifar10": attack_s, "agg_s_per_round": agg_s, "other_s_per_round": other},
+    }
+    return est, summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cells", type=Path, default=Path("reports/full/cells.csv"))
+    ap.add_argument("--engine", type=Path, default=Path("bench/results/round_auto_h100.json"))
+    ap.add_argument("--sequential", type=Path, default=Path("bench/results/round_cudnn_h100.json"))
+    ap.add_argument("--rounds", type=Path, default=Path("reports/reproduction/all_rounds.csv"))
+    ap.add_argument("--runs", type=Path, default=Path("reports/reproduction/runs"))
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    packed = _by_model(a.engine, "packed_s_per_cell_round")
+    seq = _by_model(a.sequential, "sequential_s_per_round")
+    rounds = pd.read_csv(a.rounds)
+    est, summary = estimate(pd.read_csv(a.cells), packed, seq, rounds, other_per_round(a.runs, rounds))
+    engine = json.loads(a.engine.read_text())
+    summary.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), git_commit=git_commit(),
+                   device=engine["device"], engine_file=str(a.engine), cells_file=str(a.cells),
+                   per_cell=est.to_dict(orient="records"))
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_cell"}, indent=1))
+    if a.out:
+        atomic_write_json(a.out, summary)
+
+
+if __name__ == "__main__":
+    main()
