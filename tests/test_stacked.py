@@ -175,3 +175,46 @@ def test_layouts_agree_on_the_gpu_in_full_fp32() -> None:
             assert rel < 1e-4, (conv, rel)
     finally:
         torch.backends.cudnn.allow_tf32 = old
+
+
+def test_auto_kernels_follow_the_measured_table() -> None:
+    """``conv: auto`` (robustfl.train.resolve_kernels): the stacked layout measured fastest per model on
+    CUDA with graphs on, channels-last in bf16, the vmap path on CPU; explicit choices pass through."""
+    from robustfl.train import AUTO_CUDA_CONV, resolve_kernels
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # resolving touches no device
+    for name, cls in [("fmnist_cnn", "FMNISTNet"), ("cifar10_cnn", "CIFARNet"), ("kather_cnn", "KatherNet")]:
+        model = build_model(name, 10, 3)
+        assert resolve_kernels(model, cuda) == (AUTO_CUDA_CONV[cls], True)
+        assert resolve_kernels(model, cuda, precision="bf16") == ("channels_last", True)
+        assert resolve_kernels(model, cpu) == ("cudnn", False)
+    assert AUTO_CUDA_CONV == {"FMNISTNet": "grouped", "CIFARNet": "channels_last", "KatherNet": "channels_last"}
+    digits = build_model("digits_cnn", 10, 1)
+    assert resolve_kernels(digits, cuda) == ("grouped", True)  # not in the table: grouped
+    assert resolve_kernels(digits, cuda, "loop", False) == ("loop", False)
+    assert resolve_kernels(digits, cuda, "cudnn") == ("cudnn", False)  # vmap: no graphs
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten())
+            self.head = nn.Linear(2 * 6 * 6, 10)
+
+    assert resolve_kernels(Odd(), cuda) == ("cudnn", False)  # unsupported by the stacked engine
+
+
+def test_run_config_kernel_fields_are_validated_and_split_packs() -> None:
+    from robustfl.config import RunConfig
+    from robustfl.experiment import cell_id, pack_key
+
+    with pytest.raises(ValueError, match="'conv'"):
+        RunConfig(conv="winograd")
+    with pytest.raises(ValueError, match="'cuda_graph'"):
+        RunConfig(conv="cudnn", cuda_graph=True)
+    with pytest.raises(ValueError, match="'cuda_graph'"):
+        RunConfig(cuda_graph="yes")  # type: ignore[arg-type]
+    base = RunConfig(dataset="cifar10")
+    assert cell_id(base) == "dataset=cifar10"  # defaults leave existing cell ids (and results) alone
+    other = RunConfig(dataset="cifar10", conv="channels_last")
+    assert cell_id(other) == "dataset=cifar10,conv=channelslast"
+    assert pack_key(base) != pack_key(other)  # different kernels never share a training call
