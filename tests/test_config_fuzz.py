@@ -324,6 +324,9 @@ RUNCONFIG_DOMAINS = {
     "backdoor": st.sampled_from(["semantic", "trojan"]), "backdoor_mode": st.sampled_from(["single", "multiple"]),
     "engine": st.sampled_from(["auto", "vectorised", "sequential"]),
     "precision": st.sampled_from(["fp32", "bf16"]), "deterministic": st.booleans(),
+    "conv": st.sampled_from(["auto", "cudnn", "matmul", "grouped", "channels_last", "loop"]),
+    # true is valid only with a stacked layout (a cross-field rule RunConfig checks, not the schema)
+    "cuda_graph": st.sampled_from([None, False]),
     "snapshot_round": st.one_of(st.none(), st.just(-1), st.integers(1, 3)),
     "attack_params": st.dictionaries(st.sampled_from(["epsilon", "boost"]), st.floats(0, 10), max_size=2),
     "partition_params": st.fixed_dictionaries({}, optional={"alpha": st.floats(0.01, 10), "c_sel": st.integers(1, 10)}),
