@@ -67,14 +67,14 @@ def estimate(cells: pd.DataFrame, packed: dict[str, float], seq: dict[str, float
                      + agg_s.get(defense, max(agg_s.values())) + other)
         n_seeds = len(str(c["seeds"]).split())
         rows.append({"cell_id": c["cell_id"], "dataset": ds, "attack": attack, "defense": defense,
-                     "runs": n_seeds, "s_per_run": per_round * t_rounds, "gpu_s": per_round * t_rounds * n_seeds})
+                     "runs": n_seeds, "s_per_run": per_round * t_rounds, "gpu_s": per_round * t_rounds * n_seeds,
+                     "train_gpu_s": packed[model] * t_rounds * n_seeds})
     est = pd.DataFrame(rows)
     summary = {
         "runs": int(est["runs"].sum()),
         "gpu_hours": float(est["gpu_s"].sum() / 3600),
         "gpu_hours_by_dataset": (est.groupby("dataset")["gpu_s"].sum() / 3600).round(3).to_dict(),
-        "gpu_hours_training_only": float(sum(packed[DATASET_MODEL[d]] * 20 * r
-                                             for d, r in zip(est["dataset"], est["runs"])) / 3600),
+        "gpu_hours_training_only": float(est["train_gpu_s"].sum() / 3600),
         "inputs": {"packed_train_s_per_cell_round": packed, "sequential_s_per_round": seq,
                    "attack_s_per_round_cifar10": attack_s, "agg_s_per_round": agg_s, "other_s_per_round": other},
     }
