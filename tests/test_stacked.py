@@ -218,3 +218,28 @@ def test_run_config_kernel_fields_are_validated_and_split_packs() -> None:
     other = RunConfig(dataset="cifar10", conv="channels_last")
     assert cell_id(other) == "dataset=cifar10,conv=channelslast"
     assert pack_key(base) != pack_key(other)  # different kernels never share a training call
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_dropout_inside_a_cuda_graph_draws_new_masks_every_replay() -> None:
+    """A captured step must not freeze its dropout masks: two replays on the same inputs give different
+    training-mode outputs, clients differ within a replay, and eval mode gives equal outputs."""
+    from robustfl.train import _capture
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = build_model("fmnist_cnn", 10, 1).to(dev)  # dropout .25 and .5 (Table 6)
+    spec = ParamSpec(model)
+    params = spec.unflatten(model_to_flat(model).expand(2, -1).contiguous())
+    x = torch.rand(1, 8, 1, 28, 28, device=dev).expand(2, -1, -1, -1, -1).contiguous()
+    model.train()
+    graph, out = _capture(lambda: stacked.stacked_logits(model, params, x))
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.allclose(first, out)
+    assert not torch.allclose(first[0], first[1])
+    model.eval()
+    graph, out = _capture(lambda: stacked.stacked_logits(model, params, x))
+    graph.replay()
+    torch.testing.assert_close(out[0], out[1])
