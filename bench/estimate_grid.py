@@ -98,9 +98,9 @@ def main() -> None:
     summary.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), git_commit=git_commit(),
                    device=engine["device"], engine_file=str(a.engine), cells_file=str(a.cells),
                    per_cell=est.to_dict(orient="records"))
-    print(json.dumps({k: v for k, v in summary.items() if k != "per_cell"}, indent=1))
     if a.out:
         atomic_write_json(a.out, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_cell"}, indent=1))
 
 
 if __name__ == "__main__":
