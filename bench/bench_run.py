@@ -97,7 +97,8 @@ def main() -> None:
             final = run_cell(cfg, data_dir, part, out_dir)
             wall = time.perf_counter() - t
             run = json.loads((out_dir / "run.json").read_text())
-            row = {"variant": v, "repeat": r, "precision": a.precision, "end_to_end_s": wall, "sim_wall_s": final.get("sim_wall_s"),
+            row = {"variant": v, "repeat": r, "precision": a.precision, "end_to_end_s": wall,
+                   "sim_wall_s": final.get("sim_wall_s"),
                    "test_acc": final["test_acc"], "engine_conv": final.get("engine_conv"),
                    "engine_cuda_graph": final.get("engine_cuda_graph"),
                    "peak_gpu_mem_gib": run.get("peak_gpu_mem_gib"), "rounds": a.rounds}
