@@ -115,7 +115,8 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
                 raise NotImplementedError("stacked engine: Linear on a 4-d activation (add a Flatten)")
             w = params[prefix + "weight"]
             bias = params.get(prefix + "bias")
-            h = torch.bmm(h, w.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2))
+            wt = w.transpose(1, 2)
+            h = torch.bmm(h, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, wt)
         elif isinstance(m, nn.Dropout):
             h = F.dropout(h, m.p, m.training)
         elif isinstance(m, nn.ReLU):
