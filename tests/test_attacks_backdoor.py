@@ -315,3 +315,128 @@ def test_report_measurements():
     """Not a check: prints what the tests above measured (visible with pytest -s)."""
     for k, v in sorted(MEASURED.items()):
         print(f"{k} = {v:.4f}")
+
+
+# ----------------------------------------------------------- the sync-free loop against the plain one
+def _reference_alternating(model, theta_flat, x_own, y_own, x_bd, y_bd, ben_mean_delta, *, boost, rho,
+                           benign_epochs=2.0, ls=1, mal_steps=1, iterations=None, lr=1e-3, batch_size=64,
+                           generator=None, dist="norm", order="benign_first"):
+    """Bhagoji et al.'s alternating minimisation written plainly (two torch.optim.Adam, Python-side skip
+    of the malicious step when its loss is 0): the implementation before the loop became capturable."""
+    import math
+
+    import torch.nn.functional as F
+
+    from robustfl.attacks.backdoor import _batches, _distance, _training_mode
+    from robustfl.train import ADAM_BETAS, ADAM_EPS
+
+    spec = ParamSpec(model)
+    theta = theta_flat.detach().float()
+    ref = theta if ben_mean_delta is None else theta + ben_mean_delta
+    steps = max(1, round(benign_epochs * math.ceil(len(y_own) / batch_size)))
+    n_iter = math.ceil(steps / ls) if iterations is None else int(iterations)
+    w = theta.clone().requires_grad_(True)
+    opt_ben = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    opt_mal = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    stream = _batches(len(y_own), batch_size, generator, torch.device("cpu"))
+
+    def stealth():
+        for _ in range(ls):
+            idx = next(stream)
+            _, logits = forward_with(model, spec.unflatten(w), x_own[idx])
+            loss = F.cross_entropy(logits.float(), y_own[idx])
+            if rho > 0:
+                loss = loss + rho * _distance(w - ref, dist)
+            opt_ben.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_ben.step()
+
+    def malicious():
+        for _ in range(mal_steps):
+            _, logits = forward_with(model, spec.unflatten(w), x_bd)
+            mal_loss = F.cross_entropy(logits.float(), y_bd)
+            if not mal_loss.item() > 0.0:
+                return
+            start = w.detach().clone()
+            opt_mal.zero_grad(set_to_none=True)
+            mal_loss.backward()
+            opt_mal.step()
+            with torch.no_grad():
+                w.copy_(start + boost * (w - start))
+
+    with _training_mode(model, generator):
+        for _ in range(n_iter):
+            if order == "benign_first":
+                stealth()
+                if mal_steps > 0:
+                    malicious()
+            else:
+                if mal_steps > 0:
+                    malicious()
+                stealth()
+    return w.detach() - theta
+
+
+@pytest.mark.parametrize("kw", [
+    dict(boost=6.0, rho=1e-4, ls=1, mal_steps=1),
+    dict(boost=3.0, rho=0.5, ls=3, mal_steps=2, dist="sq", order="mal_first"),
+    dict(boost=0.0, rho=0.0, ls=2, mal_steps=1, benign_epochs=1.5),
+    dict(boost=10.0, rho=1.0, ls=1, mal_steps=3, iterations=4),
+])
+def test_alternating_minimisation_equals_the_plain_loop(digits, kw):
+    """The sync-free loop (stacked Adam, on-device skip, padded partial batches when graphed) gives the
+    plain two-optimiser loop's update; the attacker's shard (250 samples) ends every epoch on a partial
+    batch of 26."""
+    model = _model()
+    theta = model_to_flat(model)
+    s = digits["shards"][-1]
+    ref = _benign(model, theta, digits).mean(0)
+    args = (model, theta, digits["train_x"][s], digits["train_y"][s], digits["bd_x"], digits["bd_y"], ref)
+    got = alternating_minimisation(*args, batch_size=BATCH, generator=torch.Generator().manual_seed(11), **kw)
+    want = _reference_alternating(*args, batch_size=BATCH, generator=torch.Generator().manual_seed(11), **kw)
+    assert want.norm() > 1e-3
+    # float rounding differs (masked mean vs mean, stacked vs torch Adam arithmetic) and Adam turns
+    # noise-level gradients into ~lr steps (tests/test_train.py): compare in norm, bound the outliers
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
+    assert ((got - want).abs() > 1e-5).float().mean().item() < 1e-3
+
+
+def test_a_zero_backdoor_loss_skips_the_malicious_step_like_the_plain_loop(digits):
+    """A model already certain of the backdoor label (backdoor cross-entropy exactly 0 in float32): the
+    malicious step must be skipped on device exactly where the plain loop returns early."""
+    model = _model()
+    spec = ParamSpec(model)
+    params = {k: v.clone() for k, v in spec.unflatten(model_to_flat(model)).items()}
+    last_bias = [k for k in spec.names if k.endswith("bias")][-1]
+    params[last_bias][TARGET] = 1e4  # logits: the target class wins by 1e4 on every input
+    theta = spec.flatten(params)
+    s = digits["shards"][-1]
+    args = (model, theta, digits["train_x"][s], digits["train_y"][s], digits["bd_x"], digits["bd_y"], None)
+    kw = dict(boost=50.0, rho=0.0, ls=1, mal_steps=2, iterations=3, batch_size=BATCH)
+    got = alternating_minimisation(*args, generator=torch.Generator().manual_seed(2), **kw)
+    want = _reference_alternating(*args, generator=torch.Generator().manual_seed(2), **kw)
+    honest = alternating_minimisation(*args, generator=torch.Generator().manual_seed(2), **{**kw, "mal_steps": 0})
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got, honest, rtol=0, atol=0)  # no boosted step happened
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphed_alternating_minimisation_equals_eager_on_the_gpu(monkeypatch):
+    """On the GPU the iteration is captured as a CUDA graph and replayed: the same update as the eager
+    loop (random CIFAR-10-shaped data, the paper's options), up to cuDNN's run-to-run noise."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model("cifar10_cnn", 10, 3).to(dev)
+    theta = model_to_flat(model)
+    x = torch.randint(0, 256, (300, 32, 32, 3), dtype=torch.uint8, device=dev)
+    y = torch.randint(0, 10, (300,), device=dev)
+    xb = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, device=dev)
+    yb = torch.full((40,), TARGET, device=dev)
+    kw = dict(boost=10.0, rho=1e-4, benign_epochs=1.0, batch_size=BATCH)  # 10 iterations, last batch 12
+    out = {}
+    for graph in (False, True):
+        monkeypatch.setattr(backdoor, "ATTACK_CUDA_GRAPH", graph)
+        out[graph] = alternating_minimisation(model, theta, x, y, xb, yb, None,
+                                              generator=torch.Generator().manual_seed(1), **kw)
+    assert out[False].norm() > 1e-3
+    assert ((out[True] - out[False]).norm() / out[False].norm()).item() < 1e-3

@@ -59,7 +59,7 @@ from torch.func import functional_call
 from robustfl.attacks import register_attack
 from robustfl.attacks.base import AttackContext
 from robustfl.params import ParamSpec
-from robustfl.train import ADAM_BETAS, ADAM_EPS
+from robustfl.train import ADAM_BETAS, ADAM_EPS, _capture, adam_step
 from robustfl.train import prepare_inputs as _as_input
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,12 @@ def plr_with(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, chunk: int =
     return torch.cat(out) if out else x.new_zeros(0)
 
 
+#: capture :func:`alternating_minimisation`'s iteration as a CUDA graph on CUDA devices (no extra loss)
+ATTACK_CUDA_GRAPH = True
+#: ... when it runs at least this many iterations (capture costs about three iterations)
+GRAPH_MIN_ITERATIONS = 8
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
     """Endless stream of mini-batch indices: per epoch a fresh permutation cut into batches (the last one
     partial), as the benign clients train (robustfl.train.batch_plan)."""
@@ -251,48 +257,94 @@ def alternating_minimisation(
     n_iter = math.ceil(steps / ls) if iterations is None else int(iterations)
     do_mal = mal_steps > 0 and len(y_bd) > 0
 
-    w = theta.clone().requires_grad_(True)
-    opt_ben = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    opt_mal = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    # The loop never reads a value back to the host, so that on CUDA one iteration can be captured as a
+    # CUDA graph and replayed (the attackers' crafting was as costly as the benign training, bench/README.md):
+    # Adam is robustfl.train.adam_step on w viewed as one stacked client, whose ``active`` flag skips the
+    # malicious step on device when the backdoor loss is 0 (the code's "only if mal loss is non-zero": no
+    # update, Adam state untouched, later malicious steps of the iteration skipped too), and a partial
+    # mini-batch is padded to the batch size with a mask (the same mean cross-entropy).
+    w = theta.clone().view(1, -1)
+    ben_state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(1, device=device))
+    mal_state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(1, device=device))
+    one = torch.ones(1, device=device)
     stream = _batches(n_own, batch_size, gen, device)
 
-    def stealth() -> None:
-        for _ in range(ls):
-            idx = next(stream)
-            r, logits = forward_with(model, spec.unflatten(w), x_own[idx])
-            loss = F.cross_entropy(logits.float(), y_own[idx])
+    def loss_grad(loss_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+        leaf = w.detach().view(-1).requires_grad_(True)  # the current weights, as a constant
+        loss = loss_fn(leaf, spec.unflatten(leaf))
+        return torch.autograd.grad(loss, leaf)[0].view(1, -1)
+
+    def stealth(idx: torch.Tensor, mask: torch.Tensor) -> None:
+        def loss_fn(flat: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+            r, logits = forward_with(model, params, x_own[idx])
+            ce = F.cross_entropy(logits.float(), y_own[idx], reduction="none")
+            loss = (ce * mask).sum() / mask.sum()
             if rho > 0:
-                loss = loss + rho * _distance(w - ref, dist)
+                loss = loss + rho * _distance(flat - ref, dist)
             if extra_loss is not None:
                 loss = loss + extra_loss(r, logits, y_own[idx], idx)
-            opt_ben.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_ben.step()
+            return loss
+        adam_step([w], [loss_grad(loss_fn)], [ben_state[0]], [ben_state[1]], ben_state[2], one, lr)
 
     def malicious() -> None:
+        active = one
         for _ in range(mal_steps):
-            _, logits = forward_with(model, spec.unflatten(w), x_bd)
-            mal_loss = F.cross_entropy(logits.float(), y_bd)
-            if not mal_loss.item() > 0.0:  # the code's "only if mal loss is non-zero"
-                return
-            start = w.detach().clone()
-            opt_mal.zero_grad(set_to_none=True)
-            mal_loss.backward()
-            opt_mal.step()
-            with torch.no_grad():
-                w.copy_(start + boost * (w - start))
+            flag = torch.empty(1, device=device)
 
+            def loss_fn(flat: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+                _, logits = forward_with(model, params, x_bd)
+                mal_loss = F.cross_entropy(logits.float(), y_bd)
+                flag.copy_((mal_loss > 0.0).float().view(1))  # NaN or 0 -> skip
+                return mal_loss
+            g = loss_grad(loss_fn)
+            active = active * flag
+            g = torch.where(active.bool(), g, 0.0)  # a skipped step's NaN gradient must not reach Adam's state
+            start = w.clone()
+            adam_step([w], [g], [mal_state[0]], [mal_state[1]], mal_state[2], active, lr)
+            w.copy_(start + boost * (w - start))
+
+    def iteration(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if order == "mal_first" and do_mal:
+            malicious()
+        for idx, mask in batches:
+            stealth(idx, mask)
+        if order == "benign_first" and do_mal:
+            malicious()
+
+    def next_batches(pad: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for _ in range(ls):
+            idx = next(stream)
+            mask = torch.ones(len(idx), device=device)
+            if pad and len(idx) < batch_size:
+                idx = F.pad(idx, (0, batch_size - len(idx)))
+                mask = F.pad(mask, (0, batch_size - len(mask)))
+            out.append((idx, mask))
+        return out
+
+    use_graph = (ATTACK_CUDA_GRAPH and device.type == "cuda" and extra_loss is None
+                 and n_iter >= GRAPH_MIN_ITERATIONS)
     with _training_mode(model, gen):
-        for _ in range(n_iter):
-            if order == "benign_first":
-                stealth()
-                if do_mal:
-                    malicious()
-            else:
-                if do_mal:
-                    malicious()
-                stealth()
-    return w.detach() - theta
+        if not use_graph:
+            for _ in range(n_iter):
+                iteration(next_batches(pad=False))
+        else:
+            static = [(torch.zeros(batch_size, dtype=torch.long, device=device), torch.zeros(batch_size, device=device))
+                      for _ in range(ls)]
+            first = next_batches(pad=True)
+            saved = [t.clone() for t in (w, *ben_state, *mal_state)]
+            for (si, sm), (i0, m0) in zip(static, first):
+                si.copy_(i0)
+                sm.copy_(m0)
+            graph, _ = _capture(lambda: iteration(static))  # warm-up calls update w and the Adam states:
+            for t, v in zip((w, *ben_state, *mal_state), saved):  # restore them before the first replay
+                t.copy_(v)
+            for it in range(n_iter):
+                for (si, sm), (i0, m0) in zip(static, first if it == 0 else next_batches(pad=True)):
+                    si.copy_(i0)
+                    sm.copy_(m0)
+                graph.replay()
+    return w.view(-1) - theta
 
 
 def explicit_boosting(
