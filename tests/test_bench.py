@@ -38,3 +38,19 @@ def test_grid_estimate_adds_the_measured_parts_per_round() -> None:
     assert summary["runs"] == 4
     assert summary["gpu_hours"] == pytest.approx((3 * a + b) / 3600)
     assert summary["gpu_hours_training_only"] == pytest.approx((3 * 2.0 * 20 + 1.0 * 5) / 3600)
+
+
+def test_grid_estimate_divides_graphed_crafting_by_its_measured_speedup() -> None:
+    eg = _load("estimate_grid")
+    cells = pd.DataFrame([{"cell_id": "a", "seeds": "0", "overrides": json.dumps(
+        {"dataset": "cifar10", "attack": "krum_backdoor", "n_attackers": 1})},
+        {"cell_id": "b", "seeds": "0", "overrides": json.dumps(
+            {"dataset": "cifar10", "attack": "median_backdoor", "n_attackers": 1})}])
+    packed, seq = {"cifar10_cnn": 1.0}, {"cifar10_cnn": 10.0}
+    rounds = pd.DataFrame({"attack": ["krum_backdoor", "median_backdoor", "none"], "defense": ["fedavg"] * 3,
+                           "attack_s": [4.0, 0.5, 0.0], "agg_s": [0.1] * 3})
+    est, summary = eg.estimate(cells, packed, seq, rounds, other=0.0, attack_speedup={"cifar10_cnn": 4.0})
+    per = est.set_index("cell_id")["s_per_run"]
+    assert per["a"] == pytest.approx((1.0 + 1.0 + 0.1) * 20)  # 4.0 s / 4
+    assert per["b"] == pytest.approx((1.0 + 0.5 + 0.1) * 20)  # not graphed: unchanged
+    assert summary["gpu_hours_attack_crafting"] == pytest.approx((1.0 + 0.5) * 20 / 3600)
