@@ -73,12 +73,12 @@ def estimate(cells: pd.DataFrame, packed: dict[str, float], seq: dict[str, float
         scale = seq[model] / seq["cifar10_cnn"]
         if attack in GRAPHED_ATTACKS:
             scale /= attack_speedup.get(model, 1.0)
-        per_round = (packed[model] + attack_s.get(attack, attack_s["none"]) * scale
-                     + agg_s.get(defense, max(agg_s.values())) + other)
+        craft = attack_s.get(attack, attack_s["none"]) * scale
+        per_round = packed[model] + craft + agg_s.get(defense, max(agg_s.values())) + other
         n_seeds = len(str(c["seeds"]).split())
         rows.append({"cell_id": c["cell_id"], "dataset": ds, "attack": attack, "defense": defense,
                      "runs": n_seeds, "s_per_run": per_round * t_rounds, "gpu_s": per_round * t_rounds * n_seeds,
-                     "attack_gpu_s": attack_s.get(attack, attack_s["none"]) * scale * t_rounds * n_seeds,
+                     "attack_gpu_s": craft * t_rounds * n_seeds,
                      "train_gpu_s": packed[model] * t_rounds * n_seeds})
     est = pd.DataFrame(rows)
     summary = {

@@ -59,7 +59,7 @@ from torch.func import functional_call
 from robustfl.attacks import register_attack
 from robustfl.attacks.base import AttackContext
 from robustfl.params import ParamSpec
-from robustfl.train import ADAM_BETAS, ADAM_EPS, _capture, adam_step
+from robustfl.train import ADAM_BETAS, ADAM_EPS, _capture, adam_step, masked_ce
 from robustfl.train import prepare_inputs as _as_input
 
 log = logging.getLogger(__name__)
@@ -277,8 +277,7 @@ def alternating_minimisation(
     def stealth(idx: torch.Tensor, mask: torch.Tensor) -> None:
         def loss_fn(flat: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
             r, logits = forward_with(model, params, x_own[idx])
-            ce = F.cross_entropy(logits.float(), y_own[idx], reduction="none")
-            loss = (ce * mask).sum() / mask.sum()
+            loss = masked_ce(logits, y_own[idx], mask)
             if rho > 0:
                 loss = loss + rho * _distance(flat - ref, dist)
             if extra_loss is not None:
@@ -331,18 +330,19 @@ def alternating_minimisation(
         else:
             static = [(torch.zeros(batch_size, dtype=torch.long, device=device), torch.zeros(batch_size, device=device))
                       for _ in range(ls)]
-            first = next_batches(pad=True)
+            def load(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                for (si, sm), (i0, m0) in zip(static, batches):
+                    si.copy_(i0)
+                    sm.copy_(m0)
+
+            load(next_batches(pad=True))  # the first iteration's batches, for the capture and the first replay
             saved = [t.clone() for t in (w, *ben_state, *mal_state)]
-            for (si, sm), (i0, m0) in zip(static, first):
-                si.copy_(i0)
-                sm.copy_(m0)
             graph, _ = _capture(lambda: iteration(static))  # warm-up calls update w and the Adam states:
             for t, v in zip((w, *ben_state, *mal_state), saved):  # restore them before the first replay
                 t.copy_(v)
             for it in range(n_iter):
-                for (si, sm), (i0, m0) in zip(static, first if it == 0 else next_batches(pad=True)):
-                    si.copy_(i0)
-                    sm.copy_(m0)
+                if it:
+                    load(next_batches(pad=True))
                 graph.replay()
     return w.view(-1) - theta
 
