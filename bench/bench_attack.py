@@ -9,7 +9,6 @@ the attacker's shard (CIFAR-10: 5,000 samples, batch 32; fmnist: 6,000, batch 64
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import time
 from pathlib import Path
@@ -17,14 +16,14 @@ from pathlib import Path
 import torch
 
 import robustfl.attacks.backdoor as B
-from robustfl.io import atomic_write_json, device_name, git_commit, versions
+from robustfl.io import atomic_write_json
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
 
 try:
-    from bench_engine import SETTINGS
+    from bench_engine import SETTINGS, result_header
 except ImportError:  # pragma: no cover
-    from bench.bench_engine import SETTINGS
+    from bench.bench_engine import SETTINGS, result_header
 
 
 def main() -> None:
@@ -35,8 +34,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_name(dev),
-           "versions": versions(), "git_commit": git_commit(), "results": []}
+    res = result_header(dev)
     for name in a.models:
         mname, c, h, w, ch, per, bs = SETTINGS[name]
         torch.manual_seed(0)

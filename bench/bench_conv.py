@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import time
 from collections.abc import Iterator
@@ -36,15 +35,15 @@ from pathlib import Path
 
 import torch
 
-from robustfl.io import atomic_write_json, device_name, git_commit, versions
+from robustfl.io import atomic_write_json
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
 from robustfl.train import train_sequential, train_vectorised
 
 try:  # run as `python bench/bench_conv.py` from the repository root
-    from bench_engine import SETTINGS, train_flops
+    from bench_engine import SETTINGS, result_header, train_flops
 except ImportError:  # pragma: no cover - imported as bench.bench_conv
-    from bench.bench_engine import SETTINGS, train_flops
+    from bench.bench_engine import SETTINGS, result_header, train_flops
 
 VARIANTS = {
     "cudnn": dict(conv="cudnn", bench=False, tf32=False, precision="fp32"),
@@ -157,8 +156,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_name(dev),
-           "versions": versions(), "git_commit": git_commit(), "steps_timed": a.steps, "results": []}
+    res = result_header(dev, steps_timed=a.steps)
     for m in a.models:
         res["results"] += bench_model(m, dev, a.clients, a.steps, a.variants, not a.no_sequential,
                                       a.sequential_bench)

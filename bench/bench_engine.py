@@ -34,6 +34,13 @@ SETTINGS = {
 }
 
 
+def result_header(dev: torch.device, **extra: object) -> dict:
+    """What every bench result file records first: date, device, versions, commit (and ``extra``), and an
+    empty ``results`` list."""
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_name(dev),
+            "versions": versions(), "git_commit": git_commit(), **extra, "results": []}
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -188,8 +195,7 @@ def main() -> None:
     if a.conv != "auto":
         engine["cuda_graph"] = bool(a.cuda_graph)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_name(dev),
-           "versions": versions(), "git_commit": git_commit(), "results": []}
+    res = result_header(dev)
     for m in a.models:
         if a.dirichlet is not None:
             r = bench_unequal(m, dev, a.clients, a.epochs, a.precision, a.frac, a.dirichlet, engine=engine)

@@ -13,7 +13,6 @@ into a temporary cache, so the timing covers the same code path (accuracy is the
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import tempfile
 import time
@@ -26,7 +25,12 @@ import torch
 from robustfl.config import RunConfig
 from robustfl.data import DATASETS, ArrayDataset, prepare
 from robustfl.experiment import build_partition, run_cell
-from robustfl.io import atomic_write_json, device_name, git_commit, versions
+from robustfl.io import atomic_write_json
+
+try:  # run as `python bench/bench_run.py` from the repository root
+    from bench_engine import result_header
+except ImportError:  # pragma: no cover - imported as bench.bench_run
+    from bench.bench_engine import result_header
 
 # name -> (train, test, H, W, C, classes)
 SHAPES = {"fmnist": (60000, 10000, 28, 28, 1, 10), "cifar10": (50000, 10000, 32, 32, 3, 10),
@@ -82,9 +86,7 @@ def main() -> None:
     t = time.perf_counter()
     build_partition(data_dir, cfg0, part)
     part_s = time.perf_counter() - t
-    res = {"scale": a.scale, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_name(dev),
-           "versions": versions(), "git_commit": git_commit(), "data": source, "prepare_s": prep_s,
-           "partition_s": part_s, "results": []}
+    res = result_header(dev, scale=a.scale, data=source, prepare_s=prep_s, partition_s=part_s)
     # warm-up: CUDA context, cuDNN handles, first kernel loads (a one-round run, not timed)
     run_cell(RunConfig(**{**base, "rounds": 1}), data_dir, part, tmp / "warm")
     for r in range(a.repeats):
