@@ -9,10 +9,11 @@ under several variants:
     matmul+tf32      the same with TF32 matmuls (what cuDNN already uses for FP32 convolutions)
     matmul+bf16      the same under bf16 autocast
     cudnn+bench+bf16 grouped convolution under bf16 autocast
-    grouped, channels_last, loop
+    grouped, channels_last, loop, triton
                      the forward pass written out on stacked parameters (robustfl.stacked) with the
-                     grouped convolution in NCHW, the same in channels-last memory, or one ordinary
-                     convolution per client; gradients by one plain backward pass
+                     grouped convolution in NCHW, the same in channels-last memory, one ordinary
+                     convolution per client, or robustfl.triton_conv's implicit-GEMM kernels on NHWC
+                     activations; gradients by one plain backward pass
     ...+graph        that step captured once as a CUDA graph and replayed (the timed call includes the
                      capture: 2 eager warm-up steps and the capture itself)
     sequential       the per-client reference loop (one model + torch.optim.Adam per client; only for
@@ -64,6 +65,9 @@ VARIANTS = {
     "grouped+graph+bf16": dict(conv="grouped", bench=True, tf32=False, precision="bf16", graph=True),
     "channels_last+bench+graph+bf16": dict(conv="channels_last", bench=True, tf32=False, precision="bf16", graph=True),
     "loop+bench+graph+bf16": dict(conv="loop", bench=True, tf32=False, precision="bf16", graph=True),
+    "triton": dict(conv="triton", bench=False, tf32=False, precision="fp32"),
+    "triton+graph": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True),
+    "triton+graph+bf16": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True),
 }
 
 

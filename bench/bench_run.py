@@ -40,6 +40,7 @@ VARIANTS = {
     "grouped+graph": dict(conv="grouped", cuda_graph=True),
     "channels_last+graph": dict(conv="channels_last", cuda_graph=True),
     "loop+graph": dict(conv="loop", cuda_graph=True),
+    "triton+graph": dict(conv="triton", cuda_graph=True),
     "auto": dict(conv="auto", cuda_graph=None),
 }
 

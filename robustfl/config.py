@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: train_vectorised's ``conv`` options (robustfl.train), ``auto`` resolved by robustfl.train.resolve_kernels
-CONV_CHOICES = ("auto", "cudnn", "matmul", "grouped", "channels_last", "loop")
+CONV_CHOICES = ("auto", "cudnn", "matmul", "grouped", "channels_last", "loop", "triton")
 
 #: Appendix C batch sizes; everything else uses ``RunConfig.batch_size``.
 PAPER_BATCH = {"fmnist": 64, "cifar10": 32, "kather": 32}
@@ -46,7 +46,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     engine: str = "auto"  # auto (vectorised on CUDA, sequential on CPU) | vectorised | sequential
     precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
-    conv: str = "auto"  # vectorised engine's layers: auto | cudnn | matmul (vmap) | grouped | channels_last | loop
+    conv: str = "auto"  # vectorised engine's layers: auto | cudnn | matmul (vmap) | grouped | channels_last | loop | triton
     cuda_graph: bool | None = None  # capture the vectorised step as a CUDA graph (None: auto)
     deterministic: bool = False
     checkpoint_every: int = 5
@@ -99,7 +99,7 @@ class RunConfig:
         if self.cuda_graph not in (None, True, False):
             bad("cuda_graph", f"must be true, false or null (auto), got {self.cuda_graph!r}")
         if self.cuda_graph and self.conv in ("cudnn", "matmul"):
-            bad("cuda_graph", f"CUDA graphs need conv grouped, channels_last or loop (or auto), not {self.conv!r}")
+            bad("cuda_graph", f"CUDA graphs need conv grouped, channels_last, loop or triton (or auto), not {self.conv!r}")
         if self.precision not in ("fp32", "bf16"):
             bad("precision", f"must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.checkpoint_every < 0:

@@ -201,7 +201,7 @@ def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
     # from the installed metadata (no build tag such as +cu130; torch's CUDA is under "cuda"): importing
     # torchvision, scikit-learn, scipy or snakemake only to read a version string costs seconds per run job
-    for mod, dist in (("torchvision", "torchvision"), ("scipy", "scipy"), ("sklearn", "scikit-learn"),
+    for mod, dist in (("torchvision", "torchvision"), ("triton", "triton"), ("scipy", "scipy"), ("sklearn", "scikit-learn"),
                       ("pandas", "pandas"), ("snakemake", "snakemake")):
         with contextlib.suppress(Exception):
             out[mod] = importlib.metadata.version(dist)

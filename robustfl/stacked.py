@@ -13,6 +13,9 @@ layout and the kernels are ours to pick and the step is plain autograd (which CU
   - ``"channels_last"``: the same grouped convolution on channels-last (NHWC) memory, where cuDNN has
     other kernels;
   - ``"loop"``: one ordinary convolution per client, ``(n, B, C, H, W)``;
+  - ``"triton"``: the clients' activations in NHWC, ``(n, B, H, W, C)``, each convolution one
+    implicit-GEMM Triton kernel over all clients (:mod:`robustfl.triton_conv`; CUDA, or Triton's
+    interpreter on the CPU; stride 1 only);
 
 * ``ReLU``, ``MaxPool2d``, ``Dropout``, ``Identity``, ``Flatten``: applied to every client's activations.
 
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYOUTS = ("grouped", "channels_last", "loop")
+LAYOUTS = ("grouped", "channels_last", "loop", "triton")
 _ELEMENTWISE = (nn.ReLU, nn.Identity, nn.Dropout)
 _LEAVES = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.Flatten) + _ELEMENTWISE
 
@@ -87,11 +90,21 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
     n, b = x.shape[:2]
     h = x
     merged = False  # True while h is (B, n*C, H, W) (grouped layouts), else (n, B, ...)
+    nhwc = False  # True while h is (n, B, H, W, C) (layout "triton")
     for prefix, m in layers(model):
         if isinstance(m, nn.Conv2d):
             w = params[prefix + "weight"]
             bias = params.get(prefix + "bias")
-            if layout == "loop":
+            if layout == "triton":
+                from robustfl import triton_conv
+
+                if not triton_conv.supported(m):
+                    raise NotImplementedError(f"stacked engine: layout 'triton' needs a stride-1, undilated, "
+                                              f"ungrouped Conv2d with equal padding at '{prefix}'")
+                if not nhwc:
+                    h, nhwc = h.permute(0, 1, 3, 4, 2).contiguous(), True
+                h = triton_conv.conv_nhwc(h, w, bias, m.padding[0])
+            elif layout == "loop":
                 h = torch.stack([F.conv2d(h[i], w[i], None if bias is None else bias[i], m.stride,
                                           m.padding, m.dilation, m.groups) for i in range(n)])
             else:
@@ -100,18 +113,24 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
                 h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), None if bias is None else bias.reshape(-1),
                              m.stride, m.padding, m.dilation, m.groups * n)
         elif isinstance(m, nn.MaxPool2d):
-            if merged:
+            if nhwc:  # pooled as a channels-last (n*B, C, H, W) tensor, which stays channels-last
+                y = F.max_pool2d(h.flatten(0, 1).permute(0, 3, 1, 2), m.kernel_size, m.stride, m.padding,
+                                 m.dilation, m.ceil_mode)
+                h = y.permute(0, 2, 3, 1).unflatten(0, (n, b)).contiguous()
+            elif merged:
                 h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
             else:
                 y = F.max_pool2d(h.flatten(0, 1), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
                 h = y.unflatten(0, (n, b))
         elif isinstance(m, nn.Flatten):
-            if merged:  # (B, n*C, H, W) -> (n, B, C*H*W), each client's features in C, H, W order
+            if nhwc:  # (n, B, H, W, C) -> (n, B, C*H*W), the C, H, W order of the model's dense weights
+                h, nhwc = h.permute(0, 1, 4, 2, 3).flatten(2), False
+            elif merged:  # (B, n*C, H, W) -> (n, B, C*H*W), each client's features in C, H, W order
                 h, merged = h.reshape(b, n, -1).transpose(0, 1), False
             else:
                 h = h.flatten(2)
         elif isinstance(m, nn.Linear):
-            if merged:
+            if merged or nhwc:
                 raise NotImplementedError("stacked engine: Linear on a 4-d activation (add a Flatten)")
             w = params[prefix + "weight"]
             bias = params.get(prefix + "bias")
@@ -122,7 +141,7 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
         elif isinstance(m, nn.ReLU):
             h = F.relu(h)
         # nn.Identity: nothing
-    if merged:
+    if merged or nhwc:
         raise NotImplementedError("stacked engine: the model must end in dense layers")
     return h
 

@@ -324,7 +324,7 @@ RUNCONFIG_DOMAINS = {
     "backdoor": st.sampled_from(["semantic", "trojan"]), "backdoor_mode": st.sampled_from(["single", "multiple"]),
     "engine": st.sampled_from(["auto", "vectorised", "sequential"]),
     "precision": st.sampled_from(["fp32", "bf16"]), "deterministic": st.booleans(),
-    "conv": st.sampled_from(["auto", "cudnn", "matmul", "grouped", "channels_last", "loop"]),
+    "conv": st.sampled_from(["auto", "cudnn", "matmul", "grouped", "channels_last", "loop", "triton"]),
     # true is valid only with a stacked layout (a cross-field rule RunConfig checks, not the schema)
     "cuda_graph": st.sampled_from([None, False]),
     "snapshot_round": st.one_of(st.none(), st.just(-1), st.integers(1, 3)),

@@ -1,0 +1,144 @@
+"""Benchmark: the per-client convolution layers of the paper's networks, cuDNN against
+robustfl.triton_conv's implicit-GEMM kernels, and the Triton kernels' tile shapes (issue 6).
+
+For every convolution layer of the fmnist, CIFAR-10 and Kather networks at the paper's batch size and
+``--clients`` clients at once, in one process on one GPU:
+
+* forward + backward of the layer as cuDNN's grouped convolution (NCHW and channels-last memory, what
+  the stacked engine's ``grouped`` and ``channels_last`` layouts run) and as ``conv_nhwc`` (layout
+  ``triton``), with PyTorch's default TF32 setting for convolutions;
+* each Triton kernel alone (forward, input gradient, weight gradient) under every tile shape of
+  ``--sweep`` (``IGEMM`` and ``WGRAD`` below), so that robustfl.triton_conv's defaults can be picked from
+  measurements. The input gradient of a network's first layer is never computed (its input is data).
+
+Times are medians of ``triton.testing.do_bench``; TFLOP/s counts 2 * M * K * N per client and kernel.
+
+    python bench/bench_triton_conv.py --clients 10 --out bench/results/triton_conv_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from robustfl import triton_conv
+from robustfl.io import atomic_write_json
+from robustfl.triton_conv import Tiles
+
+try:  # run as `python bench/bench_triton_conv.py` from the repository root
+    from bench_engine import result_header
+except ImportError:  # pragma: no cover - imported as bench.bench_triton_conv
+    from bench.bench_engine import result_header
+
+# (model, layer, batch, H, W, Cin, Cout, kernel, padding): Tables 6-8 at the paper's batch sizes
+LAYERS = [
+    ("fmnist_cnn", 0, 64, 28, 28, 1, 64, 5, 0), ("fmnist_cnn", 1, 64, 24, 24, 64, 64, 5, 0),
+    ("cifar10_cnn", 0, 32, 32, 32, 3, 64, 3, 0), ("cifar10_cnn", 1, 32, 15, 15, 64, 64, 3, 0),
+    ("cifar10_cnn", 2, 32, 6, 6, 64, 64, 3, 0),
+    ("kather_cnn", 0, 32, 128, 128, 3, 64, 3, 1), ("kather_cnn", 1, 32, 64, 64, 64, 64, 3, 1),
+    ("kather_cnn", 2, 32, 32, 32, 64, 64, 3, 1), ("kather_cnn", 3, 32, 16, 16, 64, 64, 3, 1),
+    ("kather_cnn", 4, 32, 8, 8, 64, 128, 3, 1),
+]
+IGEMM = [Tiles(128, 64, 32, 4, 3), Tiles(128, 64, 64, 4, 3), Tiles(64, 64, 32, 4, 3), Tiles(64, 64, 64, 4, 4),
+         Tiles(128, 64, 32, 8, 3), Tiles(256, 64, 32, 8, 3), Tiles(128, 64, 16, 4, 4), Tiles(128, 128, 32, 8, 3)]
+WGRAD = [(Tiles(64, 64, 64, 4, 3), 1024), (Tiles(128, 64, 64, 4, 3), 1024), (Tiles(64, 64, 32, 4, 3), 1024),
+         (Tiles(64, 64, 128, 8, 3), 1024), (Tiles(64, 64, 64, 4, 3), 4096), (Tiles(128, 64, 128, 8, 3), 512)]
+
+
+def _tiles(t: Tiles) -> str:
+    return f"bm{t.bm}_bn{t.bn}_bk{t.bk}_w{t.num_warps}_s{t.num_stages}"
+
+
+def bench_layer(spec: tuple, g: int, sweep: bool) -> list[dict]:
+    from triton.testing import do_bench
+
+    model, layer, b, h, w, ci, co, k, pad = spec
+    dev = torch.device("cuda")
+    oh, ow = h + 2 * pad - k + 1, w + 2 * pad - k + 1
+    first = layer == 0
+    base = dict(model=model, layer=layer, clients=g, batch=b, h=h, w=w, cin=ci, cout=co, kernel=k, padding=pad)
+    flops = {"fwd": 2 * g * b * oh * ow * k * k * ci * co}
+    flops["dgrad"] = 0 if first else flops["fwd"]
+    flops["wgrad"] = flops["fwd"]
+    rows = []
+
+    def add(**r: object) -> None:
+        row = {**base, **r}
+        if "ms" in row and row.get("flops"):
+            row["tflops"] = row["flops"] / (row["ms"] * 1e-3) / 1e12
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    torch.manual_seed(0)
+    x = torch.randn(g, b, h, w, ci, device=dev)
+    wt = (torch.randn(g, co, ci, k, k, device=dev) / (ci * k * k) ** 0.5).requires_grad_()
+    bias = torch.zeros(g, co, device=dev, requires_grad=True)
+    x.requires_grad_(not first)
+    dy = torch.randn(g, b, oh, ow, co, device=dev)
+    total = flops["fwd"] + flops["dgrad"] + flops["wgrad"]
+
+    # whole layer, forward + backward, as each stacked layout computes it
+    xm = x.detach().permute(0, 1, 4, 2, 3).transpose(0, 1).reshape(b, g * ci, h, w).requires_grad_(not first)
+    xcl = xm.detach().contiguous(memory_format=torch.channels_last).requires_grad_(not first)
+    dym = dy.permute(0, 1, 4, 2, 3).transpose(0, 1).reshape(b, g * co, oh, ow)
+    for name, xin, d in [("grouped", xm, dym), ("channels_last", xcl, dym.contiguous(memory_format=torch.channels_last))]:
+        def step(xin: torch.Tensor = xin, d: torch.Tensor = d) -> None:
+            y = F.conv2d(xin, wt.reshape(g * co, ci, k, k), bias.reshape(-1), padding=pad, groups=g)
+            y.backward(d)
+        add(path=f"cudnn_{name}", kernel_pass="fwd+bwd", ms=do_bench(step), flops=total)
+
+    def tri() -> None:
+        triton_conv.conv_nhwc(x, wt, bias, pad).backward(dy)
+    add(path="triton", kernel_pass="fwd+bwd", tiles=_tiles(triton_conv.IGEMM_TILES) + "/" + _tiles(triton_conv.WGRAD_TILES),
+        ms=do_bench(tri), flops=total)
+    if not sweep:
+        return rows
+
+    xd = x.detach()
+    wk = wt.detach().permute(0, 3, 4, 2, 1).reshape(g, k * k * ci, co).contiguous()
+    wd = wt.detach().permute(0, 3, 4, 1, 2).reshape(g, k * k * co, ci).contiguous()
+    for t in IGEMM:
+        try:
+            ms = do_bench(lambda t=t: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad, t))
+            add(path="triton", kernel_pass="fwd", tiles=_tiles(t), ms=ms, flops=flops["fwd"])
+            if not first:
+                ms = do_bench(lambda t=t: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad, t))
+                add(path="triton", kernel_pass="dgrad", tiles=_tiles(t), ms=ms, flops=flops["dgrad"])
+        except Exception as exc:  # noqa: BLE001 - a tile shape the compiler refuses is a result
+            add(path="triton", kernel_pass="fwd/dgrad", tiles=_tiles(t), error=str(exc).splitlines()[0][:200])
+    old = triton_conv.WGRAD_PROGRAMS
+    for t, programs in WGRAD:
+        triton_conv.WGRAD_PROGRAMS = programs
+        try:
+            ms = do_bench(lambda t=t: triton_conv._wgrad(xd, dy, k, k, pad, t))
+            add(path="triton", kernel_pass="wgrad", tiles=f"{_tiles(t)}_p{programs}", ms=ms, flops=flops["wgrad"])
+        except Exception as exc:  # noqa: BLE001
+            add(path="triton", kernel_pass="wgrad", tiles=f"{_tiles(t)}_p{programs}", error=str(exc).splitlines()[0][:200])
+        finally:
+            triton_conv.WGRAD_PROGRAMS = old
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[10])
+    ap.add_argument("--models", nargs="+", default=["fmnist_cnn", "cifar10_cnn", "kather_cnn"])
+    ap.add_argument("--sweep", action="store_true", help="also time every tile shape of each Triton kernel")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_triton_conv needs a CUDA device")
+    res = result_header(torch.device("cuda"))
+    res.update(benchmark="triton_conv", allow_tf32=torch.backends.cudnn.allow_tf32)
+    for g in a.clients:
+        for spec in LAYERS:
+            if spec[0] in a.models:
+                res["results"] += bench_layer(spec, g, a.sweep)
+    atomic_write_json(a.out, res)
+
+
+if __name__ == "__main__":
+    main()

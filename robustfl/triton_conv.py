@@ -1,0 +1,247 @@
+"""Per-client 2-d convolution (one weight tensor per client) as implicit-GEMM Triton kernels, NHWC.
+
+cuDNN computes n clients' convolutions as one grouped convolution (``groups = n``), which on an H100
+ran the fmnist network's 64->64 5x5 layer at ~28 TFLOP/s (bench/results/kern_fmnist_h100.json), far
+below the matrix units' rate. Here each client's convolution is the matrix product
+
+    y[g, (b, oh, ow), co] = sum_{(kh, kw, ci)} x[g, b, oh + kh - P, ow + kw - P, ci] * w[g, co, ci, kh, kw]
+
+(M = B*OH*OW rows, K = KH*KW*Cin, N = Cout), with the im2col matrix never written out: each program
+gathers its tile of it from the NHWC input (zero outside the image, which is the padding P). The
+backward pass is two more such products:
+
+* input gradient: dx[g, (b, ih, iw), ci] = sum_{(kh, kw, co)} dy[g, b, ih - kh + P, iw - kw + P, co] * w[g, co, ci, kh, kw]
+  (the same kernel with the offsets' sign flipped);
+* weight gradient: dw[g, (kh, kw, ci), co] = sum_{(b, oh, ow)} x[g, b, oh + kh - P, ow + kw - P, ci] * dy[g, b, oh, ow, co],
+  a reduction over M split into S chunks whose fp32 partial sums are added by ``torch.sum``
+  (no atomics, so the result does not depend on the order programs run in).
+
+Stride 1 and dilation 1 only (every convolution of :mod:`robustfl.models`); :func:`supported` says
+whether a layer qualifies. fp32 inputs use TF32 matrix units when ``torch.backends.cudnn.allow_tf32``
+is on (PyTorch's default for convolutions, so the same precision cuDNN uses), else full fp32; bf16
+inputs accumulate in fp32. On a machine without a GPU the kernels run in Triton's interpreter when
+``TRITON_INTERPRET=1`` is set before this module is imported (how tests/test_triton_conv.py checks
+them against ``torch.nn.functional.conv2d``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+
+def supported(m: nn.Conv2d) -> bool:
+    """Whether :func:`conv_nhwc` computes this layer: stride 1, dilation 1, one group, numeric zero padding."""
+    return (tuple(m.stride) == (1, 1) and tuple(m.dilation) == (1, 1) and m.groups == 1
+            and m.padding_mode == "zeros" and not isinstance(m.padding, str) and m.padding[0] == m.padding[1])
+
+
+@triton.jit
+def _igemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, y_sg,
+                  CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                  SGN: tl.constexpr, OFF: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                  ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """y[g, m, n] = sum_k A[g, m, k] w[g, k, n] (+ b[g, n]); A gathered from x (G, B, HIN, WIN, CIN):
+    row m = (b, oh, ow) of the output grid, column k = (kh, kw, ci), A = x[g, b, oh + SGN*kh + OFF,
+    ow + SGN*kw + OFF, ci] (0 outside). Grid: (cdiv(M, BM), cdiv(COUT, BN), G)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    K: tl.constexpr = KH * KW * CIN
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < COUT
+    hw = HOUT * WOUT
+    bb = offs_m // hw
+    rem = offs_m % hw
+    oh = rem // WOUT
+    ow = rem % WOUT
+    x_rows = x_ptr + g * x_sg + bb * (HIN * WIN * CIN)
+    w_base = w_ptr + g * (K * COUT)
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < K
+        ci = offs_k % CIN
+        t = offs_k // CIN
+        kw = t % KW
+        kh = t // KW
+        ih = oh[:, None] + SGN * kh[None, :] + OFF
+        iw = ow[:, None] + SGN * kw[None, :] + OFF
+        ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
+        a = tl.load(x_rows[:, None] + (ih * WIN + iw) * CIN + ci[None, :], mask=ok, other=0.0)
+        wv = tl.load(w_base + offs_k[:, None] * COUT + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                     other=0.0)
+        acc = tl.dot(a, wv, acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + g * COUT + offs_n, mask=n_ok, other=0.0).to(ACC)[None, :]
+    y_ptrs = y_ptr + g * y_sg + offs_m[:, None] * COUT + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, dy_sg, G, S, CHUNK,
+                  CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                  OFF: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                  BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+    """Partial weight gradient out[s, g, k, n] = sum over rows m of chunk s of A[g, m, k] dy[g, m, n]
+    (A as in :func:`_igemm_kernel` with SGN = 1). Grid: (cdiv(K, BK), cdiv(COUT, BN), G*S)."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_gs = tl.program_id(2)
+    g = (pid_gs // S).to(tl.int64)
+    s = pid_gs % S
+    K: tl.constexpr = KH * KW * CIN
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    k_ok = offs_k < K
+    n_ok = offs_n < COUT
+    ci = offs_k % CIN
+    t = offs_k // CIN
+    kw = t % KW
+    kh = t // KW
+    hw = HOUT * WOUT
+    x_base = x_ptr + g * x_sg
+    dy_base = dy_ptr + g * dy_sg
+    acc = tl.zeros((BK, BN), dtype=ACC)
+    start = s * CHUNK
+    for m0 in range(start, start + CHUNK, BR):
+        offs_m = m0 + tl.arange(0, BR)
+        m_ok = offs_m < M
+        bb = offs_m // hw
+        rem = offs_m % hw
+        oh = rem // WOUT
+        ow = rem % WOUT
+        ih = oh[None, :] + kh[:, None] + OFF
+        iw = ow[None, :] + kw[:, None] + OFF
+        ok = k_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
+        a_t = tl.load(x_base + bb[None, :] * (HIN * WIN * CIN) + (ih * WIN + iw) * CIN + ci[:, None],
+                      mask=ok, other=0.0)
+        d = tl.load(dy_base + offs_m[:, None] * COUT + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(a_t, d, acc, input_precision=PREC)
+    out = out_ptr + ((s * G + g) * K + offs_k[:, None]) * COUT + offs_n[None, :]
+    tl.store(out, acc, mask=k_ok[:, None] & n_ok[None, :])
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Block shapes and launch settings of one kernel call."""
+
+    bm: int  # rows of the output tile (igemm) or reduction rows per iteration (wgrad)
+    bn: int
+    bk: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+#: whether the kernels run in Triton's interpreter (decided when this module is imported)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+#: tile choices on the GPU; bench/bench_conv.py --triton-sweep times alternatives
+IGEMM_TILES = Tiles(bm=128, bn=64, bk=32)
+WGRAD_TILES = Tiles(bm=64, bn=64, bk=64)
+#: the weight-gradient reduction is split until about this many programs run (a few per multiprocessor)
+WGRAD_PROGRAMS = 1024
+if INTERPRET:  # the interpreter's cost is per program and per operation: few, large tiles
+    IGEMM_TILES = Tiles(bm=1024, bn=64, bk=128)
+    WGRAD_TILES = Tiles(bm=1024, bn=64, bk=128)
+    WGRAD_PROGRAMS = 1
+
+
+def _bn(cout: int, bn: int) -> int:
+    return max(16, min(bn, triton.next_power_of_2(cout)))
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+    """Accumulator: float64 for float64 inputs (exact tests), else float32."""
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _igemm(x: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: int, wout: int, cout: int,
+           kh: int, kw: int, sgn: int, off: int, tiles: Tiles) -> torch.Tensor:
+    g, b, hin, win, cin = x.shape
+    y = torch.empty(g, b, hout, wout, cout, dtype=x.dtype, device=x.device)
+    m = b * hout * wout
+    bn = _bn(cout, tiles.bn)
+    grid = (triton.cdiv(m, tiles.bm), triton.cdiv(cout, bn), g)
+    _igemm_kernel[grid](x, wk, bias if bias is not None else wk, y, m, hin, win, hout, wout,
+                        x.stride(0), y.stride(0), CIN=cin, COUT=cout, KH=kh, KW=kw, SGN=sgn, OFF=off,
+                        HAS_BIAS=bias is not None, PREC=_prec(x.dtype), ACC=_acc(x.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk,
+                        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return y
+
+
+def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles: Tiles) -> torch.Tensor:
+    """(G, KH*KW*CIN, COUT) weight gradient, rows in (kh, kw, ci) order (fp32; fp64 for fp64 inputs)."""
+    g, b, hin, win, cin = x.shape
+    _, _, hout, wout, cout = dy.shape
+    m = b * hout * wout
+    k = kh * kw * cin
+    bn = _bn(cout, tiles.bn)
+    tiles_kn = triton.cdiv(k, tiles.bk) * triton.cdiv(cout, bn)
+    s = max(1, min(triton.cdiv(m, 8 * tiles.bm), triton.cdiv(WGRAD_PROGRAMS, tiles_kn * g)))
+    chunk = triton.cdiv(triton.cdiv(m, s), tiles.bm) * tiles.bm
+    s = triton.cdiv(m, chunk)
+    part = torch.empty(s, g, k, cout, dtype=_acc(x.dtype)[0], device=x.device)
+    grid = (triton.cdiv(k, tiles.bk), triton.cdiv(cout, bn), g * s)
+    _wgrad_kernel[grid](x, dy, part, m, hin, win, hout, wout, x.stride(0), dy.stride(0), g, s, chunk,
+                        CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, PREC=_prec(x.dtype), ACC=_acc(x.dtype)[1],
+                        BK=tiles.bk, BN=bn, BR=tiles.bm, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return part[0] if s == 1 else part.sum(0)
+
+
+class _ConvNHWC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
+                pad: int) -> torch.Tensor:
+        g, _, h, wd, cin = x.shape
+        cout, _, kh, kw = w.shape[1:]
+        wk = w.permute(0, 3, 4, 2, 1).reshape(g, kh * kw * cin, cout).to(x.dtype).contiguous()
+        y = _igemm(x, wk, None if bias is None else bias.to(x.dtype).contiguous(), h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1, cout, kh, kw, 1, -pad, IGEMM_TILES)
+        ctx.save_for_backward(x, w)
+        ctx.pad, ctx.has_bias = pad, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # noqa: ANN001, ANN205
+        x, w = ctx.saved_tensors
+        pad = ctx.pad
+        dy = dy.contiguous()
+        g, _, h, wd, cin = x.shape
+        cout, _, kh, kw = w.shape[1:]
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            wd_k = w.permute(0, 3, 4, 1, 2).reshape(g, kh * kw * cout, cin).to(dy.dtype).contiguous()
+            dx = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, IGEMM_TILES)
+        if ctx.needs_input_grad[1]:
+            dwk = _wgrad(x, dy, kh, kw, pad, WGRAD_TILES)
+            dw = dwk.view(g, kh, kw, cin, cout).permute(0, 4, 3, 1, 2).to(w.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.to(_acc(dy.dtype)[0]).sum((1, 2, 3)).to(w.dtype)
+        return dx, dw, db, None
+
+
+def conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0) -> torch.Tensor:
+    """Client g's convolution of its inputs ``x[g] (B, H, W, Cin)`` (NHWC, contiguous) with its weight
+    ``w[g] (Cout, Cin, KH, KW)`` and bias ``bias[g] (Cout,)``, stride 1, zero padding ``padding``, for
+    every g: ``(G, B, OH, OW, Cout)``, differentiable in x, w and bias. Under autocast the inputs are
+    cast to the autocast dtype first."""
+    if x.dim() != 5 or w.dim() != 5 or x.shape[0] != w.shape[0] or x.shape[-1] != w.shape[2]:
+        raise ValueError(f"conv_nhwc: x (G, B, H, W, Cin) and w (G, Cout, Cin, KH, KW) do not match: "
+                         f"{tuple(x.shape)}, {tuple(w.shape)}")
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dt), w.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        with torch.autocast(x.device.type, enabled=False):
+            return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding))
+    return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding))

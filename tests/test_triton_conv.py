@@ -1,0 +1,146 @@
+"""robustfl.triton_conv: the per-client implicit-GEMM convolution against torch.nn.functional.conv2d,
+one client at a time. On a machine without a GPU the kernels run in Triton's interpreter (see
+conftest.py), with the GPU's tile shapes so that partial tiles, the K-loop's masking and the
+weight gradient's split reduction all run."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustfl import stacked, triton_conv
+from robustfl.models import build_model
+from robustfl.params import ParamSpec, model_to_flat
+
+CUDA = torch.cuda.is_available()
+GPU_TILES = dict(IGEMM_TILES=triton_conv.Tiles(bm=128, bn=64, bk=32), WGRAD_TILES=triton_conv.Tiles(bm=64, bn=64, bk=64),
+                 WGRAD_PROGRAMS=1024)
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pad: int) -> torch.Tensor:
+    """(G, B, H, W, C) NHWC per-client convolution, one F.conv2d per client."""
+    return torch.stack([F.conv2d(x[g].permute(0, 3, 1, 2), w[g], None if b is None else b[g], padding=pad)
+                        for g in range(x.shape[0])]).permute(0, 1, 3, 4, 2)
+
+
+def _check(shape: tuple[int, ...], bias: bool, dtype: torch.dtype = torch.float64, device: str = "cpu",
+           tol: float = 1e-11) -> None:
+    g, b, h, w, ci, co, k, pad = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(g, b, h, w, ci, generator=gen, dtype=torch.float64).to(device, dtype)
+    wt = torch.randn(g, co, ci, k, k, generator=gen, dtype=torch.float64).to(device, dtype)
+    bs = torch.randn(g, co, generator=gen, dtype=torch.float64).to(device, dtype) if bias else None
+    ins = [t.clone().requires_grad_() for t in (x, wt) + ((bs,) if bias else ())]
+    refs = [t.detach().clone().requires_grad_() for t in ins]
+    y = triton_conv.conv_nhwc(ins[0], ins[1], ins[2] if bias else None, pad)
+    want = _reference(refs[0], refs[1], refs[2] if bias else None, pad)
+    assert y.shape == want.shape == (g, b, h + 2 * pad - k + 1, w + 2 * pad - k + 1, co)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    (y * gy).sum().backward()
+    (want * gy).sum().backward()
+    scale = want.abs().max().item()
+    torch.testing.assert_close(y, want, rtol=tol, atol=tol * scale)
+    for a, r in zip(ins, refs):
+        torch.testing.assert_close(a.grad, r.grad, rtol=tol, atol=tol * r.grad.abs().max().item())
+
+
+# (G clients, B, H, W, Cin, Cout, kernel, padding): one input channel (fmnist's first layer), Cin and
+# Cout not multiples of the tiles, padding 0/1/2, rows M = B*OH*OW above one tile and not a multiple
+# of it, and a weight-gradient reduction split into several chunks (M > 8 * 64: 3*15*15 = 675)
+SHAPES = [(2, 3, 8, 8, 1, 16, 5, 0), (3, 2, 7, 6, 5, 6, 3, 0), (2, 3, 17, 17, 5, 6, 3, 0),
+          (2, 2, 9, 9, 4, 8, 3, 1), (1, 1, 5, 5, 3, 3, 5, 2), (2, 3, 15, 15, 70, 20, 1, 0)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_conv_and_its_gradients_equal_conv2d_per_client(shape: tuple[int, ...], bias: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in GPU_TILES.items():
+        monkeypatch.setattr(triton_conv, k, v)
+    _check(shape, bias)
+
+
+def test_weight_gradient_split_covers_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split reduction's chunk arithmetic: several chunk counts, the last one partial, give the
+    same gradient (float64), including one chunk per 64-row block."""
+    for programs in (1, 3, 7, 10_000):
+        monkeypatch.setattr(triton_conv, "WGRAD_TILES", triton_conv.Tiles(bm=64, bn=64, bk=64))
+        monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", programs)
+        _check((2, 3, 17, 17, 5, 6, 3, 0), True)
+
+
+def test_bad_shapes_and_unsupported_layers_are_named() -> None:
+    with pytest.raises(ValueError, match="do not match"):
+        triton_conv.conv_nhwc(torch.zeros(2, 1, 8, 8, 3), torch.zeros(2, 4, 2, 3, 3))  # Cin 3 vs 2
+    with pytest.raises(ValueError, match="do not match"):
+        triton_conv.conv_nhwc(torch.zeros(1, 8, 8, 3), torch.zeros(1, 4, 3, 3, 3))  # no client dimension
+    assert triton_conv.supported(nn.Conv2d(3, 4, 3, padding=1))
+    assert not triton_conv.supported(nn.Conv2d(3, 4, 3, stride=2))
+    assert not triton_conv.supported(nn.Conv2d(3, 4, 3, dilation=2))
+    assert not triton_conv.supported(nn.Conv2d(4, 4, 3, groups=2))
+    assert not triton_conv.supported(nn.Conv2d(3, 4, 3, padding=(1, 0)))
+
+    class Strided(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.Flatten())
+            self.head = nn.Linear(2 * 3 * 3, 10)
+
+    model = Strided()
+    params = {k: v.unsqueeze(0) for k, v in model.named_parameters()}
+    with pytest.raises(NotImplementedError, match="layout 'triton' needs a stride-1"):
+        stacked.stacked_logits(model, params, torch.zeros(1, 2, 1, 8, 8), layout="triton")
+    assert stacked.stacked_logits(model, params, torch.zeros(1, 2, 1, 8, 8), layout="grouped").shape == (1, 2, 10)
+
+
+def test_triton_layout_refuses_the_cpu_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from robustfl.train import train_vectorised
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = build_model("digits_cnn", 10, 1)
+    x = torch.zeros(8, 8, 8, 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="conv 'triton' needs a CUDA device"):
+        train_vectorised(model, model_to_flat(model), x, torch.zeros(8, dtype=torch.long), [torch.arange(8)],
+                         epochs=1, batch_size=4, lr=1e-3, generator=torch.Generator(), conv="triton")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", SHAPES + [(10, 64, 24, 24, 64, 64, 5, 0), (4, 32, 32, 32, 64, 64, 3, 1)])
+def test_cuda_kernels_equal_conv2d_in_full_fp32(shape: tuple[int, ...]) -> None:
+    """On the GPU with TF32 off the kernels use full-precision FMAs: equal to cuDNN up to summation order."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        _check(shape, True, torch.float32, "cuda", tol=1e-4)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_tf32_and_bf16_stay_close_to_fp32() -> None:
+    """TF32 (the default, as cuDNN) and bf16 autocast: the paper's fmnist layer within each format's
+    rounding of the float64 result (relative error of the output's norm)."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 64, 24, 24, 64, device="cuda")
+    w = torch.randn(10, 64, 64, 5, 5, device="cuda") / 40
+    want = _reference(x.double(), w.double(), None, 0)
+    got = triton_conv.conv_nhwc(x, w)
+    assert ((got.double() - want).norm() / want.norm()).item() < 2e-3
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got16 = triton_conv.conv_nhwc(x, w)
+    assert got16.dtype == torch.bfloat16
+    assert ((got16.double() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_stacked_triton_layout_on_a_packed_step_equals_grouped() -> None:
+    """The stacked engine's ``triton`` layout (NHWC activations, pooled channels-last, flattened back
+    to C, H, W order) gives the grouped layout's logits for the paper's CIFAR-10 network (float64)."""
+    torch.manual_seed(0)
+    model = build_model("cifar10_cnn", 10, 3).double().eval()
+    spec = ParamSpec(model)
+    flats = model_to_flat(model).double().unsqueeze(0) + 0.01 * torch.randn(2, spec.dim, dtype=torch.float64)
+    params = spec.unflatten(flats)  # views into one flat tensor: non-contiguous biases
+    x = torch.rand(2, 3, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(stacked.stacked_logits(model, params, x, layout="triton"),
+                               stacked.stacked_logits(model, params, x, layout="grouped"), rtol=1e-10, atol=1e-12)
