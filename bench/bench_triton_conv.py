@@ -42,10 +42,13 @@ LAYERS = [
     ("kather_cnn", 2, 32, 32, 32, 64, 64, 3, 1), ("kather_cnn", 3, 32, 16, 16, 64, 64, 3, 1),
     ("kather_cnn", 4, 32, 8, 8, 64, 128, 3, 1),
 ]
-IGEMM = [Tiles(128, 64, 32, 4, 3), Tiles(128, 64, 64, 4, 3), Tiles(64, 64, 32, 4, 3), Tiles(64, 64, 64, 4, 4),
-         Tiles(128, 64, 32, 8, 3), Tiles(256, 64, 32, 8, 3), Tiles(128, 64, 16, 4, 4), Tiles(128, 128, 32, 8, 3)]
-WGRAD = [(Tiles(64, 64, 64, 4, 3), 1024), (Tiles(128, 64, 64, 4, 3), 1024), (Tiles(64, 64, 32, 4, 3), 1024),
-         (Tiles(64, 64, 128, 8, 3), 1024), (Tiles(64, 64, 64, 4, 3), 4096), (Tiles(128, 64, 128, 8, 3), 512)]
+# tile shapes timed by --sweep; the first sweep (session 5) also had bk 64/16, 64-row tiles with 4
+# stages, a 128x128 tile, and weight-gradient tiles with bk 64/128 (all slower; see the results file)
+IGEMM = [Tiles(64, 64, 32, 4, 3), Tiles(128, 64, 32, 4, 3), Tiles(128, 64, 32, 8, 3), Tiles(256, 64, 32, 8, 3),
+         Tiles(256, 64, 32, 8, 4), Tiles(256, 64, 64, 8, 3), Tiles(256, 64, 16, 8, 4), Tiles(512, 64, 32, 8, 3)]
+WGRAD = [(Tiles(64, 64, 32, 4, 3), 1024), (Tiles(128, 64, 32, 4, 3), 1024), (Tiles(64, 64, 32, 8, 4), 1024),
+         (Tiles(32, 64, 32, 4, 3), 1024), (Tiles(64, 64, 16, 4, 4), 1024), (Tiles(64, 64, 32, 4, 3), 4096),
+         (Tiles(128, 64, 32, 8, 3), 512)]
 
 
 def _tiles(t: Tiles) -> str:
@@ -92,7 +95,10 @@ def bench_layer(spec: tuple, g: int, sweep: bool) -> list[dict]:
 
     def tri() -> None:
         triton_conv.conv_nhwc(x, wt, bias, pad).backward(dy)
-    add(path="triton", kernel_pass="fwd+bwd", tiles=_tiles(triton_conv.IGEMM_TILES) + "/" + _tiles(triton_conv.WGRAD_TILES),
+    m_out, m_in = b * oh * ow, b * h * w
+    chosen = (_tiles(triton_conv.igemm_tiles(m_out, co, g)) + "/" + _tiles(triton_conv.igemm_tiles(m_in, ci, g))
+              + "/" + _tiles(triton_conv.WGRAD_TILES))
+    add(path="triton", kernel_pass="fwd+bwd", tiles=chosen,
         ms=do_bench(tri), flops=total)
     if not sweep:
         return rows

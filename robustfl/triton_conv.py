@@ -142,15 +142,32 @@ class Tiles:
 
 #: whether the kernels run in Triton's interpreter (decided when this module is imported)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-#: tile choices on the GPU; bench/bench_conv.py --triton-sweep times alternatives
-IGEMM_TILES = Tiles(bm=128, bn=64, bk=32)
-WGRAD_TILES = Tiles(bm=64, bn=64, bk=64)
+#: multiprocessors to fill (an H100 has 132): the output-tile choice wants at least this many programs
+SMS = 132
+#: fixed tiles for the forward / input-gradient kernel; None: chosen by shape (:func:`igemm_tiles`)
+IGEMM_TILES: Tiles | None = None
+#: weight-gradient tiles (bm = rows reduced per iteration); bk = 32 was fastest for every layer of the
+#: paper's networks but CIFAR-10's last (bench/results/triton_conv_h100.json)
+WGRAD_TILES = Tiles(bm=64, bn=64, bk=32)
 #: the weight-gradient reduction is split until about this many programs run (a few per multiprocessor)
 WGRAD_PROGRAMS = 1024
 if INTERPRET:  # the interpreter's cost is per program and per operation: few, large tiles
     IGEMM_TILES = Tiles(bm=1024, bn=64, bk=128)
     WGRAD_TILES = Tiles(bm=1024, bn=64, bk=128)
     WGRAD_PROGRAMS = 1
+
+
+def igemm_tiles(m: int, n: int, g: int) -> Tiles:
+    """Output tiles for ``m`` rows and ``n`` columns per client and ``g`` clients: 256-row tiles with 8
+    warps where they still make :data:`SMS` programs (fastest on every large layer measured on an H100,
+    bench/results/triton_conv_h100.json), else 128, else 64 rows (small layers: more programs)."""
+    if IGEMM_TILES is not None:
+        return IGEMM_TILES
+    cols = triton.cdiv(n, _bn(n, 64)) * g
+    for bm, warps in ((256, 8), (128, 4)):
+        if triton.cdiv(m, bm) * cols >= SMS:
+            return Tiles(bm=bm, bn=64, bk=32, num_warps=warps, num_stages=3)
+    return Tiles(bm=64, bn=64, bk=32, num_warps=4, num_stages=3)
 
 
 def _bn(cout: int, bn: int) -> int:
@@ -205,8 +222,10 @@ class _ConvNHWC(torch.autograd.Function):
                 pad: int) -> torch.Tensor:
         g, _, h, wd, cin = x.shape
         cout, _, kh, kw = w.shape[1:]
+        oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
         wk = w.permute(0, 3, 4, 2, 1).reshape(g, kh * kw * cin, cout).to(x.dtype).contiguous()
-        y = _igemm(x, wk, None if bias is None else bias.to(x.dtype).contiguous(), h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1, cout, kh, kw, 1, -pad, IGEMM_TILES)
+        y = _igemm(x, wk, None if bias is None else bias.to(x.dtype).contiguous(), oh, ow, cout, kh, kw, 1, -pad,
+                   igemm_tiles(x.shape[1] * oh * ow, cout, g))
         ctx.save_for_backward(x, w)
         ctx.pad, ctx.has_bias = pad, bias is not None
         return y
@@ -221,7 +240,7 @@ class _ConvNHWC(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             wd_k = w.permute(0, 3, 4, 1, 2).reshape(g, kh * kw * cout, cin).to(dy.dtype).contiguous()
-            dx = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, IGEMM_TILES)
+            dx = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, igemm_tiles(x.shape[1] * h * wd, cin, g))
         if ctx.needs_input_grad[1]:
             dwk = _wgrad(x, dy, kh, kw, pad, WGRAD_TILES)
             dw = dwk.view(g, kh, kw, cin, cout).permute(0, 4, 3, 1, 2).to(w.dtype)

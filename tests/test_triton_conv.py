@@ -14,8 +14,9 @@ from robustfl.models import build_model
 from robustfl.params import ParamSpec, model_to_flat
 
 CUDA = torch.cuda.is_available()
-GPU_TILES = dict(IGEMM_TILES=triton_conv.Tiles(bm=128, bn=64, bk=32), WGRAD_TILES=triton_conv.Tiles(bm=64, bn=64, bk=64),
-                 WGRAD_PROGRAMS=1024)
+#: the tile shapes the GPU runs (robustfl.triton_conv.igemm_tiles, WGRAD_TILES)
+IGEMM_GPU = [triton_conv.Tiles(bm=bm, bn=64, bk=32) for bm in (64, 128, 256)]
+WGRAD_GPU = triton_conv.Tiles(bm=64, bn=64, bk=32)
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pad: int) -> torch.Tensor:
@@ -52,20 +53,36 @@ SHAPES = [(2, 3, 8, 8, 1, 16, 5, 0), (3, 2, 7, 6, 5, 6, 3, 0), (2, 3, 17, 17, 5,
           (2, 2, 9, 9, 4, 8, 3, 1), (1, 1, 5, 5, 3, 3, 5, 2), (2, 3, 15, 15, 70, 20, 1, 0)]
 
 
+@pytest.mark.parametrize("tiles", IGEMM_GPU, ids=lambda t: f"bm{t.bm}")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_conv_and_its_gradients_equal_conv2d_per_client(shape: tuple[int, ...], bias: bool,
+def test_conv_and_its_gradients_equal_conv2d_per_client(shape: tuple[int, ...], bias: bool, tiles: triton_conv.Tiles,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    for k, v in GPU_TILES.items():
-        monkeypatch.setattr(triton_conv, k, v)
+    monkeypatch.setattr(triton_conv, "IGEMM_TILES", tiles)
+    monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)
+    monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 1024)
     _check(shape, bias)
+
+
+def test_tile_choice_fills_the_multiprocessors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """igemm_tiles: 256-row tiles while they make >= SMS programs, then 128, then 64."""
+    monkeypatch.setattr(triton_conv, "IGEMM_TILES", None)
+    monkeypatch.setattr(triton_conv, "SMS", 132)
+    assert triton_conv.igemm_tiles(64 * 20 * 20, 64, 10) == triton_conv.Tiles(256, 64, 32, 8, 3)  # fmnist conv 2
+    assert triton_conv.igemm_tiles(32 * 8 * 8, 128, 10) == triton_conv.Tiles(256, 64, 32, 8, 3)  # 8 x 2 x 10 = 160
+    assert triton_conv.igemm_tiles(32 * 8 * 8, 64, 10) == triton_conv.Tiles(128, 64, 32, 4, 3)  # 8 x 10 < 132
+    assert triton_conv.igemm_tiles(32 * 4 * 4, 64, 10) == triton_conv.Tiles(64, 64, 32, 4, 3)  # CIFAR-10 conv 3
+    assert triton_conv.igemm_tiles(32 * 4 * 4, 64, 90) == triton_conv.Tiles(256, 64, 32, 8, 3)  # packed: 2 x 90
+    fixed = triton_conv.Tiles(32, 32, 16)
+    monkeypatch.setattr(triton_conv, "IGEMM_TILES", fixed)
+    assert triton_conv.igemm_tiles(10**6, 64, 10) is fixed
 
 
 def test_weight_gradient_split_covers_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
     """The split reduction's chunk arithmetic: several chunk counts, the last one partial, give the
     same gradient (float64), including one chunk per 64-row block."""
     for programs in (1, 3, 7, 10_000):
-        monkeypatch.setattr(triton_conv, "WGRAD_TILES", triton_conv.Tiles(bm=64, bn=64, bk=64))
+        monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)
         monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", programs)
         _check((2, 3, 17, 17, 5, 6, 3, 0), True)
 
