@@ -103,11 +103,25 @@ def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: li
         p.sub_(a * (lr / bc1.view(shape)) * m / denom)
 
 
+#: on CUDA, :func:`adam_step_uniform` runs PyTorch's fused Adam kernel (``torch.optim.Adam(fused=True)``'s
+#: arithmetic: one pass over parameters, gradients and moments instead of seven foreach passes)
+FUSED_ADAM_CUDA = True
+
+
 def adam_step_uniform(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
-                      exp_avg_sq: list[torch.Tensor], step: int, lr: float) -> None:
+                      exp_avg_sq: list[torch.Tensor], step: int, lr: float, *, fused: bool | None = None) -> None:
     """:func:`adam_step` when every client is active and all have taken ``step`` steps: the same
-    arithmetic with scalar bias corrections, in a handful of foreach launches."""
+    arithmetic with scalar bias corrections, in a handful of foreach launches, or (``fused``; by default
+    on CUDA) in one launch of ``torch._fused_adam_``, the kernel behind ``torch.optim.Adam(fused=True)``
+    (the same update up to float rounding: tests/test_train.py)."""
     b1, b2 = ADAM_BETAS
+    if fused is None:
+        fused = FUSED_ADAM_CUDA and params[0].is_cuda
+    if fused:  # the step count as a device scalar (a fill kernel, no host-device copy)
+        step_t = torch.full((), float(step), dtype=torch.float32, device=params[0].device)
+        torch._fused_adam_(params, grads, exp_avg, exp_avg_sq, [], [step_t] * len(params), lr=lr, beta1=b1,
+                           beta2=b2, weight_decay=0.0, eps=ADAM_EPS, amsgrad=False, maximize=False)
+        return
     torch._foreach_lerp_(exp_avg, grads, 1 - b1)
     torch._foreach_mul_(exp_avg_sq, b2)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - b2)
@@ -146,23 +160,40 @@ def _conv_twin(model: nn.Module, conv: str) -> nn.Module:
     return twin
 
 
-#: what ``conv="auto"`` means on a CUDA device, per model class, in fp32 (measured on an H100,
-#: bench/results/kern_*_h100.json): the fastest layout with CUDA graphs for the paper's models.
-AUTO_CUDA_CONV = {"FMNISTNet": "grouped", "CIFARNet": "channels_last", "KatherNet": "channels_last"}
-#: in bf16 channels-last was the fastest for every model measured
-AUTO_CUDA_CONV_BF16 = "channels_last"
+#: what ``conv="auto"`` means on a CUDA device, per model class, in fp32: the fastest layout with CUDA
+#: graphs for the paper's models. Session 4 measured grouped (fmnist) and channels-last (CIFAR-10,
+#: Kather) fastest among cuDNN's layouts (bench/results/kern_*_h100.json); session 5's implicit-GEMM
+#: Triton kernels beat both for every model at 10 and at 90/30 clients (kern_triton_*.json).
+AUTO_CUDA_CONV = {"FMNISTNet": "triton", "CIFARNet": "triton", "KatherNet": "triton"}
+#: in bf16 (session 4: channels-last the fastest cuDNN layout; session 5: Triton faster still, except
+#: CIFAR-10 at 10 clients, within 6%)
+AUTO_CUDA_CONV_BF16 = "triton"
+
+
+def triton_ready(model: nn.Module) -> bool:
+    """Whether the ``triton`` layout can compute ``model``: Triton is installed and every convolution
+    is one that :func:`robustfl.triton_conv.supported` accepts."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None or not stacked.supports(model):
+        return False
+    from robustfl import triton_conv
+
+    return all(triton_conv.supported(m) for _, m in stacked.layers(model) if isinstance(m, nn.Conv2d))
 
 
 def resolve_kernels(model: nn.Module, device: torch.device, conv: str = "auto", cuda_graph: bool | None = None,
                     precision: str = "fp32") -> tuple[str, bool]:
     """The ``conv`` and ``cuda_graph`` arguments of :func:`train_vectorised` for a run's settings.
     ``conv="auto"``: on CUDA the layout of :data:`AUTO_CUDA_CONV` for the model's class (``"grouped"``
-    for others; :data:`AUTO_CUDA_CONV_BF16` in bf16), on CPU or for a model :mod:`robustfl.stacked`
-    cannot compute vmap's ``"cudnn"``. ``cuda_graph=None`` turns graphs on wherever they apply (CUDA and
-    a stacked layout)."""
+    for others; :data:`AUTO_CUDA_CONV_BF16` in bf16; ``"grouped"`` where that is ``"triton"`` and
+    :func:`triton_ready` says no), on CPU or for a model :mod:`robustfl.stacked` cannot compute vmap's
+    ``"cudnn"``. ``cuda_graph=None`` turns graphs on wherever they apply (CUDA and a stacked layout)."""
     if conv == "auto":
         if device.type == "cuda" and stacked.supports(model):
             conv = AUTO_CUDA_CONV_BF16 if precision == "bf16" else AUTO_CUDA_CONV.get(type(model).__name__, "grouped")
+            if conv == "triton" and not triton_ready(model):
+                conv = "grouped"
         else:
             conv = "cudnn"
     if cuda_graph is None:

@@ -180,16 +180,20 @@ def test_layouts_agree_on_the_gpu_in_full_fp32() -> None:
 
 def test_auto_kernels_follow_the_measured_table() -> None:
     """``conv: auto`` (robustfl.train.resolve_kernels): the stacked layout measured fastest per model on
-    CUDA with graphs on, channels-last in bf16, the vmap path on CPU; explicit choices pass through."""
+    CUDA with graphs on (the Triton kernels, fp32 and bf16), the vmap path on CPU; explicit choices
+    pass through; a model with a convolution the Triton kernels do not compute falls back to grouped."""
     from robustfl.train import AUTO_CUDA_CONV, resolve_kernels
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # resolving touches no device
     for name, cls in [("fmnist_cnn", "FMNISTNet"), ("cifar10_cnn", "CIFARNet"), ("kather_cnn", "KatherNet")]:
         model = build_model(name, 10, 3)
         assert resolve_kernels(model, cuda) == (AUTO_CUDA_CONV[cls], True)
-        assert resolve_kernels(model, cuda, precision="bf16") == ("channels_last", True)
+        assert resolve_kernels(model, cuda, precision="bf16") == ("triton", True)
         assert resolve_kernels(model, cpu) == ("cudnn", False)
-    assert AUTO_CUDA_CONV == {"FMNISTNet": "grouped", "CIFARNet": "channels_last", "KatherNet": "channels_last"}
+    assert AUTO_CUDA_CONV == {"FMNISTNet": "triton", "CIFARNet": "triton", "KatherNet": "triton"}
+    strided = build_model("cifar10_cnn", 10, 3)
+    strided.features[0].stride = (2, 2)
+    assert resolve_kernels(strided, cuda, precision="bf16") == ("grouped", True)
     digits = build_model("digits_cnn", 10, 1)
     assert resolve_kernels(digits, cuda) == ("grouped", True)  # not in the table: grouped
     assert resolve_kernels(digits, cuda, "loop", False) == ("loop", False)
@@ -244,3 +248,27 @@ def test_dropout_inside_a_cuda_graph_draws_new_masks_every_replay() -> None:
     graph, out = _capture(lambda: stacked.stacked_logits(model, params, x))
     graph.replay()
     torch.testing.assert_close(out[0], out[1])
+
+
+def test_pool_before_relu_is_the_same_function_and_gradient_on_ties() -> None:
+    """The stacked engine pools before the ReLU (robustfl.stacked._pool_before_relu). On inputs full of
+    ties (constant and all-negative windows, repeated positive maxima), logits and gradients still equal
+    the model's own ReLU-then-pool order, client by client (float64)."""
+    torch.manual_seed(3)
+    model = build_model("cifar10_cnn", 10, 3).double().eval()
+    names = [type(m).__name__ for _, m in stacked._pool_before_relu(stacked.layers(model))]
+    assert names[:3] == ["Conv2d", "MaxPool2d", "ReLU"]
+    spec, params = _stacked_params(model, 2)
+    x = torch.rand(2, 3, 3, 32, 32, dtype=torch.float64)
+    x[:, :, :, :16] = 0.5  # constant regions: equal convolution outputs in a window (ties)
+    x[1, 1] = 0.0
+    y = torch.randint(0, 10, (2, 3))
+    mask = torch.ones(2, 3, dtype=torch.float64)
+
+    def loss(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+        return masked_ce(functional_call(model, dict(zip(spec.names, p)), (xb,)), yb, mb)
+
+    want = vmap(grad(loss))(tuple(params), x, y, mask)
+    got = stacked.stacked_grads(model, spec.names, params, x, y, mask, layout="grouped")
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)

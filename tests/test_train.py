@@ -116,8 +116,10 @@ def test_stacked_plrs_match_per_model_features() -> None:
     assert ParamSpec(model).dim == theta.numel()
 
 
-def test_uniform_adam_fast_path_equals_masked_step() -> None:
-    """The foreach fast path (all clients active) computes the same Adam as the per-client masked step."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_uniform_adam_fast_path_equals_masked_step(fused: bool) -> None:
+    """The fast path (all clients active), foreach or PyTorch's fused Adam kernel (what CUDA runs),
+    computes the same Adam as the per-client masked step."""
     from robustfl.train import adam_step_uniform
 
     g = torch.Generator().manual_seed(1)
@@ -130,8 +132,10 @@ def test_uniform_adam_fast_path_equals_masked_step() -> None:
     for k in range(1, 6):
         grads = [torch.randn(t.shape, generator=g) for t in p0]
         adam_step(pa, grads, ma, va, step, torch.ones(4), lr=0.01)
-        adam_step_uniform(pb, grads, mb, vb, k, lr=0.01)
+        adam_step_uniform(pb, grads, mb, vb, k, lr=0.01, fused=fused)
     for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(ma + va, mb + vb):
         torch.testing.assert_close(a, b)
     assert not torch.allclose(pa[0], p0[0])
 
