@@ -119,6 +119,7 @@ def adam_step_uniform(params: list[torch.Tensor], grads: list[torch.Tensor], exp
         fused = FUSED_ADAM_CUDA and params[0].is_cuda
     if fused:  # the step count as a device scalar (a fill kernel, no host-device copy)
         step_t = torch.full((), float(step), dtype=torch.float32, device=params[0].device)
+        grads = [g.contiguous() for g in grads]  # the kernel needs each gradient laid out as its parameter
         torch._fused_adam_(params, grads, exp_avg, exp_avg_sq, [], [step_t] * len(params), lr=lr, beta1=b1,
                            beta2=b2, weight_decay=0.0, eps=ADAM_EPS, amsgrad=False, maximize=False)
         return

@@ -131,6 +131,7 @@ def test_uniform_adam_fast_path_equals_masked_step(fused: bool) -> None:
     step = torch.zeros(4)
     for k in range(1, 6):
         grads = [torch.randn(t.shape, generator=g) for t in p0]
+        grads[0] = grads[0].transpose(1, 2).contiguous().transpose(1, 2)  # a non-contiguous gradient (bmm's)
         adam_step(pa, grads, ma, va, step, torch.ones(4), lr=0.01)
         adam_step_uniform(pb, grads, mb, vb, k, lr=0.01, fused=fused)
     for a, b in zip(pa, pb):
