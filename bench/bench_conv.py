@@ -68,7 +68,6 @@ VARIANTS = {
     "triton": dict(conv="triton", bench=False, tf32=False, precision="fp32"),
     "triton+graph": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True),
     "triton+graph+bf16": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True),
-    "triton+graph+nosplitk": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, split_k=False),
 }
 
 
@@ -80,18 +79,6 @@ def cuda_flags(bench: bool, tf32: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = old
-
-
-@contextlib.contextmanager
-def _no_split_k() -> Iterator[None]:
-    from robustfl import stacked
-
-    old = stacked.SPLIT_K_MIN
-    stacked.SPLIT_K_MIN = 1 << 62
-    try:
-        yield
-    finally:
-        stacked.SPLIT_K_MIN = old
 
 
 def _sync(dev: torch.device) -> None:
@@ -131,10 +118,6 @@ def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, vari
                                                       lr=1e-3, generator=torch.Generator().manual_seed(0),
                                                       precision=o["precision"], conv=o["conv"],
                                                       cuda_graph=o.get("graph", False) and dev.type == "cuda")
-                if not VARIANTS.get(v, {}).get("split_k", True):  # dense layers without split-K
-                    flags = contextlib.ExitStack()
-                    flags.enter_context(cuda_flags(o["bench"], o["tf32"]))
-                    flags.enter_context(_no_split_k())
                 with flags:
                     fn()  # warm-up: kernels, autotuning
                     _sync(dev)

@@ -73,28 +73,6 @@ def supports(model: nn.Module) -> bool:
     return True
 
 
-#: a dense layer with at least this many inputs multiplies in chunks of the inputs ("split-K") whose
-#: products are summed: fmnist's 25,600 -> 128 layer otherwise ran as a few long FP32 products, one
-#: per client (0.77 ms of a 4.4 ms step on an H100, bench/results/profile_fmnist_triton_fp32_h100.json)
-SPLIT_K_MIN = 8192
-SPLIT_K_CHUNK = 1600
-
-
-def _dense(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``h (n, B, K) @ w (n, O, K)^T + bias (n, O)``; for K >= :data:`SPLIT_K_MIN` as a sum over K
-    chunks of ~:data:`SPLIT_K_CHUNK` (the same products, another summation order)."""
-    k = h.shape[-1]
-    s = k // SPLIT_K_CHUNK if k >= SPLIT_K_MIN else 1
-    while s > 1 and k % s:
-        s -= 1
-    if s > 1:  # (n, s, B, K/s) @ (n, s, K/s, O), summed over s
-        y = torch.matmul(h.unflatten(2, (s, k // s)).transpose(1, 2),
-                         w.unflatten(2, (s, k // s)).permute(0, 2, 3, 1)).sum(1)
-        return y if bias is None else y + bias.unsqueeze(1)
-    wt = w.transpose(1, 2)
-    return torch.bmm(h, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, wt)
-
-
 def _pool_before_relu(ls: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     """``ReLU`` then ``MaxPool2d`` reordered to ``MaxPool2d`` then ``ReLU``: the same function (ReLU is
     monotone, so max(relu(a)) = relu(max(a))) and the same gradient (the pool routes it to the same
@@ -166,7 +144,10 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
         elif isinstance(m, nn.Linear):
             if merged or nhwc:
                 raise NotImplementedError("stacked engine: Linear on a 4-d activation (add a Flatten)")
-            h = _dense(h, params[prefix + "weight"], params.get(prefix + "bias"))
+            w = params[prefix + "weight"]
+            bias = params.get(prefix + "bias")
+            wt = w.transpose(1, 2)
+            h = torch.bmm(h, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, wt)
         elif isinstance(m, nn.Dropout):
             h = F.dropout(h, m.p, m.training)
         elif isinstance(m, nn.ReLU):

@@ -272,18 +272,3 @@ def test_pool_before_relu_is_the_same_function_and_gradient_on_ties() -> None:
     got = stacked.stacked_grads(model, spec.names, params, x, y, mask, layout="grouped")
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_split_k_dense_layer_equals_one_product(bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A dense layer computed in K chunks (robustfl.stacked._dense, split-K) equals the one batched
-    product, including a K that the chunk size does not divide (float64)."""
-    g = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(stacked, "SPLIT_K_MIN", 64)
-    monkeypatch.setattr(stacked, "SPLIT_K_CHUNK", 10)
-    for k in (100, 97, 120):
-        h = torch.randn(3, 5, k, generator=g, dtype=torch.float64)
-        w = torch.randn(3, 7, k, generator=g, dtype=torch.float64)
-        b = torch.randn(3, 7, generator=g, dtype=torch.float64) if bias else None
-        want = torch.bmm(h, w.transpose(1, 2)) + (b.unsqueeze(1) if bias else 0)
-        torch.testing.assert_close(stacked._dense(h, w, b), want, rtol=1e-12, atol=1e-12)
