@@ -42,9 +42,9 @@ from robustfl.params import model_to_flat
 from robustfl.train import train_sequential, train_vectorised
 
 try:  # run as `python bench/bench_conv.py` from the repository root
-    from bench_engine import SETTINGS, result_header, train_flops
+    from bench_engine import SETTINGS, _sync, result_header, train_flops
 except ImportError:  # pragma: no cover - imported as bench.bench_conv
-    from bench.bench_engine import SETTINGS, result_header, train_flops
+    from bench.bench_engine import SETTINGS, _sync, result_header, train_flops
 
 VARIANTS = {
     "cudnn": dict(conv="cudnn", bench=False, tf32=False, precision="fp32"),
@@ -79,11 +79,6 @@ def cuda_flags(bench: bool, tf32: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, variants: list[str],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import math
 import weakref
 from collections.abc import Sequence
@@ -311,8 +310,11 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
             grad_all = _compiled(grad_all, model, n, batch_size)
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
-    if conv == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError(f"conv 'triton' needs a CUDA device (or TRITON_INTERPRET=1), got {device}")
+    if conv == "triton" and device.type != "cuda":
+        from robustfl import triton_conv  # its kernels were compiled or interpreted as decided at import
+
+        if not triton_conv.INTERPRET:
+            raise ValueError(f"conv 'triton' needs a CUDA device (or TRITON_INTERPRET=1), got {device}")
     idx, mask = plan.idx.to(device), plan.mask.to(device)
     shape = x_shape_nchw(x)
 

@@ -114,7 +114,7 @@ def test_bad_shapes_and_unsupported_layers_are_named() -> None:
 def test_triton_layout_refuses_the_cpu_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     from robustfl.train import train_vectorised
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_conv, "INTERPRET", False)  # as when imported without TRITON_INTERPRET
     model = build_model("digits_cnn", 10, 1)
     x = torch.zeros(8, 8, 8, 1, dtype=torch.uint8)
     with pytest.raises(ValueError, match="conv 'triton' needs a CUDA device"):
