@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from robustfl import stacked
+from robustfl import stacked, triton_conv
 from robustfl.models import build_model
 from robustfl.params import ParamSpec, model_to_flat
 from robustfl.train import masked_ce, train_sequential, train_vectorised
@@ -15,6 +15,10 @@ from robustfl.train import masked_ce, train_sequential, train_vectorised
 MODELS = [("cifar10_cnn", (3, 32, 32)), ("kather_cnn", (3, 128, 128)), ("fmnist_cnn", (1, 28, 28)),
           ("digits_cnn", (1, 8, 8))]
 CUDA = torch.cuda.is_available()
+#: the layouts on CPU tensors; ``triton`` there runs in Triton's interpreter (conftest.py, no GPU)
+CPU_LAYOUTS = [pytest.param(layout, marks=pytest.mark.skipif(
+    layout == "triton" and not triton_conv.INTERPRET, reason="the triton layout on CPU tensors needs Triton's "
+    "interpreter (TRITON_INTERPRET=1, set by conftest.py where there is no GPU)")) for layout in stacked.LAYOUTS]
 
 
 def _stacked_params(model: nn.Module, n: int, dtype: torch.dtype = torch.float64,
@@ -26,7 +30,7 @@ def _stacked_params(model: nn.Module, n: int, dtype: torch.dtype = torch.float64
     return spec, [unflat[k] for k in spec.names]
 
 
-@pytest.mark.parametrize("layout", stacked.LAYOUTS)
+@pytest.mark.parametrize("layout", CPU_LAYOUTS)
 @pytest.mark.parametrize("name,shape", MODELS)
 def test_stacked_gradients_equal_vmapped_per_client_gradients(name: str, shape: tuple[int, int, int],
                                                               layout: str) -> None:
@@ -55,7 +59,7 @@ def test_stacked_gradients_equal_vmapped_per_client_gradients(name: str, shape: 
         torch.testing.assert_close(logits[i], ref, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("conv", stacked.LAYOUTS)
+@pytest.mark.parametrize("conv", CPU_LAYOUTS)
 @pytest.mark.parametrize("sizes", [[50, 50, 50, 50], [60, 35, 50, 17]])
 def test_stacked_engine_equals_sequential(conv: str, sizes: list[int]) -> None:
     """Same batches, CPU: the stacked engine's updates equal the per-client torch.optim.Adam reference

@@ -14,6 +14,10 @@ from robustfl.models import build_model
 from robustfl.params import ParamSpec, model_to_flat
 
 CUDA = torch.cuda.is_available()
+#: the checks on CPU tensors run the kernels in Triton's interpreter (conftest.py turns it on without a
+#: GPU); on a GPU machine the compiled kernels cannot take CPU tensors, and the CUDA tests below run
+on_cpu = pytest.mark.skipif(not triton_conv.INTERPRET, reason="CPU tensors need Triton's interpreter "
+                            "(TRITON_INTERPRET=1, set by conftest.py where there is no GPU)")
 #: the tile shapes the GPU runs (robustfl.triton_conv.igemm_tiles, WGRAD_TILES)
 IGEMM_GPU = [triton_conv.Tiles(bm=bm, bn=64, bk=32) for bm in (64, 128, 256)]
 WGRAD_GPU = triton_conv.Tiles(bm=64, bn=64, bk=32)
@@ -53,6 +57,7 @@ SHAPES = [(2, 3, 8, 8, 1, 16, 5, 0), (3, 2, 7, 6, 5, 6, 3, 0), (2, 3, 17, 17, 5,
           (2, 2, 9, 9, 4, 8, 3, 1), (1, 1, 5, 5, 3, 3, 5, 2), (2, 3, 15, 15, 70, 20, 1, 0)]
 
 
+@on_cpu
 @pytest.mark.parametrize("tiles", IGEMM_GPU, ids=lambda t: f"bm{t.bm}")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -78,6 +83,7 @@ def test_tile_choice_fills_the_multiprocessors(monkeypatch: pytest.MonkeyPatch) 
     assert triton_conv.igemm_tiles(10**6, 64, 10) is fixed
 
 
+@on_cpu
 def test_weight_gradient_split_covers_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
     """The split reduction's chunk arithmetic: several chunk counts, the last one partial, give the
     same gradient (float64), including one chunk per 64-row block."""
@@ -150,6 +156,7 @@ def test_cuda_tf32_and_bf16_stay_close_to_fp32() -> None:
     assert ((got16.double() - want).norm() / want.norm()).item() < 1e-2
 
 
+@on_cpu
 def test_stacked_triton_layout_on_a_packed_step_equals_grouped() -> None:
     """The stacked engine's ``triton`` layout (NHWC activations, pooled channels-last, flattened back
     to C, H, W order) gives the grouped layout's logits for the paper's CIFAR-10 network (float64)."""
