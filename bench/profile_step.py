@@ -60,7 +60,6 @@ def main() -> None:
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0 and e.key and not e.key.startswith("ProfilerStep"):
             rows.append({"kernel": e.key[:160], "calls": e.count, "ms_per_step": t / 1e3 / a.steps})
-    rows = [r for r in rows if r["calls"] > 0]
     rows.sort(key=lambda r: -r["ms_per_step"])
     total = sum(r["ms_per_step"] for r in rows)
     res = result_header(dev, model=mname, conv=a.conv, precision=a.precision, clients=a.clients, batch=bs,

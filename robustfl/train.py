@@ -163,7 +163,8 @@ def _conv_twin(model: nn.Module, conv: str) -> nn.Module:
 #: what ``conv="auto"`` means on a CUDA device, per model class, in fp32: the fastest layout with CUDA
 #: graphs for the paper's models. Session 4 measured grouped (fmnist) and channels-last (CIFAR-10,
 #: Kather) fastest among cuDNN's layouts (bench/results/kern_*_h100.json); session 5's implicit-GEMM
-#: Triton kernels beat both for every model at 10 and at 90/30 clients (kern_triton_*.json).
+#: Triton kernels, with their chosen tiles, beat both for every model at 10 and at 90/30 clients
+#: (kern_triton_*_h200.json; with the first tiles fmnist at 10 clients had lost, kern_triton_tiles1_*).
 AUTO_CUDA_CONV = {"FMNISTNet": "triton", "CIFARNet": "triton", "KatherNet": "triton"}
 #: in bf16 (session 4: channels-last the fastest cuDNN layout; session 5: Triton faster still, except
 #: CIFAR-10 at 10 clients, within 6%)
