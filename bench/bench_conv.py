@@ -68,6 +68,7 @@ VARIANTS = {
     "triton": dict(conv="triton", bench=False, tf32=False, precision="fp32"),
     "triton+graph": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True),
     "triton+graph+bf16": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True),
+    "triton+graph+tf32": dict(conv="triton", bench=False, tf32=False, precision="tf32", graph=True),
 }
 
 

@@ -41,6 +41,8 @@ VARIANTS = {
     "channels_last+graph": dict(conv="channels_last", cuda_graph=True),
     "loop+graph": dict(conv="loop", cuda_graph=True),
     "triton+graph": dict(conv="triton", cuda_graph=True),
+    "triton+graph+tf32": dict(conv="triton", cuda_graph=True, precision="tf32"),
+    "triton+graph+bf16": dict(conv="triton", cuda_graph=True, precision="bf16"),
     "auto": dict(conv="auto", cuda_graph=None),
 }
 
@@ -68,7 +70,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["cudnn", "channels_last+graph"], choices=list(VARIANTS))
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--precision", default="fp32", help="of the variants that name none")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the random dataset's size (smoke tests)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -92,7 +94,7 @@ def main() -> None:
     run_cell(RunConfig(**{**base, "rounds": 1}), data_dir, part, tmp / "warm")
     for r in range(a.repeats):
         for v in a.variants:
-            cfg = RunConfig(**base, **VARIANTS[v])
+            cfg = RunConfig(**{**base, **VARIANTS[v]})  # a variant may name its own precision
             out_dir = tmp / f"run_{v}_{r}"
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -100,7 +102,7 @@ def main() -> None:
             final = run_cell(cfg, data_dir, part, out_dir)
             wall = time.perf_counter() - t
             run = json.loads((out_dir / "run.json").read_text())
-            row = {"variant": v, "repeat": r, "precision": a.precision, "end_to_end_s": wall,
+            row = {"variant": v, "repeat": r, "precision": cfg.precision, "end_to_end_s": wall,
                    "sim_wall_s": final.get("sim_wall_s"),
                    "test_acc": final["test_acc"], "engine_conv": final.get("engine_conv"),
                    "engine_cuda_graph": final.get("engine_cuda_graph"),

@@ -45,7 +45,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     engine: str = "auto"  # auto (vectorised on CUDA, sequential on CPU) | vectorised | sequential
-    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    precision: str = "fp32"  # fp32 | tf32 (dense products in TF32 too) | bf16 (autocast on CUDA)
     conv: str = "auto"  # vectorised engine's layers: auto | cudnn | matmul (vmap) | grouped | channels_last | loop | triton
     cuda_graph: bool | None = None  # capture the vectorised step as a CUDA graph (None: auto)
     deterministic: bool = False
@@ -100,8 +100,8 @@ class RunConfig:
             bad("cuda_graph", f"must be true, false or null (auto), got {self.cuda_graph!r}")
         if self.cuda_graph and self.conv in ("cudnn", "matmul"):
             bad("cuda_graph", f"CUDA graphs need conv grouped, channels_last, loop or triton (or auto), not {self.conv!r}")
-        if self.precision not in ("fp32", "bf16"):
-            bad("precision", f"must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("fp32", "tf32", "bf16"):
+            bad("precision", f"must be 'fp32', 'tf32' or 'bf16', got {self.precision!r}")
         if self.checkpoint_every < 0:
             bad("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         if self.snapshot_round is not None and self.snapshot_round != -1 and not 1 <= self.snapshot_round <= self.rounds:

@@ -5,7 +5,8 @@
 convolution in NCHW for ``Conv2d``). This module computes the same function explicitly, so that the
 layout and the kernels are ours to pick and the step is plain autograd (which CUDA graphs can capture):
 
-* ``Linear``: one batched matrix product, ``baddbmm(b, x, W^T)`` over the client dimension;
+* ``Linear``: one batched matrix product, ``baddbmm(b, x, W^T)`` over the client dimension
+  (:func:`dense`, whose backward leaves the weight gradient in the weight's layout);
 * ``Conv2d``, three ways (``layout``):
 
   - ``"grouped"``: the clients' channels side by side, ``(B, n*C, H, W)``, one grouped convolution
@@ -92,6 +93,38 @@ def _to_merged(x: torch.Tensor, layout: str) -> torch.Tensor:
     return m.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else m
 
 
+class _Dense(torch.autograd.Function):
+    """``baddbmm(b, x, W^T)`` with a backward that writes each weight gradient in its parameter's
+    layout: ``dW = dY^T X`` as one batched product (autograd's ``bmm`` backward computes ``X^T dY`` and
+    hands back its transpose, which the fused Adam kernel then has to copy)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = bias is not None
+        wt = w.transpose(1, 2)
+        return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, wt)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # noqa: ANN001, ANN205
+        x, w = ctx.saved_tensors
+        dx = torch.bmm(dy, w) if ctx.needs_input_grad[0] else None
+        dw = torch.bmm(dy.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        db = dy.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Client g's dense layer ``x[g] W[g]^T + b[g]`` for every g: ``x (n, B, in)``, ``w (n, out, in)``,
+    ``bias (n, out)`` -> ``(n, B, out)``. Under autocast the operands are cast to the autocast dtype
+    first and the gradients come back in the parameters' dtypes, as autocast's ``baddbmm`` does."""
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return _Dense.apply(x.to(dt), w.to(dt), None if bias is None else bias.to(dt))
+    return _Dense.apply(x, w, bias)
+
+
 def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, *,
                    layout: str = "grouped") -> torch.Tensor:
     """Logits ``(n, B, classes)`` of the n models whose stacked parameters ``params[name] (n, ...)``
@@ -144,10 +177,7 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
         elif isinstance(m, nn.Linear):
             if merged or nhwc:
                 raise NotImplementedError("stacked engine: Linear on a 4-d activation (add a Flatten)")
-            w = params[prefix + "weight"]
-            bias = params.get(prefix + "bias")
-            wt = w.transpose(1, 2)
-            h = torch.bmm(h, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, wt)
+            h = dense(h, params[prefix + "weight"], params.get(prefix + "bias"))
         elif isinstance(m, nn.Dropout):
             h = F.dropout(h, m.p, m.training)
         elif isinstance(m, nn.ReLU):

@@ -17,7 +17,7 @@ import collections
 import contextlib
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -223,10 +223,33 @@ def _capture(fn, warmup: int = 2):  # noqa: ANN001, ANN202
     return graph, out
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+#: the run precisions (RunConfig.precision): ``fp32`` -- PyTorch's defaults on CUDA (convolutions in
+#: TF32, as cuDNN and the Triton kernels do by default, dense products in full FP32); ``tf32`` -- dense
+#: products in TF32 as well (TensorFlow's default on Ampere and later GPUs, and so the precision the
+#: paper's TensorFlow code gets on such a GPU); ``bf16`` -- autocast to bfloat16. On the CPU all three
+#: compute in FP32.
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def precision_context(device: torch.device, precision: str, *, autocast: bool = True) -> Iterator[None]:
+    """Training steps inside run in ``precision`` (:data:`PRECISIONS`); the global TF32 switches are
+    restored on exit. ``autocast=False`` leaves bf16 autocast off (for a ``backward()`` call outside
+    the autocast region, as PyTorch's AMP recipe has it) and keeps the TF32 switches."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if device.type != "cuda" or precision == "fp32" or (precision == "bf16" and not autocast):
+        yield
+    elif precision == "bf16":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -321,7 +344,7 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
 
     def grads_of(p_m: list[torch.Tensor], bi: torch.Tensor, mb: torch.Tensor) -> list[torch.Tensor]:
         xb = prepare_inputs(x[bi.reshape(-1)]).reshape(len(bi), batch_size, *shape)
-        with _autocast(device, precision):
+        with precision_context(device, precision):
             return [g.float() for g in grad_all(tuple(p_m), xb, y[bi], mb)]
 
     graph = graph_m = None  # the CUDA graph in use and the number of clients it computes
@@ -389,9 +412,10 @@ def train_sequential(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
             bi = plan.idx[i, s].to(device)
             xb, yb = prepare_inputs(x[bi]), y[bi]
             opt.zero_grad(set_to_none=True)
-            with _autocast(device, precision):
+            with precision_context(device, precision):
                 loss = masked_ce(model(xb), yb, mb)
-            loss.backward()
+            with precision_context(device, precision, autocast=False):
+                loss.backward()
             opt.step()
         out.append(model_to_flat(model) - theta)
     model.train(was_training)

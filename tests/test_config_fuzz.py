@@ -323,7 +323,7 @@ RUNCONFIG_DOMAINS = {
     "partition": st.sampled_from(["iid", "classes", "dirichlet"]), "aux_source": st.sampled_from(["train", "test"]),
     "backdoor": st.sampled_from(["semantic", "trojan"]), "backdoor_mode": st.sampled_from(["single", "multiple"]),
     "engine": st.sampled_from(["auto", "vectorised", "sequential"]),
-    "precision": st.sampled_from(["fp32", "bf16"]), "deterministic": st.booleans(),
+    "precision": st.sampled_from(["fp32", "tf32", "bf16"]), "deterministic": st.booleans(),
     "conv": st.sampled_from(["auto", "cudnn", "matmul", "grouped", "channels_last", "loop", "triton"]),
     # true is valid only with a stacked layout (a cross-field rule RunConfig checks, not the schema)
     "cuda_graph": st.sampled_from([None, False]),

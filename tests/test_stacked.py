@@ -276,3 +276,43 @@ def test_pool_before_relu_is_the_same_function_and_gradient_on_ties() -> None:
     got = stacked.stacked_grads(model, spec.names, params, x, y, mask, layout="grouped")
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dense_gradients_equal_autograd_and_keep_the_weight_layout(with_bias: bool) -> None:
+    """stacked.dense: per client x W^T + b, with autograd's values for every gradient (float64), and a
+    weight gradient laid out like the weight (contiguous: the fused Adam kernel needs no copy of it)."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 4, dtype=torch.float64, requires_grad=True) if with_bias else None
+    dy = torch.randn(3, 5, 4, dtype=torch.float64)
+    want_y = torch.stack([x[i] @ w[i].T + (b[i] if with_bias else 0) for i in range(3)])
+    inputs = (x, w, b) if with_bias else (x, w)
+    want = torch.autograd.grad(want_y, inputs, dy)
+    y = stacked.dense(x, w, b)
+    torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(y, inputs, dy)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert got[1].is_contiguous()
+    if with_bias:  # only the parameters asked for are computed
+        (gw,) = torch.autograd.grad(stacked.dense(x.detach(), w, b), (w,), dy)
+        torch.testing.assert_close(gw, want[1], rtol=1e-12, atol=1e-12)
+
+
+def test_dense_under_autocast_returns_gradients_in_the_parameters_dtype() -> None:
+    """Under (CPU) bf16 autocast, stacked.dense computes in bf16 like autocast's baddbmm and hands the
+    float32 parameters float32 gradients close to the float32 ones."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 8, 16)
+    w = torch.randn(2, 4, 16, requires_grad=True)
+    b = torch.randn(2, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = stacked.dense(x, w, b)
+    assert y.dtype == torch.bfloat16
+    gw, gb = torch.autograd.grad(y.float().sum(), (w, b))
+    assert gw.dtype == gb.dtype == torch.float32
+    rw, rb = torch.autograd.grad((x @ w.transpose(1, 2) + b.unsqueeze(1)).sum(), (w, b))
+    torch.testing.assert_close(gw, rw, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(gb, rb, rtol=1e-2, atol=1e-2)

@@ -250,3 +250,60 @@ def test_idle_clients_cost_no_flops() -> None:
         flops[skip] = fc.get_total_flops()
     assert flops[False] > 0
     assert flops[True] <= (28 / 64 + 0.02) * flops[False]
+
+
+def test_precision_context_switches_tf32_for_cuda_steps_and_restores_it() -> None:
+    """precision 'tf32' turns TF32 on for dense products (and convolutions) on CUDA inside the block and
+    restores both switches after it, also after an error; 'fp32' and the CPU leave them alone; the
+    backward-only form (autocast=False) keeps TF32 and drops bf16 autocast; unknown names are refused."""
+    from robustfl.train import PRECISIONS, precision_context
+
+    assert PRECISIONS == ("fp32", "tf32", "bf16")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # no CUDA call is made for the TF32 switches
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
+        for autocast in (True, False):
+            with precision_context(cuda, "tf32", autocast=autocast):
+                assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        with pytest.raises(RuntimeError, match="inside"):
+            with precision_context(cuda, "tf32"):
+                raise RuntimeError("inside")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        for dev, prec in ((cuda, "fp32"), (cpu, "tf32"), (cpu, "bf16"), (cuda, "bf16")):
+            with precision_context(dev, prec, autocast=False):
+                assert not torch.backends.cuda.matmul.allow_tf32
+                assert not torch.is_autocast_enabled("cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    with pytest.raises(ValueError, match="precision must be one of"):
+        with precision_context(cpu, "fp16"):
+            pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tf32_steps_on_the_gpu_stay_close_to_fp32() -> None:
+    """One vectorised round of the fmnist model on the GPU in 'tf32' against 'fp32' (same batches): the
+    updates differ by TF32's rounding only (relative difference under 5 %: Adam's first steps are
+    nearly sign(g), so a gradient component near zero may flip), and not at all in
+    'fp32' twice."""
+    from robustfl.models import build_model
+    from robustfl.params import model_to_flat
+
+    torch.manual_seed(0)
+    model = build_model("fmnist_cnn", 10, 1).cuda()
+    theta = model_to_flat(model)
+    x = torch.randint(0, 256, (256, 28, 28, 1), dtype=torch.uint8, device="cuda")
+    y = torch.randint(0, 10, (256,), device="cuda")
+    shards = [torch.arange(i * 64, (i + 1) * 64) for i in range(4)]
+    def run(precision: str) -> torch.Tensor:
+        torch.manual_seed(2)  # the same dropout masks
+        return train_vectorised(model, theta, x, y, shards, epochs=1, batch_size=32, lr=1e-3,
+                                generator=torch.Generator().manual_seed(1), precision=precision,
+                                conv="triton", cuda_graph=False)
+
+    a, b, c = run("fp32"), run("fp32"), run("tf32")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    rel = ((c - a).norm() / a.norm()).item()
+    assert 0 < rel < 5e-2, rel
