@@ -13,6 +13,11 @@ estimated from measured per-cell times, under 3 GPU-hours"), from measured numbe
 * everything else in a round (evaluation, PLRs for FLARE's MMD, logging): the median of
   ``(sim_wall_s - sum of train_s + attack_s + agg_s) / rounds`` over the reproduction's unpacked runs.
 
+The reproduction's runs shared each GPU with up to 9 other jobs, so these last three terms measured
+contention as well as work. ``--costs`` replaces them with bench_cells.py's measurements (every attack
+and defense of the grid, per dataset, alone on a GPU): crafting per (dataset, attack, backdoor kind),
+aggregation per (dataset, defense), everything else per dataset, no scaling between datasets.
+
     snakemake --cores 1 --config study=full -- reports/full/cells.csv
     python bench/estimate_grid.py --cells reports/full/cells.csv --out bench/results/grid_estimate_h100.json
 """
@@ -56,13 +61,51 @@ def other_per_round(runs_dir: Path, rounds: pd.DataFrame) -> float:
 GRAPHED_ATTACKS = ("krum_backdoor",)
 
 
+class Costs:
+    """Per-round crafting, aggregation and other time of a cell, from bench_cells.py's files."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        rows = [r for p in paths for r in json.loads(p.read_text())["results"]]
+        df = pd.DataFrame(rows)
+        for col in ("attack", "defense", "backdoor"):
+            if col not in df:
+                df[col] = None
+        df["attack"] = df["attack"].fillna("none")
+        df["defense"] = df["defense"].fillna("fedavg")
+        df["backdoor"] = df["backdoor"].fillna("semantic")
+        att = df[df["attack"] != "none"]
+        self.attack = {(r.dataset, r.attack, r.backdoor): r.attack_s_median for r in att.itertuples()}
+        dfn = df[df["attack"] == "none"]
+        self.agg = {(r.dataset, r.defense): r.agg_s_median for r in dfn.itertuples()}
+        self.other = df.groupby("dataset")["other_s_per_round"].median().to_dict()
+        self.devices = sorted({json.loads(p.read_text())["device"] for p in paths})
+
+    def per_round(self, ds: str, attack: str, backdoor: str, defense: str) -> tuple[float, float, float]:
+        """(crafting, aggregation, other) seconds per round; KeyError names a combination not measured."""
+        try:
+            craft = 0.0 if attack == "none" else self.attack[(ds, attack, backdoor)]
+            return craft, self.agg[(ds, defense)], self.other[ds]
+        except KeyError as exc:
+            raise KeyError(f"bench_cells results have no measurement for {exc.args[0]}") from None
+
+    def summary(self) -> dict:
+        return {"attack_s_per_round": {"/".join(k): v for k, v in self.attack.items()},
+                "agg_s_per_round": {"/".join(k): v for k, v in self.agg.items()},
+                "other_s_per_round": self.other, "devices": self.devices}
+
+
 def estimate(cells: pd.DataFrame, packed: dict[str, float], seq: dict[str, float], rounds: pd.DataFrame,
-             other: float, attack_speedup: dict[str, float] | None = None) -> tuple[pd.DataFrame, dict]:
+             other: float, attack_speedup: dict[str, float] | None = None,
+             costs: Costs | None = None) -> tuple[pd.DataFrame, dict]:
     """``attack_speedup[model]``: divide the crafting time of :data:`GRAPHED_ATTACKS` by it (measured by
-    bench_attack.py; models without a measurement keep the reproduction's time)."""
+    bench_attack.py; models without a measurement keep the reproduction's time). ``costs``: crafting,
+    aggregation and other time measured per dataset by bench_cells.py instead (``rounds``, ``other``,
+    ``seq`` and ``attack_speedup`` then go unused)."""
     attack_speedup = attack_speedup or {}
-    attack_s = rounds.groupby("attack")["attack_s"].median().to_dict()
-    agg_s = rounds.groupby("defense")["agg_s"].median().to_dict()
+    attack_s = agg_s = {}
+    if costs is None:
+        attack_s = rounds.groupby("attack")["attack_s"].median().to_dict()
+        agg_s = rounds.groupby("defense")["agg_s"].median().to_dict()
     rows = []
     for _, c in cells.iterrows():
         ov = json.loads(c["overrides"])
@@ -70,11 +113,15 @@ def estimate(cells: pd.DataFrame, packed: dict[str, float], seq: dict[str, float
         model = DATASET_MODEL[ds]
         attack, defense = ov.get("attack", "none"), ov.get("defense", "fedavg")
         t_rounds = ov.get("rounds", 20)
-        scale = seq[model] / seq["cifar10_cnn"]
-        if attack in GRAPHED_ATTACKS:
-            scale /= attack_speedup.get(model, 1.0)
-        craft = attack_s.get(attack, attack_s["none"]) * scale
-        per_round = packed[model] + craft + agg_s.get(defense, max(agg_s.values())) + other
+        if costs is not None:
+            craft, agg, oth = costs.per_round(ds, attack, ov.get("backdoor", "semantic"), defense)
+        else:
+            scale = seq[model] / seq["cifar10_cnn"]
+            if attack in GRAPHED_ATTACKS:
+                scale /= attack_speedup.get(model, 1.0)
+            craft = attack_s.get(attack, attack_s["none"]) * scale
+            agg, oth = agg_s.get(defense, max(agg_s.values())), other
+        per_round = packed[model] + craft + agg + oth
         n_seeds = len(str(c["seeds"]).split())
         rows.append({"cell_id": c["cell_id"], "dataset": ds, "attack": attack, "defense": defense,
                      "runs": n_seeds, "s_per_run": per_round * t_rounds, "gpu_s": per_round * t_rounds * n_seeds,
@@ -87,9 +134,10 @@ def estimate(cells: pd.DataFrame, packed: dict[str, float], seq: dict[str, float
         "gpu_hours_by_dataset": (est.groupby("dataset")["gpu_s"].sum() / 3600).round(3).to_dict(),
         "gpu_hours_training_only": float(est["train_gpu_s"].sum() / 3600),
         "gpu_hours_attack_crafting": float(est["attack_gpu_s"].sum() / 3600),
-        "inputs": {"packed_train_s_per_cell_round": packed, "sequential_s_per_round": seq,
-                   "attack_s_per_round_cifar10": attack_s, "agg_s_per_round": agg_s, "other_s_per_round": other,
-                   "attack_speedup": attack_speedup, "graphed_attacks": list(GRAPHED_ATTACKS)},
+        "inputs": ({"packed_train_s_per_cell_round": packed, "cell_costs": costs.summary()} if costs is not None else
+                   {"packed_train_s_per_cell_round": packed, "sequential_s_per_round": seq,
+                    "attack_s_per_round_cifar10": attack_s, "agg_s_per_round": agg_s, "other_s_per_round": other,
+                    "attack_speedup": attack_speedup, "graphed_attacks": list(GRAPHED_ATTACKS)}),
     }
     return est, summary
 
@@ -103,17 +151,25 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("reports/reproduction/runs"))
     ap.add_argument("--attack-bench", type=Path, default=None,
                     help="bench_attack.py results: speed-ups of the graphed crafting per model")
+    ap.add_argument("--costs", type=Path, nargs="+", default=None,
+                    help="bench_cells.py results: crafting, aggregation and other time per dataset, measured alone "
+                         "on a GPU (replace --rounds, --runs, --sequential and --attack-bench)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
-    speedup = _by_model(a.attack_bench, "speedup") if a.attack_bench else {}
     packed = _by_model(a.engine, "packed_s_per_cell_round")
-    seq = _by_model(a.sequential, "sequential_s_per_round")
-    rounds = pd.read_csv(a.rounds)
-    est, summary = estimate(pd.read_csv(a.cells), packed, seq, rounds, other_per_round(a.runs, rounds), speedup)
+    cells = pd.read_csv(a.cells)
+    if a.costs:
+        est, summary = estimate(cells, packed, {}, pd.DataFrame(), 0.0, costs=Costs(a.costs))
+    else:
+        speedup = _by_model(a.attack_bench, "speedup") if a.attack_bench else {}
+        seq = _by_model(a.sequential, "sequential_s_per_round")
+        rounds = pd.read_csv(a.rounds)
+        est, summary = estimate(cells, packed, seq, rounds, other_per_round(a.runs, rounds), speedup)
     engine = json.loads(a.engine.read_text())
     summary.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), git_commit=git_commit(),
                    device=engine["device"], engine_file=str(a.engine), cells_file=str(a.cells),
-                   attack_bench_file=str(a.attack_bench) if a.attack_bench else None,
+                   attack_bench_file=str(a.attack_bench) if a.attack_bench and not a.costs else None,
+                   costs_files=[str(p) for p in a.costs] if a.costs else None,
                    per_cell=est.to_dict(orient="records"))
     if a.out:
         atomic_write_json(a.out, summary)

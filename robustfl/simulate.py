@@ -109,6 +109,8 @@ def resolve_device(name: str) -> torch.device:
         raise RuntimeError(f"config device {name!r} requested, but torch sees no CUDA GPU on this machine")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", claim_gpu())
+    if dev.type == "cuda":  # kernels launched on the current device (Triton's) must find this run's tensors
+        torch.cuda.set_device(dev)
     return dev
 
 

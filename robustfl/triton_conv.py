@@ -25,6 +25,7 @@ them against ``torch.nn.functional.conv2d``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -183,6 +184,12 @@ def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
+def _on(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on ``t``'s GPU: Triton launches on the current CUDA device, which need not be the one
+    holding the tensors (a run on ``cuda:1`` of a multi-GPU host; found in the session-6 pipeline run)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _igemm(x: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: int, wout: int, cout: int,
            kh: int, kw: int, sgn: int, off: int, tiles: Tiles) -> torch.Tensor:
     g, b, hin, win, cin = x.shape
@@ -190,10 +197,11 @@ def _igemm(x: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: i
     m = b * hout * wout
     bn = _bn(cout, tiles.bn)
     grid = (triton.cdiv(m, tiles.bm), triton.cdiv(cout, bn), g)
-    _igemm_kernel[grid](x, wk, bias if bias is not None else wk, y, m, hin, win, hout, wout,
-                        x.stride(0), y.stride(0), CIN=cin, COUT=cout, KH=kh, KW=kw, SGN=sgn, OFF=off,
-                        HAS_BIAS=bias is not None, PREC=_prec(x.dtype), ACC=_acc(x.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk,
-                        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    with _on(x):
+        _igemm_kernel[grid](x, wk, bias if bias is not None else wk, y, m, hin, win, hout, wout,
+                            x.stride(0), y.stride(0), CIN=cin, COUT=cout, KH=kh, KW=kw, SGN=sgn, OFF=off,
+                            HAS_BIAS=bias is not None, PREC=_prec(x.dtype), ACC=_acc(x.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk,
+                            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return y
 
 
@@ -210,9 +218,10 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     s = triton.cdiv(m, chunk)
     part = torch.empty(s, g, k, cout, dtype=_acc(x.dtype)[0], device=x.device)
     grid = (triton.cdiv(k, tiles.bk), triton.cdiv(cout, bn), g * s)
-    _wgrad_kernel[grid](x, dy, part, m, hin, win, hout, wout, x.stride(0), dy.stride(0), g, s, chunk,
-                        CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, PREC=_prec(x.dtype), ACC=_acc(x.dtype)[1],
-                        BK=tiles.bk, BN=bn, BR=tiles.bm, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    with _on(x):
+        _wgrad_kernel[grid](x, dy, part, m, hin, win, hout, wout, x.stride(0), dy.stride(0), g, s, chunk,
+                            CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, PREC=_prec(x.dtype), ACC=_acc(x.dtype)[1],
+                            BK=tiles.bk, BN=bn, BR=tiles.bm, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return part[0] if s == 1 else part.sum(0)
 
 

@@ -54,3 +54,57 @@ def test_grid_estimate_divides_graphed_crafting_by_its_measured_speedup() -> Non
     assert per["a"] == pytest.approx((1.0 + 1.0 + 0.1) * 20)  # 4.0 s / 4
     assert per["b"] == pytest.approx((1.0 + 0.5 + 0.1) * 20)  # not graphed: unchanged
     assert summary["gpu_hours_attack_crafting"] == pytest.approx((1.0 + 0.5) * 20 / 3600)
+
+
+def test_grid_estimate_takes_crafting_aggregation_and_other_from_bench_cells(tmp_path: Path) -> None:
+    """With bench_cells.py's measurements (two shard files), each cell's round = packed training + its
+    dataset's crafting for that attack and backdoor kind + its dataset's aggregation for that defense +
+    its dataset's median other time; a combination never measured is an error naming it."""
+    eg = _load("estimate_grid")
+    head = {"device": "GPU X", "results": []}
+    f1, f2 = tmp_path / "c0.json", tmp_path / "c1.json"
+    f1.write_text(json.dumps({**head, "results": [
+        {"dataset": "fmnist", "attack": "krum_backdoor", "n_attackers": 1, "attack_s_median": 0.4, "agg_s_median": 0.01,
+         "other_s_per_round": 0.02},
+        {"dataset": "fmnist", "attack": "krum_backdoor", "backdoor": "trojan", "n_attackers": 1,
+         "attack_s_median": 0.6, "agg_s_median": 0.01, "other_s_per_round": 0.04}]}))
+    f2.write_text(json.dumps({**head, "results": [
+        {"dataset": "fmnist", "defense": "flare", "attack_s_median": 0.0, "agg_s_median": 0.05, "other_s_per_round": 0.03},
+        {"dataset": "fmnist", "defense": "fedavg", "attack_s_median": 0.0, "agg_s_median": 0.002,
+         "other_s_per_round": 0.01}]}))
+    costs = eg.Costs([f1, f2])
+    cells = pd.DataFrame([
+        {"cell_id": "a", "seeds": "0 1", "overrides": json.dumps({"dataset": "fmnist", "attack": "krum_backdoor",
+                                                                 "n_attackers": 1, "defense": "flare"})},
+        {"cell_id": "b", "seeds": "0", "overrides": json.dumps({"dataset": "fmnist", "attack": "krum_backdoor",
+                                                               "backdoor": "trojan", "n_attackers": 1})},
+        {"cell_id": "c", "seeds": "0", "overrides": json.dumps({"dataset": "fmnist", "rounds": 4})}])
+    est, summary = eg.estimate(cells, {"fmnist_cnn": 2.0}, {}, pd.DataFrame(), 0.0, costs=costs)
+    other = 0.025  # median of 0.02, 0.04, 0.03, 0.01
+    per = est.set_index("cell_id")["s_per_run"]
+    assert per["a"] == pytest.approx((2.0 + 0.4 + 0.05 + other) * 20)
+    assert per["b"] == pytest.approx((2.0 + 0.6 + 0.002 + other) * 20)
+    assert per["c"] == pytest.approx((2.0 + 0.0 + 0.002 + other) * 4)
+    assert summary["gpu_hours_attack_crafting"] == pytest.approx((2 * 0.4 + 0.6) * 20 / 3600)
+    assert summary["inputs"]["cell_costs"]["devices"] == ["GPU X"]
+    bad = pd.DataFrame([{"cell_id": "d", "seeds": "0", "overrides": json.dumps(
+        {"dataset": "fmnist", "attack": "median_backdoor", "n_attackers": 1})}])
+    with pytest.raises(KeyError, match="median_backdoor"):
+        eg.estimate(bad, {"fmnist_cnn": 2.0}, {}, pd.DataFrame(), 0.0, costs=costs)
+
+
+def test_bench_cells_times_every_attack_and_defense_of_the_grid() -> None:
+    """bench_cells.py's job list covers every attack (with its attacker count) and defense of the paper's
+    grid for each dataset asked for, and shards split it without overlap."""
+    bc = _load("bench_cells")
+    jobs = bc.jobs(["fmnist", "kather"])
+    assert len(jobs) == 2 * (7 + 7)
+    assert {(j["attack"], j.get("backdoor", "semantic")) for j in jobs if "attack" in j} == {
+        ("krum_backdoor", "semantic"), ("krum_backdoor", "trojan"), ("median_backdoor", "semantic"),
+        ("median_backdoor", "trojan"),
+        ("krum_untargeted", "semantic"), ("trimmedmean_untargeted", "semantic"), ("adaptive_plr", "semantic")}
+    assert {j["defense"] for j in jobs if "defense" in j} == {"fedavg", "krum", "median", "trimmed_mean", "bulyan",
+                                                             "fltrust", "flare"}
+    assert all(j["n_attackers"] == (3 if "untargeted" in j["attack"] else 1) for j in jobs if "attack" in j)
+    shards = [jobs[i::4] for i in range(4)]
+    assert sum(len(s) for s in shards) == len(jobs)

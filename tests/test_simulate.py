@@ -104,6 +104,22 @@ def test_claim_gpu_spreads_jobs_over_cards(tmp_path: Path, monkeypatch: pytest.M
         fh.close()
 
 
+def test_a_claimed_gpu_becomes_the_process_current_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """resolve_device makes the run's card the current CUDA device: Triton launches its kernels on the
+    current device, and a run on cuda:1 whose current device stayed cuda:0 failed ("Pointer argument
+    cannot be accessed from Triton"; the session-6 pipeline run on 4 GPUs)."""
+    from robustfl import simulate
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(simulate, "claim_gpu", lambda: 2)
+    assert simulate.resolve_device("auto") == torch.device("cuda", 2)
+    assert simulate.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert calls == [torch.device("cuda", 2), torch.device("cuda", 1)]
+    assert simulate.resolve_device("cpu") == torch.device("cpu") and len(calls) == 2
+
+
 def test_clients_record_the_norm_of_each_update(digits: Path, tmp_path: Path) -> None:
     """clients.csv's update_norm is ||delta_i||_2 of the update the server received; a client whose
     update holds NaN is excluded (weight 0) and its norm is NaN."""

@@ -140,6 +140,13 @@ def test_cuda_kernels_equal_conv2d_in_full_fp32(shape: tuple[int, ...]) -> None:
         torch.backends.cudnn.allow_tf32 = old
 
 
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_kernels_run_on_the_tensors_gpu_not_the_current_one() -> None:
+    """Tensors on cuda:1 while the current device is cuda:0: the kernels launch on the tensors' card."""
+    torch.cuda.set_device(0)
+    _check((2, 3, 9, 9, 4, 8, 3, 1), True, torch.float32, "cuda:1", tol=1e-2)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_tf32_and_bf16_stay_close_to_fp32() -> None:
     """TF32 (the default, as cuDNN) and bf16 autocast: the paper's fmnist layer within each format's
