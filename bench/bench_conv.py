@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from robustfl import stacked
 from robustfl.io import atomic_write_json
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
@@ -69,17 +70,20 @@ VARIANTS = {
     "triton+graph": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True),
     "triton+graph+bf16": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True),
     "triton+graph+tf32": dict(conv="triton", bench=False, tf32=False, precision="tf32", graph=True),
+    "triton+graph+nofuse": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, fuse=False),
+    "triton+graph+bf16+nofuse": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True, fuse=False),
 }
 
 
 @contextlib.contextmanager
-def cuda_flags(bench: bool, tf32: bool) -> Iterator[None]:
-    old = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = bench, tf32
+def cuda_flags(bench: bool, tf32: bool, fuse: bool = True) -> Iterator[None]:
+    """cuDNN autotuning, TF32 dense products and the triton layout's fused epilogues, restored after."""
+    old = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, stacked.FUSE_EPILOGUES
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, stacked.FUSE_EPILOGUES = bench, tf32, fuse
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = old
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, stacked.FUSE_EPILOGUES = old
 
 
 def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, variants: list[str],
@@ -109,7 +113,8 @@ def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, vari
                     flags = cuda_flags(True, False) if v == "sequential+bench" else contextlib.nullcontext()
                 else:
                     o = VARIANTS[v]
-                    flags = cuda_flags(o["bench"], o["tf32"]) if dev.type == "cuda" else contextlib.nullcontext()
+                    flags = (cuda_flags(o["bench"], o["tf32"], o.get("fuse", True)) if dev.type == "cuda"
+                             else contextlib.nullcontext())
                     fn = lambda o=o: train_vectorised(model, theta, x, y, shards, epochs=1, batch_size=bs,  # noqa: E731
                                                       lr=1e-3, generator=torch.Generator().manual_seed(0),
                                                       precision=o["precision"], conv=o["conv"],

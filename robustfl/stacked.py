@@ -16,7 +16,8 @@ layout and the kernels are ours to pick and the step is plain autograd (which CU
   - ``"loop"``: one ordinary convolution per client, ``(n, B, C, H, W)``;
   - ``"triton"``: the clients' activations in NHWC, ``(n, B, H, W, C)``, each convolution one
     implicit-GEMM Triton kernel over all clients (:mod:`robustfl.triton_conv`; CUDA, or Triton's
-    interpreter on the CPU; stride 1 only);
+    interpreter on the CPU; stride 1 only), with the ReLU or the 2x2 max-pool and ReLU that follow it
+    applied inside the kernels (their backward too);
 
 * ``ReLU``, ``MaxPool2d``, ``Dropout``, ``Identity``, ``Flatten``: applied to every client's activations.
 
@@ -86,6 +87,34 @@ def _pool_before_relu(ls: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Mod
     return out
 
 
+def _is_pool2(m: nn.Module) -> bool:
+    """A 2x2, stride-2, unpadded, undilated, floor-mode max-pool (what the fused epilogue computes)."""
+    def two(v: object) -> bool:
+        return tuple(v) == (2, 2) if isinstance(v, (tuple, list)) else v == 2
+
+    return (type(m) is nn.MaxPool2d and two(m.kernel_size) and two(m.stride)
+            and m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1)) and not m.ceil_mode
+            and not m.return_indices)
+
+
+#: layout "triton" applies the ReLU / 2x2 max-pool + ReLU after a convolution inside its kernels
+#: (False: as separate PyTorch operations, for benchmarks that compare the two)
+FUSE_EPILOGUES = True
+
+
+def _fusable(rest: list[tuple[str, nn.Module]]) -> str:
+    """The epilogue (robustfl.triton_conv.EPILOGUES) that the layers right after a convolution allow,
+    in the order :func:`_pool_before_relu` leaves them: a 2x2 max-pool then a ReLU, or a ReLU."""
+    if not FUSE_EPILOGUES:
+        return "none"
+    kinds = [m for _, m in rest[:2]]
+    if len(kinds) == 2 and _is_pool2(kinds[0]) and type(kinds[1]) is nn.ReLU:
+        return "pool_relu"
+    if kinds and type(kinds[0]) is nn.ReLU:
+        return "relu"
+    return "none"
+
+
 def _to_merged(x: torch.Tensor, layout: str) -> torch.Tensor:
     """(n, B, C, H, W) -> (B, n*C, H, W), channels-last memory for ``"channels_last"``."""
     n, b, c, h, w = x.shape
@@ -136,7 +165,11 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
     h = x
     merged = False  # True while h is (B, n*C, H, W) (grouped layouts), else (n, B, ...)
     nhwc = False  # True while h is (n, B, H, W, C) (layout "triton")
-    for prefix, m in _pool_before_relu(layers(model)):
+    seq = _pool_before_relu(layers(model))
+    i = 0
+    while i < len(seq):
+        prefix, m = seq[i]
+        i += 1
         if isinstance(m, nn.Conv2d):
             w = params[prefix + "weight"]
             bias = params.get(prefix + "bias")
@@ -148,7 +181,9 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
                                               f"ungrouped Conv2d with equal padding at '{prefix}'")
                 if not nhwc:
                     h, nhwc = h.permute(0, 1, 3, 4, 2).contiguous(), True
-                h = triton_conv.conv_nhwc(h, w, bias, m.padding[0])
+                epilogue = _fusable(seq[i:])
+                h = triton_conv.conv_nhwc(h, w, bias, m.padding[0], epilogue)
+                i += {"none": 0, "relu": 1, "pool_relu": 2}[epilogue]  # the layers the kernels applied
             elif layout == "loop":
                 h = torch.stack([F.conv2d(h[i], w[i], None if bias is None else bias[i], m.stride,
                                           m.padding, m.dilation, m.groups) for i in range(n)])

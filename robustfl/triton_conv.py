@@ -16,6 +16,16 @@ backward pass is two more such products:
   a reduction over M split into S chunks whose fp32 partial sums are added by ``torch.sum``
   (no atomics, so the result does not depend on the order programs run in).
 
+The ReLU, or the 2x2 max-pool and ReLU, after a convolution can run in the forward kernel's epilogue
+(``conv_nhwc(..., epilogue=...)``; robustfl.stacked does so for the paper's networks): the pool writes
+its output and a one-byte code per output naming its window's maximum, never the full-size
+convolution output. The backward forms the gradient at the convolution's output once (from the codes
+in one pass, :func:`_unpool_kernel`, instead of PyTorch's zero-fill and scatter; the ReLU's mask from
+its output) and hands it to the two gradient kernels, whose weight-gradient kernel also sums the bias
+gradient. (Applying the mask or the pool's routing inside the gradient kernels instead, on every one of
+their re-reads of the gradient, was measured 1.2x (fmnist) and 1.4x (Kather) slower per step on an
+H200: bench/results/kern_fuse_v1_h200.json.)
+
 Stride 1 and dilation 1 only (every convolution of :mod:`robustfl.models`); :func:`supported` says
 whether a layer qualifies. fp32 inputs use TF32 matrix units when ``torch.backends.cudnn.allow_tf32``
 is on (PyTorch's default for convolutions, so the same precision cuDNN uses), else full fp32; bf16
@@ -41,14 +51,47 @@ def supported(m: nn.Conv2d) -> bool:
             and m.padding_mode == "zeros" and not isinstance(m.padding, str) and m.padding[0] == m.padding[1])
 
 
+#: what the forward kernel applies to the convolution's output before storing it (its epilogue):
+#: nothing, a ReLU, or a 2x2 stride-2 max-pool followed by a ReLU (the same function and gradient as
+#: ReLU then pool: robustfl.stacked._pool_before_relu)
+EPILOGUES = ("none", "relu", "pool_relu")
+#: the pool's code of a window whose maximum is not positive: the ReLU passes it no gradient
+DEAD = 4
+
+
 @triton.jit
-def _igemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, y_sg,
+def _rows(offs_m, HOUT, WOUT, PH, PW, POOL: tl.constexpr):
+    """Output pixel (b, oh, ow) of GEMM row m: raster order, or (POOL) 2x2 windows in raster order of the
+    pooled grid (PH, PW), m = ((b*PH + ph)*PW + pw)*4 + q and (oh, ow) = (2ph + q // 2, 2pw + q % 2)."""
+    if POOL:
+        q = offs_m % 4
+        t = offs_m // 4
+        pw = t % PW
+        t = t // PW
+        ph = t % PH
+        bb = t // PH
+        oh = 2 * ph + q // 2
+        ow = 2 * pw + q % 2
+    else:
+        hw = HOUT * WOUT
+        bb = offs_m // hw
+        rem = offs_m % hw
+        oh = rem // WOUT
+        ow = rem % WOUT
+    return bb, oh, ow
+
+
+@triton.jit
+def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT, PH, PW, a_sg, y_sg,
                   CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                  SGN: tl.constexpr, OFF: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-                  ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """y[g, m, n] = sum_k A[g, m, k] w[g, k, n] (+ b[g, n]); A gathered from x (G, B, HIN, WIN, CIN):
-    row m = (b, oh, ow) of the output grid, column k = (kh, kw, ci), A = x[g, b, oh + SGN*kh + OFF,
-    ow + SGN*kw + OFF, ci] (0 outside). Grid: (cdiv(M, BM), cdiv(COUT, BN), G)."""
+                  SGN: tl.constexpr, OFF: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  PREC: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """y[g, m, n] = epilogue(sum_k A[g, m, k] w[g, k, n] (+ b[g, n])); A gathered from a (G, B, HIN, WIN,
+    CIN): row m = (b, oh, ow) of the output grid (:func:`_rows`; 2x2 windows for EPI 2), column
+    k = (kh, kw, ci), A = a[g, b, oh + SGN*kh + OFF, ow + SGN*kw + OFF, ci] (0 outside). EPI 0: y as is;
+    1: max(y, 0); 2: each window's maximum, then max(., 0), stored pooled with the window position of
+    the maximum in ``code`` (first of ties, as PyTorch's max-pool; :data:`DEAD` where the maximum is not
+    positive). Grid: (cdiv(M, BM), cdiv(COUT, BN), G)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -57,12 +100,8 @@ def _igemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, y_s
     offs_n = pid_n * BN + tl.arange(0, BN)
     m_ok = offs_m < M
     n_ok = offs_n < COUT
-    hw = HOUT * WOUT
-    bb = offs_m // hw
-    rem = offs_m % hw
-    oh = rem // WOUT
-    ow = rem % WOUT
-    x_rows = x_ptr + g * x_sg + bb * (HIN * WIN * CIN)
+    bb, oh, ow = _rows(offs_m, HOUT, WOUT, PH, PW, EPI == 2)
+    a_rows = a_ptr + g * a_sg + bb * (HIN * WIN * CIN)
     w_base = w_ptr + g * (K * COUT)
     acc = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, K, BK):
@@ -75,23 +114,58 @@ def _igemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, y_s
         ih = oh[:, None] + SGN * kh[None, :] + OFF
         iw = ow[:, None] + SGN * kw[None, :] + OFF
         ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
-        a = tl.load(x_rows[:, None] + (ih * WIN + iw) * CIN + ci[None, :], mask=ok, other=0.0)
+        a = tl.load(a_rows[:, None] + (ih * WIN + iw) * CIN + ci[None, :], mask=ok, other=0.0)
         wv = tl.load(w_base + offs_k[:, None] * COUT + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
                      other=0.0)
         acc = tl.dot(a, wv, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + g * COUT + offs_n, mask=n_ok, other=0.0).to(ACC)[None, :]
-    y_ptrs = y_ptr + g * y_sg + offs_m[:, None] * COUT + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if EPI == 2:
+        mx, q = tl.max(tl.reshape(acc, (BM // 4, 4, BN)), axis=1, return_indices=True,
+                       return_indices_tie_break_left=True)
+        offs_p = pid_m * (BM // 4) + tl.arange(0, BM // 4)
+        p_mask = (offs_p < M // 4)[:, None] & n_ok[None, :]
+        p_off = g * y_sg + offs_p[:, None] * COUT + offs_n[None, :]
+        tl.store(y_ptr + p_off, tl.maximum(mx, 0.0).to(y_ptr.dtype.element_ty), mask=p_mask)
+        tl.store(code_ptr + p_off, tl.where(mx > 0, q, 4).to(tl.uint8), mask=p_mask)
+    else:
+        if EPI == 1:
+            acc = tl.maximum(acc, 0.0)
+        y_ptrs = y_ptr + g * y_sg + offs_m[:, None] * COUT + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, dy_sg, G, S, CHUNK,
+def _unpool_kernel(dyp_ptr, code_ptr, dz_ptr, TOTAL, OH, OW, PH, PW, C: tl.constexpr, BLOCK: tl.constexpr):
+    """The gradient at a convolution's output (G*B, OH, OW, C) from the gradient ``dyp`` at its pool +
+    ReLU epilogue's output (G*B, PH, PW, C): each pooled gradient at its window's position named by
+    ``code``, zero elsewhere (the other window positions, a dead window, the rows and columns of an odd
+    OH, OW that no window covers). One pass writing every element once (PyTorch's max-pool backward
+    zero-fills, then scatters)."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < TOTAL
+    c = e % C
+    t = e // C
+    ow = t % OW
+    t = t // OW
+    oh = t % OH
+    gb = t // OH
+    win = ok & (oh < 2 * PH) & (ow < 2 * PW)
+    p = ((gb * PH + oh // 2) * PW + ow // 2) * C + c
+    code = tl.load(code_ptr + p, mask=win, other=4)
+    v = tl.load(dyp_ptr + p, mask=win & (code == (oh % 2) * 2 + ow % 2), other=0.0)
+    tl.store(dz_ptr + e, v, mask=ok)
+
+
+@triton.jit
+def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, dy_sg, G, S, CHUNK,
                   CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                  OFF: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                  OFF: tl.constexpr, BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                   BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
-    """Partial weight gradient out[s, g, k, n] = sum over rows m of chunk s of A[g, m, k] dy[g, m, n]
-    (A as in :func:`_igemm_kernel` with SGN = 1). Grid: (cdiv(K, BK), cdiv(COUT, BN), G*S)."""
+    """Partial weight gradient out[s, g, n, k] = sum over rows m of chunk s of A[g, m, k] dy[g, m, n]
+    (A as in :func:`_igemm_kernel` with SGN = 1), stored in the weight's own layout (G, COUT, CIN, KH,
+    KW), and, with BIAS, the partial bias gradient outb[s, g, n] = sum over the same rows of dy[g, m, n]
+    (stored by the programs of the first K block). Grid: (cdiv(K, BK), cdiv(COUT, BN), G*S)."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_gs = tl.program_id(2)
@@ -110,6 +184,7 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, dy_sg, 
     x_base = x_ptr + g * x_sg
     dy_base = dy_ptr + g * dy_sg
     acc = tl.zeros((BK, BN), dtype=ACC)
+    bacc = tl.zeros((BN,), dtype=ACC)
     start = s * CHUNK
     for m0 in range(start, start + CHUNK, BR):
         offs_m = m0 + tl.arange(0, BR)
@@ -126,8 +201,13 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, dy_sg, 
         d = tl.load(dy_base + offs_m[:, None] * COUT + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
                     other=0.0)
         acc = tl.dot(a_t, d, acc, input_precision=PREC)
-    out = out_ptr + ((s * G + g) * K + offs_k[:, None]) * COUT + offs_n[None, :]
+        if BIAS:
+            bacc += tl.sum(d.to(ACC), axis=0)
+    # stored in the weight's own layout (G, COUT, CIN, KH, KW)
+    out = out_ptr + ((s * G + g) * COUT + offs_n[None, :]) * K + (ci * (KH * KW) + kh * KW + kw)[:, None]
     tl.store(out, acc, mask=k_ok[:, None] & n_ok[None, :])
+    if BIAS:
+        tl.store(outb_ptr + (s * G + g) * COUT + offs_n, bacc, mask=n_ok & (pid_k == 0))
 
 
 @dataclass(frozen=True)
@@ -184,29 +264,61 @@ def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
+_EPI = {name: i for i, name in enumerate(EPILOGUES)}
+
+
 def _on(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on ``t``'s GPU: Triton launches on the current CUDA device, which need not be the one
     holding the tensors (a run on ``cuda:1`` of a multi-GPU host; found in the session-6 pipeline run)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _igemm(x: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: int, wout: int, cout: int,
-           kh: int, kw: int, sgn: int, off: int, tiles: Tiles) -> torch.Tensor:
-    g, b, hin, win, cin = x.shape
-    y = torch.empty(g, b, hout, wout, cout, dtype=x.dtype, device=x.device)
-    m = b * hout * wout
+def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: int, wout: int, cout: int,
+           kh: int, kw: int, sgn: int, off: int, tiles: Tiles, *,
+           epi: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Output ``(G, B, hout, wout, cout)`` of :func:`_igemm_kernel`, or for ``epi`` 2 the pooled
+    ``(G, B, hout // 2, wout // 2, cout)`` and its uint8 codes (else codes None)."""
+    g, b, hin, win, cin = a.shape
+    ph, pw = hout // 2, wout // 2
+    if epi == 2:
+        y = torch.empty(g, b, ph, pw, cout, dtype=a.dtype, device=a.device)
+        code = torch.empty(y.shape, dtype=torch.uint8, device=a.device)
+        m = b * ph * pw * 4
+    else:
+        y = torch.empty(g, b, hout, wout, cout, dtype=a.dtype, device=a.device)
+        code = None
+        m = b * hout * wout
     bn = _bn(cout, tiles.bn)
     grid = (triton.cdiv(m, tiles.bm), triton.cdiv(cout, bn), g)
-    with _on(x):
-        _igemm_kernel[grid](x, wk, bias if bias is not None else wk, y, m, hin, win, hout, wout,
-                            x.stride(0), y.stride(0), CIN=cin, COUT=cout, KH=kh, KW=kw, SGN=sgn, OFF=off,
-                            HAS_BIAS=bias is not None, PREC=_prec(x.dtype), ACC=_acc(x.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk,
-                            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return y
+    with _on(a):
+        _igemm_kernel[grid](a, wk, bias if bias is not None else wk, y, y if code is None else code, m, hin, win,
+                            hout, wout, ph, pw, a.stride(0), y.stride(0), CIN=cin, COUT=cout, KH=kh, KW=kw,
+                            SGN=sgn, OFF=off, EPI=epi, HAS_BIAS=bias is not None, PREC=_prec(a.dtype),
+                            ACC=_acc(a.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk, num_warps=tiles.num_warps,
+                            num_stages=tiles.num_stages)
+    return y, code
 
 
-def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles: Tiles) -> torch.Tensor:
-    """(G, KH*KW*CIN, COUT) weight gradient, rows in (kh, kw, ci) order (fp32; fp64 for fp64 inputs)."""
+#: elements per program of the unpooling kernel
+UNPOOL_BLOCK = 1024
+
+
+def _unpool(dyp: torch.Tensor, code: torch.Tensor, hout: int, wout: int) -> torch.Tensor:
+    """(G, B, hout, wout, C) gradient at the convolution's output from the pooled one (:func:`_unpool_kernel`)."""
+    g, b, ph, pw, c = dyp.shape
+    dz = torch.empty(g, b, hout, wout, c, dtype=dyp.dtype, device=dyp.device)
+    total = dz.numel()
+    # the interpreter's cost is per program: few, large blocks there
+    block = min(max(UNPOOL_BLOCK, triton.next_power_of_2(total)), 1 << 20) if INTERPRET else UNPOOL_BLOCK
+    with _on(dyp):
+        _unpool_kernel[(triton.cdiv(total, block),)](dyp, code, dz, total, hout, wout, ph, pw, C=c, BLOCK=block)
+    return dz
+
+
+def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles: Tiles, *,
+           bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight gradient ``(G, COUT, CIN, KH, KW)`` (the weight's own layout) and, with ``bias``, the bias
+    gradient ``(G, COUT)``, both fp32 (fp64 for fp64 inputs)."""
     g, b, hin, win, cin = x.shape
     _, _, hout, wout, cout = dy.shape
     m = b * hout * wout
@@ -216,60 +328,78 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     s = max(1, min(triton.cdiv(m, 8 * tiles.bm), triton.cdiv(WGRAD_PROGRAMS, tiles_kn * g)))
     chunk = triton.cdiv(triton.cdiv(m, s), tiles.bm) * tiles.bm
     s = triton.cdiv(m, chunk)
-    part = torch.empty(s, g, k, cout, dtype=_acc(x.dtype)[0], device=x.device)
+    acc_t = _acc(x.dtype)[0]
+    part = torch.empty(s, g, cout, cin, kh, kw, dtype=acc_t, device=x.device)
+    part_b = torch.empty(s, g, cout, dtype=acc_t, device=x.device) if bias else part
     grid = (triton.cdiv(k, tiles.bk), triton.cdiv(cout, bn), g * s)
     with _on(x):
-        _wgrad_kernel[grid](x, dy, part, m, hin, win, hout, wout, x.stride(0), dy.stride(0), g, s, chunk,
-                            CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, PREC=_prec(x.dtype), ACC=_acc(x.dtype)[1],
-                            BK=tiles.bk, BN=bn, BR=tiles.bm, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return part[0] if s == 1 else part.sum(0)
+        _wgrad_kernel[grid](x, dy, part, part_b, m, hin, win, hout, wout, x.stride(0), dy.stride(0), g, s, chunk,
+                            CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, BIAS=bias, PREC=_prec(x.dtype),
+                            ACC=_acc(x.dtype)[1], BK=tiles.bk, BN=bn, BR=tiles.bm, num_warps=tiles.num_warps,
+                            num_stages=tiles.num_stages)
+    if s == 1:
+        return part[0], part_b[0] if bias else None
+    return part.sum(0), part_b.sum(0) if bias else None
 
 
 class _ConvNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
-                pad: int) -> torch.Tensor:
-        g, _, h, wd, cin = x.shape
+                pad: int, epi: int) -> torch.Tensor:
+        g, b, h, wd, cin = x.shape
         cout, _, kh, kw = w.shape[1:]
         oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
         wk = w.permute(0, 3, 4, 2, 1).reshape(g, kh * kw * cin, cout).to(x.dtype).contiguous()
-        y = _igemm(x, wk, None if bias is None else bias.to(x.dtype).contiguous(), oh, ow, cout, kh, kw, 1, -pad,
-                   igemm_tiles(x.shape[1] * oh * ow, cout, g))
-        ctx.save_for_backward(x, w)
-        ctx.pad, ctx.has_bias = pad, bias is not None
+        rows = b * (oh // 2) * (ow // 2) * 4 if epi == 2 else b * oh * ow
+        y, code = _igemm(x, wk, None if bias is None else bias.to(x.dtype).contiguous(), oh, ow, cout, kh, kw, 1,
+                         -pad, igemm_tiles(rows, cout, g), epi=epi)
+        # what the backward needs to form the gradient at the convolution's output: the ReLU's output
+        # (its mask) or the pool's codes
+        ctx.save_for_backward(x, w, {0: None, 1: y, 2: code}[epi])
+        ctx.pad, ctx.has_bias, ctx.epi, ctx.out_hw = pad, bias is not None, epi, (oh, ow)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # noqa: ANN001, ANN205
-        x, w = ctx.saved_tensors
-        pad = ctx.pad
+        x, w, aux = ctx.saved_tensors
+        pad, epi, (oh, ow) = ctx.pad, ctx.epi, ctx.out_hw
         dy = dy.contiguous()
+        if epi == 1:  # through the ReLU (PyTorch's threshold backward: 0 where the output is not positive)
+            dy = torch.where(aux > 0, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+        elif epi == 2:  # through the ReLU and the pool at once
+            dy = _unpool(dy, aux, oh, ow)
         g, _, h, wd, cin = x.shape
         cout, _, kh, kw = w.shape[1:]
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             wd_k = w.permute(0, 3, 4, 1, 2).reshape(g, kh * kw * cout, cin).to(dy.dtype).contiguous()
-            dx = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, igemm_tiles(x.shape[1] * h * wd, cin, g))
-        if ctx.needs_input_grad[1]:
-            dwk = _wgrad(x, dy, kh, kw, pad, WGRAD_TILES)
-            dw = dwk.view(g, kh, kw, cin, cout).permute(0, 4, 3, 1, 2).to(w.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.to(_acc(dy.dtype)[0]).sum((1, 2, 3)).to(w.dtype)
-        return dx, dw, db, None
+            dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, igemm_tiles(x.shape[1] * h * wd, cin, g))
+        want_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1] or want_b:
+            dw, db = _wgrad(x, dy, kh, kw, pad, WGRAD_TILES, bias=want_b)
+            dw = dw.to(w.dtype) if ctx.needs_input_grad[1] else None
+            db = db.to(w.dtype) if want_b else None
+        return dx, dw, db, None, None
 
 
-def conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0) -> torch.Tensor:
+def conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0,
+              epilogue: str = "none") -> torch.Tensor:
     """Client g's convolution of its inputs ``x[g] (B, H, W, Cin)`` (NHWC, contiguous) with its weight
     ``w[g] (Cout, Cin, KH, KW)`` and bias ``bias[g] (Cout,)``, stride 1, zero padding ``padding``, for
-    every g: ``(G, B, OH, OW, Cout)``, differentiable in x, w and bias. Under autocast the inputs are
-    cast to the autocast dtype first."""
+    every g: ``(G, B, OH, OW, Cout)``, differentiable in x, w and bias. ``epilogue`` (:data:`EPILOGUES`)
+    fuses what follows into the kernels: ``"relu"`` returns ``relu(conv)``; ``"pool_relu"`` returns
+    ``relu(max_pool2d(conv, 2))``, ``(G, B, OH // 2, OW // 2, Cout)``, and its backward routes each
+    pooled gradient to its window's first maximum without writing the full-size gradient out. Under
+    autocast the inputs are cast to the autocast dtype first."""
     if x.dim() != 5 or w.dim() != 5 or x.shape[0] != w.shape[0] or x.shape[-1] != w.shape[2]:
         raise ValueError(f"conv_nhwc: x (G, B, H, W, Cin) and w (G, Cout, Cin, KH, KW) do not match: "
                          f"{tuple(x.shape)}, {tuple(w.shape)}")
+    if epilogue not in _EPI:
+        raise ValueError(f"conv_nhwc: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dt), w.to(dt)
         bias = None if bias is None else bias.to(dt)
         with torch.autocast(x.device.type, enabled=False):
-            return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding))
-    return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding))
+            return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding), _EPI[epilogue])
+    return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding), _EPI[epilogue])

@@ -316,3 +316,30 @@ def test_dense_under_autocast_returns_gradients_in_the_parameters_dtype() -> Non
     rw, rb = torch.autograd.grad((x @ w.transpose(1, 2) + b.unsqueeze(1)).sum(), (w, b))
     torch.testing.assert_close(gw, rw, rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(gb, rb, rtol=1e-2, atol=1e-2)
+
+
+def test_triton_layout_fuses_relu_and_2x2_pools_into_the_convolutions() -> None:
+    """Which layers after each convolution the triton layout hands to the kernels' epilogue: the paper's
+    networks' ReLU (fmnist) and 2x2 max-pool + ReLU (CIFAR-10, Kather, after _pool_before_relu), never
+    another pool shape, a pool not followed by a ReLU, or a dropout before the ReLU."""
+    def epilogues(model: nn.Module) -> list[str]:
+        seq = stacked._pool_before_relu(stacked.layers(model))
+        return [stacked._fusable(seq[i + 1:]) for i, (_, m) in enumerate(seq) if isinstance(m, nn.Conv2d)]
+
+    assert epilogues(build_model("fmnist_cnn", 10, 1)) == ["relu", "relu"]
+    assert epilogues(build_model("cifar10_cnn", 10, 3)) == ["pool_relu"] * 3
+    assert epilogues(build_model("kather_cnn", 8, 3)) == ["pool_relu"] * 5
+
+    class Net(nn.Module):
+        def __init__(self, *after: nn.Module) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 2, 3), *after, nn.Flatten())
+            self.head = nn.Linear(2, 2)
+
+    assert epilogues(Net(nn.ReLU(), nn.MaxPool2d(3))) == ["none"]  # reordered to pool(3), ReLU: both stay
+    assert epilogues(Net(nn.MaxPool2d(2, stride=1), nn.ReLU())) == ["none"]
+    assert epilogues(Net(nn.MaxPool2d(2, padding=1), nn.ReLU())) == ["none"]
+    assert epilogues(Net(nn.MaxPool2d(2, ceil_mode=True), nn.ReLU())) == ["none"]
+    assert epilogues(Net(nn.MaxPool2d(2))) == ["none"]
+    assert epilogues(Net(nn.Dropout(0.5), nn.ReLU())) == ["none"]
+    assert epilogues(Net(nn.ReLU(), nn.MaxPool2d(2))) == ["pool_relu"]  # reordered to pool, ReLU

@@ -23,24 +23,43 @@ IGEMM_GPU = [triton_conv.Tiles(bm=bm, bn=64, bk=32) for bm in (64, 128, 256)]
 WGRAD_GPU = triton_conv.Tiles(bm=64, bn=64, bk=32)
 
 
-def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pad: int) -> torch.Tensor:
-    """(G, B, H, W, C) NHWC per-client convolution, one F.conv2d per client."""
-    return torch.stack([F.conv2d(x[g].permute(0, 3, 1, 2), w[g], None if b is None else b[g], padding=pad)
-                        for g in range(x.shape[0])]).permute(0, 1, 3, 4, 2)
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pad: int,
+               epilogue: str = "none") -> torch.Tensor:
+    """(G, B, H, W, C) NHWC per-client convolution, one F.conv2d per client, then (``epilogue``) the
+    model's own ReLU, or ReLU then 2x2 max-pool (the order of robustfl.models' networks)."""
+    out = []
+    for g in range(x.shape[0]):
+        y = F.conv2d(x[g].permute(0, 3, 1, 2), w[g], None if b is None else b[g], padding=pad)
+        if epilogue != "none":
+            y = F.relu(y)
+        if epilogue == "pool_relu":
+            y = F.max_pool2d(y, 2)
+        out.append(y)
+    return torch.stack(out).permute(0, 1, 3, 4, 2)
 
 
 def _check(shape: tuple[int, ...], bias: bool, dtype: torch.dtype = torch.float64, device: str = "cpu",
-           tol: float = 1e-11) -> None:
+           tol: float = 1e-11, epilogue: str = "none", ties: bool = False) -> None:
     g, b, h, w, ci, co, k, pad = shape
     gen = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(g, b, h, w, ci, generator=gen, dtype=torch.float64).to(device, dtype)
-    wt = torch.randn(g, co, ci, k, k, generator=gen, dtype=torch.float64).to(device, dtype)
-    bs = torch.randn(g, co, generator=gen, dtype=torch.float64).to(device, dtype) if bias else None
+    # ties: small integers, so every output is an exact integer whatever the summation order, and
+    # pooling windows often hold equal maxima (positive, zero and negative)
+    rand = ((lambda *sz: torch.randint(-2, 3, sz, generator=gen).double()) if ties else
+            (lambda *sz: torch.randn(*sz, generator=gen, dtype=torch.float64)))
+    x = rand(g, b, h, w, ci)
+    if ties:  # constant regions as well
+        x[:, :, : h // 2] = 1.0
+    x = x.to(device, dtype)
+    wt = rand(g, co, ci, k, k).to(device, dtype)
+    bs = rand(g, co).to(device, dtype) if bias else None
     ins = [t.clone().requires_grad_() for t in (x, wt) + ((bs,) if bias else ())]
     refs = [t.detach().clone().requires_grad_() for t in ins]
-    y = triton_conv.conv_nhwc(ins[0], ins[1], ins[2] if bias else None, pad)
-    want = _reference(refs[0], refs[1], refs[2] if bias else None, pad)
-    assert y.shape == want.shape == (g, b, h + 2 * pad - k + 1, w + 2 * pad - k + 1, co)
+    y = triton_conv.conv_nhwc(ins[0], ins[1], ins[2] if bias else None, pad, epilogue)
+    want = _reference(refs[0], refs[1], refs[2] if bias else None, pad, epilogue)
+    oh, ow = h + 2 * pad - k + 1, w + 2 * pad - k + 1
+    if epilogue == "pool_relu":
+        oh, ow = oh // 2, ow // 2
+    assert y.shape == want.shape == (g, b, oh, ow, co)
     gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device, dtype)
     (y * gy).sum().backward()
     (want * gy).sum().backward()
@@ -67,6 +86,30 @@ def test_conv_and_its_gradients_equal_conv2d_per_client(shape: tuple[int, ...], 
     monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)
     monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 1024)
     _check(shape, bias)
+
+
+#: shapes for the fused epilogues: even and odd convolution outputs (an odd one leaves its last row and
+#: column out of every pooling window), one input channel, padding, several row tiles
+EPI_SHAPES = [(2, 3, 8, 8, 1, 16, 5, 0), (3, 2, 7, 6, 5, 6, 3, 0), (2, 3, 17, 17, 5, 6, 3, 0),
+              (2, 2, 9, 9, 4, 8, 3, 1), (2, 3, 16, 16, 6, 20, 3, 1)]
+
+
+@on_cpu
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("tiles", IGEMM_GPU[:2], ids=lambda t: f"bm{t.bm}")
+@pytest.mark.parametrize("epilogue", ["relu", "pool_relu"])
+@pytest.mark.parametrize("shape", EPI_SHAPES)
+def test_fused_epilogues_and_their_gradients_equal_relu_and_max_pool(
+        shape: tuple[int, ...], epilogue: str, tiles: triton_conv.Tiles, ties: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """conv_nhwc(..., epilogue) against F.conv2d followed by F.relu (and F.max_pool2d(., 2)), client by
+    client: values, and the gradients of input, weight and bias (float64, the GPU's tiles, a split
+    weight-gradient reduction), also on inputs full of ties, where the pool's gradient must go to the
+    first maximum of each window as PyTorch's does."""
+    monkeypatch.setattr(triton_conv, "IGEMM_TILES", tiles)
+    monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)
+    monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 1024)
+    _check(shape, True, epilogue=epilogue, ties=ties)
 
 
 def test_tile_choice_fills_the_multiprocessors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,6 +188,20 @@ def test_cuda_kernels_run_on_the_tensors_gpu_not_the_current_one() -> None:
     """Tensors on cuda:1 while the current device is cuda:0: the kernels launch on the tensors' card."""
     torch.cuda.set_device(0)
     _check((2, 3, 9, 9, 4, 8, 3, 1), True, torch.float32, "cuda:1", tol=1e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("epilogue", ["relu", "pool_relu"])
+@pytest.mark.parametrize("shape", EPI_SHAPES + [(10, 32, 32, 32, 3, 64, 3, 0), (4, 32, 64, 64, 32, 64, 3, 1)])
+def test_cuda_fused_epilogues_equal_relu_and_max_pool_in_full_fp32(shape: tuple[int, ...], epilogue: str) -> None:
+    """The compiled kernels' epilogues on the GPU (TF32 off), on small-integer inputs whose pooling
+    windows hold exact ties: values and gradients as F.conv2d, F.relu, F.max_pool2d."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        _check(shape, True, torch.float32, "cuda", tol=1e-5, epilogue=epilogue, ties=True)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
