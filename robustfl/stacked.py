@@ -166,10 +166,10 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
     merged = False  # True while h is (B, n*C, H, W) (grouped layouts), else (n, B, ...)
     nhwc = False  # True while h is (n, B, H, W, C) (layout "triton")
     seq = _pool_before_relu(layers(model))
-    i = 0
-    while i < len(seq):
-        prefix, m = seq[i]
-        i += 1
+    pos = 0  # the next layer of seq to apply (a fused epilogue consumes the layers after its convolution)
+    while pos < len(seq):
+        prefix, m = seq[pos]
+        pos += 1
         if isinstance(m, nn.Conv2d):
             w = params[prefix + "weight"]
             bias = params.get(prefix + "bias")
@@ -181,9 +181,9 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
                                               f"ungrouped Conv2d with equal padding at '{prefix}'")
                 if not nhwc:
                     h, nhwc = h.permute(0, 1, 3, 4, 2).contiguous(), True
-                epilogue = _fusable(seq[i:])
+                epilogue = _fusable(seq[pos:])
                 h = triton_conv.conv_nhwc(h, w, bias, m.padding[0], epilogue)
-                i += {"none": 0, "relu": 1, "pool_relu": 2}[epilogue]  # the layers the kernels applied
+                pos += {"none": 0, "relu": 1, "pool_relu": 2}[epilogue]  # the layers the kernels applied
             elif layout == "loop":
                 h = torch.stack([F.conv2d(h[i], w[i], None if bias is None else bias[i], m.stride,
                                           m.padding, m.dilation, m.groups) for i in range(n)])

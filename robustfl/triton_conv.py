@@ -55,7 +55,8 @@ def supported(m: nn.Conv2d) -> bool:
 #: nothing, a ReLU, or a 2x2 stride-2 max-pool followed by a ReLU (the same function and gradient as
 #: ReLU then pool: robustfl.stacked._pool_before_relu)
 EPILOGUES = ("none", "relu", "pool_relu")
-#: the pool's code of a window whose maximum is not positive: the ReLU passes it no gradient
+#: the pool's code of a window whose maximum is not positive: the ReLU passes it no gradient (the
+#: kernels write and compare this value as the literal 4; tests/test_triton_conv.py checks the codes)
 DEAD = 4
 
 

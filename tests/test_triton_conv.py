@@ -112,6 +112,29 @@ def test_fused_epilogues_and_their_gradients_equal_relu_and_max_pool(
     _check(shape, True, epilogue=epilogue, ties=ties)
 
 
+@on_cpu
+def test_pool_codes_name_each_windows_first_maximum_or_dead() -> None:
+    """The pool epilogue's uint8 codes: the position q = 2 * row + column of each 2x2 window's first
+    maximum (PyTorch's tie rule), DEAD where the maximum is not positive; the stored output is
+    max(maximum, 0). Small integers, so windows hold exact ties."""
+    gen = torch.Generator().manual_seed(7)
+    g, b, h, w, ci, co, k = 2, 2, 9, 8, 3, 5, 3
+    x = torch.randint(-2, 3, (g, b, h, w, ci), generator=gen).double()
+    wt = torch.randint(-2, 3, (g, co, ci, k, k), generator=gen).double()
+    wk = wt.permute(0, 3, 4, 2, 1).reshape(g, k * k * ci, co).contiguous()
+    oh, ow = h - k + 1, w - k + 1  # 7 x 6: the last row is in no window
+    y, code = triton_conv._igemm(x, wk, None, oh, ow, co, k, k, 1, 0, triton_conv.Tiles(64, 16, 32), epi=2)
+    conv = _reference(x, wt, None, 0)[:, :, : 2 * (oh // 2), : 2 * (ow // 2)]
+    win = conv.unflatten(2, (oh // 2, 2)).unflatten(4, (ow // 2, 2))  # (g, b, ph, 2, pw, 2, co)
+    win = win.permute(0, 1, 2, 4, 6, 3, 5).flatten(-2)  # (g, b, ph, pw, co, 4), q = 2 * row + column
+    mx = win.max(-1).values
+    first = (win == mx.unsqueeze(-1)).double().argmax(-1)  # the first position holding the maximum
+    want = torch.where(mx > 0, first, torch.full_like(first, triton_conv.DEAD))
+    assert ((win == mx.unsqueeze(-1)).sum(-1) > 1).any()  # ties occur
+    torch.testing.assert_close(code.long(), want)
+    torch.testing.assert_close(y, mx.clamp_min(0))
+
+
 def test_tile_choice_fills_the_multiprocessors(monkeypatch: pytest.MonkeyPatch) -> None:
     """igemm_tiles: 256-row tiles while they make >= SMS programs, then 128, then 64."""
     monkeypatch.setattr(triton_conv, "IGEMM_TILES", None)
