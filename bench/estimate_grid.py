@@ -65,8 +65,8 @@ class Costs:
     """Per-round crafting, aggregation and other time of a cell, from bench_cells.py's files."""
 
     def __init__(self, paths: list[Path]) -> None:
-        rows = [r for p in paths for r in json.loads(p.read_text())["results"]]
-        df = pd.DataFrame(rows)
+        files = [json.loads(p.read_text()) for p in paths]
+        df = pd.DataFrame([r for f in files for r in f["results"]])
         for col in ("attack", "defense", "backdoor"):
             if col not in df:
                 df[col] = None
@@ -78,7 +78,7 @@ class Costs:
         dfn = df[df["attack"] == "none"]
         self.agg = {(r.dataset, r.defense): r.agg_s_median for r in dfn.itertuples()}
         self.other = df.groupby("dataset")["other_s_per_round"].median().to_dict()
-        self.devices = sorted({json.loads(p.read_text())["device"] for p in paths})
+        self.devices = sorted({f["device"] for f in files})
 
     def per_round(self, ds: str, attack: str, backdoor: str, defense: str) -> tuple[float, float, float]:
         """(crafting, aggregation, other) seconds per round; KeyError names a combination not measured."""

@@ -17,6 +17,9 @@ CONV_CHOICES = ("auto", "cudnn", "matmul", "grouped", "channels_last", "loop", "
 #: Appendix C batch sizes; everything else uses ``RunConfig.batch_size``.
 PAPER_BATCH = {"fmnist": 64, "cifar10": 32, "kather": 32}
 
+#: the run precisions (robustfl.train.precision_context says what each computes in)
+PRECISIONS = ("fp32", "tf32", "bf16")
+
 
 @dataclass
 class RunConfig:
@@ -100,7 +103,7 @@ class RunConfig:
             bad("cuda_graph", f"must be true, false or null (auto), got {self.cuda_graph!r}")
         if self.cuda_graph and self.conv in ("cudnn", "matmul"):
             bad("cuda_graph", f"CUDA graphs need conv grouped, channels_last, loop or triton (or auto), not {self.conv!r}")
-        if self.precision not in ("fp32", "tf32", "bf16"):
+        if self.precision not in PRECISIONS:
             bad("precision", f"must be 'fp32', 'tf32' or 'bf16', got {self.precision!r}")
         if self.checkpoint_every < 0:
             bad("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")

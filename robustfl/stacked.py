@@ -17,7 +17,7 @@ layout and the kernels are ours to pick and the step is plain autograd (which CU
   - ``"triton"``: the clients' activations in NHWC, ``(n, B, H, W, C)``, each convolution one
     implicit-GEMM Triton kernel over all clients (:mod:`robustfl.triton_conv`; CUDA, or Triton's
     interpreter on the CPU; stride 1 only), with the ReLU or the 2x2 max-pool and ReLU that follow it
-    applied inside the kernels (their backward too);
+    applied in the convolution kernel's epilogue (and their backward by robustfl.triton_conv);
 
 * ``ReLU``, ``MaxPool2d``, ``Dropout``, ``Identity``, ``Flatten``: applied to every client's activations.
 

@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from robustfl import stacked
+from robustfl.config import PRECISIONS
 from robustfl.params import ParamSpec
 
 ADAM_BETAS = (0.9, 0.999)
@@ -223,12 +224,11 @@ def _capture(fn, warmup: int = 2):  # noqa: ANN001, ANN202
     return graph, out
 
 
-#: the run precisions (RunConfig.precision): ``fp32`` -- PyTorch's defaults on CUDA (convolutions in
-#: TF32, as cuDNN and the Triton kernels do by default, dense products in full FP32); ``tf32`` -- dense
-#: products in TF32 as well (TensorFlow's default on Ampere and later GPUs, and so the precision the
-#: paper's TensorFlow code gets on such a GPU); ``bf16`` -- autocast to bfloat16. On the CPU all three
-#: compute in FP32.
-PRECISIONS = ("fp32", "tf32", "bf16")
+# the run precisions (RunConfig.precision): ``fp32`` -- PyTorch's defaults on CUDA (convolutions in
+# TF32, as cuDNN and the Triton kernels do by default, dense products in full FP32); ``tf32`` -- dense
+# products in TF32 as well (TensorFlow's default on Ampere and later GPUs, and so the precision the
+# paper's TensorFlow code gets on such a GPU); ``bf16`` -- autocast to bfloat16. On the CPU all three
+# compute in FP32. Names: robustfl.config.PRECISIONS.
 
 
 @contextlib.contextmanager

@@ -275,10 +275,11 @@ def _on(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: int, wout: int, cout: int,
-           kh: int, kw: int, sgn: int, off: int, tiles: Tiles, *,
+           kh: int, kw: int, sgn: int, off: int, tiles: Tiles | None = None, *,
            epi: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Output ``(G, B, hout, wout, cout)`` of :func:`_igemm_kernel`, or for ``epi`` 2 the pooled
-    ``(G, B, hout // 2, wout // 2, cout)`` and its uint8 codes (else codes None)."""
+    ``(G, B, hout // 2, wout // 2, cout)`` and its uint8 codes (else codes None); ``tiles`` by default
+    :func:`igemm_tiles` of the kernel's rows."""
     g, b, hin, win, cin = a.shape
     ph, pw = hout // 2, wout // 2
     if epi == 2:
@@ -289,6 +290,7 @@ def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: i
         y = torch.empty(g, b, hout, wout, cout, dtype=a.dtype, device=a.device)
         code = None
         m = b * hout * wout
+    tiles = igemm_tiles(m, cout, g) if tiles is None else tiles
     bn = _bn(cout, tiles.bn)
     grid = (triton.cdiv(m, tiles.bm), triton.cdiv(cout, bn), g)
     with _on(a):
@@ -347,13 +349,12 @@ class _ConvNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
                 pad: int, epi: int) -> torch.Tensor:
-        g, b, h, wd, cin = x.shape
+        g, _, h, wd, cin = x.shape
         cout, _, kh, kw = w.shape[1:]
         oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
         wk = w.permute(0, 3, 4, 2, 1).reshape(g, kh * kw * cin, cout).to(x.dtype).contiguous()
-        rows = b * (oh // 2) * (ow // 2) * 4 if epi == 2 else b * oh * ow
         y, code = _igemm(x, wk, None if bias is None else bias.to(x.dtype).contiguous(), oh, ow, cout, kh, kw, 1,
-                         -pad, igemm_tiles(rows, cout, g), epi=epi)
+                         -pad, epi=epi)
         # what the backward needs to form the gradient at the convolution's output: the ReLU's output
         # (its mask) or the pool's codes
         ctx.save_for_backward(x, w, {0: None, 1: y, 2: code}[epi])
@@ -374,7 +375,7 @@ class _ConvNHWC(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             wd_k = w.permute(0, 3, 4, 1, 2).reshape(g, kh * kw * cout, cin).to(dy.dtype).contiguous()
-            dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, igemm_tiles(x.shape[1] * h * wd, cin, g))
+            dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad)
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] or want_b:
             dw, db = _wgrad(x, dy, kh, kw, pad, WGRAD_TILES, bias=want_b)
@@ -389,9 +390,9 @@ def conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     ``w[g] (Cout, Cin, KH, KW)`` and bias ``bias[g] (Cout,)``, stride 1, zero padding ``padding``, for
     every g: ``(G, B, OH, OW, Cout)``, differentiable in x, w and bias. ``epilogue`` (:data:`EPILOGUES`)
     fuses what follows into the kernels: ``"relu"`` returns ``relu(conv)``; ``"pool_relu"`` returns
-    ``relu(max_pool2d(conv, 2))``, ``(G, B, OH // 2, OW // 2, Cout)``, and its backward routes each
-    pooled gradient to its window's first maximum without writing the full-size gradient out. Under
-    autocast the inputs are cast to the autocast dtype first."""
+    ``relu(max_pool2d(conv, 2))``, ``(G, B, OH // 2, OW // 2, Cout)``, without writing the full-size
+    convolution output; its backward routes each pooled gradient to its window's first maximum in one
+    pass. Under autocast the inputs are cast to the autocast dtype first."""
     if x.dim() != 5 or w.dim() != 5 or x.shape[0] != w.shape[0] or x.shape[-1] != w.shape[2]:
         raise ValueError(f"conv_nhwc: x (G, B, H, W, Cin) and w (G, Cout, Cin, KH, KW) do not match: "
                          f"{tuple(x.shape)}, {tuple(w.shape)}")
