@@ -72,18 +72,45 @@ VARIANTS = {
     "triton+graph+tf32": dict(conv="triton", bench=False, tf32=False, precision="tf32", graph=True),
     "triton+graph+nofuse": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, fuse=False),
     "triton+graph+bf16+nofuse": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True, fuse=False),
+    # session 7's levers off one at a time / both (= session 6's kernels): the per-element im2col gather
+    # (triton_conv.ROW_GATHER False), cuBLAS for the long dense layer (no split-K)
+    "triton+graph+elemgather": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, rowgather=False),
+    "triton+graph+nosplitk": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, splitk=False),
+    "triton+graph+s6": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, rowgather=False,
+                            splitk=False),
+    "triton+graph+tf32+s6": dict(conv="triton", bench=False, tf32=False, precision="tf32", graph=True,
+                                 rowgather=False, splitk=False),
+    "triton+graph+bf16+s6": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True,
+                                 rowgather=False, splitk=False),
 }
 
 
 @contextlib.contextmanager
-def cuda_flags(bench: bool, tf32: bool, fuse: bool = True) -> Iterator[None]:
-    """cuDNN autotuning, TF32 dense products and the triton layout's fused epilogues, restored after."""
-    old = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, stacked.FUSE_EPILOGUES
-    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, stacked.FUSE_EPILOGUES = bench, tf32, fuse
+def kernel_flags(fuse: bool = True, rowgather: bool = True, splitk: bool = True) -> Iterator[None]:
+    """The triton layout's kernel options (robustfl.stacked.FUSE_EPILOGUES, triton_conv.ROW_GATHER,
+    triton_dense.MIN_K; False = the earlier kernels, for side-by-side comparisons), restored after."""
+    from robustfl import triton_conv, triton_dense
+
+    old = stacked.FUSE_EPILOGUES, triton_conv.ROW_GATHER, triton_dense.MIN_K
+    stacked.FUSE_EPILOGUES, triton_conv.ROW_GATHER = fuse, rowgather
+    triton_dense.MIN_K = old[2] if splitk else 1 << 62
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, stacked.FUSE_EPILOGUES = old
+        stacked.FUSE_EPILOGUES, triton_conv.ROW_GATHER, triton_dense.MIN_K = old
+
+
+@contextlib.contextmanager
+def cuda_flags(bench: bool, tf32: bool, **kernels: bool) -> Iterator[None]:
+    """cuDNN autotuning, TF32 dense products and the triton layout's kernel options
+    (:func:`kernel_flags`), restored after."""
+    old = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = bench, tf32
+    try:
+        with kernel_flags(**kernels):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, variants: list[str],
@@ -113,8 +140,8 @@ def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, vari
                     flags = cuda_flags(True, False) if v == "sequential+bench" else contextlib.nullcontext()
                 else:
                     o = VARIANTS[v]
-                    flags = (cuda_flags(o["bench"], o["tf32"], o.get("fuse", True)) if dev.type == "cuda"
-                             else contextlib.nullcontext())
+                    kern = {key: o[key] for key in ("fuse", "rowgather", "splitk") if key in o}
+                    flags = cuda_flags(o["bench"], o["tf32"], **kern) if dev.type == "cuda" else contextlib.nullcontext()
                     fn = lambda o=o: train_vectorised(model, theta, x, y, shards, epochs=1, batch_size=bs,  # noqa: E731
                                                       lr=1e-3, generator=torch.Generator().manual_seed(0),
                                                       precision=o["precision"], conv=o["conv"],

@@ -28,8 +28,10 @@ from robustfl.experiment import build_partition, run_cell
 from robustfl.io import atomic_write_json
 
 try:  # run as `python bench/bench_run.py` from the repository root
+    from bench_conv import kernel_flags
     from bench_engine import result_header
 except ImportError:  # pragma: no cover - imported as bench.bench_run
+    from bench.bench_conv import kernel_flags
     from bench.bench_engine import result_header
 
 # name -> (train, test, H, W, C, classes)
@@ -44,6 +46,12 @@ VARIANTS = {
     "triton+graph+tf32": dict(conv="triton", cuda_graph=True, precision="tf32"),
     "triton+graph+bf16": dict(conv="triton", cuda_graph=True, precision="bf16"),
     "auto": dict(conv="auto", cuda_graph=None),
+    # session 6's kernels (per-element im2col gather, cuBLAS for the long dense layer): bench_conv.kernel_flags
+    "triton+graph+s6": dict(conv="triton", cuda_graph=True, kernels=dict(rowgather=False, splitk=False)),
+    "triton+graph+tf32+s6": dict(conv="triton", cuda_graph=True, precision="tf32",
+                                 kernels=dict(rowgather=False, splitk=False)),
+    "triton+graph+bf16+s6": dict(conv="triton", cuda_graph=True, precision="bf16",
+                                 kernels=dict(rowgather=False, splitk=False)),
 }
 
 
@@ -94,13 +102,16 @@ def main() -> None:
     run_cell(RunConfig(**{**base, "rounds": 1}), data_dir, part, tmp / "warm")
     for r in range(a.repeats):
         for v in a.variants:
-            cfg = RunConfig(**{**base, **VARIANTS[v]})  # a variant may name its own precision
+            opts = dict(VARIANTS[v])
+            kernels = opts.pop("kernels", {})
+            cfg = RunConfig(**{**base, **opts})  # a variant may name its own precision
             out_dir = tmp / f"run_{v}_{r}"
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            t = time.perf_counter()
-            final = run_cell(cfg, data_dir, part, out_dir)
-            wall = time.perf_counter() - t
+            with kernel_flags(**kernels):
+                t = time.perf_counter()
+                final = run_cell(cfg, data_dir, part, out_dir)
+                wall = time.perf_counter() - t
             run = json.loads((out_dir / "run.json").read_text())
             row = {"variant": v, "repeat": r, "precision": cfg.precision, "end_to_end_s": wall,
                    "sim_wall_s": final.get("sim_wall_s"),

@@ -44,18 +44,21 @@ LAYERS = [
 ]
 # tile shapes timed by --sweep; the first sweep (session 5) also had bk 64/16, 64-row tiles with 4
 # stages, a 128x128 tile, and weight-gradient tiles with bk 64/128 (all slower; see the results file)
+# (session 7 added the bk-64 shapes: the row gather of triton_conv.ROW_GATHER may favour longer K blocks)
 IGEMM = [Tiles(64, 64, 32, 4, 3), Tiles(128, 64, 32, 4, 3), Tiles(128, 64, 32, 8, 3), Tiles(256, 64, 32, 8, 3),
-         Tiles(256, 64, 32, 8, 4), Tiles(256, 64, 64, 8, 3), Tiles(256, 64, 16, 8, 4), Tiles(512, 64, 32, 8, 3)]
+         Tiles(256, 64, 32, 8, 4), Tiles(256, 64, 64, 8, 3), Tiles(256, 64, 16, 8, 4), Tiles(512, 64, 32, 8, 3),
+         Tiles(128, 64, 64, 4, 3), Tiles(256, 64, 64, 8, 4), Tiles(128, 64, 64, 8, 4)]
 WGRAD = [(Tiles(64, 64, 32, 4, 3), 1024), (Tiles(128, 64, 32, 4, 3), 1024), (Tiles(64, 64, 32, 8, 4), 1024),
          (Tiles(32, 64, 32, 4, 3), 1024), (Tiles(64, 64, 16, 4, 4), 1024), (Tiles(64, 64, 32, 4, 3), 4096),
-         (Tiles(128, 64, 32, 8, 3), 512)]
+         (Tiles(128, 64, 32, 8, 3), 512), (Tiles(64, 64, 64, 4, 3), 1024), (Tiles(128, 64, 64, 8, 3), 1024),
+         (Tiles(128, 64, 32, 8, 4), 1024)]
 
 
 def _tiles(t: Tiles) -> str:
     return f"bm{t.bm}_bn{t.bn}_bk{t.bk}_w{t.num_warps}_s{t.num_stages}"
 
 
-def bench_layer(spec: tuple, g: int, sweep: bool) -> list[dict]:
+def bench_layer(spec: tuple, g: int, sweep: bool, gathers: tuple[bool, ...] = (True,)) -> list[dict]:
     from triton.testing import do_bench
 
     model, layer, b, h, w, ci, co, k, pad = spec
@@ -98,34 +101,50 @@ def bench_layer(spec: tuple, g: int, sweep: bool) -> list[dict]:
     m_out, m_in = b * oh * ow, b * h * w
     chosen = (_tiles(triton_conv.igemm_tiles(m_out, co, g)) + "/" + _tiles(triton_conv.igemm_tiles(m_in, ci, g))
               + "/" + _tiles(triton_conv.WGRAD_TILES))
-    add(path="triton", kernel_pass="fwd+bwd", tiles=chosen,
-        ms=do_bench(tri), flops=total)
-    if not sweep:
-        return rows
+    old_gather = triton_conv.ROW_GATHER
+    try:
+        for gather in gathers:
+            triton_conv.ROW_GATHER = gather
+            add(path="triton", kernel_pass="fwd+bwd", tiles=chosen, gather="row" if gather else "element",
+                ms=do_bench(tri), flops=total)
+            if sweep:
+                _sweep(add, x, wt, bias, dy, spec, oh, ow, flops, "row" if gather else "element")
+    finally:
+        triton_conv.ROW_GATHER = old_gather
+    return rows
 
+
+def _sweep(add, x, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, gather: str) -> None:
+    """Each Triton kernel alone under every tile shape of IGEMM / WGRAD (the module's gather setting)."""
+    from triton.testing import do_bench
+
+    _, layer, _, h, w, ci, co, k, pad = spec
+    first, g = layer == 0, x.shape[0]
     xd = x.detach()
     wk = wt.detach().permute(0, 3, 4, 2, 1).reshape(g, k * k * ci, co).contiguous()
     wd = wt.detach().permute(0, 3, 4, 1, 2).reshape(g, k * k * co, ci).contiguous()
     for t in IGEMM:
         try:
             ms = do_bench(lambda t=t: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad, t))
-            add(path="triton", kernel_pass="fwd", tiles=_tiles(t), ms=ms, flops=flops["fwd"])
+            add(path="triton", kernel_pass="fwd", tiles=_tiles(t), gather=gather, ms=ms, flops=flops["fwd"])
             if not first:
                 ms = do_bench(lambda t=t: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad, t))
-                add(path="triton", kernel_pass="dgrad", tiles=_tiles(t), ms=ms, flops=flops["dgrad"])
+                add(path="triton", kernel_pass="dgrad", tiles=_tiles(t), gather=gather, ms=ms, flops=flops["dgrad"])
         except Exception as exc:  # noqa: BLE001 - a tile shape the compiler refuses is a result
-            add(path="triton", kernel_pass="fwd/dgrad", tiles=_tiles(t), error=str(exc).splitlines()[0][:200])
+            add(path="triton", kernel_pass="fwd/dgrad", tiles=_tiles(t), gather=gather,
+                error=str(exc).splitlines()[0][:200])
     old = triton_conv.WGRAD_PROGRAMS
     for t, programs in WGRAD:
         triton_conv.WGRAD_PROGRAMS = programs
         try:
             ms = do_bench(lambda t=t: triton_conv._wgrad(xd, dy, k, k, pad, t))
-            add(path="triton", kernel_pass="wgrad", tiles=f"{_tiles(t)}_p{programs}", ms=ms, flops=flops["wgrad"])
+            add(path="triton", kernel_pass="wgrad", tiles=f"{_tiles(t)}_p{programs}", gather=gather, ms=ms,
+                flops=flops["wgrad"])
         except Exception as exc:  # noqa: BLE001
-            add(path="triton", kernel_pass="wgrad", tiles=f"{_tiles(t)}_p{programs}", error=str(exc).splitlines()[0][:200])
+            add(path="triton", kernel_pass="wgrad", tiles=f"{_tiles(t)}_p{programs}", gather=gather,
+                error=str(exc).splitlines()[0][:200])
         finally:
             triton_conv.WGRAD_PROGRAMS = old
-    return rows
 
 
 def main() -> None:
@@ -133,6 +152,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[10])
     ap.add_argument("--models", nargs="+", default=["fmnist_cnn", "cifar10_cnn", "kather_cnn"])
     ap.add_argument("--sweep", action="store_true", help="also time every tile shape of each Triton kernel")
+    ap.add_argument("--gathers", nargs="+", choices=["row", "element"], default=["row"],
+                    help="im2col gathers to time (robustfl.triton_conv.ROW_GATHER True / False)")
+    ap.add_argument("--layers", nargs="+", type=int, default=None, help="only these layer indices")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -141,8 +163,8 @@ def main() -> None:
     res.update(benchmark="triton_conv", allow_tf32=torch.backends.cudnn.allow_tf32)
     for g in a.clients:
         for spec in LAYERS:
-            if spec[0] in a.models:
-                res["results"] += bench_layer(spec, g, a.sweep)
+            if spec[0] in a.models and (a.layers is None or spec[1] in a.layers):
+                res["results"] += bench_layer(spec, g, a.sweep, tuple(v == "row" for v in a.gathers))
     atomic_write_json(a.out, res)
 
 

@@ -6,7 +6,9 @@ convolution in NCHW for ``Conv2d``). This module computes the same function expl
 layout and the kernels are ours to pick and the step is plain autograd (which CUDA graphs can capture):
 
 * ``Linear``: one batched matrix product, ``baddbmm(b, x, W^T)`` over the client dimension
-  (:func:`dense`, whose backward leaves the weight gradient in the weight's layout);
+  (:func:`dense`, whose backward leaves the weight gradient in the weight's layout; in the
+  ``"triton"`` layout a GPU layer with many inputs runs its forward as a split-K Triton kernel,
+  :mod:`robustfl.triton_dense`);
 * ``Conv2d``, three ways (``layout``):
 
   - ``"grouped"``: the clients' channels side by side, ``(B, n*C, H, W)``, one grouped convolution
@@ -125,12 +127,18 @@ def _to_merged(x: torch.Tensor, layout: str) -> torch.Tensor:
 class _Dense(torch.autograd.Function):
     """``baddbmm(b, x, W^T)`` with a backward that writes each weight gradient in its parameter's
     layout: ``dW = dY^T X`` as one batched product (autograd's ``bmm`` backward computes ``X^T dY`` and
-    hands back its transpose, which the fused Adam kernel then has to copy)."""
+    hands back its transpose, which the fused Adam kernel then has to copy). ``splitk``: the forward
+    product by :func:`robustfl.triton_dense.bmm_nt` (long inner dimensions on the GPU)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
+                splitk: bool) -> torch.Tensor:
         ctx.save_for_backward(x, w)
         ctx.has_bias = bias is not None
+        if splitk:
+            from robustfl import triton_dense
+
+            return triton_dense.bmm_nt(x, w, bias)
         wt = w.transpose(1, 2)
         return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, wt)
 
@@ -140,18 +148,33 @@ class _Dense(torch.autograd.Function):
         dx = torch.bmm(dy, w) if ctx.needs_input_grad[0] else None
         dw = torch.bmm(dy.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
         db = dy.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        return dx, dw, db, None
 
 
-def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _use_splitk(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the forward product goes to the split-K kernel: a GPU tensor and at least
+    robustfl.triton_dense.MIN_K inputs (and Triton importable)."""
+    if not x.is_cuda:
+        return False
+    try:
+        from robustfl import triton_dense
+    except ImportError:  # pragma: no cover - a CUDA build without Triton
+        return False
+    return w.shape[-1] >= triton_dense.MIN_K
+
+
+def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, splitk: bool = False) -> torch.Tensor:
     """Client g's dense layer ``x[g] W[g]^T + b[g]`` for every g: ``x (n, B, in)``, ``w (n, out, in)``,
     ``bias (n, out)`` -> ``(n, B, out)``. Under autocast the operands are cast to the autocast dtype
-    first and the gradients come back in the parameters' dtypes, as autocast's ``baddbmm`` does."""
+    first and the gradients come back in the parameters' dtypes, as autocast's ``baddbmm`` does.
+    ``splitk``: a layer with many inputs on the GPU runs its forward product as robustfl.triton_dense's
+    split-K kernel (layout ``"triton"``)."""
+    splitk = splitk and _use_splitk(x, w)
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            return _Dense.apply(x.to(dt), w.to(dt), None if bias is None else bias.to(dt))
-    return _Dense.apply(x, w, bias)
+            return _Dense.apply(x.to(dt), w.to(dt), None if bias is None else bias.to(dt), splitk)
+    return _Dense.apply(x, w, bias, splitk)
 
 
 def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, *,
@@ -212,7 +235,7 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
         elif isinstance(m, nn.Linear):
             if merged or nhwc:
                 raise NotImplementedError("stacked engine: Linear on a 4-d activation (add a Flatten)")
-            h = dense(h, params[prefix + "weight"], params.get(prefix + "bias"))
+            h = dense(h, params[prefix + "weight"], params.get(prefix + "bias"), splitk=layout == "triton")
         elif isinstance(m, nn.Dropout):
             h = F.dropout(h, m.p, m.training)
         elif isinstance(m, nn.ReLU):

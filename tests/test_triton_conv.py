@@ -71,9 +71,12 @@ def _check(shape: tuple[int, ...], bias: bool, dtype: torch.dtype = torch.float6
 
 # (G clients, B, H, W, Cin, Cout, kernel, padding): one input channel (fmnist's first layer), Cin and
 # Cout not multiples of the tiles, padding 0/1/2, rows M = B*OH*OW above one tile and not a multiple
-# of it, and a weight-gradient reduction split into several chunks (M > 8 * 64: 3*15*15 = 675)
+# of it, and a weight-gradient reduction split into several chunks (M > 8 * 64: 3*15*15 = 675); the
+# last two have Cin a multiple of the K block (32), where the kernels gather by row (ROWK), with
+# padding and with fmnist's 5x5 kernel
 SHAPES = [(2, 3, 8, 8, 1, 16, 5, 0), (3, 2, 7, 6, 5, 6, 3, 0), (2, 3, 17, 17, 5, 6, 3, 0),
-          (2, 2, 9, 9, 4, 8, 3, 1), (1, 1, 5, 5, 3, 3, 5, 2), (2, 3, 15, 15, 70, 20, 1, 0)]
+          (2, 2, 9, 9, 4, 8, 3, 1), (1, 1, 5, 5, 3, 3, 5, 2), (2, 3, 15, 15, 70, 20, 1, 0),
+          (2, 3, 13, 11, 32, 20, 3, 1), (2, 2, 10, 9, 64, 8, 5, 0)]
 
 
 @on_cpu
@@ -91,7 +94,7 @@ def test_conv_and_its_gradients_equal_conv2d_per_client(shape: tuple[int, ...], 
 #: shapes for the fused epilogues: even and odd convolution outputs (an odd one leaves its last row and
 #: column out of every pooling window), one input channel, padding, several row tiles
 EPI_SHAPES = [(2, 3, 8, 8, 1, 16, 5, 0), (3, 2, 7, 6, 5, 6, 3, 0), (2, 3, 17, 17, 5, 6, 3, 0),
-              (2, 2, 9, 9, 4, 8, 3, 1), (2, 3, 16, 16, 6, 20, 3, 1)]
+              (2, 2, 9, 9, 4, 8, 3, 1), (2, 3, 16, 16, 6, 20, 3, 1), (2, 3, 15, 14, 32, 20, 3, 1)]
 
 
 @on_cpu

@@ -1,0 +1,97 @@
+"""Per-client dense layers' forward product with a long inner dimension, as a split-K Triton kernel.
+
+The stacked engine computes n clients' dense layer ``y[g] = x[g] W[g]^T`` as one batched product
+(:func:`robustfl.stacked.dense`). For the fmnist network's first dense layer (Table 6: 25,600 inputs,
+128 outputs, batch 64) each client's product is one 64 x 128 output tile over K = 25,600: cuBLAS's
+batched FP32 kernel ran it as 8 small tiles per client, each looping over all of K, i.e. 80 programs
+for 10 clients on a GPU with 132 multiprocessors, ~0.75 ms a step (5.6 TFLOP/s;
+bench/results/profile_fmnist_triton_fp32_h100.json). Here K is split into S chunks, one program per
+(client, chunk, output tile), whose fp32 partial products are added by ``torch.sum`` in a fixed
+order (no atomics: the result does not depend on the order programs run in):
+
+    y[g, m, n] = sum_s sum_{k in chunk s} x[g, m, k] W[g, n, k]
+
+fp32 inputs use TF32 matrix units only when ``torch.backends.cuda.matmul.allow_tf32`` is on (what
+cuBLAS would do; the engine's ``precision: tf32``), else full-precision FMAs; bf16 inputs accumulate in
+fp32. On a machine without a GPU the kernel runs in Triton's interpreter when ``TRITON_INTERPRET=1`` is
+set before import (tests/test_triton_dense.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from robustfl.triton_conv import INTERPRET, SMS, _acc, _on
+
+#: the stacked engine's dense layers use the split-K kernel on the GPU from this many inputs on
+#: (fmnist's 25,600-input layer; the other paper layers have 128 to 2,048 and stay with cuBLAS)
+MIN_K = 8192
+#: output tile and K block of one program (one 64 x 128 tile covers a paper client's whole output)
+BM, BN, BK = 64, 128, 32
+#: split K until about this many programs run (a few per multiprocessor; one chunk in the interpreter,
+#: whose cost is per program)
+PROGRAMS = 1 if INTERPRET else 2 * SMS
+
+
+@triton.jit
+def _splitk_kernel(x_ptr, w_ptr, out_ptr, M, N, K, CHUNK, x_sg, x_sm, w_sg, w_sn, G,
+                   PREC: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[s, g, m, n] = sum over k of chunk s (k in [s*CHUNK, (s+1)*CHUNK) and < K) of x[g, m, k] w[g, n, k]
+    (unit stride in k for both). Grid: (cdiv(M, BM) * cdiv(N, BN), S, G)."""
+    pid_mn = tl.program_id(0)
+    s = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    tiles_n = tl.cdiv(N, BN)
+    offs_m = (pid_mn // tiles_n) * BM + tl.arange(0, BM)
+    offs_n = (pid_mn % tiles_n) * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + g * x_sg + offs_m * x_sm
+    w_rows = w_ptr + g * w_sg + offs_n * w_sn
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    start = s * CHUNK
+    for k0 in range(start, start + CHUNK, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < K
+        a = tl.load(x_rows[:, None] + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_rows[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    out = out_ptr + ((s * G + g) * M + offs_m[:, None]) * N + offs_n[None, :]
+    tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def splits(k: int, tiles: int, programs: int = PROGRAMS, bk: int = BK) -> tuple[int, int]:
+    """(S, chunk): K split into S chunks of ``chunk`` inputs (a multiple of ``bk``, the last one partial)
+    so that ``tiles * S`` programs reach about ``programs``, each chunk at least 4 blocks long."""
+    s = max(1, min(triton.cdiv(programs, tiles), triton.cdiv(k, 4 * bk)))
+    chunk = triton.cdiv(triton.cdiv(k, s), bk) * bk
+    return triton.cdiv(k, chunk), chunk
+
+
+def bmm_nt(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[g] @ w[g]^T (+ bias[g])`` for ``x (G, M, K)``, ``w (G, N, K)``, ``bias (G, N)``: ``(G, M, N)``
+    in x's dtype, what ``torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2))`` computes, with the K
+    reduction split over programs (module docstring). Not differentiable itself (robustfl.stacked's
+    dense layer supplies the backward)."""
+    if x.dim() != 3 or w.dim() != 3 or x.shape[0] != w.shape[0] or x.shape[2] != w.shape[2]:
+        raise ValueError(f"bmm_nt: x (G, M, K) and w (G, N, K) do not match: {tuple(x.shape)}, {tuple(w.shape)}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"bmm_nt: x and w dtypes differ: {x.dtype}, {w.dtype}")
+    x = x if x.stride(2) == 1 else x.contiguous()
+    w = w if w.stride(2) == 1 else w.contiguous()
+    g, m, k = x.shape
+    n = w.shape[1]
+    tiles = triton.cdiv(m, BM) * triton.cdiv(n, BN) * g
+    s, chunk = splits(k, tiles, PROGRAMS)
+    acc_t, acc_tl = _acc(x.dtype)
+    part = torch.empty(s, g, m, n, dtype=acc_t, device=x.device)
+    prec = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    grid = (triton.cdiv(m, BM) * triton.cdiv(n, BN), s, g)
+    with _on(x):
+        _splitk_kernel[grid](x, w, part, m, n, k, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), g,
+                             PREC=prec, ACC=acc_tl, BM=BM, BN=BN, BK=BK)
+    y = part[0] if s == 1 else part.sum(0)
+    if bias is not None:
+        y = y + bias.unsqueeze(1).to(acc_t)
+    return y.to(x.dtype)

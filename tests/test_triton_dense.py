@@ -1,0 +1,97 @@
+"""robustfl.triton_dense: the split-K per-client dense product against torch.baddbmm. On a machine
+without a GPU the kernel runs in Triton's interpreter (see conftest.py), in float64, with several
+split counts so that partial K blocks, partial chunks and partial output tiles all run."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robustfl import stacked, triton_dense
+
+CUDA = torch.cuda.is_available()
+on_cpu = pytest.mark.skipif(not triton_dense.INTERPRET, reason="CPU tensors need Triton's interpreter "
+                            "(TRITON_INTERPRET=1, set by conftest.py where there is no GPU)")
+
+
+def _operands(g: int, m: int, n: int, k: int, dtype: torch.dtype = torch.float64,
+              device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(g * 1000 + m + n + k)
+    x = torch.randn(g, m, k, generator=gen, dtype=torch.float64)
+    w = torch.randn(g, n, k, generator=gen, dtype=torch.float64)
+    b = torch.randn(g, n, generator=gen, dtype=torch.float64)
+    return x.to(device, dtype), w.to(device, dtype), b.to(device, dtype)
+
+
+def test_split_arithmetic_covers_k_once() -> None:
+    """splits(): chunks are whole K blocks, S chunks cover K, none is empty, about `programs` programs."""
+    for k in (1, 31, 32, 300, 2048, 25_600):
+        for tiles in (1, 10, 90, 500):
+            for programs in (1, 7, 264):
+                s, chunk = triton_dense.splits(k, tiles, programs, 32)
+                assert chunk % 32 == 0 and s >= 1
+                assert (s - 1) * chunk < k <= s * chunk  # the last chunk holds at least one input
+                assert s == 1 or tiles * (s - 1) < programs  # no more splits than the programs wanted
+    assert triton_dense.splits(25_600, 10, 264, 32) == (27, 960)  # fmnist's layer, 10 clients
+
+
+@on_cpu
+@pytest.mark.parametrize("programs", [1, 5, 64])
+@pytest.mark.parametrize("shape", [(2, 64, 128, 300), (3, 5, 10, 97), (1, 70, 130, 64), (2, 3, 7, 1)])
+def test_splitk_equals_baddbmm(shape: tuple[int, int, int, int], programs: int,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """x[g] w[g]^T + b[g] for every client, float64: M, N beyond one output tile, K not a multiple of
+    the block, one to many chunks."""
+    monkeypatch.setattr(triton_dense, "PROGRAMS", programs)
+    x, w, b = _operands(*shape)
+    want = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    torch.testing.assert_close(triton_dense.bmm_nt(x, w, b), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(triton_dense.bmm_nt(x, w), torch.bmm(x, w.transpose(1, 2)), rtol=1e-12, atol=1e-12)
+
+
+@on_cpu
+def test_splitk_takes_strided_operands() -> None:
+    """Operands that are views (a client slice of a flat parameter matrix, a transposed activation):
+    the same product as on contiguous copies."""
+    x, w, _ = _operands(3, 8, 16, 96)
+    flat = torch.randn(3, 16 * 96 + 5, dtype=torch.float64)
+    w_view = flat[:, 5:].view(3, 16, 96)  # stride(0) = 16 * 96 + 5
+    x_t = x.transpose(1, 2).contiguous().transpose(1, 2)  # K not the unit-stride dimension
+    torch.testing.assert_close(triton_dense.bmm_nt(x_t, w_view), torch.bmm(x, w_view.transpose(1, 2)),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_bad_operands_are_named() -> None:
+    x, w, _ = _operands(2, 4, 6, 8)
+    with pytest.raises(ValueError, match="do not match"):
+        triton_dense.bmm_nt(x, w[:, :, :7])
+    with pytest.raises(ValueError, match="dtypes differ"):
+        triton_dense.bmm_nt(x, w.float())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_dense_layer_with_splitk_equals_cublas() -> None:
+    """stacked.dense on the GPU at fmnist's first dense layer (10 clients, batch 64, 25,600 -> 128):
+    the split-K forward against cuBLAS's, values and all gradients, full fp32 (TF32 off), and within
+    bf16's rounding under autocast."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        x, w, b = _operands(10, 64, 128, 25_600, torch.float32, "cuda")
+        ins = [t.clone().requires_grad_() for t in (x, w, b)]
+        refs = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = stacked.dense(*ins, splitk=True)
+        want = stacked.dense(*refs, splitk=False)
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-3)
+        gy = torch.randn_like(y)
+        (y * gy).sum().backward()
+        (want * gy).sum().backward()
+        for a, r in zip(ins, refs):
+            torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-3)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y16 = stacked.dense(x, w, b, splitk=True)
+            w16 = stacked.dense(x, w, b, splitk=False)
+        assert y16.dtype == w16.dtype == torch.bfloat16
+        assert ((y16.double() - want.double()).norm() / want.double().norm()).item() < 1e-2
+        assert ((y16.double() - w16.double()).norm() / want.double().norm()).item() < 1e-2
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
