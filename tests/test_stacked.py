@@ -126,12 +126,13 @@ def test_unsupported_models_and_options_are_refused() -> None:
         train_vectorised(model, theta, x, y, shards, conv="loop", compile=True, **kw)
 
 
-def _cuda_case(sizes: list[int]):  # noqa: ANN202
+def _cuda_case(sizes: list[int], name: str = "cifar10_cnn", hw: int = 32, ch: int = 3,  # noqa: ANN202
+               **model_kw: object):
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    model = build_model("cifar10_cnn", 10, 3).to(dev)
+    model = build_model(name, 10, ch, **model_kw).to(dev)
     theta = model_to_flat(model)
-    x = torch.randint(0, 256, (sum(sizes), 32, 32, 3), dtype=torch.uint8, device=dev)
+    x = torch.randint(0, 256, (sum(sizes), hw, hw, ch), dtype=torch.uint8, device=dev)
     y = torch.randint(0, 10, (sum(sizes),), device=dev)
     starts = torch.tensor([0] + sizes).cumsum(0)
     shards = [torch.arange(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
@@ -180,6 +181,24 @@ def test_layouts_agree_on_the_gpu_in_full_fp32() -> None:
             assert rel < 1e-3, (conv, rel)
     finally:
         torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_fmnist_triton_layout_agrees_on_the_gpu_in_full_fp32() -> None:
+    """The fmnist network (Table 6) in the triton layout, whose 25,600-input dense layer runs its forward
+    as robustfl.triton_dense's split-K kernel, against the vmap path with TF32 off everywhere: the same
+    updates up to summation order (the bound of the test above). Without dropout, whose masks the two
+    engines draw differently."""
+    run = _cuda_case([64, 48], "fmnist_cnn", 28, 1, dropout=False)
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = run(conv="cudnn")
+        got = run(conv="triton", cuda_graph=True)
+        rel = ((got - ref).norm() / ref.norm()).item()
+        assert rel < 1e-3, rel
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def test_auto_kernels_follow_the_measured_table() -> None:
