@@ -72,32 +72,60 @@ VARIANTS = {
     "triton+graph+tf32": dict(conv="triton", bench=False, tf32=False, precision="tf32", graph=True),
     "triton+graph+nofuse": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, fuse=False),
     "triton+graph+bf16+nofuse": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True, fuse=False),
-    # session 7's levers off one at a time / both (= session 6's kernels): the per-element im2col gather
-    # (triton_conv.ROW_GATHER False), cuBLAS for the long dense layer (no split-K)
-    "triton+graph+elemgather": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, rowgather=False),
+    # session 7: session 6's output tiles in the convolutions' tile choice (IGEMM_CANDIDATES "t256"), the
+    # split-K dense forward off, and session 6's code (the triton_conv module of commit 56bab5c, loaded from
+    # the file named by $ROBUSTFL_LEGACY_TRITON_CONV, and no split-K)
+    "triton+graph+t256": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, tiles="t256"),
+    "triton+graph+t512s4": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, tiles="t512s4"),
     "triton+graph+nosplitk": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, splitk=False),
-    "triton+graph+s6": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, rowgather=False,
+    "triton+graph+s6": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, legacy=True,
                             splitk=False),
-    "triton+graph+tf32+s6": dict(conv="triton", bench=False, tf32=False, precision="tf32", graph=True,
-                                 rowgather=False, splitk=False),
-    "triton+graph+bf16+s6": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True,
-                                 rowgather=False, splitk=False),
+    "triton+graph+tf32+t256": dict(conv="triton", bench=False, tf32=False, precision="tf32", graph=True, tiles="t256"),
+    "triton+graph+tf32+s6": dict(conv="triton", bench=False, tf32=False, precision="tf32", graph=True, legacy=True,
+                                 splitk=False),
+    "triton+graph+bf16+t256": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True, tiles="t256"),
+    "triton+graph+bf16+s6": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True, legacy=True,
+                                 splitk=False),
 }
+#: the output-tile candidates (robustfl.triton_conv.IGEMM_CANDIDATES) a variant's ``tiles`` names
+TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8, 4), (128, 4, 3))}
+
+
+def _legacy_conv():  # noqa: ANN202
+    """The triton_conv module of an earlier commit, from the file $ROBUSTFL_LEGACY_TRITON_CONV."""
+    import importlib.util
+    import os
+
+    path = os.environ.get("ROBUSTFL_LEGACY_TRITON_CONV")
+    if not path:
+        raise SystemExit("variant needs $ROBUSTFL_LEGACY_TRITON_CONV: an earlier robustfl/triton_conv.py "
+                         "(git show 56bab5c:robustfl/triton_conv.py > FILE)")
+    spec = importlib.util.spec_from_file_location("robustfl_legacy_triton_conv", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @contextlib.contextmanager
-def kernel_flags(fuse: bool = True, rowgather: bool = True, splitk: bool = True) -> Iterator[None]:
-    """The triton layout's kernel options (robustfl.stacked.FUSE_EPILOGUES, triton_conv.ROW_GATHER,
-    triton_dense.MIN_K; False = the earlier kernels, for side-by-side comparisons), restored after."""
+def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = None,
+                 legacy: bool = False) -> Iterator[None]:
+    """The triton layout's kernel options, restored after: fused epilogues (robustfl.stacked.FUSE_EPILOGUES),
+    the split-K dense forward (off: triton_dense.MIN_K beyond any layer), the convolutions' tile candidates
+    (TILE_SETS), or an earlier commit's convolution kernels (:func:`_legacy_conv`)."""
+    import robustfl
     from robustfl import triton_conv, triton_dense
 
-    old = stacked.FUSE_EPILOGUES, triton_conv.ROW_GATHER, triton_dense.MIN_K
-    stacked.FUSE_EPILOGUES, triton_conv.ROW_GATHER = fuse, rowgather
-    triton_dense.MIN_K = old[2] if splitk else 1 << 62
+    old = stacked.FUSE_EPILOGUES, triton_dense.MIN_K, triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv
+    stacked.FUSE_EPILOGUES = fuse
+    triton_dense.MIN_K = old[1] if splitk else 1 << 62
+    if tiles is not None:
+        triton_conv.IGEMM_CANDIDATES = TILE_SETS[tiles]
+    if legacy:
+        robustfl.triton_conv = _legacy_conv()  # what `from robustfl import triton_conv` in stacked finds
     try:
         yield
     finally:
-        stacked.FUSE_EPILOGUES, triton_conv.ROW_GATHER, triton_dense.MIN_K = old
+        stacked.FUSE_EPILOGUES, triton_dense.MIN_K, triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv = old
 
 
 @contextlib.contextmanager
@@ -140,7 +168,7 @@ def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, vari
                     flags = cuda_flags(True, False) if v == "sequential+bench" else contextlib.nullcontext()
                 else:
                     o = VARIANTS[v]
-                    kern = {key: o[key] for key in ("fuse", "rowgather", "splitk") if key in o}
+                    kern = {key: o[key] for key in ("fuse", "splitk", "tiles", "legacy") if key in o}
                     flags = cuda_flags(o["bench"], o["tf32"], **kern) if dev.type == "cuda" else contextlib.nullcontext()
                     fn = lambda o=o: train_vectorised(model, theta, x, y, shards, epochs=1, batch_size=bs,  # noqa: E731
                                                       lr=1e-3, generator=torch.Generator().manual_seed(0),

@@ -46,12 +46,13 @@ VARIANTS = {
     "triton+graph+tf32": dict(conv="triton", cuda_graph=True, precision="tf32"),
     "triton+graph+bf16": dict(conv="triton", cuda_graph=True, precision="bf16"),
     "auto": dict(conv="auto", cuda_graph=None),
-    # session 6's kernels (per-element im2col gather, cuBLAS for the long dense layer): bench_conv.kernel_flags
-    "triton+graph+s6": dict(conv="triton", cuda_graph=True, kernels=dict(rowgather=False, splitk=False)),
-    "triton+graph+tf32+s6": dict(conv="triton", cuda_graph=True, precision="tf32",
-                                 kernels=dict(rowgather=False, splitk=False)),
-    "triton+graph+bf16+s6": dict(conv="triton", cuda_graph=True, precision="bf16",
-                                 kernels=dict(rowgather=False, splitk=False)),
+    # session 7's choices one at a time and session 6's code: bench_conv.kernel_flags
+    "triton+graph+t256": dict(conv="triton", cuda_graph=True, kernels=dict(tiles="t256")),
+    "triton+graph+tf32+t256": dict(conv="triton", cuda_graph=True, precision="tf32", kernels=dict(tiles="t256")),
+    "triton+graph+bf16+t256": dict(conv="triton", cuda_graph=True, precision="bf16", kernels=dict(tiles="t256")),
+    "triton+graph+s6": dict(conv="triton", cuda_graph=True, kernels=dict(legacy=True, splitk=False)),
+    "triton+graph+tf32+s6": dict(conv="triton", cuda_graph=True, precision="tf32", kernels=dict(legacy=True, splitk=False)),
+    "triton+graph+bf16+s6": dict(conv="triton", cuda_graph=True, precision="bf16", kernels=dict(legacy=True, splitk=False)),
 }
 
 

@@ -44,7 +44,8 @@ LAYERS = [
 ]
 # tile shapes timed by --sweep; the first sweep (session 5) also had bk 64/16, 64-row tiles with 4
 # stages, a 128x128 tile, and weight-gradient tiles with bk 64/128 (all slower; see the results file)
-# (session 7 added the bk-64 shapes: the row gather of triton_conv.ROW_GATHER may favour longer K blocks)
+# (session 7 added the bk-64 shapes; all slower, or too large for shared memory at 256 rows:
+# results/triton_conv_sweep_s7_h100.json)
 IGEMM = [Tiles(64, 64, 32, 4, 3), Tiles(128, 64, 32, 4, 3), Tiles(128, 64, 32, 8, 3), Tiles(256, 64, 32, 8, 3),
          Tiles(256, 64, 32, 8, 4), Tiles(256, 64, 64, 8, 3), Tiles(256, 64, 16, 8, 4), Tiles(512, 64, 32, 8, 3),
          Tiles(128, 64, 64, 4, 3), Tiles(256, 64, 64, 8, 4), Tiles(128, 64, 64, 8, 4)]
@@ -52,13 +53,17 @@ WGRAD = [(Tiles(64, 64, 32, 4, 3), 1024), (Tiles(128, 64, 32, 4, 3), 1024), (Til
          (Tiles(32, 64, 32, 4, 3), 1024), (Tiles(64, 64, 16, 4, 4), 1024), (Tiles(64, 64, 32, 4, 3), 4096),
          (Tiles(128, 64, 32, 8, 3), 512), (Tiles(64, 64, 64, 4, 3), 1024), (Tiles(128, 64, 64, 8, 3), 1024),
          (Tiles(128, 64, 32, 8, 4), 1024)]
+# --sweep large: the output tiles around the first sweeps' best (512 and 256 rows; more stages where
+# shared memory allows), no weight-gradient tiles
+IGEMM_LARGE = [Tiles(256, 64, 32, 8, 3), Tiles(256, 64, 32, 8, 4), Tiles(512, 64, 32, 8, 3), Tiles(512, 64, 16, 8, 4),
+               Tiles(512, 64, 16, 8, 5), Tiles(512, 64, 32, 16, 3), Tiles(1024, 64, 16, 16, 3), Tiles(256, 64, 16, 8, 6)]
 
 
 def _tiles(t: Tiles) -> str:
     return f"bm{t.bm}_bn{t.bn}_bk{t.bk}_w{t.num_warps}_s{t.num_stages}"
 
 
-def bench_layer(spec: tuple, g: int, sweep: bool, gathers: tuple[bool, ...] = (True,)) -> list[dict]:
+def bench_layer(spec: tuple, g: int, sweep: str | None) -> list[dict]:
     from triton.testing import do_bench
 
     model, layer, b, h, w, ci, co, k, pad = spec
@@ -101,21 +106,22 @@ def bench_layer(spec: tuple, g: int, sweep: bool, gathers: tuple[bool, ...] = (T
     m_out, m_in = b * oh * ow, b * h * w
     chosen = (_tiles(triton_conv.igemm_tiles(m_out, co, g)) + "/" + _tiles(triton_conv.igemm_tiles(m_in, ci, g))
               + "/" + _tiles(triton_conv.WGRAD_TILES))
-    old_gather = triton_conv.ROW_GATHER
-    try:
-        for gather in gathers:
-            triton_conv.ROW_GATHER = gather
-            add(path="triton", kernel_pass="fwd+bwd", tiles=chosen, gather="row" if gather else "element",
-                ms=do_bench(tri), flops=total)
-            if sweep:
-                _sweep(add, x, wt, bias, dy, spec, oh, ow, flops, "row" if gather else "element")
-    finally:
-        triton_conv.ROW_GATHER = old_gather
+    add(path="triton", kernel_pass="fwd+bwd", tiles=chosen, ms=do_bench(tri), flops=total)
+    # the weight-gradient kernel with and without the bias gradient summed in it, and that sum by torch
+    xd = x.detach()
+    for name, fn in [("wgrad", lambda: triton_conv._wgrad(xd, dy, k, k, pad, triton_conv.WGRAD_TILES)),
+                     ("wgrad+bias", lambda: triton_conv._wgrad(xd, dy, k, k, pad, triton_conv.WGRAD_TILES, bias=True)),
+                     ("bias_by_torch", lambda: dy.sum((1, 2, 3)))]:
+        add(path="triton", kernel_pass=name, tiles=_tiles(triton_conv.WGRAD_TILES), ms=do_bench(fn),
+            flops=flops["wgrad"] if name != "bias_by_torch" else 0)
+    if sweep:
+        _sweep(add, x, wt, bias, dy, spec, oh, ow, flops, sweep)
     return rows
 
 
-def _sweep(add, x, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, gather: str) -> None:
-    """Each Triton kernel alone under every tile shape of IGEMM / WGRAD (the module's gather setting)."""
+def _sweep(add, x, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, which: str) -> None:
+    """Each Triton kernel alone under every tile shape of IGEMM / WGRAD (``which`` "all"), or of
+    IGEMM_LARGE (``which`` "large")."""
     from triton.testing import do_bench
 
     _, layer, _, h, w, ci, co, k, pad = spec
@@ -123,25 +129,25 @@ def _sweep(add, x, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, gat
     xd = x.detach()
     wk = wt.detach().permute(0, 3, 4, 2, 1).reshape(g, k * k * ci, co).contiguous()
     wd = wt.detach().permute(0, 3, 4, 1, 2).reshape(g, k * k * co, ci).contiguous()
-    for t in IGEMM:
+    for t in IGEMM if which == "all" else IGEMM_LARGE:
         try:
             ms = do_bench(lambda t=t: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad, t))
-            add(path="triton", kernel_pass="fwd", tiles=_tiles(t), gather=gather, ms=ms, flops=flops["fwd"])
+            add(path="triton", kernel_pass="fwd", tiles=_tiles(t), ms=ms, flops=flops["fwd"])
             if not first:
                 ms = do_bench(lambda t=t: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad, t))
-                add(path="triton", kernel_pass="dgrad", tiles=_tiles(t), gather=gather, ms=ms, flops=flops["dgrad"])
+                add(path="triton", kernel_pass="dgrad", tiles=_tiles(t), ms=ms, flops=flops["dgrad"])
         except Exception as exc:  # noqa: BLE001 - a tile shape the compiler refuses is a result
-            add(path="triton", kernel_pass="fwd/dgrad", tiles=_tiles(t), gather=gather,
+            add(path="triton", kernel_pass="fwd/dgrad", tiles=_tiles(t),
                 error=str(exc).splitlines()[0][:200])
     old = triton_conv.WGRAD_PROGRAMS
-    for t, programs in WGRAD:
+    for t, programs in WGRAD if which == "all" else []:
         triton_conv.WGRAD_PROGRAMS = programs
         try:
             ms = do_bench(lambda t=t: triton_conv._wgrad(xd, dy, k, k, pad, t))
-            add(path="triton", kernel_pass="wgrad", tiles=f"{_tiles(t)}_p{programs}", gather=gather, ms=ms,
+            add(path="triton", kernel_pass="wgrad", tiles=f"{_tiles(t)}_p{programs}", ms=ms,
                 flops=flops["wgrad"])
         except Exception as exc:  # noqa: BLE001
-            add(path="triton", kernel_pass="wgrad", tiles=f"{_tiles(t)}_p{programs}", gather=gather,
+            add(path="triton", kernel_pass="wgrad", tiles=f"{_tiles(t)}_p{programs}",
                 error=str(exc).splitlines()[0][:200])
         finally:
             triton_conv.WGRAD_PROGRAMS = old
@@ -151,9 +157,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[10])
     ap.add_argument("--models", nargs="+", default=["fmnist_cnn", "cifar10_cnn", "kather_cnn"])
-    ap.add_argument("--sweep", action="store_true", help="also time every tile shape of each Triton kernel")
-    ap.add_argument("--gathers", nargs="+", choices=["row", "element"], default=["row"],
-                    help="im2col gathers to time (robustfl.triton_conv.ROW_GATHER True / False)")
+    ap.add_argument("--sweep", nargs="?", const="all", choices=["all", "large"], default=None,
+                    help="also time each Triton kernel under every tile shape (all), or the large output tiles")
     ap.add_argument("--layers", nargs="+", type=int, default=None, help="only these layer indices")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
@@ -164,7 +169,7 @@ def main() -> None:
     for g in a.clients:
         for spec in LAYERS:
             if spec[0] in a.models and (a.layers is None or spec[1] in a.layers):
-                res["results"] += bench_layer(spec, g, a.sweep, tuple(v == "row" for v in a.gathers))
+                res["results"] += bench_layer(spec, g, a.sweep)
     atomic_write_json(a.out, res)
 
 

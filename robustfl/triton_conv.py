@@ -86,16 +86,13 @@ def _rows(offs_m, HOUT, WOUT, PH, PW, POOL: tl.constexpr):
 def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT, PH, PW, a_sg, y_sg,
                   CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                   SGN: tl.constexpr, OFF: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  PREC: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  ROWK: tl.constexpr):
+                  PREC: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y[g, m, n] = epilogue(sum_k A[g, m, k] w[g, k, n] (+ b[g, n])); A gathered from a (G, B, HIN, WIN,
     CIN): row m = (b, oh, ow) of the output grid (:func:`_rows`; 2x2 windows for EPI 2), column
     k = (kh, kw, ci), A = a[g, b, oh + SGN*kh + OFF, ow + SGN*kw + OFF, ci] (0 outside). EPI 0: y as is;
     1: max(y, 0); 2: each window's maximum, then max(., 0), stored pooled with the window position of
     the maximum in ``code`` (first of ties, as PyTorch's max-pool; :data:`DEAD` where the maximum is not
-    positive). ROWK (needs CIN % BK == 0): every K block lies in one kernel position (kh, kw), so the
-    gather's offsets are one per row and the block's channels are contiguous, instead of an index
-    computed per element (:data:`ROW_GATHER`). Grid: (cdiv(M, BM), cdiv(COUT, BN), G)."""
+    positive). Grid: (cdiv(M, BM), cdiv(COUT, BN), G)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -110,28 +107,17 @@ def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT,
     acc = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
-        if ROWK:  # the block is channels c0 .. c0 + BK of kernel position (kh, kw): scalars
-            kpos = k0 // CIN
-            c0 = k0 - kpos * CIN
-            kh_s = kpos // KW
-            ih = oh + SGN * kh_s + OFF
-            iw = ow + SGN * (kpos - kh_s * KW) + OFF
-            r_ok = m_ok & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
-            a = tl.load((a_rows + (ih * WIN + iw) * CIN + c0)[:, None] + tl.arange(0, BK)[None, :],
-                        mask=r_ok[:, None], other=0.0)
-            wv = tl.load(w_base + offs_k[:, None] * COUT + offs_n[None, :], mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k < K
-            ci = offs_k % CIN
-            t = offs_k // CIN
-            kw = t % KW
-            kh = t // KW
-            ih = oh[:, None] + SGN * kh[None, :] + OFF
-            iw = ow[:, None] + SGN * kw[None, :] + OFF
-            ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
-            a = tl.load(a_rows[:, None] + (ih * WIN + iw) * CIN + ci[None, :], mask=ok, other=0.0)
-            wv = tl.load(w_base + offs_k[:, None] * COUT + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
-                         other=0.0)
+        k_ok = offs_k < K
+        ci = offs_k % CIN
+        t = offs_k // CIN
+        kw = t % KW
+        kh = t // KW
+        ih = oh[:, None] + SGN * kh[None, :] + OFF
+        iw = ow[:, None] + SGN * kw[None, :] + OFF
+        ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
+        a = tl.load(a_rows[:, None] + (ih * WIN + iw) * CIN + ci[None, :], mask=ok, other=0.0)
+        wv = tl.load(w_base + offs_k[:, None] * COUT + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                     other=0.0)
         acc = tl.dot(a, wv, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + g * COUT + offs_n, mask=n_ok, other=0.0).to(ACC)[None, :]
@@ -176,12 +162,11 @@ def _unpool_kernel(dyp_ptr, code_ptr, dz_ptr, TOTAL, OH, OW, PH, PW, C: tl.const
 def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, dy_sg, G, S, CHUNK,
                   CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                   OFF: tl.constexpr, BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-                  BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, ROWK: tl.constexpr):
+                  BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
     """Partial weight gradient out[s, g, n, k] = sum over rows m of chunk s of A[g, m, k] dy[g, m, n]
     (A as in :func:`_igemm_kernel` with SGN = 1), stored in the weight's own layout (G, COUT, CIN, KH,
     KW), and, with BIAS, the partial bias gradient outb[s, g, n] = sum over the same rows of dy[g, m, n]
-    (stored by the programs of the first K block). ROWK as in :func:`_igemm_kernel`: the program's K
-    block is one kernel position's contiguous channels. Grid: (cdiv(K, BK), cdiv(COUT, BN), G*S)."""
+    (stored by the programs of the first K block). Grid: (cdiv(K, BK), cdiv(COUT, BN), G*S)."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_gs = tl.program_id(2)
@@ -196,10 +181,6 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
     t = offs_k // CIN
     kw = t % KW
     kh = t // KW
-    kpos = (pid_k * BK) // CIN  # ROWK: the block's kernel position and first channel
-    c0 = pid_k * BK - kpos * CIN
-    kh0 = kpos // KW
-    kw0 = kpos - kh0 * KW
     hw = HOUT * WOUT
     x_base = x_ptr + g * x_sg
     dy_base = dy_ptr + g * dy_sg
@@ -213,23 +194,17 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
         rem = offs_m % hw
         oh = rem // WOUT
         ow = rem % WOUT
-        if ROWK:  # one kernel position (kh0, kw0) and channels c0 .. c0 + BK: offsets per row
-            ih = oh + kh0 + OFF
-            iw = ow + kw0 + OFF
-            r_ok = m_ok & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
-            a_t = tl.load((x_base + bb * (HIN * WIN * CIN) + (ih * WIN + iw) * CIN + c0)[None, :]
-                          + tl.arange(0, BK)[:, None], mask=r_ok[None, :], other=0.0)
-        else:
-            ih = oh[None, :] + kh[:, None] + OFF
-            iw = ow[None, :] + kw[:, None] + OFF
-            ok = k_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
-            a_t = tl.load(x_base + bb[None, :] * (HIN * WIN * CIN) + (ih * WIN + iw) * CIN + ci[:, None],
-                          mask=ok, other=0.0)
+        ih = oh[None, :] + kh[:, None] + OFF
+        iw = ow[None, :] + kw[:, None] + OFF
+        ok = k_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
+        a_t = tl.load(x_base + bb[None, :] * (HIN * WIN * CIN) + (ih * WIN + iw) * CIN + ci[:, None],
+                      mask=ok, other=0.0)
         d = tl.load(dy_base + offs_m[:, None] * COUT + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
                     other=0.0)
         acc = tl.dot(a_t, d, acc, input_precision=PREC)
         if BIAS:
-            bacc += tl.sum(d.to(ACC), axis=0)
+            if pid_k == 0:  # one K block's programs sum it (each program's reduction costs a layout change)
+                bacc += tl.sum(d.to(ACC), axis=0)
     # stored in the weight's own layout (G, COUT, CIN, KH, KW)
     out = out_ptr + ((s * G + g) * COUT + offs_n[None, :]) * K + (ci * (KH * KW) + kh * KW + kw)[:, None]
     tl.store(out, acc, mask=k_ok[:, None] & n_ok[None, :])
@@ -259,26 +234,29 @@ IGEMM_TILES: Tiles | None = None
 WGRAD_TILES = Tiles(bm=64, bn=64, bk=32)
 #: the weight-gradient reduction is split until about this many programs run (a few per multiprocessor)
 WGRAD_PROGRAMS = 1024
-#: where a layer's input channels are a multiple of the K block (every paper network's layers but the
-#: first), gather the im2col tile with one offset per row and kernel position (the kernels' ROWK)
-#: instead of one per element; False: the per-element gather everywhere, for benchmarks that compare
-ROW_GATHER = True
 if INTERPRET:  # the interpreter's cost is per program and per operation: few, large tiles
     IGEMM_TILES = Tiles(bm=1024, bn=64, bk=128)
     WGRAD_TILES = Tiles(bm=1024, bn=64, bk=128)
     WGRAD_PROGRAMS = 1
 
 
+#: the output tiles igemm_tiles considers, largest first: (rows, warps, stages). 512 rows (session 7):
+#: fmnist's 64 -> 64 5x5 layer's forward 0.46 -> 0.35-0.38 ms, input gradient 0.62 -> 0.52-0.53 ms, Kather's
+#: second layer 0.92 -> 0.75-0.78 ms, against 256 (bench/results/triton_conv_sweep_s7_h100.json, H100)
+IGEMM_CANDIDATES: tuple[tuple[int, int, int], ...] = ((512, 8, 3), (256, 8, 3), (128, 4, 3))
+
+
 def igemm_tiles(m: int, n: int, g: int) -> Tiles:
-    """Output tiles for ``m`` rows and ``n`` columns per client and ``g`` clients: 256-row tiles with 8
-    warps where they still make :data:`SMS` programs (fastest on every large layer measured on an H100,
-    bench/results/triton_conv_h100.json), else 128, else 64 rows (small layers: more programs)."""
+    """Output tiles for ``m`` rows and ``n`` columns per client and ``g`` clients: the largest of
+    :data:`IGEMM_CANDIDATES` that still makes :data:`SMS` programs (the largest tiles were the fastest
+    on every large layer measured on an H100: bench/results/triton_conv_h100.json,
+    triton_conv_sweep_s7_h100.json), else 64 rows (small layers: more programs)."""
     if IGEMM_TILES is not None:
         return IGEMM_TILES
     cols = triton.cdiv(n, _bn(n, 64)) * g
-    for bm, warps in ((256, 8), (128, 4)):
+    for bm, warps, stages in IGEMM_CANDIDATES:
         if triton.cdiv(m, bm) * cols >= SMS:
-            return Tiles(bm=bm, bn=64, bk=32, num_warps=warps, num_stages=3)
+            return Tiles(bm=bm, bn=64, bk=32, num_warps=warps, num_stages=stages)
     return Tiles(bm=64, bn=64, bk=32, num_warps=4, num_stages=3)
 
 
@@ -327,8 +305,7 @@ def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: i
         _igemm_kernel[grid](a, wk, bias if bias is not None else wk, y, y if code is None else code, m, hin, win,
                             hout, wout, ph, pw, a.stride(0), y.stride(0), CIN=cin, COUT=cout, KH=kh, KW=kw,
                             SGN=sgn, OFF=off, EPI=epi, HAS_BIAS=bias is not None, PREC=_prec(a.dtype),
-                            ACC=_acc(a.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk,
-                            ROWK=ROW_GATHER and cin % tiles.bk == 0, num_warps=tiles.num_warps,
+                            ACC=_acc(a.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk, num_warps=tiles.num_warps,
                             num_stages=tiles.num_stages)
     return y, code
 
@@ -369,8 +346,7 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     with _on(x):
         _wgrad_kernel[grid](x, dy, part, part_b, m, hin, win, hout, wout, x.stride(0), dy.stride(0), g, s, chunk,
                             CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, BIAS=bias, PREC=_prec(x.dtype),
-                            ACC=_acc(x.dtype)[1], BK=tiles.bk, BN=bn, BR=tiles.bm,
-                            ROWK=ROW_GATHER and cin % tiles.bk == 0, num_warps=tiles.num_warps,
+                            ACC=_acc(x.dtype)[1], BK=tiles.bk, BN=bn, BR=tiles.bm, num_warps=tiles.num_warps,
                             num_stages=tiles.num_stages)
     if s == 1:
         return part[0], part_b[0] if bias else None

@@ -22,13 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from robustfl.triton_conv import INTERPRET, SMS, _acc, _on
+from robustfl.triton_conv import INTERPRET, SMS, Tiles, _acc, _on
 
 #: the stacked engine's dense layers use the split-K kernel on the GPU from this many inputs on
 #: (fmnist's 25,600-input layer; the other paper layers have 128 to 2,048 and stay with cuBLAS)
 MIN_K = 8192
-#: output tile and K block of one program (one 64 x 128 tile covers a paper client's whole output)
-BM, BN, BK = 64, 128, 32
+#: output tile, K block and launch settings of one program (one 64 x 128 tile covers a paper client's
+#: whole output)
+TILES = Tiles(bm=64, bn=128, bk=32, num_warps=4, num_stages=3)
 #: split K until about this many programs run (a few per multiprocessor; one chunk in the interpreter,
 #: whose cost is per program)
 PROGRAMS = 1 if INTERPRET else 2 * SMS
@@ -61,7 +62,7 @@ def _splitk_kernel(x_ptr, w_ptr, out_ptr, M, N, K, CHUNK, x_sg, x_sm, w_sg, w_sn
     tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def splits(k: int, tiles: int, programs: int = PROGRAMS, bk: int = BK) -> tuple[int, int]:
+def splits(k: int, tiles: int, programs: int, bk: int) -> tuple[int, int]:
     """(S, chunk): K split into S chunks of ``chunk`` inputs (a multiple of ``bk``, the last one partial)
     so that ``tiles * S`` programs reach about ``programs``, each chunk at least 4 blocks long."""
     s = max(1, min(triton.cdiv(programs, tiles), triton.cdiv(k, 4 * bk)))
@@ -69,11 +70,13 @@ def splits(k: int, tiles: int, programs: int = PROGRAMS, bk: int = BK) -> tuple[
     return triton.cdiv(k, chunk), chunk
 
 
-def bmm_nt(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def bmm_nt(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, tiles: Tiles | None = None,
+           programs: int | None = None) -> torch.Tensor:
     """``x[g] @ w[g]^T (+ bias[g])`` for ``x (G, M, K)``, ``w (G, N, K)``, ``bias (G, N)``: ``(G, M, N)``
     in x's dtype, what ``torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2))`` computes, with the K
-    reduction split over programs (module docstring). Not differentiable itself (robustfl.stacked's
-    dense layer supplies the backward)."""
+    reduction split over programs (module docstring; ``tiles``, ``programs``: :data:`TILES`,
+    :data:`PROGRAMS` by default). Not differentiable itself (robustfl.stacked's dense layer supplies
+    the backward)."""
     if x.dim() != 3 or w.dim() != 3 or x.shape[0] != w.shape[0] or x.shape[2] != w.shape[2]:
         raise ValueError(f"bmm_nt: x (G, M, K) and w (G, N, K) do not match: {tuple(x.shape)}, {tuple(w.shape)}")
     if x.dtype != w.dtype:
@@ -82,15 +85,16 @@ def bmm_nt(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     w = w if w.stride(2) == 1 else w.contiguous()
     g, m, k = x.shape
     n = w.shape[1]
-    tiles = triton.cdiv(m, BM) * triton.cdiv(n, BN) * g
-    s, chunk = splits(k, tiles, PROGRAMS)
+    t = TILES if tiles is None else tiles
+    grid_mn = triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn)
+    s, chunk = splits(k, grid_mn * g, PROGRAMS if programs is None else programs, t.bk)
     acc_t, acc_tl = _acc(x.dtype)
     part = torch.empty(s, g, m, n, dtype=acc_t, device=x.device)
     prec = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    grid = (triton.cdiv(m, BM) * triton.cdiv(n, BN), s, g)
     with _on(x):
-        _splitk_kernel[grid](x, w, part, m, n, k, chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1), g,
-                             PREC=prec, ACC=acc_tl, BM=BM, BN=BN, BK=BK)
+        _splitk_kernel[(grid_mn, s, g)](x, w, part, m, n, k, chunk, x.stride(0), x.stride(1), w.stride(0),
+                                        w.stride(1), g, PREC=prec, ACC=acc_tl, BM=t.bm, BN=t.bn, BK=t.bk,
+                                        num_warps=t.num_warps, num_stages=t.num_stages)
     y = part[0] if s == 1 else part.sum(0)
     if bias is not None:
         y = y + bias.unsqueeze(1).to(acc_t)

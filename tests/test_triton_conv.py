@@ -19,7 +19,7 @@ CUDA = torch.cuda.is_available()
 on_cpu = pytest.mark.skipif(not triton_conv.INTERPRET, reason="CPU tensors need Triton's interpreter "
                             "(TRITON_INTERPRET=1, set by conftest.py where there is no GPU)")
 #: the tile shapes the GPU runs (robustfl.triton_conv.igemm_tiles, WGRAD_TILES)
-IGEMM_GPU = [triton_conv.Tiles(bm=bm, bn=64, bk=32) for bm in (64, 128, 256)]
+IGEMM_GPU = [triton_conv.Tiles(bm=bm, bn=64, bk=32) for bm in (64, 128, 256, 512)]
 WGRAD_GPU = triton_conv.Tiles(bm=64, bn=64, bk=32)
 
 
@@ -99,7 +99,7 @@ EPI_SHAPES = [(2, 3, 8, 8, 1, 16, 5, 0), (3, 2, 7, 6, 5, 6, 3, 0), (2, 3, 17, 17
 
 @on_cpu
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("tiles", IGEMM_GPU[:2], ids=lambda t: f"bm{t.bm}")
+@pytest.mark.parametrize("tiles", IGEMM_GPU[::3], ids=lambda t: f"bm{t.bm}")
 @pytest.mark.parametrize("epilogue", ["relu", "pool_relu"])
 @pytest.mark.parametrize("shape", EPI_SHAPES)
 def test_fused_epilogues_and_their_gradients_equal_relu_and_max_pool(
@@ -139,14 +139,15 @@ def test_pool_codes_name_each_windows_first_maximum_or_dead() -> None:
 
 
 def test_tile_choice_fills_the_multiprocessors(monkeypatch: pytest.MonkeyPatch) -> None:
-    """igemm_tiles: 256-row tiles while they make >= SMS programs, then 128, then 64."""
+    """igemm_tiles: 512-row tiles while they make >= SMS programs, then 256, 128, then 64."""
     monkeypatch.setattr(triton_conv, "IGEMM_TILES", None)
     monkeypatch.setattr(triton_conv, "SMS", 132)
-    assert triton_conv.igemm_tiles(64 * 20 * 20, 64, 10) == triton_conv.Tiles(256, 64, 32, 8, 3)  # fmnist conv 2
+    assert triton_conv.igemm_tiles(64 * 20 * 20, 64, 10) == triton_conv.Tiles(512, 64, 32, 8, 3)  # fmnist conv 2
     assert triton_conv.igemm_tiles(32 * 8 * 8, 128, 10) == triton_conv.Tiles(256, 64, 32, 8, 3)  # 8 x 2 x 10 = 160
     assert triton_conv.igemm_tiles(32 * 8 * 8, 64, 10) == triton_conv.Tiles(128, 64, 32, 4, 3)  # 8 x 10 < 132
     assert triton_conv.igemm_tiles(32 * 4 * 4, 64, 10) == triton_conv.Tiles(64, 64, 32, 4, 3)  # CIFAR-10 conv 3
     assert triton_conv.igemm_tiles(32 * 4 * 4, 64, 90) == triton_conv.Tiles(256, 64, 32, 8, 3)  # packed: 2 x 90
+    assert triton_conv.igemm_tiles(32 * 8 * 8, 64, 90) == triton_conv.Tiles(512, 64, 32, 8, 3)  # packed: 4 x 90
     fixed = triton_conv.Tiles(32, 32, 16)
     monkeypatch.setattr(triton_conv, "IGEMM_TILES", fixed)
     assert triton_conv.igemm_tiles(10**6, 64, 10) is fixed

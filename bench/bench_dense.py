@@ -1,0 +1,95 @@
+"""Benchmark: the per-client dense layers' forward product, cuBLAS's batched GEMM (``torch.bmm``, what
+the stacked engine ran before) against robustfl.triton_dense's split-K kernel, under the tile shapes
+and program counts of ``--sweep``, in one process on one GPU (issue 6).
+
+For each paper dense layer with a long inner dimension (fmnist 25,600 -> 128 at batch 64; Kather
+2,048 -> 128 at batch 32) and each number of clients, in fp32 (TF32 off, the default precision),
+tf32 and bf16. Times are medians of ``triton.testing.do_bench``; TFLOP/s counts 2 * G * M * K * N.
+
+    python bench/bench_dense.py --clients 10 90 --out bench/results/dense_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from robustfl import triton_dense
+from robustfl.io import atomic_write_json
+from robustfl.triton_conv import Tiles
+
+try:  # run as `python bench/bench_dense.py` from the repository root
+    from bench_engine import result_header
+except ImportError:  # pragma: no cover - imported as bench.bench_dense
+    from bench.bench_engine import result_header
+
+# (model, batch, in, out)
+LAYERS = [("fmnist_cnn", 64, 25_600, 128), ("kather_cnn", 32, 2048, 128)]
+# (tiles, programs); the first is robustfl.triton_dense's default
+SWEEP = [(triton_dense.TILES, triton_dense.PROGRAMS), (Tiles(64, 128, 32, 8, 3), 264), (Tiles(64, 128, 16, 4, 4), 264),
+         (Tiles(64, 128, 64, 4, 3), 264), (Tiles(64, 128, 32, 4, 3), 528), (Tiles(64, 128, 32, 4, 3), 1056),
+         (Tiles(64, 64, 32, 4, 3), 264), (Tiles(32, 128, 32, 4, 3), 528), (Tiles(64, 128, 32, 8, 4), 528)]
+
+
+def _tiles(t: Tiles) -> str:
+    return f"bm{t.bm}_bn{t.bn}_bk{t.bk}_w{t.num_warps}_s{t.num_stages}"
+
+
+def main() -> None:
+    from triton.testing import do_bench
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[10, 90])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16"], choices=["fp32", "tf32", "bf16"])
+    ap.add_argument("--sweep", action="store_true", help="every tile shape of SWEEP, else the default only")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_dense needs a CUDA device")
+    dev = torch.device("cuda")
+    res = result_header(dev)
+    res.update(benchmark="dense_forward")
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for model, b, k, n in LAYERS:
+            for g in a.clients:
+                for prec in a.precisions:
+                    torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
+                    dt = torch.bfloat16 if prec == "bf16" else torch.float32
+                    torch.manual_seed(0)
+                    x = torch.randn(g, b, k, device=dev, dtype=dt)
+                    w = torch.randn(g, n, k, device=dev, dtype=dt) / k**0.5
+                    bias = torch.randn(g, n, device=dev, dtype=dt)
+                    flops = 2 * g * b * k * n
+                    base = dict(model=model, clients=g, batch=b, k=k, n=n, precision=prec)
+                    want = torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2))
+                    runs = [("cublas_baddbmm", None,
+                             lambda x=x, w=w, bias=bias: torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2)))]
+                    for t, p in SWEEP if a.sweep else SWEEP[:1]:
+                        runs.append((f"splitk_{_tiles(t)}_p{p}", (t, p),
+                                     lambda t=t, p=p, x=x, w=w, bias=bias: triton_dense.bmm_nt(x, w, bias, tiles=t,
+                                                                                             programs=p)))
+                    for name, tp, fn in runs:
+                        row = {**base, "path": name}
+                        try:
+                            got = fn()
+                            row["max_rel_err"] = ((got.float() - want.float()).abs().max()
+                                                  / want.float().abs().max()).item()
+                            row["ms"] = do_bench(fn)
+                            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                            if tp is not None:
+                                row["splits"] = triton_dense.splits(k, g * -(-b // tp[0].bm) * -(-n // tp[0].bn),
+                                                                    tp[1], tp[0].bk)[0]
+                        except Exception as exc:  # noqa: BLE001 - a shape the compiler refuses is a result
+                            row["error"] = str(exc).splitlines()[0][:200]
+                        print(json.dumps(row), flush=True)
+                        res["results"].append(row)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    atomic_write_json(a.out, res)
+
+
+if __name__ == "__main__":
+    main()
