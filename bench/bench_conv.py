@@ -95,15 +95,18 @@ def _legacy_conv():  # noqa: ANN202
     """The triton_conv module of an earlier commit, from the file $ROBUSTFL_LEGACY_TRITON_CONV."""
     import importlib.util
     import os
+    import sys
 
     path = os.environ.get("ROBUSTFL_LEGACY_TRITON_CONV")
     if not path:
         raise SystemExit("variant needs $ROBUSTFL_LEGACY_TRITON_CONV: an earlier robustfl/triton_conv.py "
                          "(git show 56bab5c:robustfl/triton_conv.py > FILE)")
-    spec = importlib.util.spec_from_file_location("robustfl_legacy_triton_conv", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    name = "robustfl_legacy_triton_conv"
+    if name not in sys.modules:  # registered before it runs: its dataclasses look their module up
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 @contextlib.contextmanager

@@ -152,15 +152,15 @@ class _Dense(torch.autograd.Function):
 
 
 def _use_splitk(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the forward product goes to the split-K kernel: a GPU tensor and at least
-    robustfl.triton_dense.MIN_K inputs (and Triton importable)."""
+    """Whether the forward product goes to the split-K kernel (robustfl.triton_dense.wanted; Triton
+    importable)."""
     if not x.is_cuda:
         return False
     try:
         from robustfl import triton_dense
     except ImportError:  # pragma: no cover - a CUDA build without Triton
         return False
-    return w.shape[-1] >= triton_dense.MIN_K
+    return triton_dense.wanted(x, w)
 
 
 def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, splitk: bool = False) -> torch.Tensor:
@@ -168,13 +168,13 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
     ``bias (n, out)`` -> ``(n, B, out)``. Under autocast the operands are cast to the autocast dtype
     first and the gradients come back in the parameters' dtypes, as autocast's ``baddbmm`` does.
     ``splitk``: a layer with many inputs on the GPU runs its forward product as robustfl.triton_dense's
-    split-K kernel (layout ``"triton"``)."""
-    splitk = splitk and _use_splitk(x, w)
+    split-K kernel where that was measured faster (layout ``"triton"``; :func:`robustfl.triton_dense.wanted`)."""
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            return _Dense.apply(x.to(dt), w.to(dt), None if bias is None else bias.to(dt), splitk)
-    return _Dense.apply(x, w, bias, splitk)
+            x, w = x.to(dt), w.to(dt)
+            return _Dense.apply(x, w, None if bias is None else bias.to(dt), splitk and _use_splitk(x, w))
+    return _Dense.apply(x, w, bias, splitk and _use_splitk(x, w))
 
 
 def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, *,

@@ -21,8 +21,8 @@ The ReLU, or the 2x2 max-pool and ReLU, after a convolution can run in the forwa
 its output and a one-byte code per output naming its window's maximum, never the full-size
 convolution output. The backward forms the gradient at the convolution's output once (from the codes
 in one pass, :func:`_unpool_kernel`, instead of PyTorch's zero-fill and scatter; the ReLU's mask from
-its output) and hands it to the two gradient kernels, whose weight-gradient kernel also sums the bias
-gradient. (Applying the mask or the pool's routing inside the gradient kernels instead, on every one of
+its output) and hands it to the two gradient kernels (the weight-gradient kernel also sums the bias
+gradient where K is one block, a first layer; :func:`_wgrad`). (Applying the mask or the pool's routing inside the gradient kernels instead, on every one of
 their re-reads of the gradient, was measured 1.2x (fmnist) and 1.4x (Kather) slower per step on an
 H200: bench/results/kern_fuse_v1_h200.json.)
 
@@ -166,7 +166,8 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
     """Partial weight gradient out[s, g, n, k] = sum over rows m of chunk s of A[g, m, k] dy[g, m, n]
     (A as in :func:`_igemm_kernel` with SGN = 1), stored in the weight's own layout (G, COUT, CIN, KH,
     KW), and, with BIAS, the partial bias gradient outb[s, g, n] = sum over the same rows of dy[g, m, n]
-    (stored by the programs of the first K block). Grid: (cdiv(K, BK), cdiv(COUT, BN), G*S)."""
+    (stored by the programs of the first K block; :func:`_wgrad` asks for it only where K is one block).
+    Grid: (cdiv(K, BK), cdiv(COUT, BN), G*S)."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_gs = tl.program_id(2)
@@ -203,8 +204,7 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
                     other=0.0)
         acc = tl.dot(a_t, d, acc, input_precision=PREC)
         if BIAS:
-            if pid_k == 0:  # one K block's programs sum it (each program's reduction costs a layout change)
-                bacc += tl.sum(d.to(ACC), axis=0)
+            bacc += tl.sum(d.to(ACC), axis=0)
     # stored in the weight's own layout (G, COUT, CIN, KH, KW)
     out = out_ptr + ((s * G + g) * COUT + offs_n[None, :]) * K + (ci * (KH * KW) + kh * KW + kw)[:, None]
     tl.store(out, acc, mask=k_ok[:, None] & n_ok[None, :])
@@ -329,7 +329,11 @@ def _unpool(dyp: torch.Tensor, code: torch.Tensor, hout: int, wout: int) -> torc
 def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles: Tiles, *,
            bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight gradient ``(G, COUT, CIN, KH, KW)`` (the weight's own layout) and, with ``bias``, the bias
-    gradient ``(G, COUT)``, both fp32 (fp64 for fp64 inputs)."""
+    gradient ``(G, COUT)``, both fp32 (fp64 for fp64 inputs). The bias gradient is summed inside the
+    kernel only where K is one block (a first layer); elsewhere by ``torch.sum``: summing it in the
+    kernel, even in the first K block's programs only, slowed the whole kernel (fmnist's 5x5x64 layer
+    0.78 -> 1.03 ms, Kather's second 1.48 -> 1.96 ms; the separate sum 0.06 / 0.17 ms:
+    bench/results/triton_conv_large_s7_h100.json, H100)."""
     g, b, hin, win, cin = x.shape
     _, _, hout, wout, cout = dy.shape
     m = b * hout * wout
@@ -340,17 +344,21 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     chunk = triton.cdiv(triton.cdiv(m, s), tiles.bm) * tiles.bm
     s = triton.cdiv(m, chunk)
     acc_t = _acc(x.dtype)[0]
+    fused = bias and triton.cdiv(k, tiles.bk) == 1
     part = torch.empty(s, g, cout, cin, kh, kw, dtype=acc_t, device=x.device)
-    part_b = torch.empty(s, g, cout, dtype=acc_t, device=x.device) if bias else part
+    part_b = torch.empty(s, g, cout, dtype=acc_t, device=x.device) if fused else part
     grid = (triton.cdiv(k, tiles.bk), triton.cdiv(cout, bn), g * s)
     with _on(x):
         _wgrad_kernel[grid](x, dy, part, part_b, m, hin, win, hout, wout, x.stride(0), dy.stride(0), g, s, chunk,
-                            CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, BIAS=bias, PREC=_prec(x.dtype),
+                            CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, BIAS=fused, PREC=_prec(x.dtype),
                             ACC=_acc(x.dtype)[1], BK=tiles.bk, BN=bn, BR=tiles.bm, num_warps=tiles.num_warps,
                             num_stages=tiles.num_stages)
-    if s == 1:
-        return part[0], part_b[0] if bias else None
-    return part.sum(0), part_b.sum(0) if bias else None
+    dw = part[0] if s == 1 else part.sum(0)
+    if not bias:
+        return dw, None
+    if not fused:
+        return dw, dy.sum((1, 2, 3), dtype=acc_t)
+    return dw, part_b[0] if s == 1 else part_b.sum(0)
 
 
 class _ConvNHWC(torch.autograd.Function):

@@ -27,12 +27,32 @@ from robustfl.triton_conv import INTERPRET, SMS, Tiles, _acc, _on
 #: the stacked engine's dense layers use the split-K kernel on the GPU from this many inputs on
 #: (fmnist's 25,600-input layer; the other paper layers have 128 to 2,048 and stay with cuBLAS)
 MIN_K = 8192
+#: ... and up to this many output tiles (clients x tiles per client): with many clients cuBLAS's own
+#: grid fills the GPU and its FP32 kernel is faster (fmnist's layer at 90 clients 1.45 ms against
+#: split-K's best 2.0 ms; at 10 clients 0.77 against 0.23 ms: bench/results/dense_s7_h100.json)
+MAX_TILES = 32
 #: output tile, K block and launch settings of one program (one 64 x 128 tile covers a paper client's
 #: whole output)
 TILES = Tiles(bm=64, bn=128, bk=32, num_warps=4, num_stages=3)
-#: split K until about this many programs run (a few per multiprocessor; one chunk in the interpreter,
-#: whose cost is per program)
-PROGRAMS = 1 if INTERPRET else 2 * SMS
+#: split K until about this many programs run (four per multiprocessor, the sweep's best at 10 clients;
+#: one chunk in the interpreter, whose cost is per program)
+PROGRAMS = 1 if INTERPRET else 4 * SMS
+
+
+def pays(g: int, m: int, n: int, k: int, dtype: torch.dtype, tf32: bool) -> bool:
+    """Whether split-K was measured faster than cuBLAS for G clients' (M x K) @ (K x N) products: full
+    fp32 (TF32 off for matrix products, the default: there cuBLAS's FP32 kernel was the slow one; with
+    TF32 or bf16 cuBLAS was as fast or faster), K >= :data:`MIN_K` and at most :data:`MAX_TILES`
+    output tiles."""
+    tiles = g * triton.cdiv(m, TILES.bm) * triton.cdiv(n, TILES.bn)
+    return dtype == torch.float32 and not tf32 and k >= MIN_K and tiles <= MAX_TILES
+
+
+def wanted(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the stacked engine's dense layer ``x (G, M, K) @ w (G, N, K)^T`` runs its forward here: a
+    GPU layer where :func:`pays`."""
+    return x.is_cuda and pays(x.shape[0], x.shape[1], w.shape[1], w.shape[2], x.dtype,
+                              torch.backends.cuda.matmul.allow_tf32)
 
 
 @triton.jit
