@@ -25,12 +25,14 @@ import triton.language as tl
 from robustfl.triton_conv import INTERPRET, SMS, Tiles, _acc, _on
 
 #: the stacked engine's dense layers use the split-K kernel on the GPU from this many inputs on
-#: (fmnist's 25,600-input layer; the other paper layers have 128 to 2,048 and stay with cuBLAS)
-MIN_K = 8192
+#: (fmnist's 25,600-input layer and Kather's 2,048-input one; CIFAR-10's 256 stay with cuBLAS)
+MIN_K = 2048
 #: ... and up to this many output tiles (clients x tiles per client): with many clients cuBLAS's own
-#: grid fills the GPU and its FP32 kernel is faster (fmnist's layer at 90 clients 1.45 ms against
-#: split-K's best 2.0 ms; at 10 clients 0.77 against 0.23 ms: bench/results/dense_s7_h100.json)
-MAX_TILES = 32
+#: grid fills the GPU and its FP32 kernel is as fast or faster. H100, fmnist's layer: 10 clients 0.77
+#: -> 0.23 ms, 24 clients 0.80 -> 0.50 ms, 32 the same (0.81 / 0.82), 90 clients 1.47 against 2.21 ms;
+#: Kather's: 10 clients 0.073 -> 0.044 ms, 24 0.077 -> 0.072, 48 0.083 against 0.101
+#: (bench/results/dense_s7_h100.json, dense_clients_s7_h100.json)
+MAX_TILES = 24
 #: output tile, K block and launch settings of one program (one 64 x 128 tile covers a paper client's
 #: whole output)
 TILES = Tiles(bm=64, bn=128, bk=32, num_warps=4, num_stages=3)

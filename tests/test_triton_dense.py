@@ -61,18 +61,19 @@ def test_splitk_takes_strided_operands() -> None:
 
 
 def test_split_k_only_where_it_was_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
-    """pays(): fmnist's 25,600-input layer for one 10-client cell in full fp32; not with TF32 or bf16,
-    not for 90 packed clients, not for the other paper layers (Kather's 2,048 inputs); CPU tensors never."""
-    monkeypatch.setattr(triton_dense, "MIN_K", 8192)
-    monkeypatch.setattr(triton_dense, "MAX_TILES", 32)
+    """pays(): fmnist's 25,600- and Kather's 2,048-input layers for one 10-client cell in full fp32; not
+    with TF32 or bf16, not for 90 packed clients, not for CIFAR-10's 256 inputs; CPU tensors never."""
+    monkeypatch.setattr(triton_dense, "MIN_K", 2048)
+    monkeypatch.setattr(triton_dense, "MAX_TILES", 24)
     f32 = torch.float32
     assert triton_dense.pays(10, 64, 128, 25_600, f32, tf32=False)
     assert not triton_dense.pays(10, 64, 128, 25_600, f32, tf32=True)
     assert not triton_dense.pays(10, 64, 128, 25_600, torch.bfloat16, tf32=False)
     assert not triton_dense.pays(90, 64, 128, 25_600, f32, tf32=False)
-    assert not triton_dense.pays(10, 32, 128, 2048, f32, tf32=False)
-    assert triton_dense.pays(32, 64, 128, 8192, f32, tf32=False)
-    assert not triton_dense.pays(17, 65, 128, 8192, f32, tf32=False)  # 17 x 2 tiles
+    assert triton_dense.pays(10, 32, 128, 2048, f32, tf32=False)  # Kather's layer
+    assert not triton_dense.pays(10, 32, 128, 256, f32, tf32=False)  # CIFAR-10's
+    assert triton_dense.pays(24, 64, 128, 8192, f32, tf32=False)
+    assert not triton_dense.pays(13, 65, 128, 8192, f32, tf32=False)  # 13 x 2 tiles
     x, w, _ = _operands(10, 64, 128, 8192, torch.float32)
     assert not triton_dense.wanted(x, w)
 
