@@ -36,16 +36,21 @@ from pathlib import Path
 
 import torch
 
-from robustfl import stacked
 from robustfl.io import atomic_write_json
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
 from robustfl.train import train_sequential, train_vectorised
 
 try:  # run as `python bench/bench_conv.py` from the repository root
-    from bench_engine import SETTINGS, _sync, result_header, train_flops
+    from bench_engine import SETTINGS, _sync, kernel_flags, result_header, train_flops
 except ImportError:  # pragma: no cover - imported as bench.bench_conv
-    from bench.bench_engine import SETTINGS, _sync, result_header, train_flops
+    from bench.bench_engine import (
+        SETTINGS,
+        _sync,
+        kernel_flags,
+        result_header,
+        train_flops,
+    )
 
 VARIANTS = {
     "cudnn": dict(conv="cudnn", bench=False, tf32=False, precision="fp32"),
@@ -87,50 +92,6 @@ VARIANTS = {
     "triton+graph+bf16+s6": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True, legacy=True,
                                  splitk=False),
 }
-#: the output-tile candidates (robustfl.triton_conv.IGEMM_CANDIDATES) a variant's ``tiles`` names
-TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8, 4), (128, 4, 3))}
-
-
-def _legacy_conv():  # noqa: ANN202
-    """The triton_conv module of an earlier commit, from the file $ROBUSTFL_LEGACY_TRITON_CONV."""
-    import importlib.util
-    import os
-    import sys
-
-    path = os.environ.get("ROBUSTFL_LEGACY_TRITON_CONV")
-    if not path:
-        raise SystemExit("variant needs $ROBUSTFL_LEGACY_TRITON_CONV: an earlier robustfl/triton_conv.py "
-                         "(git show 56bab5c:robustfl/triton_conv.py > FILE)")
-    name = "robustfl_legacy_triton_conv"
-    if name not in sys.modules:  # registered before it runs: its dataclasses look their module up
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-@contextlib.contextmanager
-def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = None,
-                 legacy: bool = False) -> Iterator[None]:
-    """The triton layout's kernel options, restored after: fused epilogues (robustfl.stacked.FUSE_EPILOGUES),
-    the split-K dense forward (off: triton_dense.MIN_K beyond any layer), the convolutions' tile candidates
-    (TILE_SETS), or an earlier commit's convolution kernels (:func:`_legacy_conv`)."""
-    import robustfl
-    from robustfl import triton_conv, triton_dense
-
-    old = stacked.FUSE_EPILOGUES, triton_dense.MIN_K, triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv
-    stacked.FUSE_EPILOGUES = fuse
-    triton_dense.MIN_K = old[1] if splitk else 1 << 62
-    if tiles is not None:
-        triton_conv.IGEMM_CANDIDATES = TILE_SETS[tiles]
-    if legacy:
-        robustfl.triton_conv = _legacy_conv()  # what `from robustfl import triton_conv` in stacked finds
-    try:
-        yield
-    finally:
-        stacked.FUSE_EPILOGUES, triton_dense.MIN_K, triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv = old
-
-
 @contextlib.contextmanager
 def cuda_flags(bench: bool, tf32: bool, **kernels: bool) -> Iterator[None]:
     """cuDNN autotuning, TF32 dense products and the triton layout's kernel options

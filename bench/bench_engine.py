@@ -11,19 +11,28 @@ out (``skip_idle``, the default) vs computing them on masked batches, side by si
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from robustfl import stacked
 from robustfl.io import atomic_write_json, device_name, git_commit, versions
 from robustfl.models import build_model
-from robustfl.partition import dirichlet
 from robustfl.params import model_to_flat
-from robustfl.train import batch_plan, concat_plans, resolve_kernels, train_sequential, train_vectorised
+from robustfl.partition import dirichlet
+from robustfl.train import (
+    batch_plan,
+    concat_plans,
+    resolve_kernels,
+    train_sequential,
+    train_vectorised,
+)
 
 # (model, classes, H, W, C, samples per client, batch) -- Section 6.1 / Appendix C
 SETTINGS = {
@@ -32,6 +41,50 @@ SETTINGS = {
     "kather": ("kather_cnn", 8, 128, 128, 3, 400, 32),
     "digits": ("digits_cnn", 10, 8, 8, 1, 130, 32),
 }
+
+
+#: the output-tile candidates (robustfl.triton_conv.IGEMM_CANDIDATES) a variant's ``tiles`` names
+TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8, 4), (128, 4, 3))}
+
+
+def _legacy_conv():  # noqa: ANN202
+    """The triton_conv module of an earlier commit, from the file $ROBUSTFL_LEGACY_TRITON_CONV."""
+    import importlib.util
+    import os
+    import sys
+
+    path = os.environ.get("ROBUSTFL_LEGACY_TRITON_CONV")
+    if not path:
+        raise SystemExit("variant needs $ROBUSTFL_LEGACY_TRITON_CONV: an earlier robustfl/triton_conv.py "
+                         "(git show 56bab5c:robustfl/triton_conv.py > FILE)")
+    name = "robustfl_legacy_triton_conv"
+    if name not in sys.modules:  # registered before it runs: its dataclasses look their module up
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+@contextlib.contextmanager
+def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = None,
+                 legacy: bool = False) -> Iterator[None]:
+    """The triton layout's kernel options, restored after: fused epilogues (robustfl.stacked.FUSE_EPILOGUES),
+    the split-K dense forward (off: triton_dense.MIN_K beyond any layer), the convolutions' tile candidates
+    (TILE_SETS), or an earlier commit's convolution kernels (:func:`_legacy_conv`)."""
+    import robustfl
+    from robustfl import triton_conv, triton_dense
+
+    old = stacked.FUSE_EPILOGUES, triton_dense.MIN_K, triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv
+    stacked.FUSE_EPILOGUES = fuse
+    triton_dense.MIN_K = old[1] if splitk else 1 << 62
+    if tiles is not None:
+        triton_conv.IGEMM_CANDIDATES = TILE_SETS[tiles]
+    if legacy:
+        robustfl.triton_conv = _legacy_conv()  # what `from robustfl import triton_conv` in stacked finds
+    try:
+        yield
+    finally:
+        stacked.FUSE_EPILOGUES, triton_dense.MIN_K, triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv = old
 
 
 def result_header(dev: torch.device, **extra: object) -> dict:
@@ -188,6 +241,9 @@ def main() -> None:
                     help="capture the stacked step as a CUDA graph (with --conv auto: on unless --no-cuda-graph)")
     ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    ap.add_argument("--kernels", choices=["default", "t256", "nosplitk", "s6"], default="default",
+                    help="the triton layout's kernel options (kernel_flags): session 6's output tiles, no split-K "
+                    "dense, or session 6's kernels ($ROBUSTFL_LEGACY_TRITON_CONV, no split-K)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
@@ -195,7 +251,11 @@ def main() -> None:
     if a.conv != "auto":
         engine["cuda_graph"] = bool(a.cuda_graph)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res = result_header(dev)
+    res = result_header(dev, kernels=a.kernels)
+    flags = {"default": {}, "t256": {"tiles": "t256"}, "nosplitk": {"splitk": False},
+             "s6": {"legacy": True, "splitk": False}}[a.kernels]
+    stack = contextlib.ExitStack()
+    stack.enter_context(kernel_flags(**flags))
     for m in a.models:
         if a.dirichlet is not None:
             r = bench_unequal(m, dev, a.clients, a.epochs, a.precision, a.frac, a.dirichlet, engine=engine)
@@ -205,6 +265,7 @@ def main() -> None:
         r["cudnn_benchmark"] = a.cudnn_benchmark
         print(json.dumps(r), flush=True)
         res["results"].append(r)
+    stack.close()
     if a.out:
         atomic_write_json(a.out, res)
 

@@ -28,11 +28,9 @@ from robustfl.experiment import build_partition, run_cell
 from robustfl.io import atomic_write_json
 
 try:  # run as `python bench/bench_run.py` from the repository root
-    from bench_conv import kernel_flags
-    from bench_engine import result_header
+    from bench_engine import kernel_flags, result_header
 except ImportError:  # pragma: no cover - imported as bench.bench_run
-    from bench.bench_conv import kernel_flags
-    from bench.bench_engine import result_header
+    from bench.bench_engine import kernel_flags, result_header
 
 # name -> (train, test, H, W, C, classes)
 SHAPES = {"fmnist": (60000, 10000, 28, 28, 1, 10), "cifar10": (50000, 10000, 32, 32, 3, 10),
@@ -46,7 +44,7 @@ VARIANTS = {
     "triton+graph+tf32": dict(conv="triton", cuda_graph=True, precision="tf32"),
     "triton+graph+bf16": dict(conv="triton", cuda_graph=True, precision="bf16"),
     "auto": dict(conv="auto", cuda_graph=None),
-    # session 7's choices one at a time and session 6's code: bench_conv.kernel_flags
+    # session 7's choices one at a time and session 6's code: bench_engine.kernel_flags
     "triton+graph+t256": dict(conv="triton", cuda_graph=True, kernels=dict(tiles="t256")),
     "triton+graph+tf32+t256": dict(conv="triton", cuda_graph=True, precision="tf32", kernels=dict(tiles="t256")),
     "triton+graph+bf16+t256": dict(conv="triton", cuda_graph=True, precision="bf16", kernels=dict(tiles="t256")),
