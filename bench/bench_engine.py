@@ -173,10 +173,12 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
         gens = [torch.Generator().manual_seed(k) for k in range(pack)]
         plan = concat_plans([batch_plan(shards, epochs, bs, g) for g in gens])
         thetas = theta.unsqueeze(0).expand(pack * n_clients, -1)
-        if compile:  # warm-up compile for the packed shape
-            train_vectorised(model, thetas, x, y, [s[:bs * 2] for s in shards] * pack, generator=gens[0],
-                             compile=True, **{**kw, "epochs": 1}, **engine)
-            _sync(dev)
+        # warm-up for the packed shape: its kernels (Triton compiles per tile shape, which depends on the
+        # number of clients) and torch.compile. Without it the first process on a machine timed the
+        # compilation too (session 7: Kather's packed round 0.89 s cold, 0.41 s warm, same code and card)
+        train_vectorised(model, thetas, x, y, [s[:bs * 2] for s in shards] * pack, generator=gens[0],
+                         compile=compile, **{**kw, "epochs": 1}, **engine)
+        _sync(dev)
         t = time.perf_counter()
         train_vectorised(model, thetas, x, y, shards * pack, plan=plan, generator=None, compile=compile, **kw,
                          **engine)
