@@ -182,7 +182,8 @@ def plr_with(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, chunk: int =
     return torch.cat(out) if out else x.new_zeros(0)
 
 
-#: capture :func:`alternating_minimisation`'s iteration as a CUDA graph on CUDA devices (no extra loss)
+#: capture :func:`alternating_minimisation`'s iteration (no extra loss) and :func:`explicit_boosting`'s
+#: step as CUDA graphs on CUDA devices
 ATTACK_CUDA_GRAPH = True
 #: ... when it runs at least this many iterations (capture costs about three iterations)
 GRAPH_MIN_ITERATIONS = 8
@@ -357,12 +358,23 @@ def explicit_boosting(
     ``<= tol`` (read every ``check_every`` steps) and at least ``min_steps`` steps were taken, or
     ``max_steps`` is reached; the update is then boosted: ``delta = boost * (w - theta)``.
 
-    Returns ``(delta (d,), info)`` with ``info = {"steps", "mal_loss"}`` (the loss before boosting)."""
+    Returns ``(delta (d,), info)`` with ``info = {"steps", "mal_loss"}`` (the loss before boosting).
+
+    On CUDA (:data:`ATTACK_CUDA_GRAPH`, at least :data:`GRAPH_MIN_ITERATIONS` steps allowed) one step is
+    captured as a CUDA graph and replayed: it keeps the weights it started from, computes the loss and
+    gradient there and takes the Adam step (:func:`robustfl.train.adam_step`); the host then reads the
+    loss as the loop above does, and where that loss stops the loop, the step is undone. The same
+    steps up to float rounding (tests/test_attacks_backdoor.py). With dropout (fmnist's network) both
+    draw their masks from the same seeded CUDA generator at other offsets: other masks, the same
+    distribution."""
     device = torch.device(device) if device is not None else theta_flat.device
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     spec = ParamSpec(model)
     theta = theta_flat.detach().to(device=device, dtype=torch.float32)
     x_bd, y_bd = _as_input(x_bd.to(device)), y_bd.to(device)
+    if ATTACK_CUDA_GRAPH and device.type == "cuda" and max_steps >= GRAPH_MIN_ITERATIONS:
+        return _explicit_boosting_graphed(model, spec, theta, x_bd, y_bd, boost=boost, min_steps=min_steps, tol=tol,
+                                          max_steps=max_steps, check_every=check_every, lr=lr, gen=gen)
     w = theta.clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     loss_val, step = float("inf"), 0
@@ -383,6 +395,47 @@ def explicit_boosting(
                 loss_val = F.cross_entropy(forward_with(model, spec.unflatten(w), x_bd)[1].float(), y_bd).item()
             log.debug("explicit_boosting: stopped at max_steps=%d with backdoor loss %.3g", max_steps, loss_val)
     return boost * (w.detach() - theta), {"steps": float(step), "mal_loss": loss_val}
+
+
+def _explicit_boosting_graphed(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x_bd: torch.Tensor,
+                               y_bd: torch.Tensor, *, boost: float, min_steps: int, tol: float, max_steps: int,
+                               check_every: int, lr: float,
+                               gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`explicit_boosting`'s loop with each step a CUDA-graph replay (see its docstring)."""
+    w = theta.clone().view(1, -1)
+    state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(1, device=w.device))
+    one = torch.ones(1, device=w.device)
+    w_prev = torch.empty_like(w)
+    loss_t = torch.zeros(1, device=w.device)
+
+    def step_fn() -> None:
+        w_prev.copy_(w)
+        leaf = w.detach().view(-1).requires_grad_(True)
+        loss = F.cross_entropy(forward_with(model, spec.unflatten(leaf), x_bd)[1].float(), y_bd)
+        (g,) = torch.autograd.grad(loss, leaf)
+        loss_t.copy_(loss.detach().view(1))
+        adam_step([w], [g.view(1, -1)], [state[0]], [state[1]], state[2], one, lr)
+
+    loss_val, step = float("inf"), 0
+    with _training_mode(model, gen):
+        saved = [t.clone() for t in (w, *state)]
+        graph, _ = _capture(step_fn)  # the warm-up calls step w and the Adam state: restore them
+        for t, v in zip((w, *state), saved):
+            t.copy_(v)
+        while step < max_steps:
+            graph.replay()
+            if step % check_every == 0:
+                loss_val = loss_t.item()
+            if step >= min_steps and loss_val <= tol:
+                w.copy_(w_prev)  # the loop stops before this step's update
+                break
+            step += 1
+        if step >= max_steps:
+            with torch.no_grad():
+                loss_val = F.cross_entropy(forward_with(model, spec.unflatten(w.view(-1)), x_bd)[1].float(),
+                                           y_bd).item()
+            log.debug("explicit_boosting: stopped at max_steps=%d with backdoor loss %.3g", max_steps, loss_val)
+    return boost * (w.view(-1) - theta), {"steps": float(step), "mal_loss": loss_val}
 
 
 # ------------------------------------------------------------------------------------ registered attacks
