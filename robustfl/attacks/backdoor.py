@@ -360,10 +360,12 @@ def explicit_boosting(
 
     Returns ``(delta (d,), info)`` with ``info = {"steps", "mal_loss"}`` (the loss before boosting).
 
-    On CUDA (:data:`ATTACK_CUDA_GRAPH`, at least :data:`GRAPH_MIN_ITERATIONS` steps allowed) one step is
-    captured as a CUDA graph and replayed: it keeps the weights it started from, computes the loss and
-    gradient there and takes the Adam step (:func:`robustfl.train.adam_step`); the host then reads the
-    loss as the loop above does, and where that loss stops the loop, the step is undone. The same
+    On CUDA (:data:`ATTACK_CUDA_GRAPH`, at least :data:`GRAPH_MIN_ITERATIONS` steps allowed) a step keeps
+    the weights it started from, computes the loss and gradient there and takes the Adam step
+    (:func:`robustfl.train.adam_step`); the host then reads the loss as the loop above does, and where
+    that loss stops the loop, the step is undone. The first :data:`GRAPH_MIN_ITERATIONS` steps run
+    eagerly (a backdoor set often converges within a few: capturing would cost more than it saves);
+    after them the step is captured as a CUDA graph and replayed. The same
     steps up to float rounding (tests/test_attacks_backdoor.py). With dropout (fmnist's network) both
     draw their masks from the same seeded CUDA generator at other offsets: other masks, the same
     distribution."""
@@ -416,14 +418,18 @@ def _explicit_boosting_graphed(model: nn.Module, spec: ParamSpec, theta: torch.T
         loss_t.copy_(loss.detach().view(1))
         adam_step([w], [g.view(1, -1)], [state[0]], [state[1]], state[2], one, lr)
 
-    loss_val, step = float("inf"), 0
+    loss_val, step, graph = float("inf"), 0, None
     with _training_mode(model, gen):
-        saved = [t.clone() for t in (w, *state)]
-        graph, _ = _capture(step_fn)  # the warm-up calls step w and the Adam state: restore them
-        for t, v in zip((w, *state), saved):
-            t.copy_(v)
         while step < max_steps:
-            graph.replay()
+            if graph is None and step >= GRAPH_MIN_ITERATIONS:  # not converged yet: capture the step now
+                saved = [t.clone() for t in (w, *state)]
+                graph, _ = _capture(step_fn)  # the warm-up calls step w and the Adam state: restore them
+                for t, v in zip((w, *state), saved):
+                    t.copy_(v)
+            if graph is None:  # the first steps run eagerly: a backdoor set often converges within a few
+                step_fn()
+            else:
+                graph.replay()
             if step % check_every == 0:
                 loss_val = loss_t.item()
             if step >= min_steps and loss_val <= tol:
