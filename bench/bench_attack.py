@@ -37,6 +37,8 @@ def main() -> None:
                     "(Attack-Coomed-Backdoor: full-batch Adam on the backdoor set, loss read every step, "
                     "tol 1e-6, at most --max-steps steps)")
     ap.add_argument("--max-steps", type=int, default=1000)
+    ap.add_argument("--tol", type=float, default=1e-6, help="boosting's convergence threshold (-1: never, so "
+                    "every run takes --max-steps steps)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,7 +67,7 @@ def main() -> None:
                                                    generator=torch.Generator().manual_seed(0))
                 else:
                     d, info[graph] = B.explicit_boosting(model, theta, xb, yb, boost=10.0, max_steps=a.max_steps,
-                                                         generator=torch.Generator().manual_seed(0))
+                                                         tol=a.tol, generator=torch.Generator().manual_seed(0))
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 if r:
@@ -78,7 +80,7 @@ def main() -> None:
         if a.attack == "alternating":
             row.update(benign_epochs=2.0, iterations=2 * -(-per // bs))
         else:
-            row.update(max_steps=a.max_steps, steps_eager=info[False]["steps"], steps_graph=info[True]["steps"],
+            row.update(max_steps=a.max_steps, tol=a.tol, steps_eager=info[False]["steps"], steps_graph=info[True]["steps"],
                        mal_loss_eager=info[False]["mal_loss"], mal_loss_graph=info[True]["mal_loss"])
         row["speedup"] = row["eager_s"] / row["graph_s"]
         print(json.dumps(row), flush=True)

@@ -476,4 +476,5 @@ def test_graphed_explicit_boosting_equals_eager_on_the_gpu(monkeypatch):
             assert ((d1 - d0).norm() / d0.norm()).item() < 1e-2
         else:  # two Adam steps on a zero gradient: no change in either
             torch.testing.assert_close(d1, d0, rtol=0, atol=1e-6)
-    assert steps[0] == 30 and backdoor.GRAPH_MIN_ITERATIONS < steps[1] < 1000 and steps[2] == 2
+    # the second case ran past the eager steps: the step was captured and replayed at least once
+    assert steps[0] == 30 and backdoor.GRAPH_MIN_ITERATIONS <= steps[1] < 1000 and steps[2] == 2
