@@ -22,9 +22,10 @@ its output and a one-byte code per output naming its window's maximum, never the
 convolution output. The backward forms the gradient at the convolution's output once (from the codes
 in one pass, :func:`_unpool_kernel`, instead of PyTorch's zero-fill and scatter; the ReLU's mask from
 its output) and hands it to the two gradient kernels (the weight-gradient kernel also sums the bias
-gradient where K is one block, a first layer; :func:`_wgrad`). (Applying the mask or the pool's routing inside the gradient kernels instead, on every one of
-their re-reads of the gradient, was measured 1.2x (fmnist) and 1.4x (Kather) slower per step on an
-H200: bench/results/kern_fuse_v1_h200.json.)
+gradient where K is one block, a first layer; :func:`_wgrad`). (Applying the mask or the pool's
+routing inside the gradient kernels instead, on every one of their re-reads of the gradient, was
+measured 1.2x (fmnist) and 1.4x (Kather) slower per step on an H200:
+bench/results/kern_fuse_v1_h200.json.)
 
 Stride 1 and dilation 1 only (every convolution of :mod:`robustfl.models`); :func:`supported` says
 whether a layer qualifies. fp32 inputs use TF32 matrix units when ``torch.backends.cudnn.allow_tf32``
