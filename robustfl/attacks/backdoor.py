@@ -393,10 +393,18 @@ def explicit_boosting(
             opt.step()
             step += 1
         if step >= max_steps:
-            with torch.no_grad():
-                loss_val = F.cross_entropy(forward_with(model, spec.unflatten(w), x_bd)[1].float(), y_bd).item()
-            log.debug("explicit_boosting: stopped at max_steps=%d with backdoor loss %.3g", max_steps, loss_val)
+            loss_val = _capped_loss(model, spec, w.detach(), x_bd, y_bd, max_steps)
     return boost * (w.detach() - theta), {"steps": float(step), "mal_loss": loss_val}
+
+
+@torch.no_grad()
+def _capped_loss(model: nn.Module, spec: ParamSpec, w: torch.Tensor, x_bd: torch.Tensor, y_bd: torch.Tensor,
+                 max_steps: int) -> float:
+    """The backdoor loss of the weights :func:`explicit_boosting` stopped at when it reached ``max_steps``
+    (logged: the loop did not converge)."""
+    loss = F.cross_entropy(forward_with(model, spec.unflatten(w), x_bd)[1].float(), y_bd).item()
+    log.debug("explicit_boosting: stopped at max_steps=%d with backdoor loss %.3g", max_steps, loss)
+    return loss
 
 
 def _explicit_boosting_graphed(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x_bd: torch.Tensor,
@@ -437,10 +445,7 @@ def _explicit_boosting_graphed(model: nn.Module, spec: ParamSpec, theta: torch.T
                 break
             step += 1
         if step >= max_steps:
-            with torch.no_grad():
-                loss_val = F.cross_entropy(forward_with(model, spec.unflatten(w.view(-1)), x_bd)[1].float(),
-                                           y_bd).item()
-            log.debug("explicit_boosting: stopped at max_steps=%d with backdoor loss %.3g", max_steps, loss_val)
+            loss_val = _capped_loss(model, spec, w.view(-1), x_bd, y_bd, max_steps)
     return boost * (w.view(-1) - theta), {"steps": float(step), "mal_loss": loss_val}
 
 
