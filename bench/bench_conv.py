@@ -42,12 +42,12 @@ from robustfl.params import model_to_flat
 from robustfl.train import train_sequential, train_vectorised
 
 try:  # run as `python bench/bench_conv.py` from the repository root
-    from bench_engine import SETTINGS, _sync, kernel_flags, result_header, train_flops
+    from bench_engine import SETTINGS, _sync, kernel_set, result_header, train_flops
 except ImportError:  # pragma: no cover - imported as bench.bench_conv
     from bench.bench_engine import (
         SETTINGS,
         _sync,
-        kernel_flags,
+        kernel_set,
         result_header,
         train_flops,
     )
@@ -75,31 +75,27 @@ VARIANTS = {
     "triton+graph": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True),
     "triton+graph+bf16": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True),
     "triton+graph+tf32": dict(conv="triton", bench=False, tf32=False, precision="tf32", graph=True),
-    "triton+graph+nofuse": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, fuse=False),
-    "triton+graph+bf16+nofuse": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True, fuse=False),
-    # session 7: session 6's output tiles in the convolutions' tile choice (IGEMM_CANDIDATES "t256"), the
-    # split-K dense forward off, and session 6's code (the triton_conv module of commit 56bab5c, loaded from
-    # the file named by $ROBUSTFL_LEGACY_TRITON_CONV, and no split-K)
-    "triton+graph+t256": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, tiles="t256"),
-    "triton+graph+t512s4": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, tiles="t512s4"),
-    "triton+graph+nosplitk": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, splitk=False),
-    "triton+graph+s6": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, legacy=True,
-                            splitk=False),
-    "triton+graph+tf32+t256": dict(conv="triton", bench=False, tf32=False, precision="tf32", graph=True, tiles="t256"),
-    "triton+graph+tf32+s6": dict(conv="triton", bench=False, tf32=False, precision="tf32", graph=True, legacy=True,
-                                 splitk=False),
-    "triton+graph+bf16+t256": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True, tiles="t256"),
-    "triton+graph+bf16+s6": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True, legacy=True,
-                                 splitk=False),
+    "triton+graph+nofuse": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, kernels="nofuse"),
+    "triton+graph+bf16+nofuse": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True,
+                                     kernels="nofuse"),
+    # session 7 (bench_engine.KERNEL_SETS): session 6's output tiles in the convolutions' tile choice, a
+    # larger-tile alternative, the split-K dense forward off, and session 6's kernels
+    **{f"triton+graph{p}+{k}": dict(conv="triton", bench=False, tf32=False, precision=prec, graph=True, kernels=k)
+       for p, prec in (("", "fp32"), ("+tf32", "tf32"), ("+bf16", "bf16")) for k in ("t256", "s6")},
+    "triton+graph+t512s4": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, kernels="t512s4"),
+    "triton+graph+nosplitk": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True,
+                                  kernels="nosplitk"),
 }
+
+
 @contextlib.contextmanager
-def cuda_flags(bench: bool, tf32: bool, **kernels: bool) -> Iterator[None]:
-    """cuDNN autotuning, TF32 dense products and the triton layout's kernel options
-    (:func:`kernel_flags`), restored after."""
+def cuda_flags(bench: bool, tf32: bool, kernels: str = "default") -> Iterator[None]:
+    """cuDNN autotuning, TF32 dense products and the triton layout's kernel options (a name of
+    bench_engine.KERNEL_SETS), restored after."""
     old = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = bench, tf32
     try:
-        with kernel_flags(**kernels):
+        with kernel_set(kernels):
             yield
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = old
@@ -132,8 +128,8 @@ def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, vari
                     flags = cuda_flags(True, False) if v == "sequential+bench" else contextlib.nullcontext()
                 else:
                     o = VARIANTS[v]
-                    kern = {key: o[key] for key in ("fuse", "splitk", "tiles", "legacy") if key in o}
-                    flags = cuda_flags(o["bench"], o["tf32"], **kern) if dev.type == "cuda" else contextlib.nullcontext()
+                    flags = (cuda_flags(o["bench"], o["tf32"], o.get("kernels", "default")) if dev.type == "cuda"
+                             else contextlib.nullcontext())
                     fn = lambda o=o: train_vectorised(model, theta, x, y, shards, epochs=1, batch_size=bs,  # noqa: E731
                                                       lr=1e-3, generator=torch.Generator().manual_seed(0),
                                                       precision=o["precision"], conv=o["conv"],

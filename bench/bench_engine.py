@@ -45,6 +45,13 @@ SETTINGS = {
 
 #: the output-tile candidates (robustfl.triton_conv.IGEMM_CANDIDATES) a variant's ``tiles`` names
 TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8, 4), (128, 4, 3))}
+#: named kernel options (:func:`kernel_flags`' arguments) that the benchmarks' variants compare: the
+#: epilogues unfused, session 6's output tiles, session 7's larger-tile alternative, no split-K dense,
+#: session 6's kernels (its triton_conv module, cuBLAS for every dense layer)
+KERNEL_SETS: dict[str, dict] = {
+    "default": {}, "nofuse": {"fuse": False}, "t256": {"tiles": "t256"}, "t512s4": {"tiles": "t512s4"},
+    "nosplitk": {"splitk": False}, "s6": {"legacy": True, "splitk": False},
+}
 
 
 def _legacy_conv():  # noqa: ANN202
@@ -85,6 +92,11 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
         yield
     finally:
         stacked.FUSE_EPILOGUES, triton_dense.MIN_K, triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv = old
+
+
+def kernel_set(name: str) -> contextlib.AbstractContextManager:
+    """:func:`kernel_flags` with the options :data:`KERNEL_SETS` names."""
+    return kernel_flags(**KERNEL_SETS[name])
 
 
 def result_header(dev: torch.device, **extra: object) -> dict:
@@ -243,9 +255,9 @@ def main() -> None:
                     help="capture the stacked step as a CUDA graph (with --conv auto: on unless --no-cuda-graph)")
     ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
-    ap.add_argument("--kernels", choices=["default", "t256", "nosplitk", "s6"], default="default",
-                    help="the triton layout's kernel options (kernel_flags): session 6's output tiles, no split-K "
-                    "dense, or session 6's kernels ($ROBUSTFL_LEGACY_TRITON_CONV, no split-K)")
+    ap.add_argument("--kernels", choices=list(KERNEL_SETS), default="default",
+                    help="the triton layout's kernel options (KERNEL_SETS; s6 = session 6's kernels, from "
+                    "$ROBUSTFL_LEGACY_TRITON_CONV, no split-K)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
@@ -254,20 +266,16 @@ def main() -> None:
         engine["cuda_graph"] = bool(a.cuda_graph)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = result_header(dev, kernels=a.kernels)
-    flags = {"default": {}, "t256": {"tiles": "t256"}, "nosplitk": {"splitk": False},
-             "s6": {"legacy": True, "splitk": False}}[a.kernels]
-    stack = contextlib.ExitStack()
-    stack.enter_context(kernel_flags(**flags))
-    for m in a.models:
-        if a.dirichlet is not None:
-            r = bench_unequal(m, dev, a.clients, a.epochs, a.precision, a.frac, a.dirichlet, engine=engine)
-        else:
-            r = bench_one(m, dev, a.clients, a.epochs, a.precision, not a.no_sequential, a.pack, a.frac, a.compile,
-                          engine=engine)
-        r["cudnn_benchmark"] = a.cudnn_benchmark
-        print(json.dumps(r), flush=True)
-        res["results"].append(r)
-    stack.close()
+    with kernel_set(a.kernels):
+        for m in a.models:
+            if a.dirichlet is not None:
+                r = bench_unequal(m, dev, a.clients, a.epochs, a.precision, a.frac, a.dirichlet, engine=engine)
+            else:
+                r = bench_one(m, dev, a.clients, a.epochs, a.precision, not a.no_sequential, a.pack, a.frac,
+                              a.compile, engine=engine)
+            r["cudnn_benchmark"] = a.cudnn_benchmark
+            print(json.dumps(r), flush=True)
+            res["results"].append(r)
     if a.out:
         atomic_write_json(a.out, res)
 

@@ -28,9 +28,9 @@ from robustfl.experiment import build_partition, run_cell
 from robustfl.io import atomic_write_json
 
 try:  # run as `python bench/bench_run.py` from the repository root
-    from bench_engine import kernel_flags, result_header
+    from bench_engine import kernel_set, result_header
 except ImportError:  # pragma: no cover - imported as bench.bench_run
-    from bench.bench_engine import kernel_flags, result_header
+    from bench.bench_engine import kernel_set, result_header
 
 # name -> (train, test, H, W, C, classes)
 SHAPES = {"fmnist": (60000, 10000, 28, 28, 1, 10), "cifar10": (50000, 10000, 32, 32, 3, 10),
@@ -44,13 +44,10 @@ VARIANTS = {
     "triton+graph+tf32": dict(conv="triton", cuda_graph=True, precision="tf32"),
     "triton+graph+bf16": dict(conv="triton", cuda_graph=True, precision="bf16"),
     "auto": dict(conv="auto", cuda_graph=None),
-    # session 7's choices one at a time and session 6's code: bench_engine.kernel_flags
-    "triton+graph+t256": dict(conv="triton", cuda_graph=True, kernels=dict(tiles="t256")),
-    "triton+graph+tf32+t256": dict(conv="triton", cuda_graph=True, precision="tf32", kernels=dict(tiles="t256")),
-    "triton+graph+bf16+t256": dict(conv="triton", cuda_graph=True, precision="bf16", kernels=dict(tiles="t256")),
-    "triton+graph+s6": dict(conv="triton", cuda_graph=True, kernels=dict(legacy=True, splitk=False)),
-    "triton+graph+tf32+s6": dict(conv="triton", cuda_graph=True, precision="tf32", kernels=dict(legacy=True, splitk=False)),
-    "triton+graph+bf16+s6": dict(conv="triton", cuda_graph=True, precision="bf16", kernels=dict(legacy=True, splitk=False)),
+    # session 7's choices and session 6's kernels: bench_engine.KERNEL_SETS
+    **{f"triton+graph{p}+{k}": dict(conv="triton", cuda_graph=True, kernels=k, **prec)
+       for p, prec in (("", {}), ("+tf32", {"precision": "tf32"}), ("+bf16", {"precision": "bf16"}))
+       for k in ("t256", "s6")},
 }
 
 
@@ -102,12 +99,12 @@ def main() -> None:
     for r in range(a.repeats):
         for v in a.variants:
             opts = dict(VARIANTS[v])
-            kernels = opts.pop("kernels", {})
+            kernels = opts.pop("kernels", "default")
             cfg = RunConfig(**{**base, **opts})  # a variant may name its own precision
             out_dir = tmp / f"run_{v}_{r}"
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            with kernel_flags(**kernels):
+            with kernel_set(kernels):
                 t = time.perf_counter()
                 final = run_cell(cfg, data_dir, part, out_dir)
                 wall = time.perf_counter() - t

@@ -115,18 +115,17 @@ def bench_layer(spec: tuple, g: int, sweep: str | None) -> list[dict]:
         add(path="triton", kernel_pass=name, tiles=_tiles(triton_conv.WGRAD_TILES), ms=do_bench(fn),
             flops=flops["wgrad"] if name != "bias_by_torch" else 0)
     if sweep:
-        _sweep(add, x, wt, bias, dy, spec, oh, ow, flops, sweep)
+        _sweep(add, xd, wt, bias, dy, spec, oh, ow, flops, sweep)
     return rows
 
 
-def _sweep(add, x, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, which: str) -> None:
+def _sweep(add, xd, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, which: str) -> None:
     """Each Triton kernel alone under every tile shape of IGEMM / WGRAD (``which`` "all"), or of
-    IGEMM_LARGE (``which`` "large")."""
+    IGEMM_LARGE (``which`` "large"); ``xd`` the layer's input (no grad)."""
     from triton.testing import do_bench
 
     _, layer, _, h, w, ci, co, k, pad = spec
-    first, g = layer == 0, x.shape[0]
-    xd = x.detach()
+    first, g = layer == 0, xd.shape[0]
     wk = wt.detach().permute(0, 3, 4, 2, 1).reshape(g, k * k * ci, co).contiguous()
     wd = wt.detach().permute(0, 3, 4, 1, 2).reshape(g, k * k * co, ci).contiguous()
     for t in IGEMM if which == "all" else IGEMM_LARGE:
