@@ -7,6 +7,7 @@ For each paper dense layer with a long inner dimension (fmnist 25,600 -> 128 at 
 tf32 and bf16. Times are medians of ``triton.testing.do_bench``; TFLOP/s counts 2 * G * M * K * N.
 
     python bench/bench_dense.py --clients 10 90 --out bench/results/dense_h100.json
+    python bench/bench_dense.py --products --clients 10 90 --out bench/results/dense_products_h100.json
 """
 from __future__ import annotations
 
@@ -37,6 +38,50 @@ def _tiles(t: Tiles) -> str:
     return f"bm{t.bm}_bn{t.bn}_bk{t.bk}_w{t.num_warps}_s{t.num_stages}"
 
 
+#: the products of a dense layer's step: forward x W^T, input gradient dY W, weight gradient dY^T X
+PRODUCTS = ("fwd", "dx", "dw")
+#: Triton paths of --products: (name, tl.dot precision for fp32, tiles or None for the default)
+PRODUCT_PATHS = [("triton_ieee", "ieee", None), ("triton_tf32x3", "tf32x3", None),
+                 ("triton_tf32x3_bm128_w8", "tf32x3", Tiles(128, 128, 32, 8, 3)),
+                 ("triton_tf32x3_bk64", "tf32x3", Tiles(64, 128, 64, 4, 3)),
+                 ("triton_tf32", "tf32", None)]
+
+
+def products(clients: list[int], dev: torch.device) -> list[dict]:
+    """Every product of each long dense layer's step in fp32, cuBLAS (TF32 off) against the Triton kernel
+    in full fp32 ("ieee"), three-pass TF32 ("tf32x3") and one-pass TF32 (for scale): ms, TFLOP/s and the
+    largest error against the float64 product relative to its largest entry."""
+    from triton.testing import do_bench
+
+    rows = []
+    for model, b, k, n in LAYERS + [("cifar10_cnn", 32, 256, 128)]:
+        for g in clients:
+            torch.manual_seed(0)
+            x = torch.randn(g, b, k, device=dev)
+            w = torch.randn(g, n, k, device=dev) / k**0.5
+            dy = torch.randn(g, b, n, device=dev)
+            operands = {"fwd": (x, w.transpose(1, 2)), "dx": (dy, w), "dw": (dy.transpose(1, 2), x)}
+            for prod in PRODUCTS:
+                a_, b_ = operands[prod]
+                exact = torch.bmm(a_.double(), b_.double())
+                scale = exact.abs().max().item()
+                runs = [("cublas_bmm", lambda a_=a_, b_=b_: torch.bmm(a_, b_))]
+                for name, prec, t in PRODUCT_PATHS:
+                    runs.append((name, lambda a_=a_, b_=b_, prec=prec, t=t: triton_dense.bmm(a_, b_, precision=prec,
+                                                                                           tiles=t)))
+                for name, fn in runs:
+                    row = dict(model=model, clients=g, batch=b, k=k, n=n, product=prod, path=name, precision="fp32")
+                    try:
+                        row["max_rel_err_vs_fp64"] = ((fn().double() - exact).abs().max() / scale).item()
+                        row["ms"] = do_bench(fn)
+                        row["tflops"] = 2 * g * b * k * n / (row["ms"] * 1e-3) / 1e12
+                    except Exception as exc:  # noqa: BLE001 - a shape the compiler refuses is a result
+                        row["error"] = str(exc).splitlines()[0][:200]
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    return rows
+
+
 def main() -> None:
     from triton.testing import do_bench
 
@@ -44,6 +89,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 90])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16"], choices=["fp32", "tf32", "bf16"])
     ap.add_argument("--sweep", action="store_true", help="every tile shape of SWEEP, else the default only")
+    ap.add_argument("--products", action="store_true",
+                    help="every product of the layer's step (forward, dX, dW), cuBLAS against the kernel's precisions")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -52,6 +99,12 @@ def main() -> None:
     res = result_header(dev)
     res.update(benchmark="dense_forward")
     old = torch.backends.cuda.matmul.allow_tf32
+    if a.products:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        res.update(benchmark="dense_products", results=products(a.clients, dev))
+        torch.backends.cuda.matmul.allow_tf32 = old
+        atomic_write_json(a.out, res)
+        return
     try:
         for model, b, k, n in LAYERS:
             for g in a.clients:

@@ -21,7 +21,9 @@ layout and the kernels are ours to pick and the step is plain autograd (which CU
     interpreter on the CPU; stride 1 only), with the ReLU or the 2x2 max-pool and ReLU that follow it
     applied in the convolution kernel's epilogue (and their backward by robustfl.triton_conv);
 
-* ``ReLU``, ``MaxPool2d``, ``Dropout``, ``Identity``, ``Flatten``: applied to every client's activations.
+* ``ReLU``, ``MaxPool2d``, ``Dropout``, ``Identity``, ``Flatten``: applied to every client's activations
+  (in the ``"triton"`` layout, ``[ReLU] [Dropout] Flatten`` on NHWC activations as one kernel each way,
+  :mod:`robustfl.triton_flatten`).
 
 Only ``nn.Sequential`` stacks of these layers are supported (all models of :mod:`robustfl.models`);
 :func:`supports` says whether a model qualifies. The loss is the sum over clients of each client's
@@ -102,12 +104,32 @@ def _is_pool2(m: nn.Module) -> bool:
 #: layout "triton" applies the ReLU / 2x2 max-pool + ReLU after a convolution inside its kernels
 #: (False: as separate PyTorch operations, for benchmarks that compare the two)
 FUSE_EPILOGUES = True
+#: layout "triton" applies ``[ReLU] [Dropout] Flatten`` after the convolutions as one kernel each way
+#: (robustfl.triton_flatten; False: as PyTorch operations, for benchmarks that compare the two)
+FUSE_FLATTEN = True
+
+
+def _flatten_run(rest: list[tuple[str, nn.Module]]) -> tuple[bool, nn.Dropout | None, int]:
+    """Whether ``rest`` starts with ``[ReLU] [Dropout] Flatten``, at least one of the first two present:
+    (ReLU?, the Dropout or None, layers in the run), else (False, None, 0). Layout ``"triton"`` applies such
+    a run to NHWC activations as one kernel each way (robustfl.triton_flatten), the fmnist network's
+    ``ReLU - Dropout - Flatten``."""
+    kinds = [m for _, m in rest[:3]]
+    i, relu, drop = 0, False, None
+    if i < len(kinds) and type(kinds[i]) is nn.ReLU:
+        relu, i = True, i + 1
+    if i < len(kinds) and type(kinds[i]) is nn.Dropout:
+        drop, i = kinds[i], i + 1
+    if i == 0 or i >= len(kinds) or not isinstance(kinds[i], nn.Flatten):
+        return False, None, 0
+    return relu, drop, i + 1
 
 
 def _fusable(rest: list[tuple[str, nn.Module]]) -> str:
     """The epilogue (robustfl.triton_conv.EPILOGUES) that the layers right after a convolution allow,
-    in the order :func:`_pool_before_relu` leaves them: a 2x2 max-pool then a ReLU, or a ReLU."""
-    if not FUSE_EPILOGUES:
+    in the order :func:`_pool_before_relu` leaves them: a 2x2 max-pool then a ReLU, or a ReLU (none
+    where a ReLU starts a :func:`_flatten_run`, which applies it)."""
+    if not FUSE_EPILOGUES or (FUSE_FLATTEN and _flatten_run(rest)[2]):
         return "none"
     kinds = [m for _, m in rest[:2]]
     if len(kinds) == 2 and _is_pool2(kinds[0]) and type(kinds[1]) is nn.ReLU:
@@ -127,15 +149,16 @@ def _to_merged(x: torch.Tensor, layout: str) -> torch.Tensor:
 class _Dense(torch.autograd.Function):
     """``baddbmm(b, x, W^T)`` with a backward that writes each weight gradient in its parameter's
     layout: ``dW = dY^T X`` as one batched product (autograd's ``bmm`` backward computes ``X^T dY`` and
-    hands back its transpose, which the fused Adam kernel then has to copy). ``splitk``: the forward
-    product by :func:`robustfl.triton_dense.bmm_nt` (long inner dimensions on the GPU)."""
+    hands back its transpose, which the fused Adam kernel then has to copy). ``fwd_triton``,
+    ``bwd_triton``: the forward product, the backward's two products by :mod:`robustfl.triton_dense`
+    (GPU layers where it was measured faster; cuBLAS otherwise)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
-                splitk: bool) -> torch.Tensor:
+                fwd_triton: bool, bwd_triton: bool) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        ctx.has_bias = bias is not None
-        if splitk:
+        ctx.has_bias, ctx.bwd_triton = bias is not None, bwd_triton
+        if fwd_triton:
             from robustfl import triton_dense
 
             return triton_dense.bmm_nt(x, w, bias)
@@ -145,21 +168,28 @@ class _Dense(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # noqa: ANN001, ANN205
         x, w = ctx.saved_tensors
-        dx = torch.bmm(dy, w) if ctx.needs_input_grad[0] else None
-        dw = torch.bmm(dy.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        if ctx.bwd_triton:
+            from robustfl.triton_dense import bmm as mm
+
+            def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                return mm(a, b).to(a.dtype)
+        else:
+            bmm = torch.bmm
+        dx = bmm(dy, w) if ctx.needs_input_grad[0] else None
+        dw = bmm(dy.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
         db = dy.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
-def _use_splitk(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the forward product goes to the split-K kernel (robustfl.triton_dense.wanted; Triton
-    importable)."""
+def _use_triton(x: torch.Tensor, w: torch.Tensor) -> tuple[bool, bool]:
+    """Whether the dense layer's forward product and its backward products go to
+    robustfl.triton_dense (:func:`robustfl.triton_dense.wanted`; Triton importable)."""
     if not x.is_cuda:
-        return False
+        return False, False
     try:
         from robustfl import triton_dense
     except ImportError:  # pragma: no cover - a CUDA build without Triton
-        return False
+        return False, False
     return triton_dense.wanted(x, w)
 
 
@@ -167,14 +197,15 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
     """Client g's dense layer ``x[g] W[g]^T + b[g]`` for every g: ``x (n, B, in)``, ``w (n, out, in)``,
     ``bias (n, out)`` -> ``(n, B, out)``. Under autocast the operands are cast to the autocast dtype
     first and the gradients come back in the parameters' dtypes, as autocast's ``baddbmm`` does.
-    ``splitk``: a layer with many inputs on the GPU runs its forward product as robustfl.triton_dense's
-    split-K kernel where that was measured faster (layout ``"triton"``; :func:`robustfl.triton_dense.wanted`)."""
+    ``splitk``: on the GPU the products run as robustfl.triton_dense's kernels where those were
+    measured faster (layout ``"triton"``; :func:`robustfl.triton_dense.wanted`)."""
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             x, w = x.to(dt), w.to(dt)
-            return _Dense.apply(x, w, None if bias is None else bias.to(dt), splitk and _use_splitk(x, w))
-    return _Dense.apply(x, w, bias, splitk and _use_splitk(x, w))
+            return _Dense.apply(x, w, None if bias is None else bias.to(dt),
+                                *(_use_triton(x, w) if splitk else (False, False)))
+    return _Dense.apply(x, w, bias, *(_use_triton(x, w) if splitk else (False, False)))
 
 
 def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, *,
@@ -193,7 +224,15 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
     while pos < len(seq):
         prefix, m = seq[pos]
         pos += 1
-        if isinstance(m, nn.Conv2d):
+        run = _flatten_run(seq[pos - 1:]) if nhwc and FUSE_FLATTEN else (False, None, 0)
+        if run[2]:  # [ReLU] [Dropout] Flatten on NHWC activations: one kernel each way
+            from robustfl import triton_flatten
+
+            relu, drop, count = run
+            h = triton_flatten.relu_dropout_flatten(h, relu=relu, p=0.0 if drop is None else drop.p,
+                                                    training=drop is not None and drop.training)
+            nhwc, pos = False, pos - 1 + count
+        elif isinstance(m, nn.Conv2d):
             w = params[prefix + "weight"]
             bias = params.get(prefix + "bias")
             if layout == "triton":

@@ -383,8 +383,9 @@ class _ConvNHWC(torch.autograd.Function):
         x, w, aux = ctx.saved_tensors
         pad, epi, (oh, ow) = ctx.pad, ctx.epi, ctx.out_hw
         dy = dy.contiguous()
-        if epi == 1:  # through the ReLU (PyTorch's threshold backward: 0 where the output is not positive)
-            dy = torch.where(aux > 0, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+        if epi == 1:  # through the ReLU: 0 where the output is not positive, in one pass (ReLU's own backward;
+            # torch.where(aux > 0, ...) was two: the comparison, then the selection)
+            dy = torch.ops.aten.threshold_backward(dy, aux, 0)
         elif epi == 2:  # through the ReLU and the pool at once
             dy = _unpool(dy, aux, oh, ow)
         g, _, h, wd, cin = x.shape

@@ -39,6 +39,12 @@ TILES = Tiles(bm=64, bn=128, bk=32, num_warps=4, num_stages=3)
 #: split K until about this many programs run (four per multiprocessor, the sweep's best at 10 clients;
 #: one chunk in the interpreter, whose cost is per program)
 PROGRAMS = 1 if INTERPRET else 4 * SMS
+#: ``tl.dot``'s precision for fp32 operands with TF32 off (:func:`dot_precision`): "ieee" (FP32 FMAs)
+#: or "tf32x3" (three TF32 matrix products, a + b split into TF32 high and low parts; see the module
+#: docstring)
+FP32_DOT = "ieee"
+#: the backward products run here from this many inputs on (:func:`pays_backward`)
+BACKWARD_MIN_K = 2048
 
 
 def pays(g: int, m: int, n: int, k: int, dtype: torch.dtype, tf32: bool) -> bool:
@@ -50,18 +56,27 @@ def pays(g: int, m: int, n: int, k: int, dtype: torch.dtype, tf32: bool) -> bool
     return dtype == torch.float32 and not tf32 and k >= MIN_K and tiles <= MAX_TILES
 
 
-def wanted(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the stacked engine's dense layer ``x (G, M, K) @ w (G, N, K)^T`` runs its forward here: a
-    GPU layer where :func:`pays`."""
-    return x.is_cuda and pays(x.shape[0], x.shape[1], w.shape[1], w.shape[2], x.dtype,
-                              torch.backends.cuda.matmul.allow_tf32)
+def pays_backward(g: int, m: int, n: int, k: int, dtype: torch.dtype, tf32: bool) -> bool:
+    """Whether the backward's two products of that layer (``dX = dY W``, ``dW = dY^T X``) were measured
+    faster here than by cuBLAS: fp32 with TF32 off, :data:`FP32_DOT` ``"tf32x3"``, K >= :data:`BACKWARD_MIN_K`."""
+    return dtype == torch.float32 and not tf32 and FP32_DOT == "tf32x3" and k >= BACKWARD_MIN_K
+
+
+def wanted(x: torch.Tensor, w: torch.Tensor) -> tuple[bool, bool]:
+    """Whether the stacked engine's dense layer ``x (G, M, K) @ w (G, N, K)^T`` runs its forward product,
+    and its backward products, here: GPU layers where :func:`pays`, :func:`pays_backward`."""
+    if not x.is_cuda:
+        return False, False
+    shape = (x.shape[0], x.shape[1], w.shape[1], w.shape[2], x.dtype, torch.backends.cuda.matmul.allow_tf32)
+    return pays(*shape), pays_backward(*shape)
 
 
 @triton.jit
-def _splitk_kernel(x_ptr, w_ptr, out_ptr, M, N, K, CHUNK, x_sg, x_sm, w_sg, w_sn, G,
-                   PREC: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """out[s, g, m, n] = sum over k of chunk s (k in [s*CHUNK, (s+1)*CHUNK) and < K) of x[g, m, k] w[g, n, k]
-    (unit stride in k for both). Grid: (cdiv(M, BM) * cdiv(N, BN), S, G)."""
+def _gemm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, CHUNK, sa_g, sa_m, sa_k, sb_g, sb_k, sb_n, G,
+                 PREC: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[s, g, m, n] = sum over k of chunk s (k in [s*CHUNK, (s+1)*CHUNK) and < K) of a[g, m, k] b[g, k, n],
+    operands at any strides (Triton specialises a stride of 1, so a unit-stride dimension loads
+    coalesced), ``out`` contiguous (S, G, M, N). Grid: (cdiv(M, BM) * cdiv(N, BN), S, G)."""
     pid_mn = tl.program_id(0)
     s = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -70,15 +85,15 @@ def _splitk_kernel(x_ptr, w_ptr, out_ptr, M, N, K, CHUNK, x_sg, x_sm, w_sg, w_sn
     offs_n = (pid_mn % tiles_n) * BN + tl.arange(0, BN)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    x_rows = x_ptr + g * x_sg + offs_m * x_sm
-    w_rows = w_ptr + g * w_sg + offs_n * w_sn
+    a_rows = a_ptr + g * sa_g + offs_m.to(tl.int64) * sa_m
+    b_cols = b_ptr + g * sb_g + offs_n.to(tl.int64) * sb_n
     acc = tl.zeros((BM, BN), dtype=ACC)
     start = s * CHUNK
     for k0 in range(start, start + CHUNK, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < K
-        a = tl.load(x_rows[:, None] + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_rows[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a = tl.load(a_rows[:, None] + offs_k[None, :] * sa_k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_cols[None, :] + offs_k[:, None] * sb_k, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     out = out_ptr + ((s * G + g) * M + offs_m[:, None]) * N + offs_n[None, :]
     tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
@@ -92,32 +107,50 @@ def splits(k: int, tiles: int, programs: int, bk: int) -> tuple[int, int]:
     return triton.cdiv(k, chunk), chunk
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for operands of ``dtype``: for fp32, TF32 where
+    ``torch.backends.cuda.matmul.allow_tf32`` is on (what cuBLAS would do; the engine's ``precision:
+    tf32``), else :data:`FP32_DOT`; IEEE (exact products, fp32 accumulation) for other dtypes."""
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else FP32_DOT
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, *, tiles: Tiles | None = None, programs: int | None = None,
+        precision: str | None = None) -> torch.Tensor:
+    """``a[g] @ b[g]`` for ``a (G, M, K)``, ``b (G, K, N)`` at any strides: ``(G, M, N)`` fp32 (fp64 for
+    fp64 operands), what ``torch.bmm`` computes, with the K reduction split over programs until about
+    ``programs`` run (module docstring; ``tiles``, ``programs``: :data:`TILES`, :data:`PROGRAMS` by
+    default; ``precision``: :func:`dot_precision`). Not differentiable itself."""
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f"bmm: a (G, M, K) and b (G, K, N) do not match: {tuple(a.shape)}, {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"bmm: a and b dtypes differ: {a.dtype}, {b.dtype}")
+    g, m, k = a.shape
+    n = b.shape[2]
+    t = TILES if tiles is None else tiles
+    grid_mn = triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn)
+    s, chunk = splits(k, grid_mn * g, PROGRAMS if programs is None else programs, t.bk)
+    acc_t, acc_tl = _acc(a.dtype)
+    part = torch.empty(s, g, m, n, dtype=acc_t, device=a.device)
+    with _on(a):
+        _gemm_kernel[(grid_mn, s, g)](a, b, part, m, n, k, chunk, a.stride(0), a.stride(1), a.stride(2),
+                                      b.stride(0), b.stride(1), b.stride(2), g,
+                                      PREC=dot_precision(a.dtype) if precision is None else precision, ACC=acc_tl,
+                                      BM=t.bm, BN=t.bn, BK=t.bk, num_warps=t.num_warps, num_stages=t.num_stages)
+    return part[0] if s == 1 else part.sum(0)
+
+
 def bmm_nt(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, tiles: Tiles | None = None,
-           programs: int | None = None) -> torch.Tensor:
+           programs: int | None = None, precision: str | None = None) -> torch.Tensor:
     """``x[g] @ w[g]^T (+ bias[g])`` for ``x (G, M, K)``, ``w (G, N, K)``, ``bias (G, N)``: ``(G, M, N)``
-    in x's dtype, what ``torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2))`` computes, with the K
-    reduction split over programs (module docstring; ``tiles``, ``programs``: :data:`TILES`,
-    :data:`PROGRAMS` by default). Not differentiable itself (robustfl.stacked's dense layer supplies
-    the backward)."""
+    in x's dtype, what ``torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2))`` computes, by
+    :func:`bmm` (K split over programs)."""
     if x.dim() != 3 or w.dim() != 3 or x.shape[0] != w.shape[0] or x.shape[2] != w.shape[2]:
         raise ValueError(f"bmm_nt: x (G, M, K) and w (G, N, K) do not match: {tuple(x.shape)}, {tuple(w.shape)}")
     if x.dtype != w.dtype:
         raise ValueError(f"bmm_nt: x and w dtypes differ: {x.dtype}, {w.dtype}")
-    x = x if x.stride(2) == 1 else x.contiguous()
-    w = w if w.stride(2) == 1 else w.contiguous()
-    g, m, k = x.shape
-    n = w.shape[1]
-    t = TILES if tiles is None else tiles
-    grid_mn = triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn)
-    s, chunk = splits(k, grid_mn * g, PROGRAMS if programs is None else programs, t.bk)
-    acc_t, acc_tl = _acc(x.dtype)
-    part = torch.empty(s, g, m, n, dtype=acc_t, device=x.device)
-    prec = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    with _on(x):
-        _splitk_kernel[(grid_mn, s, g)](x, w, part, m, n, k, chunk, x.stride(0), x.stride(1), w.stride(0),
-                                        w.stride(1), g, PREC=prec, ACC=acc_tl, BM=t.bm, BN=t.bn, BK=t.bk,
-                                        num_warps=t.num_warps, num_stages=t.num_stages)
-    y = part[0] if s == 1 else part.sum(0)
+    y = bmm(x, w.transpose(1, 2), tiles=tiles, programs=programs, precision=precision)
     if bias is not None:
-        y = y + bias.unsqueeze(1).to(acc_t)
+        y = y + bias.unsqueeze(1).to(y.dtype)
     return y.to(x.dtype)

@@ -79,9 +79,11 @@ def test_stacked_engine_equals_sequential(conv: str, sizes: list[int]) -> None:
     torch.testing.assert_close(dv, ds, rtol=1e-3, atol=2e-5)
 
 
-def test_stacked_dropout_draws_a_different_mask_per_client() -> None:
+@pytest.mark.parametrize("layout", [p for p in CPU_LAYOUTS if p.values[0] in ("grouped", "triton")])
+def test_stacked_dropout_draws_a_different_mask_per_client(layout: str) -> None:
     """vmap's randomness='different': identical clients on identical inputs must still get different
-    dropout masks in training mode, and identical outputs in eval mode."""
+    dropout masks in training mode, and identical outputs in eval mode (the triton layout: the fused
+    ReLU - Dropout - Flatten kernel's masks)."""
     torch.manual_seed(0)
     model = build_model("fmnist_cnn", 10, 1)  # dropout .25 and .5 (Table 6)
     spec = ParamSpec(model)
@@ -89,10 +91,10 @@ def test_stacked_dropout_draws_a_different_mask_per_client() -> None:
     params = spec.unflatten(flat.expand(2, -1).contiguous())
     x = torch.rand(1, 4, 1, 28, 28).expand(2, -1, -1, -1, -1)
     model.train()
-    out = stacked.stacked_logits(model, params, x)
+    out = stacked.stacked_logits(model, params, x, layout=layout)
     assert not torch.allclose(out[0], out[1])
     model.eval()
-    out = stacked.stacked_logits(model, params, x)
+    out = stacked.stacked_logits(model, params, x, layout=layout)
     torch.testing.assert_close(out[0], out[1])
 
 
@@ -249,7 +251,8 @@ def test_run_config_kernel_fields_are_validated_and_split_packs() -> None:
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_dropout_inside_a_cuda_graph_draws_new_masks_every_replay() -> None:
+@pytest.mark.parametrize("layout", ["grouped", "triton"])
+def test_dropout_inside_a_cuda_graph_draws_new_masks_every_replay(layout: str) -> None:
     """A captured step must not freeze its dropout masks: two replays on the same inputs give different
     training-mode outputs, clients differ within a replay, and eval mode gives equal outputs."""
     from robustfl.train import _capture
@@ -261,14 +264,14 @@ def test_dropout_inside_a_cuda_graph_draws_new_masks_every_replay() -> None:
     params = spec.unflatten(model_to_flat(model).expand(2, -1).contiguous())
     x = torch.rand(1, 8, 1, 28, 28, device=dev).expand(2, -1, -1, -1, -1).contiguous()
     model.train()
-    graph, out = _capture(lambda: stacked.stacked_logits(model, params, x))
+    graph, out = _capture(lambda: stacked.stacked_logits(model, params, x, layout=layout))
     graph.replay()
     first = out.clone()
     graph.replay()
     assert not torch.allclose(first, out)
     assert not torch.allclose(first[0], first[1])
     model.eval()
-    graph, out = _capture(lambda: stacked.stacked_logits(model, params, x))
+    graph, out = _capture(lambda: stacked.stacked_logits(model, params, x, layout=layout))
     graph.replay()
     torch.testing.assert_close(out[0], out[1])
 
@@ -345,7 +348,8 @@ def test_triton_layout_fuses_relu_and_2x2_pools_into_the_convolutions() -> None:
         seq = stacked._pool_before_relu(stacked.layers(model))
         return [stacked._fusable(seq[i + 1:]) for i, (_, m) in enumerate(seq) if isinstance(m, nn.Conv2d)]
 
-    assert epilogues(build_model("fmnist_cnn", 10, 1)) == ["relu", "relu"]
+    # fmnist's second ReLU starts its ReLU - Dropout - Flatten run, which robustfl.triton_flatten applies
+    assert epilogues(build_model("fmnist_cnn", 10, 1)) == ["relu", "none"]
     assert epilogues(build_model("cifar10_cnn", 10, 3)) == ["pool_relu"] * 3
     assert epilogues(build_model("kather_cnn", 8, 3)) == ["pool_relu"] * 5
 
@@ -362,3 +366,18 @@ def test_triton_layout_fuses_relu_and_2x2_pools_into_the_convolutions() -> None:
     assert epilogues(Net(nn.MaxPool2d(2))) == ["none"]
     assert epilogues(Net(nn.Dropout(0.5), nn.ReLU())) == ["none"]
     assert epilogues(Net(nn.ReLU(), nn.MaxPool2d(2))) == ["pool_relu"]  # reordered to pool, ReLU
+
+
+def test_flatten_runs_are_relu_dropout_flatten() -> None:
+    """_flatten_run: [ReLU] [Dropout] Flatten with at least one of the first two; nothing else (a lone
+    Flatten, a ReLU before a pool, a Dropout before the ReLU)."""
+    relu, drop, flat, pool = nn.ReLU(), nn.Dropout(0.25), nn.Flatten(), nn.MaxPool2d(2)
+
+    def run(*ms: nn.Module) -> tuple[bool, nn.Module | None, int]:
+        return stacked._flatten_run([(str(i), m) for i, m in enumerate(ms)])
+
+    assert run(relu, drop, flat, nn.Linear(2, 2)) == (True, drop, 3)
+    assert run(relu, flat) == (True, None, 2)
+    assert run(drop, flat) == (False, drop, 2)
+    for ms in [(flat,), (relu,), (relu, drop), (relu, pool, flat), (drop, relu, flat), (relu, nn.Identity(), flat), ()]:
+        assert run(*ms) == (False, None, 0), ms

@@ -60,6 +60,41 @@ def test_splitk_takes_strided_operands() -> None:
                                rtol=1e-12, atol=1e-12)
 
 
+@on_cpu
+@pytest.mark.parametrize("programs", [1, 64])
+def test_bmm_takes_the_backward_products_operands(programs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bmm(a, b) at the strides of the dense layer's backward, float64: dX = dY W (both row-major),
+    dW = dY^T X (a transposed view, unit stride along M), against torch.bmm; one or several K chunks."""
+    monkeypatch.setattr(triton_dense, "PROGRAMS", programs)
+    x, w, _ = _operands(3, 70, 130, 300)  # x (G, M, K), w (G, N, K)
+    dy = torch.randn(3, 70, 130, dtype=torch.float64)
+    torch.testing.assert_close(triton_dense.bmm(dy, w), torch.bmm(dy, w), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(triton_dense.bmm(dy.transpose(1, 2), x), torch.bmm(dy.transpose(1, 2), x),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="do not match"):
+        triton_dense.bmm(dy, x)
+
+
+@on_cpu
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dense_layer_through_the_kernels_equals_autograd(with_bias: bool) -> None:
+    """stacked's dense layer with its forward and backward products here (what it runs on the GPU where
+    robustfl.triton_dense.wanted says so): values and the gradients of x, W and b as autograd's baddbmm."""
+    x, w, b = _operands(2, 9, 20, 150)
+    b = b if with_bias else None
+    ins = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    refs = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = stacked._Dense.apply(ins[0], ins[1], ins[2], True, True)
+    want = torch.bmm(refs[0], refs[1].transpose(1, 2)) + (refs[2].unsqueeze(1) if with_bias else 0)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+    (want * gy).sum().backward()
+    for a, r in zip(ins, refs):
+        if a is not None:
+            torch.testing.assert_close(a.grad, r.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_split_k_only_where_it_was_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """pays(): fmnist's 25,600- and Kather's 2,048-input layers for one 10-client cell in full fp32; not
     with TF32 or bf16, not for 90 packed clients, not for CIFAR-10's 256 inputs; CPU tensors never."""
@@ -75,7 +110,7 @@ def test_split_k_only_where_it_was_measured_faster(monkeypatch: pytest.MonkeyPat
     assert triton_dense.pays(24, 64, 128, 8192, f32, tf32=False)
     assert not triton_dense.pays(13, 65, 128, 8192, f32, tf32=False)  # 13 x 2 tiles
     x, w, _ = _operands(10, 64, 128, 8192, torch.float32)
-    assert not triton_dense.wanted(x, w)
+    assert triton_dense.wanted(x, w) == (False, False)
 
 
 def test_bad_operands_are_named() -> None:
@@ -87,31 +122,35 @@ def test_bad_operands_are_named() -> None:
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_cuda_dense_layer_with_splitk_equals_cublas() -> None:
-    """stacked.dense on the GPU at fmnist's first dense layer (10 clients, batch 64, 25,600 -> 128):
-    the split-K forward against cuBLAS's, values and all gradients, full fp32 (TF32 off); the kernel in
-    bf16 within bf16's rounding."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        x, w, b = _operands(10, 64, 128, 25_600, torch.float32, "cuda")
-        ins = [t.clone().requires_grad_() for t in (x, w, b)]
-        refs = [t.clone().requires_grad_() for t in (x, w, b)]
-        y = stacked.dense(*ins, splitk=True)
-        want = stacked.dense(*refs, splitk=False)
-        # 25,600-term fp32 sums (outputs up to ~700) in another order than cuBLAS's: against the float64
-        # product, no further off than cuBLAS itself (twice its error; TF32 would be ~1e-3 of the outputs)
-        exact = torch.baddbmm(b.double().unsqueeze(1), x.double(), w.double().transpose(1, 2))
-        err, err_cublas = ((t.double() - exact).abs().max().item() for t in (y, want))
-        assert err <= max(2 * err_cublas, 1e-6 * exact.abs().max().item()), (err, err_cublas)
-        gy = torch.randn_like(y)
-        (y * gy).sum().backward()
-        (want * gy).sum().backward()
-        for a, r in zip(ins, refs):  # the same cuBLAS backward on the same operands
-            torch.testing.assert_close(a.grad, r.grad, rtol=0, atol=0)
-        assert triton_dense.wanted(x, w)  # the layer above ran split-K
-        y16 = triton_dense.bmm_nt(x.bfloat16(), w.bfloat16(), b.bfloat16())  # the kernel in bf16 (fp32 sums)
-        assert y16.dtype == torch.bfloat16
-        assert ((y16.double() - exact).norm() / exact.norm()).item() < 1e-2
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+@pytest.mark.parametrize("fp32_dot", ["ieee", "tf32x3"])
+def test_cuda_dense_layer_through_the_kernels_is_as_exact_as_cublas(fp32_dot: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """stacked.dense on the GPU at fmnist's first dense layer (10 clients, batch 64, 25,600 -> 128), full
+    fp32 (TF32 off), with its products here (FP32 FMAs or three TF32 products): the output and the
+    gradients of x, W and b against their float64 values, no further off than cuBLAS's FP32 products
+    (twice their error; one-pass TF32 would be ~1e-3 of the outputs); the kernel in bf16 within bf16's
+    rounding."""
+    monkeypatch.setattr(triton_dense, "FP32_DOT", fp32_dot)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x, w, b = _operands(10, 64, 128, 25_600, torch.float32, "cuda")
+    w = w / 25_600 ** 0.5
+    ins = [t.clone().requires_grad_() for t in (x, w, b)]
+    refs = [t.clone().requires_grad_() for t in (x, w, b)]
+    exacts = [t.double().requires_grad_() for t in (x, w, b)]
+    y = stacked._Dense.apply(*ins, True, True)
+    want = stacked._Dense.apply(*refs, False, False)  # cuBLAS
+    exact = torch.baddbmm(exacts[2].unsqueeze(1), exacts[0], exacts[1].transpose(1, 2))
+    gy = torch.randn_like(y)
+    for t, g in ((y, gy), (want, gy), (exact, gy.double())):
+        (t * g).sum().backward()
+
+    def off(a: torch.Tensor, e: torch.Tensor) -> float:
+        return (a.double() - e).abs().max().item()
+
+    for name, got, ref, ex in [("y", y, want, exact)] + [(n, a.grad, r.grad, e.grad) for n, a, r, e in
+                                                         zip(("dx", "dw", "db"), ins, refs, exacts)]:
+        err, err_cublas = off(got, ex.detach()), off(ref, ex.detach())
+        assert err <= max(2 * err_cublas, 1e-6 * ex.abs().max().item()), (name, err, err_cublas)
+    y16 = triton_dense.bmm_nt(x.bfloat16(), w.bfloat16(), b.bfloat16())  # the kernel in bf16 (fp32 sums)
+    assert y16.dtype == torch.bfloat16
+    assert ((y16.double() - exact.detach()).norm() / exact.detach().norm()).item() < 1e-2

@@ -1,0 +1,109 @@
+"""ReLU, dropout and ``Flatten`` of n clients' NHWC activations as one Triton kernel each way.
+
+The stacked engine's ``"triton"`` layout keeps activations in NHWC, ``(G, B, H, W, C)``; a model's
+``Flatten`` wants each sample's features in C, H, W order (the order of the dense layer's weight
+columns). The fmnist network (Table 6) ends its convolutions with ``ReLU - Dropout(.25) - Flatten``.
+Done as PyTorch operations that is a dropout pass and a transposing copy forward, and backward a
+dropout pass, a transposing copy and the ReLU's mask (two more passes): on fmnist's 10-client step
+about 0.9 GB of memory traffic over a 65 MB activation (bench/results/profile_fmnist_s7_h100.json).
+Here one kernel computes, for sample s = (g, b), pixel p = (h, w) and channel c,
+
+    forward:   y[s, c * H * W + p] = relu(z[s, p, c]) * keep[s, p, c] / (1 - P)
+    backward:  dz[s, p, c] = dy[s, c * H * W + p] * keep[s, p, c] / (1 - P) * [z[s, p, c] > 0]
+
+(without ``relu``: no max and no mask; without dropout, ``P = 0``, ``keep = 1``). ``keep`` is drawn
+by PyTorch (``bernoulli_(1 - P)`` on the NHWC tensor, the engine's generator, so runs stay
+reproducible) and kept as one byte per element for the backward, as ``F.dropout`` keeps its mask.
+The masks are not the ones ``F.dropout`` would draw on the same generator (another kernel, another
+order), as the stacked engine's masks already differ from the sequential reference's: dropout is
+random, its distribution is the same.
+
+On a machine without a GPU the kernel runs in Triton's interpreter when ``TRITON_INTERPRET=1`` is set
+before import (tests/test_triton_flatten.py checks it against the PyTorch composition).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from robustfl.triton_conv import INTERPRET, _on
+
+
+@triton.jit
+def _flatten_kernel(src_ptr, z_ptr, keep_ptr, dst_ptr, HW, scale, C: tl.constexpr, BACKWARD: tl.constexpr,
+                    RELU: tl.constexpr, DROP: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    """One (BP pixels x BC channels) tile of one sample. Forward: src = z (NHWC), dst = y (CHW);
+    backward: src = dy (CHW), dst = dz (NHWC). Grid: (cdiv(HW, BP), cdiv(C, BC), samples)."""
+    p = tl.program_id(0) * BP + tl.arange(0, BP)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    s = tl.program_id(2).to(tl.int64)
+    ok = (p < HW)[:, None] & (c < C)[None, :]
+    nhwc = s * HW * C + p[:, None] * C + c[None, :]
+    chw = s * HW * C + c[None, :] * HW + p[:, None]
+    v = tl.load(src_ptr + (chw if BACKWARD else nhwc), mask=ok, other=0.0)
+    if RELU:
+        if BACKWARD:
+            z = tl.load(z_ptr + nhwc, mask=ok, other=0.0)
+            v = tl.where(z > 0, v, 0.0)
+        else:
+            v = tl.maximum(v, 0.0)
+    if DROP:
+        keep = tl.load(keep_ptr + nhwc, mask=ok, other=0)
+        v = tl.where(keep != 0, v * scale, 0.0)
+    tl.store(dst_ptr + (nhwc if BACKWARD else chw), v.to(dst_ptr.dtype.element_ty), mask=ok)
+
+
+#: pixels and channels per program (the interpreter's cost is per program: one sample per program there)
+BLOCK_P, BLOCK_C = (1024, 256) if INTERPRET else (64, 64)
+
+
+def _launch(src: torch.Tensor, z: torch.Tensor | None, keep: torch.Tensor | None, dst: torch.Tensor,
+            hw: int, c: int, scale: float, backward: bool) -> None:
+    samples = src.numel() // (hw * c)
+    bp = min(BLOCK_P, triton.next_power_of_2(hw)) if INTERPRET else BLOCK_P
+    bc = min(BLOCK_C, max(16, triton.next_power_of_2(c))) if INTERPRET else BLOCK_C
+    grid = (triton.cdiv(hw, bp), triton.cdiv(c, bc), samples)
+    with _on(src):
+        _flatten_kernel[grid](src, src if z is None else z, src if keep is None else keep, dst, hw, scale, C=c,
+                              BACKWARD=backward, RELU=z is not None, DROP=keep is not None, BP=bp, BC=bc)
+
+
+class _ReluDropoutFlatten(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, keep: torch.Tensor | None, scale: float, relu: bool) -> torch.Tensor:  # noqa: ANN001
+        n, b, h, w, c = z.shape
+        y = torch.empty(n, b, c * h * w, dtype=z.dtype, device=z.device)
+        _launch(z, z if relu else None, keep, y, h * w, c, scale, backward=False)
+        ctx.save_for_backward(z if relu else None, keep)
+        ctx.scale, ctx.shape = scale, z.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # noqa: ANN001, ANN205
+        z, keep = ctx.saved_tensors
+        n, b, h, w, c = ctx.shape
+        dz = torch.empty(ctx.shape, dtype=dy.dtype, device=dy.device)
+        _launch(dy.contiguous(), z, keep, dz, h * w, c, ctx.scale, backward=True)
+        return dz, None, None, None
+
+
+def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """One byte per element, 1 with probability ``1 - p`` (drawn by PyTorch's generator on ``device``)."""
+    return torch.empty(shape, dtype=torch.uint8, device=device).bernoulli_(1.0 - p)
+
+
+def relu_dropout_flatten(z: torch.Tensor, *, relu: bool, p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """``Flatten(Dropout(p)(ReLU(z)))`` of NHWC activations ``z (G, B, H, W, C)`` with each sample's
+    features in C, H, W order: ``(G, B, C*H*W)``, what ``F.dropout(F.relu(z), p, training).permute(0, 1,
+    4, 2, 3).flatten(2)`` computes (another dropout mask; module docstring). ``relu`` False: no ReLU;
+    dropout only where ``training`` and ``p > 0``."""
+    if z.dim() != 5:
+        raise ValueError(f"relu_dropout_flatten: z must be (G, B, H, W, C), got {tuple(z.shape)}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"relu_dropout_flatten: dropout probability must be in [0, 1], got {p}")
+    z = z.contiguous()
+    if training and p == 1.0:  # F.dropout's answer: every element dropped
+        return torch.zeros(*z.shape[:2], z[0, 0].numel(), dtype=z.dtype, device=z.device) * z.flatten(2)
+    keep = dropout_mask(z.shape, p, z.device) if training and p > 0 else None
+    return _ReluDropoutFlatten.apply(z, keep, 1.0 / (1.0 - p) if keep is not None else 1.0, relu)
