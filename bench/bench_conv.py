@@ -86,11 +86,10 @@ VARIANTS = {
     "triton+graph+nosplitk": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True,
                                   kernels="nosplitk"),
     # session 8 (bench_engine.KERNEL_SETS): session 7's kernels, and the fused ReLU - Dropout - Flatten and
-    # the dense kernels' options one at a time
+    # the dense kernel's tf32x3 off one at a time
     **{f"triton+graph{p}+{k}": dict(conv="triton", bench=False, tf32=False, precision=prec, graph=True, kernels=k)
        for p, prec in (("", "fp32"), ("+bf16", "bf16")) for k in ("s7", "noflatten")},
-    **{f"triton+graph+{k}": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, kernels=k)
-       for k in ("ieee_fwd", "x3_fwd", "x3_both", "x3_both_any")},
+    "triton+graph+ieee": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, kernels="ieee"),
 }
 
 

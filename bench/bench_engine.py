@@ -48,17 +48,13 @@ TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8
 #: named kernel options (:func:`kernel_flags`' arguments) that the benchmarks' variants compare: the
 #: epilogues unfused, session 6's output tiles, session 7's larger-tile alternative, no split-K dense,
 #: session 6's kernels (its triton_conv module, cuBLAS for every dense layer), session 7's (no fused
-#: ReLU - Dropout - Flatten, the dense forward in FP32 FMAs, its backward by cuBLAS), and session 8's
-#: dense options one by one (tf32x3 / FP32 FMAs in the kernels; backward products by the kernels or
-#: cuBLAS; the kernels at any number of output tiles)
+#: ReLU - Dropout - Flatten; the split-K dense forward in FP32 FMAs, up to 24 output tiles, from 2,048
+#: inputs), and session 8's two changes one at a time (the fused flatten off; FP32 FMAs in the dense kernel)
 KERNEL_SETS: dict[str, dict] = {
     "default": {}, "nofuse": {"fuse": False}, "t256": {"tiles": "t256"}, "t512s4": {"tiles": "t512s4"},
     "nosplitk": {"splitk": False}, "s6": {"legacy": True, "splitk": False, "flatten": False},
-    "s7": {"flatten": False, "fp32_dot": "ieee", "dense_bwd": False},
-    "noflatten": {"flatten": False},
-    "ieee_fwd": {"fp32_dot": "ieee", "dense_bwd": False}, "x3_fwd": {"fp32_dot": "tf32x3", "dense_bwd": False},
-    "x3_both": {"fp32_dot": "tf32x3", "dense_bwd": True},
-    "x3_both_any": {"fp32_dot": "tf32x3", "dense_bwd": True, "max_tiles": 1 << 30},
+    "s7": {"flatten": False, "fp32_dot": "ieee", "min_k": 2048},
+    "noflatten": {"flatten": False}, "ieee": {"fp32_dot": "ieee"},
 }
 
 
@@ -82,26 +78,20 @@ def _legacy_conv():  # noqa: ANN202
 
 @contextlib.contextmanager
 def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = None, legacy: bool = False,
-                 flatten: bool = True, fp32_dot: str | None = None, dense_bwd: bool | None = None,
-                 max_tiles: int | None = None) -> Iterator[None]:
+                 flatten: bool = True, fp32_dot: str | None = None, min_k: int | None = None) -> Iterator[None]:
     """The triton layout's kernel options, restored after: fused epilogues (robustfl.stacked.FUSE_EPILOGUES),
-    the fused ReLU - Dropout - Flatten (robustfl.stacked.FUSE_FLATTEN), the dense kernels (off:
-    triton_dense.MIN_K beyond any layer; their fp32 precision FP32_DOT; their backward products,
-    off: BACKWARD_MIN_K beyond any layer; their MAX_TILES), the convolutions' tile candidates
-    (TILE_SETS), or an earlier commit's convolution kernels (:func:`_legacy_conv`). None: the default."""
+    the fused ReLU - Dropout - Flatten (robustfl.stacked.FUSE_FLATTEN), the split-K dense forward (off:
+    triton_dense.MIN_K beyond any layer; else MIN_K ``min_k``), its fp32 precision (triton_dense.FP32_DOT),
+    the convolutions' tile candidates (TILE_SETS), or an earlier commit's convolution kernels
+    (:func:`_legacy_conv`). None: the default."""
     import robustfl
     from robustfl import triton_conv, triton_dense
 
-    names = ("MIN_K", "FP32_DOT", "BACKWARD_MIN_K", "MAX_TILES")
-    old = (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv,
-           {k: getattr(triton_dense, k) for k in names})
+    old = (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
+           triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv)
     stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN = fuse, flatten
-    never = 1 << 62
-    new = {"MIN_K": old[4]["MIN_K"] if splitk else never, "FP32_DOT": fp32_dot or old[4]["FP32_DOT"],
-           "BACKWARD_MIN_K": old[4]["BACKWARD_MIN_K"] if dense_bwd is None else (2048 if dense_bwd else never),
-           "MAX_TILES": old[4]["MAX_TILES"] if max_tiles is None else max_tiles}
-    for k, v in new.items():
-        setattr(triton_dense, k, v)
+    triton_dense.MIN_K = (min_k or old[2]) if splitk else 1 << 62
+    triton_dense.FP32_DOT = fp32_dot or old[3]
     if tiles is not None:
         triton_conv.IGEMM_CANDIDATES = TILE_SETS[tiles]
     if legacy:
@@ -109,9 +99,8 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
     try:
         yield
     finally:
-        stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv = old[:4]
-        for k, v in old[4].items():
-            setattr(triton_dense, k, v)
+        (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
+         triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv) = old
 
 
 def kernel_set(name: str) -> contextlib.AbstractContextManager:

@@ -48,7 +48,6 @@ VARIANTS = {
     **{f"triton+graph{p}+{k}": dict(conv="triton", cuda_graph=True, kernels=k, **prec)
        for p, prec in (("", {}), ("+tf32", {"precision": "tf32"}), ("+bf16", {"precision": "bf16"}))
        for k in ("t256", "s6", "s7")},
-    **{f"triton+graph+{k}": dict(conv="triton", cuda_graph=True, kernels=k) for k in ("x3_both", "x3_both_any")},
 }
 
 

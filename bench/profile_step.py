@@ -21,9 +21,9 @@ from robustfl.params import model_to_flat
 from robustfl.train import train_vectorised
 
 try:  # run as `python bench/profile_step.py` from the repository root
-    from bench_engine import SETTINGS, result_header
+    from bench_engine import KERNEL_SETS, SETTINGS, kernel_set, result_header
 except ImportError:  # pragma: no cover - imported as bench.profile_step
-    from bench.bench_engine import SETTINGS, result_header
+    from bench.bench_engine import KERNEL_SETS, SETTINGS, kernel_set, result_header
 
 
 def main() -> None:
@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--kernels", choices=list(KERNEL_SETS), default="default",
+                    help="the triton layout's kernel options (bench_engine.KERNEL_SETS)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -50,11 +52,12 @@ def main() -> None:
         train_vectorised(model, theta, x, y, shards, epochs=1, batch_size=bs, lr=1e-3,
                          generator=torch.Generator().manual_seed(0), precision=a.precision, conv=a.conv)
 
-    run()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with kernel_set(a.kernels):
         run()
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
@@ -62,7 +65,7 @@ def main() -> None:
             rows.append({"kernel": e.key[:160], "calls": e.count, "ms_per_step": t / 1e3 / a.steps})
     rows.sort(key=lambda r: -r["ms_per_step"])
     total = sum(r["ms_per_step"] for r in rows)
-    res = result_header(dev, model=mname, conv=a.conv, precision=a.precision, clients=a.clients, batch=bs,
+    res = result_header(dev, model=mname, conv=a.conv, kernels=a.kernels, precision=a.precision, clients=a.clients, batch=bs,
                         steps=a.steps, kernels_ms_per_step=total)
     res["results"] = rows[: a.top]
     for r in res["results"]:

@@ -149,16 +149,16 @@ def _to_merged(x: torch.Tensor, layout: str) -> torch.Tensor:
 class _Dense(torch.autograd.Function):
     """``baddbmm(b, x, W^T)`` with a backward that writes each weight gradient in its parameter's
     layout: ``dW = dY^T X`` as one batched product (autograd's ``bmm`` backward computes ``X^T dY`` and
-    hands back its transpose, which the fused Adam kernel then has to copy). ``fwd_triton``,
-    ``bwd_triton``: the forward product, the backward's two products by :mod:`robustfl.triton_dense`
-    (GPU layers where it was measured faster; cuBLAS otherwise)."""
+    hands back its transpose, which the fused Adam kernel then has to copy). ``splitk``: the forward
+    product by :func:`robustfl.triton_dense.bmm_nt` (long inner dimensions on the GPU); the backward's
+    products stay with cuBLAS (faster for them: bench/results/dense_products_s8_h100.json)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
-                fwd_triton: bool, bwd_triton: bool) -> torch.Tensor:
+                splitk: bool) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        ctx.has_bias, ctx.bwd_triton = bias is not None, bwd_triton
-        if fwd_triton:
+        ctx.has_bias = bias is not None
+        if splitk:
             from robustfl import triton_dense
 
             return triton_dense.bmm_nt(x, w, bias)
@@ -168,28 +168,21 @@ class _Dense(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # noqa: ANN001, ANN205
         x, w = ctx.saved_tensors
-        if ctx.bwd_triton:
-            from robustfl.triton_dense import bmm as mm
-
-            def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-                return mm(a, b).to(a.dtype)
-        else:
-            bmm = torch.bmm
-        dx = bmm(dy, w) if ctx.needs_input_grad[0] else None
-        dw = bmm(dy.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        dx = torch.bmm(dy, w) if ctx.needs_input_grad[0] else None
+        dw = torch.bmm(dy.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
         db = dy.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None
+        return dx, dw, db, None
 
 
-def _use_triton(x: torch.Tensor, w: torch.Tensor) -> tuple[bool, bool]:
-    """Whether the dense layer's forward product and its backward products go to
-    robustfl.triton_dense (:func:`robustfl.triton_dense.wanted`; Triton importable)."""
+def _use_splitk(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the forward product goes to the split-K kernel (robustfl.triton_dense.wanted; Triton
+    importable)."""
     if not x.is_cuda:
-        return False, False
+        return False
     try:
         from robustfl import triton_dense
     except ImportError:  # pragma: no cover - a CUDA build without Triton
-        return False, False
+        return False
     return triton_dense.wanted(x, w)
 
 
@@ -197,15 +190,14 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
     """Client g's dense layer ``x[g] W[g]^T + b[g]`` for every g: ``x (n, B, in)``, ``w (n, out, in)``,
     ``bias (n, out)`` -> ``(n, B, out)``. Under autocast the operands are cast to the autocast dtype
     first and the gradients come back in the parameters' dtypes, as autocast's ``baddbmm`` does.
-    ``splitk``: on the GPU the products run as robustfl.triton_dense's kernels where those were
-    measured faster (layout ``"triton"``; :func:`robustfl.triton_dense.wanted`)."""
+    ``splitk``: a layer with many inputs on the GPU runs its forward product as robustfl.triton_dense's
+    split-K kernel where that was measured faster (layout ``"triton"``; :func:`robustfl.triton_dense.wanted`)."""
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             x, w = x.to(dt), w.to(dt)
-            return _Dense.apply(x, w, None if bias is None else bias.to(dt),
-                                *(_use_triton(x, w) if splitk else (False, False)))
-    return _Dense.apply(x, w, bias, *(_use_triton(x, w) if splitk else (False, False)))
+            return _Dense.apply(x, w, None if bias is None else bias.to(dt), splitk and _use_splitk(x, w))
+    return _Dense.apply(x, w, bias, splitk and _use_splitk(x, w))
 
 
 def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, *,

@@ -62,9 +62,9 @@ def test_splitk_takes_strided_operands() -> None:
 
 @on_cpu
 @pytest.mark.parametrize("programs", [1, 64])
-def test_bmm_takes_the_backward_products_operands(programs: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bmm(a, b) at the strides of the dense layer's backward, float64: dX = dY W (both row-major),
-    dW = dY^T X (a transposed view, unit stride along M), against torch.bmm; one or several K chunks."""
+def test_bmm_takes_operands_at_any_strides(programs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bmm(a, b), float64, against torch.bmm: row-major operands, a transposed view (unit stride along M),
+    one or several K chunks; mismatched shapes are named."""
     monkeypatch.setattr(triton_dense, "PROGRAMS", programs)
     x, w, _ = _operands(3, 70, 130, 300)  # x (G, M, K), w (G, N, K)
     dy = torch.randn(3, 70, 130, dtype=torch.float64)
@@ -77,14 +77,14 @@ def test_bmm_takes_the_backward_products_operands(programs: int, monkeypatch: py
 
 @on_cpu
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_dense_layer_through_the_kernels_equals_autograd(with_bias: bool) -> None:
-    """stacked's dense layer with its forward and backward products here (what it runs on the GPU where
+def test_dense_layer_with_splitk_equals_autograd(with_bias: bool) -> None:
+    """stacked's dense layer with its forward product here (what it runs on the GPU where
     robustfl.triton_dense.wanted says so): values and the gradients of x, W and b as autograd's baddbmm."""
     x, w, b = _operands(2, 9, 20, 150)
     b = b if with_bias else None
     ins = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
     refs = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
-    y = stacked._Dense.apply(ins[0], ins[1], ins[2], True, True)
+    y = stacked._Dense.apply(ins[0], ins[1], ins[2], True)
     want = torch.bmm(refs[0], refs[1].transpose(1, 2)) + (refs[2].unsqueeze(1) if with_bias else 0)
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
     gy = torch.randn_like(y)
@@ -96,21 +96,24 @@ def test_dense_layer_through_the_kernels_equals_autograd(with_bias: bool) -> Non
 
 
 def test_split_k_only_where_it_was_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
-    """pays(): fmnist's 25,600- and Kather's 2,048-input layers for one 10-client cell in full fp32; not
-    with TF32 or bf16, not for 90 packed clients, not for CIFAR-10's 256 inputs; CPU tensors never."""
-    monkeypatch.setattr(triton_dense, "MIN_K", 2048)
+    """pays(): fmnist's 25,600-input layer in full fp32, at any number of clients with tf32x3 and for one
+    10-client cell with FP32 FMAs; not with TF32 or bf16, not Kather's 2,048 or CIFAR-10's 256 inputs;
+    CPU tensors never."""
+    monkeypatch.setattr(triton_dense, "MIN_K", 8192)
     monkeypatch.setattr(triton_dense, "MAX_TILES", 24)
     f32 = torch.float32
-    assert triton_dense.pays(10, 64, 128, 25_600, f32, tf32=False)
-    assert not triton_dense.pays(10, 64, 128, 25_600, f32, tf32=True)
-    assert not triton_dense.pays(10, 64, 128, 25_600, torch.bfloat16, tf32=False)
-    assert not triton_dense.pays(90, 64, 128, 25_600, f32, tf32=False)
-    assert triton_dense.pays(10, 32, 128, 2048, f32, tf32=False)  # Kather's layer
-    assert not triton_dense.pays(10, 32, 128, 256, f32, tf32=False)  # CIFAR-10's
-    assert triton_dense.pays(24, 64, 128, 8192, f32, tf32=False)
-    assert not triton_dense.pays(13, 65, 128, 8192, f32, tf32=False)  # 13 x 2 tiles
+    for dot in ("tf32x3", "ieee"):
+        monkeypatch.setattr(triton_dense, "FP32_DOT", dot)
+        assert triton_dense.pays(10, 64, 128, 25_600, f32, tf32=False)
+        assert not triton_dense.pays(10, 64, 128, 25_600, f32, tf32=True)
+        assert not triton_dense.pays(10, 64, 128, 25_600, torch.bfloat16, tf32=False)
+        assert triton_dense.pays(90, 64, 128, 25_600, f32, tf32=False) == (dot == "tf32x3")
+        assert not triton_dense.pays(10, 32, 128, 2048, f32, tf32=False)  # Kather's layer
+        assert not triton_dense.pays(10, 32, 128, 256, f32, tf32=False)  # CIFAR-10's
+        assert triton_dense.pays(24, 64, 128, 8192, f32, tf32=False)
+        assert triton_dense.pays(13, 65, 128, 8192, f32, tf32=False) == (dot == "tf32x3")  # 13 x 2 tiles
     x, w, _ = _operands(10, 64, 128, 8192, torch.float32)
-    assert triton_dense.wanted(x, w) == (False, False)
+    assert not triton_dense.wanted(x, w)
 
 
 def test_bad_operands_are_named() -> None:
@@ -123,13 +126,13 @@ def test_bad_operands_are_named() -> None:
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("fp32_dot", ["ieee", "tf32x3"])
-def test_cuda_dense_layer_through_the_kernels_is_as_exact_as_cublas(fp32_dot: str,
+def test_cuda_dense_layer_with_splitk_is_as_exact_as_cublas(fp32_dot: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """stacked.dense on the GPU at fmnist's first dense layer (10 clients, batch 64, 25,600 -> 128), full
-    fp32 (TF32 off), with its products here (FP32 FMAs or three TF32 products): the output and the
-    gradients of x, W and b against their float64 values, no further off than cuBLAS's FP32 products
-    (twice their error; one-pass TF32 would be ~1e-3 of the outputs); the kernel in bf16 within bf16's
-    rounding."""
+    fp32 (TF32 off), with its forward product here (FP32 FMAs or three TF32 products): the output
+    against its float64 value no further off than cuBLAS's FP32 product (twice its error; one-pass TF32
+    would be ~1e-3 of the outputs), and the gradients (cuBLAS's products) likewise; the kernel in bf16
+    within bf16's rounding."""
     monkeypatch.setattr(triton_dense, "FP32_DOT", fp32_dot)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     x, w, b = _operands(10, 64, 128, 25_600, torch.float32, "cuda")
@@ -137,8 +140,8 @@ def test_cuda_dense_layer_through_the_kernels_is_as_exact_as_cublas(fp32_dot: st
     ins = [t.clone().requires_grad_() for t in (x, w, b)]
     refs = [t.clone().requires_grad_() for t in (x, w, b)]
     exacts = [t.double().requires_grad_() for t in (x, w, b)]
-    y = stacked._Dense.apply(*ins, True, True)
-    want = stacked._Dense.apply(*refs, False, False)  # cuBLAS
+    y = stacked._Dense.apply(*ins, True)
+    want = stacked._Dense.apply(*refs, False)  # cuBLAS
     exact = torch.baddbmm(exacts[2].unsqueeze(1), exacts[0], exacts[1].transpose(1, 2))
     gy = torch.randn_like(y)
     for t, g in ((y, gy), (want, gy), (exact, gy.double())):
