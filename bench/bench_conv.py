@@ -90,6 +90,8 @@ VARIANTS = {
     **{f"triton+graph{p}+{k}": dict(conv="triton", bench=False, tf32=False, precision=prec, graph=True, kernels=k)
        for p, prec in (("", "fp32"), ("+bf16", "bf16")) for k in ("s7", "noflatten")},
     "triton+graph+ieee": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, kernels="ieee"),
+    **{f"triton+graph{p}+wnmajor": dict(conv="triton", bench=False, tf32=False, precision=prec, graph=True,
+                                        kernels="wnmajor") for p, prec in (("", "fp32"), ("+bf16", "bf16"))},
 }
 
 

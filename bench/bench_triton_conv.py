@@ -114,6 +114,24 @@ def bench_layer(spec: tuple, g: int, sweep: str | None) -> list[dict]:
                      ("bias_by_torch", lambda: dy.sum((1, 2, 3)))]:
         add(path="triton", kernel_pass=name, tiles=_tiles(triton_conv.WGRAD_TILES), ms=do_bench(fn),
             flops=flops["wgrad"] if name != "bias_by_torch" else 0)
+    # the forward and input-gradient kernels alone, at their chosen tiles, with the weight operand stored
+    # K-major (triton_conv.W_KMAJOR, session 8) and N-major (session 7)
+    old = triton_conv.W_KMAJOR
+    try:
+        for kmajor in (True, False):
+            triton_conv.W_KMAJOR = kmajor
+            wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False)
+            wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True)
+            tag = "w_kmajor" if kmajor else "w_nmajor"
+            add(path="triton", kernel_pass="fwd", weight=tag, tiles=_tiles(triton_conv.igemm_tiles(m_out, co, g)),
+                ms=do_bench(lambda wk=wk: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad)),
+                flops=flops["fwd"])
+            if not first:
+                add(path="triton", kernel_pass="dgrad", weight=tag, tiles=_tiles(triton_conv.igemm_tiles(m_in, ci, g)),
+                    ms=do_bench(lambda wd=wd: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad)),
+                    flops=flops["dgrad"])
+    finally:
+        triton_conv.W_KMAJOR = old
     if sweep:
         _sweep(add, xd, wt, bias, dy, spec, oh, ow, flops, sweep)
     return rows

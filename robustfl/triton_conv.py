@@ -84,11 +84,12 @@ def _rows(offs_m, HOUT, WOUT, PH, PW, POOL: tl.constexpr):
 
 
 @triton.jit
-def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT, PH, PW, a_sg, y_sg,
+def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT, PH, PW, a_sg, y_sg, w_sg, w_sk, w_sn,
                   CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                   SGN: tl.constexpr, OFF: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
                   PREC: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """y[g, m, n] = epilogue(sum_k A[g, m, k] w[g, k, n] (+ b[g, n])); A gathered from a (G, B, HIN, WIN,
+    """y[g, m, n] = epilogue(sum_k A[g, m, k] w[g, k, n] (+ b[g, n])), w at strides (w_sg, w_sk, w_sn) (K-major,
+    w_sk = 1, or N-major, w_sn = 1: :data:`W_KMAJOR`); A gathered from a (G, B, HIN, WIN,
     CIN): row m = (b, oh, ow) of the output grid (:func:`_rows`; 2x2 windows for EPI 2), column
     k = (kh, kw, ci), A = a[g, b, oh + SGN*kh + OFF, ow + SGN*kw + OFF, ci] (0 outside). EPI 0: y as is;
     1: max(y, 0); 2: each window's maximum, then max(., 0), stored pooled with the window position of
@@ -104,7 +105,7 @@ def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT,
     n_ok = offs_n < COUT
     bb, oh, ow = _rows(offs_m, HOUT, WOUT, PH, PW, EPI == 2)
     a_rows = a_ptr + g * a_sg + bb * (HIN * WIN * CIN)
-    w_base = w_ptr + g * (K * COUT)
+    w_base = w_ptr + g * w_sg
     acc = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
@@ -117,7 +118,7 @@ def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT,
         iw = ow[:, None] + SGN * kw[None, :] + OFF
         ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
         a = tl.load(a_rows[:, None] + (ih * WIN + iw) * CIN + ci[None, :], mask=ok, other=0.0)
-        wv = tl.load(w_base + offs_k[:, None] * COUT + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+        wv = tl.load(w_base + offs_k[:, None] * w_sk + offs_n[None, :] * w_sn, mask=k_ok[:, None] & n_ok[None, :],
                      other=0.0)
         acc = tl.dot(a, wv, acc, input_precision=PREC)
     if HAS_BIAS:
@@ -287,8 +288,8 @@ def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: i
            kh: int, kw: int, sgn: int, off: int, tiles: Tiles | None = None, *,
            epi: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Output ``(G, B, hout, wout, cout)`` of :func:`_igemm_kernel`, or for ``epi`` 2 the pooled
-    ``(G, B, hout // 2, wout // 2, cout)`` and its uint8 codes (else codes None); ``tiles`` by default
-    :func:`igemm_tiles` of the kernel's rows."""
+    ``(G, B, hout // 2, wout // 2, cout)`` and its uint8 codes (else codes None); ``wk (G, K, cout)`` at
+    any strides (:func:`_gemm_weight`); ``tiles`` by default :func:`igemm_tiles` of the kernel's rows."""
     g, b, hin, win, cin = a.shape
     ph, pw = hout // 2, wout // 2
     if epi == 2:
@@ -304,7 +305,7 @@ def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: i
     grid = (triton.cdiv(m, tiles.bm), triton.cdiv(cout, bn), g)
     with _on(a):
         _igemm_kernel[grid](a, wk, bias if bias is not None else wk, y, y if code is None else code, m, hin, win,
-                            hout, wout, ph, pw, a.stride(0), y.stride(0), CIN=cin, COUT=cout, KH=kh, KW=kw,
+                            hout, wout, ph, pw, a.stride(0), y.stride(0), *wk.stride(), CIN=cin, COUT=cout, KH=kh, KW=kw,
                             SGN=sgn, OFF=off, EPI=epi, HAS_BIAS=bias is not None, PREC=_prec(a.dtype),
                             ACC=_acc(a.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk, num_warps=tiles.num_warps,
                             num_stages=tiles.num_stages)
@@ -362,6 +363,25 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     return dw, part_b[0] if s == 1 else part_b.sum(0)
 
 
+#: the forward and input-gradient kernels read the weight as the GEMM's (K, N) operand stored K-major
+#: (each output channel's K = (kh, kw, ci) inputs contiguous, the layout Hopper's TF32 matrix
+#: instructions read) instead of N-major (session 7's)
+W_KMAJOR = True
+
+
+def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool) -> torch.Tensor:
+    """The weight ``w (G, Cout, Cin, KH, KW)`` as the (G, K, N) operand of :func:`_igemm_kernel`: forward,
+    K = (kh, kw, ci) and N = co; input gradient (``backward``), K = (kh, kw, co) and N = ci; a contiguous
+    copy in ``dtype``, K-major or N-major (:data:`W_KMAJOR`), returned as a (G, K, N) view."""
+    g, cout, cin, kh, kw = w.shape
+    n, k = (cin, kh * kw * cout) if backward else (cout, kh * kw * cin)
+    if W_KMAJOR:  # (G, N, KH, KW, C) contiguous, viewed (G, K, N)
+        t = w.permute(0, 2, 3, 4, 1) if backward else w.permute(0, 1, 3, 4, 2)
+        return t.reshape(g, n, k).to(dtype).contiguous().transpose(1, 2)
+    t = w.permute(0, 3, 4, 1, 2) if backward else w.permute(0, 3, 4, 2, 1)
+    return t.reshape(g, k, n).to(dtype).contiguous()
+
+
 class _ConvNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
@@ -369,7 +389,7 @@ class _ConvNHWC(torch.autograd.Function):
         g, _, h, wd, cin = x.shape
         cout, _, kh, kw = w.shape[1:]
         oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
-        wk = w.permute(0, 3, 4, 2, 1).reshape(g, kh * kw * cin, cout).to(x.dtype).contiguous()
+        wk = _gemm_weight(w, x.dtype, backward=False)
         y, code = _igemm(x, wk, None if bias is None else bias.to(x.dtype).contiguous(), oh, ow, cout, kh, kw, 1,
                          -pad, epi=epi)
         # what the backward needs to form the gradient at the convolution's output: the ReLU's output
@@ -392,7 +412,7 @@ class _ConvNHWC(torch.autograd.Function):
         cout, _, kh, kw = w.shape[1:]
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            wd_k = w.permute(0, 3, 4, 1, 2).reshape(g, kh * kw * cout, cin).to(dy.dtype).contiguous()
+            wd_k = _gemm_weight(w, dy.dtype, backward=True)
             dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad)
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] or want_b:

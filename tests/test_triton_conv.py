@@ -91,6 +91,25 @@ def test_conv_and_its_gradients_equal_conv2d_per_client(shape: tuple[int, ...], 
     _check(shape, bias)
 
 
+@on_cpu
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[7]])
+def test_weight_operand_layouts_give_the_same_convolution(shape: tuple[int, ...],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """_gemm_weight's two layouts (K-major, session 8's default; N-major) hold the same (G, K, N) operand,
+    and the kernels read either at its strides: the convolution and its gradients equal conv2d's."""
+    w = torch.randn(2, 6, 5, 3, 3, dtype=torch.float64)
+    for backward in (False, True):
+        monkeypatch.setattr(triton_conv, "W_KMAJOR", True)
+        a = triton_conv._gemm_weight(w, torch.float64, backward=backward)
+        monkeypatch.setattr(triton_conv, "W_KMAJOR", False)
+        b = triton_conv._gemm_weight(w, torch.float64, backward=backward)
+        assert torch.equal(a, b) and a.stride(1) == 1 and b.stride(2) == 1
+    assert torch.equal(a[1, :, 2].view(3, 3, 6), w[1, :, 2].permute(1, 2, 0))  # K = (kh, kw, co), N = ci
+    for kmajor in (True, False):
+        monkeypatch.setattr(triton_conv, "W_KMAJOR", kmajor)
+        _check(shape, bias=True)
+
+
 #: shapes for the fused epilogues: even and odd convolution outputs (an odd one leaves its last row and
 #: column out of every pooling window), one input channel, padding, several row tiles
 EPI_SHAPES = [(2, 3, 8, 8, 1, 16, 5, 0), (3, 2, 7, 6, 5, 6, 3, 0), (2, 3, 17, 17, 5, 6, 3, 0),
