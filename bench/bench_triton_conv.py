@@ -59,12 +59,6 @@ IGEMM_LARGE = [Tiles(256, 64, 32, 8, 3), Tiles(256, 64, 32, 8, 4), Tiles(512, 64
                Tiles(512, 64, 16, 8, 5), Tiles(512, 64, 32, 16, 3), Tiles(1024, 64, 16, 16, 3), Tiles(256, 64, 16, 8, 6)]
 
 
-#: tile shapes of the channel-major weight-gradient kernel (bm = rows reduced per iteration, bk = K rows
-#: of the output tile)
-WGRAD_CM = [Tiles(64, 64, 32, 4, 3), Tiles(64, 64, 64, 4, 3), Tiles(32, 64, 64, 4, 3), Tiles(64, 64, 128, 8, 3),
-            Tiles(32, 64, 128, 4, 3), Tiles(64, 64, 64, 8, 3), Tiles(128, 64, 64, 8, 3), Tiles(32, 64, 128, 8, 4)]
-
-
 def _tiles(t: Tiles) -> str:
     return f"bm{t.bm}_bn{t.bn}_bk{t.bk}_w{t.num_warps}_s{t.num_stages}"
 
@@ -120,18 +114,6 @@ def bench_layer(spec: tuple, g: int, sweep: str | None) -> list[dict]:
                      ("bias_by_torch", lambda: dy.sum((1, 2, 3)))]:
         add(path="triton", kernel_pass=name, tiles=_tiles(triton_conv.WGRAD_TILES), ms=do_bench(fn),
             flops=flops["wgrad"] if name != "bias_by_torch" else 0)
-    # the weight gradient from channel-major operands (triton_conv._wgrad_cm), under a few tile shapes, and
-    # what making those operands from the NHWC tensors costs
-    x_cm, dy_cm = xd.permute(0, 1, 4, 2, 3).contiguous(), dy.permute(0, 1, 4, 2, 3).contiguous()
-    add(path="triton", kernel_pass="to_channel_major", ms=do_bench(lambda: (xd.permute(0, 1, 4, 2, 3).contiguous(),
-                                                                            dy.permute(0, 1, 4, 2, 3).contiguous())),
-        flops=0)
-    for t in WGRAD_CM:
-        try:
-            add(path="triton", kernel_pass="wgrad_cm", tiles=_tiles(t),
-                ms=do_bench(lambda t=t: triton_conv._wgrad_cm(x_cm, dy_cm, k, k, pad, t)), flops=flops["wgrad"])
-        except Exception as exc:  # noqa: BLE001 - a tile shape the compiler refuses is a result
-            add(path="triton", kernel_pass="wgrad_cm", tiles=_tiles(t), error=str(exc).splitlines()[0][:200])
     # the forward and input-gradient kernels alone, at their chosen tiles, with the weight operand stored
     # K-major (triton_conv.W_KMAJOR, session 8) and N-major (session 7)
     old = triton_conv.W_KMAJOR

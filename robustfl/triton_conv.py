@@ -214,51 +214,6 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
         tl.store(outb_ptr + (s * G + g) * COUT + offs_n, bacc, mask=n_ok & (pid_k == 0))
 
 
-@triton.jit
-def _wgrad_cm_kernel(x_ptr, dy_ptr, out_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, dy_sg, G, S, CHUNK,
-                     CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                     OFF: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-                     BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
-    """:func:`_wgrad_kernel` (without the bias) on channel-major operands: x (G, B, CIN, HIN, WIN) and dy
-    (G, B, COUT, HOUT, WOUT), so that both of the product's tiles are contiguous along the reduced rows
-    (pixels), the order TF32 matrix instructions read both operands in. Grid: (cdiv(K, BK), cdiv(COUT, BN), G*S)."""
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_gs = tl.program_id(2)
-    g = (pid_gs // S).to(tl.int64)
-    s = pid_gs % S
-    K: tl.constexpr = KH * KW * CIN
-    offs_k = pid_k * BK + tl.arange(0, BK)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    k_ok = offs_k < K
-    n_ok = offs_n < COUT
-    ci = offs_k % CIN
-    t = offs_k // CIN
-    kw = t % KW
-    kh = t // KW
-    hw = HOUT * WOUT
-    x_base = x_ptr + g * x_sg
-    dy_base = dy_ptr + g * dy_sg
-    acc = tl.zeros((BK, BN), dtype=ACC)
-    start = s * CHUNK
-    for m0 in range(start, start + CHUNK, BR):
-        offs_m = m0 + tl.arange(0, BR)
-        m_ok = offs_m < M
-        bb = offs_m // hw
-        rem = offs_m % hw
-        oh = rem // WOUT
-        ow = rem % WOUT
-        ih = oh[None, :] + kh[:, None] + OFF
-        iw = ow[None, :] + kw[:, None] + OFF
-        ok = k_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
-        a_t = tl.load(x_base + ((bb[None, :] * CIN + ci[:, None]) * HIN + ih) * WIN + iw, mask=ok, other=0.0)
-        d = tl.load(dy_base + (bb[:, None] * COUT + offs_n[None, :]) * hw + rem[:, None],
-                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a_t, d, acc, input_precision=PREC)
-    out = out_ptr + ((s * G + g) * COUT + offs_n[None, :]) * K + (ci * (KH * KW) + kh * KW + kw)[:, None]
-    tl.store(out, acc, mask=k_ok[:, None] & n_ok[None, :])
-
-
 @dataclass(frozen=True)
 class Tiles:
     """Block shapes and launch settings of one kernel call."""
@@ -425,29 +380,6 @@ def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool) -> torc
         return t.reshape(g, n, k).to(dtype).contiguous().transpose(1, 2)
     t = w.permute(0, 3, 4, 1, 2) if backward else w.permute(0, 3, 4, 2, 1)
     return t.reshape(g, k, n).to(dtype).contiguous()
-
-
-def _wgrad_cm(x_cm: torch.Tensor, dy_cm: torch.Tensor, kh: int, kw: int, pad: int, tiles: Tiles) -> torch.Tensor:
-    """Weight gradient ``(G, COUT, CIN, KH, KW)`` from channel-major operands ``x_cm (G, B, CIN, H, W)``
-    and ``dy_cm (G, B, COUT, OH, OW)`` (:func:`_wgrad_cm_kernel`; the same split of the rows as :func:`_wgrad`)."""
-    g, b, cin, hin, win = x_cm.shape
-    _, _, cout, hout, wout = dy_cm.shape
-    m = b * hout * wout
-    k = kh * kw * cin
-    bn = _bn(cout, tiles.bn)
-    tiles_kn = triton.cdiv(k, tiles.bk) * triton.cdiv(cout, bn)
-    s = max(1, min(triton.cdiv(m, 8 * tiles.bm), triton.cdiv(WGRAD_PROGRAMS, tiles_kn * g)))
-    chunk = triton.cdiv(triton.cdiv(m, s), tiles.bm) * tiles.bm
-    s = triton.cdiv(m, chunk)
-    acc_t = _acc(x_cm.dtype)[0]
-    part = torch.empty(s, g, cout, cin, kh, kw, dtype=acc_t, device=x_cm.device)
-    grid = (triton.cdiv(k, tiles.bk), triton.cdiv(cout, bn), g * s)
-    with _on(x_cm):
-        _wgrad_cm_kernel[grid](x_cm, dy_cm, part, m, hin, win, hout, wout, x_cm.stride(0), dy_cm.stride(0), g, s,
-                               chunk, CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, PREC=_prec(x_cm.dtype),
-                               ACC=_acc(x_cm.dtype)[1], BK=tiles.bk, BN=bn, BR=tiles.bm, num_warps=tiles.num_warps,
-                               num_stages=tiles.num_stages)
-    return part[0] if s == 1 else part.sum(0)
 
 
 class _ConvNHWC(torch.autograd.Function):
