@@ -38,15 +38,19 @@ def engine_section() -> list[str]:
             "vectorised_peak_mem_gib", "packed_peak_mem_gib"]
     return (_table_sections("## Local training engine, whole rounds (`bench_engine.py`; paper settings, random "
                             "inputs of the right shape)", "round_*.json", cols)
+            + _table_sections("### Packed rounds, session 8's kernels (`default`) vs session 7's (`s7`), processes "
+                              "alternating on one H100 (`round_packed_s8_h100/`)", "round_packed_s8_h100/*.json", cols)
             + _table_sections("### Packed rounds, session 7's kernels (`default`) vs session 6's (`s6`), processes "
                               "alternating on one H100 (`round_packed_s7_h100/`)", "round_packed_s7_h100/*.json", cols)
             + _table_sections("### Earlier whole-round runs (vmap engine only)", "engine_*.json", cols))
 
 
 def dense_section() -> list[str]:
-    cols = ["model", "clients", "batch", "k", "n", "precision", "path", "splits", "ms", "tflops", "max_rel_err", "error"]
-    return _table_sections("## Dense layers' forward product: cuBLAS vs split-K (`bench_dense.py`; ms, median of "
-                           "do_bench)", "dense_*.json", cols)
+    cols = ["model", "clients", "batch", "k", "n", "precision", "product", "path", "splits", "ms", "tflops", "max_rel_err",
+            "max_rel_err_vs_fp64", "error"]
+    return _table_sections("## Dense layers' products: cuBLAS vs the split-K kernel (`bench_dense.py`; ms, median of "
+                           "do_bench; `--products`: forward, dX and dW, the kernel in FP32 FMAs, tf32x3 and TF32, "
+                           "error against float64 relative to the largest entry)", "dense_*.json", cols)
 
 
 def conv_section() -> list[str]:
