@@ -108,3 +108,27 @@ def test_bench_cells_times_every_attack_and_defense_of_the_grid() -> None:
     assert all(j["n_attackers"] == (3 if "untargeted" in j["attack"] else 1) for j in jobs if "attack" in j)
     shards = [jobs[i::4] for i in range(4)]
     assert sum(len(s) for s in shards) == len(jobs)
+
+
+def test_kernel_sets_set_their_options_and_restore_them() -> None:
+    """bench_engine.KERNEL_SETS: each named set (but s6, which loads an older module from a file) sets the
+    module options it names while entered, and every option is restored on exit; session 7's set is its
+    dense and flatten choices."""
+    be = _load("bench_engine")
+    from robustfl import stacked, triton_conv, triton_dense
+
+    def state() -> tuple:
+        return (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
+                triton_conv.W_KMAJOR, triton_conv.IGEMM_CANDIDATES)
+
+    before = state()
+    for name in be.KERNEL_SETS:
+        if name == "s6":
+            continue
+        with be.kernel_set(name):
+            if name == "s7":
+                assert (stacked.FUSE_FLATTEN, triton_dense.FP32_DOT, triton_dense.MIN_K, triton_conv.W_KMAJOR) == (
+                    False, "ieee", 2048, False)
+            if name == "nosplitk":
+                assert triton_dense.MIN_K > 10**12
+        assert state() == before, name
