@@ -82,9 +82,50 @@ def products(clients: list[int], dev: torch.device) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def forward_sweep(clients: list[int], precisions: list[str], sweep: bool, dev: torch.device) -> list[dict]:
+    """Each long dense layer's forward product, cuBLAS's ``baddbmm`` against the split-K kernel under
+    the default tiles (or every tile shape of :data:`SWEEP`), in each precision: ms, TFLOP/s, and the
+    largest difference from cuBLAS relative to its largest entry."""
     from triton.testing import do_bench
 
+    rows = []
+    for model, b, k, n in LAYERS:
+        for g in clients:
+            for prec in precisions:
+                torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
+                dt = torch.bfloat16 if prec == "bf16" else torch.float32
+                torch.manual_seed(0)
+                x = torch.randn(g, b, k, device=dev, dtype=dt)
+                w = torch.randn(g, n, k, device=dev, dtype=dt) / k**0.5
+                bias = torch.randn(g, n, device=dev, dtype=dt)
+                flops = 2 * g * b * k * n
+                base = dict(model=model, clients=g, batch=b, k=k, n=n, precision=prec)
+                want = torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2))
+                runs = [("cublas_baddbmm", None,
+                         lambda x=x, w=w, bias=bias: torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2)))]
+                for t, p in SWEEP if sweep else SWEEP[:1]:
+                    runs.append((f"splitk_{_tiles(t)}_p{p}", (t, p),
+                                 lambda t=t, p=p, x=x, w=w, bias=bias: triton_dense.bmm_nt(x, w, bias, tiles=t,
+                                                                                         programs=p)))
+                for name, tp, fn in runs:
+                    row = {**base, "path": name}
+                    try:
+                        got = fn()
+                        row["max_rel_err"] = ((got.float() - want.float()).abs().max()
+                                              / want.float().abs().max()).item()
+                        row["ms"] = do_bench(fn)
+                        row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                        if tp is not None:
+                            row["splits"] = triton_dense.splits(k, g * -(-b // tp[0].bm) * -(-n // tp[0].bn),
+                                                                tp[1], tp[0].bk)[0]
+                    except Exception as exc:  # noqa: BLE001 - a shape the compiler refuses is a result
+                        row["error"] = str(exc).splitlines()[0][:200]
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    return rows
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 90])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16"], choices=["fp32", "tf32", "bf16"])
@@ -97,48 +138,13 @@ def main() -> None:
         raise SystemExit("bench_dense needs a CUDA device")
     dev = torch.device("cuda")
     res = result_header(dev)
-    res.update(benchmark="dense_forward")
     old = torch.backends.cuda.matmul.allow_tf32
-    if a.products:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        res.update(benchmark="dense_products", results=products(a.clients, dev))
-        torch.backends.cuda.matmul.allow_tf32 = old
-        atomic_write_json(a.out, res)
-        return
     try:
-        for model, b, k, n in LAYERS:
-            for g in a.clients:
-                for prec in a.precisions:
-                    torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
-                    dt = torch.bfloat16 if prec == "bf16" else torch.float32
-                    torch.manual_seed(0)
-                    x = torch.randn(g, b, k, device=dev, dtype=dt)
-                    w = torch.randn(g, n, k, device=dev, dtype=dt) / k**0.5
-                    bias = torch.randn(g, n, device=dev, dtype=dt)
-                    flops = 2 * g * b * k * n
-                    base = dict(model=model, clients=g, batch=b, k=k, n=n, precision=prec)
-                    want = torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2))
-                    runs = [("cublas_baddbmm", None,
-                             lambda x=x, w=w, bias=bias: torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2)))]
-                    for t, p in SWEEP if a.sweep else SWEEP[:1]:
-                        runs.append((f"splitk_{_tiles(t)}_p{p}", (t, p),
-                                     lambda t=t, p=p, x=x, w=w, bias=bias: triton_dense.bmm_nt(x, w, bias, tiles=t,
-                                                                                             programs=p)))
-                    for name, tp, fn in runs:
-                        row = {**base, "path": name}
-                        try:
-                            got = fn()
-                            row["max_rel_err"] = ((got.float() - want.float()).abs().max()
-                                                  / want.float().abs().max()).item()
-                            row["ms"] = do_bench(fn)
-                            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
-                            if tp is not None:
-                                row["splits"] = triton_dense.splits(k, g * -(-b // tp[0].bm) * -(-n // tp[0].bn),
-                                                                    tp[1], tp[0].bk)[0]
-                        except Exception as exc:  # noqa: BLE001 - a shape the compiler refuses is a result
-                            row["error"] = str(exc).splitlines()[0][:200]
-                        print(json.dumps(row), flush=True)
-                        res["results"].append(row)
+        if a.products:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            res.update(benchmark="dense_products", results=products(a.clients, dev))
+        else:
+            res.update(benchmark="dense_forward", results=forward_sweep(a.clients, a.precisions, a.sweep, dev))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     atomic_write_json(a.out, res)

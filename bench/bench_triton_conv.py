@@ -139,13 +139,14 @@ def bench_layer(spec: tuple, g: int, sweep: str | None) -> list[dict]:
 
 def _sweep(add, xd, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, which: str) -> None:
     """Each Triton kernel alone under every tile shape of IGEMM / WGRAD (``which`` "all"), or of
-    IGEMM_LARGE (``which`` "large"); ``xd`` the layer's input (no grad)."""
+    IGEMM_LARGE (``which`` "large"), with the weight operand as the engine lays it out
+    (triton_conv._gemm_weight); ``xd`` the layer's input (no grad)."""
     from triton.testing import do_bench
 
     _, layer, _, h, w, ci, co, k, pad = spec
-    first, g = layer == 0, xd.shape[0]
-    wk = wt.detach().permute(0, 3, 4, 2, 1).reshape(g, k * k * ci, co).contiguous()
-    wd = wt.detach().permute(0, 3, 4, 1, 2).reshape(g, k * k * co, ci).contiguous()
+    first = layer == 0
+    wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False)
+    wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True)
     for t in IGEMM if which == "all" else IGEMM_LARGE:
         try:
             ms = do_bench(lambda t=t: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad, t))
