@@ -145,11 +145,9 @@ def bmm_nt(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
            programs: int | None = None, precision: str | None = None) -> torch.Tensor:
     """``x[g] @ w[g]^T (+ bias[g])`` for ``x (G, M, K)``, ``w (G, N, K)``, ``bias (G, N)``: ``(G, M, N)``
     in x's dtype, what ``torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2))`` computes, by
-    :func:`bmm` (K split over programs)."""
+    :func:`bmm` (K split over programs; it refuses operands of different dtypes)."""
     if x.dim() != 3 or w.dim() != 3 or x.shape[0] != w.shape[0] or x.shape[2] != w.shape[2]:
         raise ValueError(f"bmm_nt: x (G, M, K) and w (G, N, K) do not match: {tuple(x.shape)}, {tuple(w.shape)}")
-    if x.dtype != w.dtype:
-        raise ValueError(f"bmm_nt: x and w dtypes differ: {x.dtype}, {w.dtype}")
     y = bmm(x, w.transpose(1, 2), tiles=tiles, programs=programs, precision=precision)
     if bias is not None:
         y = y + bias.unsqueeze(1).to(y.dtype)

@@ -58,15 +58,16 @@ def _flatten_kernel(src_ptr, z_ptr, keep_ptr, dst_ptr, HW, scale, C: tl.constexp
 BLOCK_P, BLOCK_C = (1024, 256) if INTERPRET else (64, 64)
 
 
-def _launch(src: torch.Tensor, z: torch.Tensor | None, keep: torch.Tensor | None, dst: torch.Tensor,
-            hw: int, c: int, scale: float, backward: bool) -> None:
+def _launch(src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor | None, hw: int, c: int, scale: float, *,
+            relu: bool, z: torch.Tensor | None = None, backward: bool) -> None:
+    """:func:`_flatten_kernel` over every sample; ``z`` (the pre-activation) only for the ReLU's backward."""
     samples = src.numel() // (hw * c)
     bp = min(BLOCK_P, triton.next_power_of_2(hw)) if INTERPRET else BLOCK_P
     bc = min(BLOCK_C, max(16, triton.next_power_of_2(c))) if INTERPRET else BLOCK_C
     grid = (triton.cdiv(hw, bp), triton.cdiv(c, bc), samples)
     with _on(src):
         _flatten_kernel[grid](src, src if z is None else z, src if keep is None else keep, dst, hw, scale, C=c,
-                              BACKWARD=backward, RELU=z is not None, DROP=keep is not None, BP=bp, BC=bc)
+                              BACKWARD=backward, RELU=relu, DROP=keep is not None, BP=bp, BC=bc)
 
 
 class _ReluDropoutFlatten(torch.autograd.Function):
@@ -74,7 +75,7 @@ class _ReluDropoutFlatten(torch.autograd.Function):
     def forward(ctx, z: torch.Tensor, keep: torch.Tensor | None, scale: float, relu: bool) -> torch.Tensor:  # noqa: ANN001
         n, b, h, w, c = z.shape
         y = torch.empty(n, b, c * h * w, dtype=z.dtype, device=z.device)
-        _launch(z, z if relu else None, keep, y, h * w, c, scale, backward=False)
+        _launch(z, y, keep, h * w, c, scale, relu=relu, backward=False)
         ctx.save_for_backward(z if relu else None, keep)
         ctx.scale, ctx.shape = scale, z.shape
         return y
@@ -82,9 +83,9 @@ class _ReluDropoutFlatten(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # noqa: ANN001, ANN205
         z, keep = ctx.saved_tensors
-        n, b, h, w, c = ctx.shape
+        h, w, c = ctx.shape[2:]
         dz = torch.empty(ctx.shape, dtype=dy.dtype, device=dy.device)
-        _launch(dy.contiguous(), z, keep, dz, h * w, c, ctx.scale, backward=True)
+        _launch(dy.contiguous(), dz, keep, h * w, c, ctx.scale, relu=z is not None, z=z, backward=True)
         return dz, None, None, None
 
 
@@ -104,6 +105,6 @@ def relu_dropout_flatten(z: torch.Tensor, *, relu: bool, p: float = 0.0, trainin
         raise ValueError(f"relu_dropout_flatten: dropout probability must be in [0, 1], got {p}")
     z = z.contiguous()
     if training and p == 1.0:  # F.dropout's answer: every element dropped
-        return torch.zeros(*z.shape[:2], z[0, 0].numel(), dtype=z.dtype, device=z.device) * z.flatten(2)
+        return z.flatten(2) * 0.0
     keep = dropout_mask(z.shape, p, z.device) if training and p > 0 else None
     return _ReluDropoutFlatten.apply(z, keep, 1.0 / (1.0 - p) if keep is not None else 1.0, relu)
