@@ -6,6 +6,13 @@ the attacker's shard (CIFAR-10: 5,000 samples, batch 32; fmnist: 6,000, batch 64
 (the authors' ``mal_E``), rho 1e-4, boost n = 10, a backdoor set of ``--bd`` images; random inputs.
 
     python bench/bench_attack.py --models cifar10 fmnist --out bench/results/attack_h100.json
+
+``--attackers K [K ...]`` instead compares the two ways of crafting for K attackers (each on its own
+shard of the paper's size): one model at a time through PyTorch's layers (the single-model loops,
+CUDA-graphed), and all K at once on the stacked engine (:mod:`robustfl.attacks.vectorised`, the
+layout the engine picks for the model), side by side in one process:
+
+    python bench/bench_attack.py --attackers 1 3 6 --attack alternating --out bench/results/attack_stacked.json
 """
 from __future__ import annotations
 
@@ -27,6 +34,77 @@ except ImportError:  # pragma: no cover
     from bench.bench_engine import SETTINGS, result_header
 
 
+#: models whose dropout can be switched off (``dropout=False``), so that both ways give the same update
+HAS_DROPOUT = ("fmnist_cnn", "digits_cnn")
+
+
+def _craft(a: argparse.Namespace, model, theta, owns, xb, yb, ref, bs: int, layout: str | None):  # noqa: ANN001, ANN202
+    """One round's crafting for ``len(owns)`` attackers: single-model loops (``layout=None``) or stacked."""
+    from robustfl.attacks.vectorised import alternating_minimisation_many, explicit_boosting_many
+
+    gens = [torch.Generator().manual_seed(i) for i in range(len(owns))]
+    if layout is None:
+        if a.attack == "alternating":
+            return torch.stack([B.alternating_minimisation(model, theta, x, y, xb, yb, ref, boost=10.0, rho=1e-4,
+                                                           benign_epochs=2.0, batch_size=bs, generator=g)
+                                for (x, y), g in zip(owns, gens)]), None
+        out = [B.explicit_boosting(model, theta, xb, yb, boost=10.0, max_steps=a.max_steps, tol=a.tol, generator=g)
+               for g in gens]
+        return torch.stack([d for d, _ in out]), [i for _, i in out]
+    if a.attack == "alternating":
+        refs = ref.expand(len(owns), -1)
+        return alternating_minimisation_many(model, theta, owns, xb, yb, refs, boost=10.0, rho=1e-4, generators=gens,
+                                             layout=layout, benign_epochs=2.0, batch_size=bs), None
+    return explicit_boosting_many(model, theta, xb, yb, boost=10.0, generators=gens, layout=layout,
+                                  max_steps=a.max_steps, tol=a.tol)
+
+
+def compare_engines(a: argparse.Namespace, dev: torch.device, res: dict) -> None:
+    """Single-model vs stacked crafting for each model and attacker count (``--attackers``); the
+    models with dropout off as well, where the two must give the same updates up to float rounding."""
+    from robustfl.train import resolve_kernels
+
+    for name in a.models:
+        mname, c, h, w, ch, per, bs = SETTINGS[name]
+        for k in a.attackers:
+            for dropout in ((True, False) if mname in HAS_DROPOUT else (None,)):
+                torch.manual_seed(0)
+                model = build_model(mname, c, ch, **({} if dropout is None else {"dropout": dropout})).to(dev)
+                layout, _ = resolve_kernels(model, dev, "auto")
+                if layout not in ("grouped", "channels_last", "loop", "triton"):
+                    layout = "grouped"
+                theta = model_to_flat(model)
+                owns = [(torch.randint(0, 256, (per, h, w, ch), dtype=torch.uint8, device=dev),
+                         torch.randint(0, c, (per,), device=dev)) for _ in range(k)]
+                xb = torch.randint(0, 256, (a.bd, h, w, ch), dtype=torch.uint8, device=dev)
+                yb = torch.full((a.bd,), 1, device=dev)
+                ref = 1e-3 * torch.randn_like(theta)
+                times: dict[str, list[float]] = {"single": [], "stacked": []}
+                out, info = {}, {}
+                for r in range(a.repeats + 1):  # the first pass warms up
+                    for mode, lay in (("single", None), ("stacked", layout)):
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        out[mode], info[mode] = _craft(a, model, theta, owns, xb, yb, ref, bs, lay)
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize()
+                        if r:
+                            times[mode].append(time.perf_counter() - t)
+                row = {"model": mname, "dropout": dropout, "attack": a.attack, "attackers": k, "layout": layout,
+                       "shard": per, "batch": bs, "backdoor_set": a.bd,
+                       "single_s": min(times["single"]), "stacked_s": min(times["stacked"]),
+                       "rel_diff_stacked_vs_single": float((out["stacked"] - out["single"]).norm()
+                                                           / out["single"].norm())}
+                if a.attack == "boosting":
+                    row.update(max_steps=a.max_steps, tol=a.tol,
+                               steps_single=[i["steps"] for i in info["single"]],
+                               steps_stacked=[i["steps"] for i in info["stacked"]])
+                row["speedup"] = row["single_s"] / row["stacked_s"]
+                print(json.dumps(row), flush=True)
+                res["results"].append(row)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", nargs="+", default=["cifar10", "fmnist"])
@@ -39,10 +117,17 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=1000)
     ap.add_argument("--tol", type=float, default=1e-6, help="boosting's convergence threshold (-1: never, so "
                     "every run takes --max-steps steps)")
+    ap.add_argument("--attackers", type=int, nargs="*", default=[],
+                    help="compare single-model crafting with the stacked engine's for these attacker counts")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = result_header(dev)
+    if a.attackers:
+        compare_engines(a, dev, res)
+        if a.out:
+            atomic_write_json(a.out, res)
+        return
     for name in a.models:
         mname, c, h, w, ch, per, bs = SETTINGS[name]
         torch.manual_seed(0)

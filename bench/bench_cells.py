@@ -44,14 +44,20 @@ ATTACKS = [dict(attack="krum_backdoor", n_attackers=1), dict(attack="krum_backdo
            dict(attack="krum_untargeted", n_attackers=3),
            dict(attack="trimmedmean_untargeted", n_attackers=3), dict(attack="adaptive_plr", n_attackers=1)]
 DEFENSES = ["fedavg", "krum", "median", "trimmed_mean", "bulyan", "fltrust", "flare"]
+#: the grid's other (clients, attackers) settings, per dataset (the study of the number of clients and
+#: attackers, fmnist only): crafting grows with the attackers and shrinks with their shards
+SCALING = {"fmnist": [dict(attack="krum_backdoor", n_clients=n, n_attackers=k)
+                      for n, k in [(20, 1), (20, 2), (20, 3), (20, 4), (20, 5), (20, 6), (30, 3), (40, 4), (50, 5)]]}
 
 
-def jobs(datasets: list[str]) -> list[dict]:
-    """Every (dataset, attack with FedAvg) and (dataset, defense without attack) cell to time."""
+def jobs(datasets: list[str], attacks_only: bool = False) -> list[dict]:
+    """Every (dataset, attack with FedAvg) cell, the :data:`SCALING` settings, and (unless
+    ``attacks_only``) every (dataset, defense without attack) cell to time."""
     out = []
     for ds in datasets:
-        out += [dict(dataset=ds, **a) for a in ATTACKS]
-        out += [dict(dataset=ds, defense=d) for d in DEFENSES]
+        out += [dict(dataset=ds, **a) for a in ATTACKS + SCALING.get(ds, [])]
+        if not attacks_only:
+            out += [dict(dataset=ds, defense=d) for d in DEFENSES]
     return out
 
 
@@ -85,6 +91,7 @@ def main() -> None:
     ap.add_argument("--shard", type=int, default=0)
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the random datasets' size (smoke tests)")
+    ap.add_argument("--attacks-only", action="store_true", help="time the attack cells only (no defenses)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     if a.rounds < 2:
@@ -92,7 +99,7 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="bench_cells-"))
     real = dict(kv.split("=", 1) for kv in a.data)
-    todo = jobs(a.datasets)[a.shard::a.shards]
+    todo = jobs(a.datasets, a.attacks_only)[a.shard::a.shards]
     res = result_header(dev, shard=a.shard, shards=a.shards, scale=a.scale,
                         data={ds: ("real" if ds in real else "random") for ds in a.datasets})
     dirs: dict[str, Path] = {}

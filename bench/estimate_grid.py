@@ -67,29 +67,49 @@ class Costs:
     def __init__(self, paths: list[Path]) -> None:
         files = [json.loads(p.read_text()) for p in paths]
         df = pd.DataFrame([r for f in files for r in f["results"]])
-        for col in ("attack", "defense", "backdoor"):
+        for col in ("attack", "defense", "backdoor", "n_clients"):
             if col not in df:
                 df[col] = None
         df["attack"] = df["attack"].fillna("none")
         df["defense"] = df["defense"].fillna("fedavg")
         df["backdoor"] = df["backdoor"].fillna("semantic")
+        df["n_clients"] = df["n_clients"].fillna(10).astype(int)
         att = df[df["attack"] != "none"]
-        self.attack = {(r.dataset, r.attack, r.backdoor): r.attack_s_median for r in att.itertuples()}
+        # a later file's measurement of the same setting replaces an earlier one's
+        self.attack = {(r.dataset, r.attack, r.backdoor): r.attack_s_median for r in att.itertuples()
+                       if r.n_clients == 10}
+        self.attack_setting = {(r.dataset, r.attack, r.backdoor, r.n_clients, int(r.n_attackers)): r.attack_s_median
+                               for r in att.itertuples()}
+        self.default_attackers = {(r.dataset, r.attack, r.backdoor): int(r.n_attackers) for r in att.itertuples()
+                                  if r.n_clients == 10}
+        self.unmeasured: set[tuple] = set()
         dfn = df[df["attack"] == "none"]
         self.agg = {(r.dataset, r.defense): r.agg_s_median for r in dfn.itertuples()}
         self.other = df.groupby("dataset")["other_s_per_round"].median().to_dict()
         self.devices = sorted({f["device"] for f in files})
 
-    def per_round(self, ds: str, attack: str, backdoor: str, defense: str) -> tuple[float, float, float]:
-        """(crafting, aggregation, other) seconds per round; KeyError names a combination not measured."""
+    def per_round(self, ds: str, attack: str, backdoor: str, defense: str, n_clients: int = 10,
+                  n_attackers: int | None = None) -> tuple[float, float, float]:
+        """(crafting, aggregation, other) seconds per round; KeyError names a combination not measured.
+        Crafting is looked up for the cell's number of clients and attackers; a setting not measured
+        takes the n = 10 measurement scaled by attackers / their shard size (each attacker's crafting is
+        proportional to its shard) and is listed in :meth:`summary`."""
         try:
-            craft = 0.0 if attack == "none" else self.attack[(ds, attack, backdoor)]
+            craft = 0.0
+            if attack != "none":
+                key = (ds, attack, backdoor)
+                k = self.default_attackers[key] if n_attackers is None else int(n_attackers)
+                craft = self.attack_setting.get((*key, n_clients, k))
+                if craft is None:
+                    self.unmeasured.add((*key, n_clients, k))
+                    craft = self.attack[key] * (k / self.default_attackers[key]) * (10 / n_clients)
             return craft, self.agg[(ds, defense)], self.other[ds]
         except KeyError as exc:
             raise KeyError(f"bench_cells results have no measurement for {exc.args[0]}") from None
 
     def summary(self) -> dict:
-        return {"attack_s_per_round": {"/".join(k): v for k, v in self.attack.items()},
+        return {"attack_s_per_round": {"/".join(map(str, k)): v for k, v in self.attack_setting.items()},
+                "attack_settings_scaled_not_measured": ["/".join(map(str, k)) for k in sorted(self.unmeasured)],
                 "agg_s_per_round": {"/".join(k): v for k, v in self.agg.items()},
                 "other_s_per_round": self.other, "devices": self.devices}
 
@@ -114,7 +134,8 @@ def estimate(cells: pd.DataFrame, packed: dict[str, float], seq: dict[str, float
         attack, defense = ov.get("attack", "none"), ov.get("defense", "fedavg")
         t_rounds = ov.get("rounds", 20)
         if costs is not None:
-            craft, agg, oth = costs.per_round(ds, attack, ov.get("backdoor", "semantic"), defense)
+            craft, agg, oth = costs.per_round(ds, attack, ov.get("backdoor", "semantic"), defense,
+                                              int(ov.get("n_clients", 10)), ov.get("n_attackers"))
         else:
             scale = seq[model] / seq["cifar10_cnn"]
             if attack in GRAPHED_ATTACKS:

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from robustfl import aggregators as agg
-from robustfl import results
+from robustfl import results, stacked
 from robustfl.attacks import ATTACKS, AttackContext, is_targeted
 from robustfl.config import RunConfig
 from robustfl.defenses import DEFENSES, NEEDS_AUX, NEEDS_ROOT, ServerContext
@@ -327,7 +327,8 @@ class Simulation:
                 backdoor_x=None if data.sets.bd_train_x is None else prepare_inputs(data.sets.bd_train_x),
                 backdoor_y=data.sets.bd_train_y, lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=self.bs,
                 num_classes=data.num_classes, defense=cfg.defense, f=cfg.n_attackers,
-                params=dict(cfg.attack_params), generator=self.g_att, device=device)
+                params=dict(cfg.attack_params), generator=self.g_att, device=device,
+                layout=self.kernels.get("conv") if self.kernels.get("conv") in stacked.LAYOUTS else None)
             crafted = self.attack_fn(ctx)
             if not isinstance(crafted, torch.Tensor) or not crafted.is_floating_point():
                 got = getattr(crafted, "dtype", type(crafted).__name__)

@@ -93,12 +93,43 @@ def test_grid_estimate_takes_crafting_aggregation_and_other_from_bench_cells(tmp
         eg.estimate(bad, {"fmnist_cnn": 2.0}, {}, pd.DataFrame(), 0.0, costs=costs)
 
 
+def test_grid_estimate_takes_crafting_for_the_cells_clients_and_attackers(tmp_path: Path) -> None:
+    """Crafting is looked up for a cell's number of clients and attackers where bench_cells measured it
+    (a later file's measurement replacing an earlier one's); a setting not measured scales the n = 10
+    measurement by attackers / shard size and is listed as scaled."""
+    eg = _load("estimate_grid")
+    row = {"dataset": "fmnist", "attack": "krum_backdoor", "agg_s_median": 0.0, "other_s_per_round": 0.0}
+    f1, f2 = tmp_path / "c0.json", tmp_path / "c1.json"
+    f1.write_text(json.dumps({"device": "X", "results": [
+        {**row, "n_attackers": 1, "attack_s_median": 0.4},
+        {**row, "n_clients": 20, "n_attackers": 6, "attack_s_median": 9.0},
+        {"dataset": "fmnist", "defense": "fedavg", "attack_s_median": 0.0, "agg_s_median": 0.0,
+         "other_s_per_round": 0.0}]}))
+    f2.write_text(json.dumps({"device": "X", "results": [{**row, "n_clients": 20, "n_attackers": 6,
+                                                          "attack_s_median": 0.5}]}))
+    cells = pd.DataFrame([{"cell_id": f"n{n}k{k}", "seeds": "0", "overrides": json.dumps(
+        {"dataset": "fmnist", "attack": "krum_backdoor", "n_clients": n, "n_attackers": k})}
+        for n, k in ((10, 1), (20, 6), (40, 4))])
+    est, summary = eg.estimate(cells, {"fmnist_cnn": 0.0}, {}, pd.DataFrame(), 0.0, costs=eg.Costs([f1, f2]))
+    per = est.set_index("cell_id")["attack_gpu_s"] / 20
+    assert per["n10k1"] == pytest.approx(0.4)
+    assert per["n20k6"] == pytest.approx(0.5)  # measured, the later file's
+    assert per["n40k4"] == pytest.approx(0.4 * 4 * 10 / 40)  # scaled: 4 attackers of a quarter-size shard
+    assert summary["inputs"]["cell_costs"]["attack_settings_scaled_not_measured"] == ["fmnist/krum_backdoor/semantic/40/4"]
+
+
 def test_bench_cells_times_every_attack_and_defense_of_the_grid() -> None:
     """bench_cells.py's job list covers every attack (with its attacker count) and defense of the paper's
     grid for each dataset asked for, and shards split it without overlap."""
     bc = _load("bench_cells")
     jobs = bc.jobs(["fmnist", "kather"])
+    scaling = [j for j in jobs if "n_clients" in j]  # fmnist's study of the number of clients and attackers
+    assert {(j["n_clients"], j["n_attackers"]) for j in scaling} == {
+        (20, 1), (20, 2), (20, 3), (20, 4), (20, 5), (20, 6), (30, 3), (40, 4), (50, 5)}
+    assert all(j["dataset"] == "fmnist" and j["attack"] == "krum_backdoor" for j in scaling)
+    jobs = [j for j in jobs if "n_clients" not in j]
     assert len(jobs) == 2 * (7 + 7)
+    assert all("defense" not in j for j in bc.jobs(["kather"], attacks_only=True))
     assert {(j["attack"], j.get("backdoor", "semantic")) for j in jobs if "attack" in j} == {
         ("krum_backdoor", "semantic"), ("krum_backdoor", "trojan"), ("median_backdoor", "semantic"),
         ("median_backdoor", "trojan"),

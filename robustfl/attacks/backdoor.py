@@ -467,6 +467,8 @@ def craft_alternating(ctx: AttackContext, opts: Mapping[str, Any],
     ``extra_loss_for(i, x_own, y_own, ref_delta, gen)`` may supply an extra stealth loss per attacker."""
     check_context(ctx)
     gens = attacker_generators(ctx)
+    if vectorised_layout(ctx) is not None and extra_loss_for is None:
+        return _craft_alternating_many(ctx, opts, gens)
     rows: list[torch.Tensor] = []
     for i, ((x_own, y_own), gen) in enumerate(zip(ctx.attacker_data, gens)):
         if opts["share"] and rows:  # the code's mal_agent_copy: all attackers send attacker 0's update
@@ -481,6 +483,61 @@ def craft_alternating(ctx: AttackContext, opts: Mapping[str, Any],
             batch_size=opts["batch_size"], generator=gen, device=ctx.device, dist=opts["dist"],
             order=opts["order"], extra_loss=extra))
     return torch.stack(rows) if rows else ctx.global_flat.new_zeros(0, ctx.global_flat.numel())
+
+
+#: craft with :mod:`robustfl.attacks.vectorised` (all attackers at once on the stacked engine) where the
+#: context names a layout (the simulator passes its engine's on CUDA); False: one model at a time
+ATTACK_STACKED = True
+
+
+def vectorised_layout(ctx: AttackContext) -> str | None:
+    """The stacked layout to craft with, or None for the single-model loops."""
+    from robustfl import stacked
+
+    if not ATTACK_STACKED or ctx.layout is None or not stacked.supports(ctx.model):
+        return None
+    if ctx.layout not in stacked.LAYOUTS:
+        raise ValueError(f"AttackContext.layout must be None or one of {stacked.LAYOUTS}, got {ctx.layout!r}")
+    return ctx.layout
+
+
+def _crafters(ctx: AttackContext, opts: Mapping[str, Any]) -> int:
+    """How many attackers craft: all, or with ``share`` attacker 0 alone (the others send copies)."""
+    return min(1, ctx.n_attackers) if opts["share"] else ctx.n_attackers
+
+
+def _copies(rows: torch.Tensor, n: int) -> torch.Tensor:
+    return rows if len(rows) == n else rows[:1].expand(n, -1).clone()
+
+
+def _benign_many(ctx: AttackContext, opts: Mapping[str, Any], gens: list[torch.Generator]) -> torch.Tensor:
+    """:func:`benign_update` of the first ``len(gens)`` attackers at once (the stacked engine)."""
+    from robustfl.attacks.vectorised import alternating_minimisation_many
+
+    k = len(gens)
+    return alternating_minimisation_many(
+        ctx.model, ctx.global_flat, ctx.attacker_data[:k], ctx.backdoor_x[:0], ctx.backdoor_y[:0], None,
+        boost=0.0, rho=0.0, generators=gens, layout=vectorised_layout(ctx), benign_epochs=opts["self_epochs"],
+        mal_steps=0, lr=opts["lr"], batch_size=opts["batch_size"])
+
+
+def _craft_alternating_many(ctx: AttackContext, opts: Mapping[str, Any], gens: list[torch.Generator]) -> torch.Tensor:
+    """:func:`craft_alternating` without an extra loss, all crafting attackers at once."""
+    from robustfl.attacks.vectorised import alternating_minimisation_many
+
+    k = _crafters(ctx, opts)
+    gens = gens[:k]
+    if opts["stealth_ref"] == "self":
+        refs = _benign_many(ctx, opts, gens)
+    else:
+        refs = mean_benign_delta(ctx).expand(k, -1)
+    rows = alternating_minimisation_many(
+        ctx.model, ctx.global_flat, ctx.attacker_data[:k], ctx.backdoor_x, ctx.backdoor_y, refs,
+        boost=opts["boost"], rho=opts["rho"], generators=gens, layout=vectorised_layout(ctx),
+        benign_epochs=opts["benign_epochs"], ls=opts["ls"], mal_steps=opts["mal_steps"],
+        iterations=opts["iterations"], lr=opts["lr"], batch_size=opts["batch_size"], dist=opts["dist"],
+        order=opts["order"])
+    return _copies(rows, ctx.n_attackers)
 
 
 @register_attack("krum_backdoor", targeted=True)
@@ -498,6 +555,19 @@ def median_backdoor(ctx: AttackContext) -> torch.Tensor:
     check_context(ctx)
     opts = resolve_options(ctx)
     gens = attacker_generators(ctx)
+    if vectorised_layout(ctx) is not None:
+        from robustfl.attacks.vectorised import explicit_boosting_many
+
+        k = _crafters(ctx, opts)
+        deltas, infos = explicit_boosting_many(
+            ctx.model, ctx.global_flat, ctx.backdoor_x, ctx.backdoor_y, boost=opts["boost"], generators=gens[:k],
+            layout=vectorised_layout(ctx), min_steps=int(opts["min_steps"]), tol=float(opts["tol"]),
+            max_steps=int(opts["max_steps"]), check_every=int(opts["check_every"]), lr=opts["lr"])
+        if opts["add_benign"]:
+            deltas = deltas + _benign_many(ctx, opts, gens[:k])
+        for info in infos:
+            log.debug("median_backdoor: %d steps, backdoor loss %.3g before boosting", info["steps"], info["mal_loss"])
+        return _copies(deltas, ctx.n_attackers)
     rows: list[torch.Tensor] = []
     for (x_own, y_own), gen in zip(ctx.attacker_data, gens):
         if opts["share"] and rows:

@@ -1,0 +1,266 @@
+"""Bhagoji et al.'s two crafting loops (:mod:`robustfl.attacks.backdoor`) for all attackers of a round
+at once, on the stacked engine (:mod:`robustfl.stacked`) that trains the benign clients.
+
+:func:`robustfl.attacks.backdoor.alternating_minimisation` and
+:func:`~robustfl.attacks.backdoor.explicit_boosting` optimise one model at a time through PyTorch's
+layers (cuDNN, cuBLAS). Here the k attackers' weights are the rows of one ``(k, d)`` matrix: every
+step is one stacked forward and backward pass (each attacker on its own mini-batch, or all on the
+backdoor set) and one Adam step over the matrix (:func:`robustfl.train.adam_step`, whose per-row
+``active`` flag leaves an attacker untouched once its own loop has ended). The arithmetic of each
+row is the single-model loop's (Eq. 7; tests/test_attacks_backdoor.py compares the two on the CPU
+with dropout off); what differs:
+
+* each attacker's mini-batches are drawn from its own generator exactly as the single-model loop
+  draws them, but the dropout masks of all attackers come from one stream, seeded by the first
+  attacker's generator (a mask is random either way; its distribution is the same);
+* a partial mini-batch is padded to the batch size with a zero mask (the same mean cross-entropy);
+* attackers with shorter shards stop iterating when their own iterations run out (inactive rows).
+
+On CUDA the step is captured as a CUDA graph (as the single-model loops are) and replayed.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustfl import stacked
+from robustfl.attacks import backdoor as bd
+from robustfl.params import ParamSpec
+from robustfl.train import _capture, adam_step
+from robustfl.train import prepare_inputs as _as_input
+
+
+def rows_distance(v: torch.Tensor, form: str) -> torch.Tensor:
+    """Eq. (7)'s distance of every row of ``v (k, d)``: ``||v_i||_2`` (``"norm"``) or
+    ``0.5 ||v_i||_2^2`` (``"sq"``), as :func:`robustfl.attacks.backdoor._distance` for one row."""
+    sq = v.pow(2).sum(1)
+    return torch.sqrt(sq + bd._NORM_EPS) if form == "norm" else 0.5 * sq
+
+
+def _row_ce(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+            mask: torch.Tensor, layout: str) -> torch.Tensor:
+    """Each model's mean cross-entropy over its real samples, ``(k,)``: model i (``params[.][i]``) on
+    ``x[i] (B, C, H, W)`` with labels ``y[i]`` and ``mask[i]`` (as :func:`robustfl.train.masked_ce`)."""
+    logits = stacked.stacked_logits(model, params, x, layout=layout).float()
+    ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view_as(mask)
+    return (ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def _seed_dropout(model: nn.Module, generators: Sequence[torch.Generator]):  # noqa: ANN202
+    """:func:`robustfl.attacks.backdoor._training_mode` for k attackers: each generator gives up the
+    one seed it gives in the single-model loop (so their mini-batch streams stay the same); the first
+    seeds the dropout of all."""
+    seeds = [int(torch.randint(0, 2**62, (1,), generator=g)) for g in generators]
+    return bd._training_mode(model, torch.Generator().manual_seed(seeds[0]))
+
+
+def _schedule(sizes: Sequence[int], generators: Sequence[torch.Generator], batches: Sequence[int],
+              batch_size: int, ls: int, offsets: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All mini-batches of all iterations, drawn up front in the order the single-model loop draws them
+    (:func:`robustfl.attacks.backdoor._batches`): ``idx (T, ls, k, B)`` into the attackers' concatenated
+    shards, ``mask (T, ls, k, B)`` and ``live (T, k)`` (attacker i iterates ``batches[i] / ls`` times)."""
+    k, t_max = len(sizes), max(batches) // ls
+    idx = torch.zeros(t_max, ls, k, batch_size, dtype=torch.long)
+    mask = torch.zeros(t_max, ls, k, batch_size)
+    live = torch.zeros(t_max, k)
+    for i, (n, g, nb) in enumerate(zip(sizes, generators, batches)):
+        stream = bd._batches(n, batch_size, g, torch.device("cpu"))
+        for s in range(nb):
+            b = next(stream)
+            idx[s // ls, s % ls, i, : len(b)] = b + offsets[i]
+            idx[s // ls, s % ls, i, len(b):] = offsets[i]  # padding reads the attacker's own first sample
+            mask[s // ls, s % ls, i, : len(b)] = 1.0
+        live[: nb // ls, i] = 1.0
+    return idx, mask, live
+
+
+def _use_graph(device: torch.device, steps: int, cuda_graph: bool | None) -> bool:
+    if cuda_graph is None:
+        return bd.ATTACK_CUDA_GRAPH and device.type == "cuda" and steps >= bd.GRAPH_MIN_ITERATIONS
+    return bool(cuda_graph)
+
+
+def alternating_minimisation_many(
+    model: nn.Module, theta_flat: torch.Tensor, owns: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    x_bd: torch.Tensor, y_bd: torch.Tensor, ref_deltas: torch.Tensor | None, *, boost: float, rho: float,
+    generators: Sequence[torch.Generator], layout: str, benign_epochs: float = 2.0, ls: int = 1,
+    mal_steps: int = 1, iterations: int | None = None, lr: float = 1e-3, batch_size: int = 64,
+    dist: str = "norm", order: str = "benign_first", cuda_graph: bool | None = None,
+) -> torch.Tensor:
+    """:func:`robustfl.attacks.backdoor.alternating_minimisation` (Eq. 7 with explicit boosting) for
+    ``k = len(owns)`` attackers at once; attacker i trains on its shard ``owns[i]``, pulled towards
+    ``theta + ref_deltas[i]`` (``None``: theta), with its mini-batches drawn from ``generators[i]``.
+    Returns the updates ``(k, d)``. ``layout``: a :data:`robustfl.stacked.LAYOUTS` name."""
+    if dist not in ("norm", "sq") or order not in ("benign_first", "mal_first"):
+        raise ValueError(f"bad dist {dist!r} or order {order!r}")
+    if layout not in stacked.LAYOUTS:
+        raise ValueError(f"layout must be one of {stacked.LAYOUTS}, got {layout!r}")
+    k = len(owns)
+    if len(generators) != k:
+        raise ValueError(f"{len(generators)} generators for {k} attackers")
+    device = theta_flat.device
+    spec = ParamSpec(model)
+    theta = theta_flat.detach().to(device=device, dtype=torch.float32)
+    d = theta.numel()
+    if k == 0:
+        return theta.new_zeros(0, d)
+    xs = [_as_input(x.to(device)) for x, _ in owns]
+    sizes = [len(y) for _, y in owns]
+    if min(sizes) == 0:
+        raise ValueError("an attacker's shard is empty")
+    x_all, y_all = torch.cat(xs), torch.cat([y.to(device) for _, y in owns])
+    offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]
+    x_bd, y_bd = _as_input(x_bd.to(device)), y_bd.to(device)
+    ref = theta.expand(k, d) if ref_deltas is None else theta + ref_deltas.detach().to(theta).view(k, d)
+    shape = x_all.shape[1:]
+    steps = [max(1, round(benign_epochs * math.ceil(n / batch_size))) for n in sizes]
+    n_iter = [math.ceil(s / ls) if iterations is None else int(iterations) for s in steps]
+    do_mal = mal_steps > 0 and len(y_bd) > 0
+    xb_bd = x_bd.unsqueeze(0).expand(k, *x_bd.shape).contiguous()
+    yb_bd, mb_bd = y_bd.expand(k, -1), torch.ones(k, len(y_bd), device=device)
+
+    w = theta.expand(k, d).clone()
+    ben_state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(k, device=device))
+    mal_state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(k, device=device))
+    s_idx = torch.zeros(ls, k, batch_size, dtype=torch.long, device=device)
+    s_mask = torch.zeros(ls, k, batch_size, device=device)
+    s_live = torch.zeros(k, device=device)
+    flag = torch.empty(k, device=device)
+
+    def loss_grad(loss_fn) -> torch.Tensor:  # noqa: ANN001
+        leaf = w.detach().requires_grad_(True)
+        return torch.autograd.grad(loss_fn(leaf, spec.unflatten(leaf)), leaf)[0]
+
+    def stealth(j: int) -> None:
+        flat_idx = s_idx[j].reshape(-1)
+        xb, yb = x_all[flat_idx].view(k, batch_size, *shape), y_all[flat_idx].view(k, batch_size)
+
+        def loss_fn(flat: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+            loss = _row_ce(model, params, xb, yb, s_mask[j], layout).sum()
+            if rho > 0:
+                loss = loss + rho * rows_distance(flat - ref, dist).sum()
+            return loss
+        adam_step([w], [loss_grad(loss_fn)], [ben_state[0]], [ben_state[1]], ben_state[2], s_live, lr)
+
+    def malicious() -> None:
+        active = s_live
+        for _ in range(mal_steps):
+            def loss_fn(flat: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+                rows = _row_ce(model, params, xb_bd, yb_bd, mb_bd, layout)
+                flag.copy_((rows > 0.0).float())  # NaN or 0 -> skip, per attacker
+                return rows.sum()
+            g = loss_grad(loss_fn)
+            active = active * flag
+            g = torch.where(active.bool().unsqueeze(1), g, 0.0)
+            start = w.clone()
+            adam_step([w], [g], [mal_state[0]], [mal_state[1]], mal_state[2], active, lr)
+            w.copy_(start + boost * (w - start))
+
+    def iteration() -> None:
+        if order == "mal_first" and do_mal:
+            malicious()
+        for j in range(ls):
+            stealth(j)
+        if order == "benign_first" and do_mal:
+            malicious()
+
+    with _seed_dropout(model, generators):
+        idx, mask, live = _schedule(sizes, generators, [t * ls for t in n_iter], batch_size, ls, offsets)
+        idx, mask, live = idx.to(device), mask.to(device), live.to(device)
+
+        def load(t: int) -> None:
+            s_idx.copy_(idx[t])
+            s_mask.copy_(mask[t])
+            s_live.copy_(live[t])
+
+        graph = None
+        if _use_graph(device, len(live), cuda_graph):
+            load(0)
+            saved = [t.clone() for t in (w, *ben_state, *mal_state)]
+            graph, _ = _capture(iteration)  # the warm-up calls step w and the Adam states: restore them
+            for t, v in zip((w, *ben_state, *mal_state), saved):
+                t.copy_(v)
+        for t in range(len(live)):
+            load(t)
+            if graph is not None:
+                graph.replay()
+            else:
+                iteration()
+    return w - theta
+
+
+def explicit_boosting_many(
+    model: nn.Module, theta_flat: torch.Tensor, x_bd: torch.Tensor, y_bd: torch.Tensor, *, boost: float,
+    generators: Sequence[torch.Generator], layout: str, min_steps: int = 2, tol: float = 1e-6,
+    max_steps: int = 1000, check_every: int = 1, lr: float = 1e-3, cuda_graph: bool | None = None,
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """:func:`robustfl.attacks.backdoor.explicit_boosting` for ``k = len(generators)`` attackers at once:
+    every attacker takes full-batch Adam steps on the backdoor set from ``theta`` until its own loss is
+    ``<= tol`` (read every ``check_every`` steps, after at least ``min_steps``) or ``max_steps``; then
+    its row stops (its last step undone, as the single loop does not take it). Returns
+    ``(boost * (w - theta) (k, d), [{"steps", "mal_loss"}] * k)``."""
+    if layout not in stacked.LAYOUTS:
+        raise ValueError(f"layout must be one of {stacked.LAYOUTS}, got {layout!r}")
+    k = len(generators)
+    device = theta_flat.device
+    spec = ParamSpec(model)
+    theta = theta_flat.detach().to(device=device, dtype=torch.float32)
+    d = theta.numel()
+    if k == 0:
+        return theta.new_zeros(0, d), []
+    x_bd, y_bd = _as_input(x_bd.to(device)), y_bd.to(device)
+    xb = x_bd.unsqueeze(0).expand(k, *x_bd.shape).contiguous()
+    yb, mb = y_bd.expand(k, -1), torch.ones(k, len(y_bd), device=device)
+    w = theta.expand(k, d).clone()
+    state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(k, device=device))
+    w_prev = torch.empty_like(w)
+    loss_t = torch.zeros(k, device=device)
+    running = torch.ones(k, device=device)
+
+    def step_fn() -> None:
+        w_prev.copy_(w)
+        leaf = w.detach().requires_grad_(True)
+        rows = _row_ce(model, spec.unflatten(leaf), xb, yb, mb, layout)
+        (g,) = torch.autograd.grad(rows.sum(), leaf)
+        loss_t.copy_(rows.detach())
+        adam_step([w], [g], [state[0]], [state[1]], state[2], running, lr)
+
+    use_graph = _use_graph(device, max_steps, cuda_graph)
+    loss_val, steps = [float("inf")] * k, [float(max_steps)] * k
+    live = set(range(k))
+    step, graph = 0, None
+    with _seed_dropout(model, generators):
+        while step < max_steps and live:
+            if use_graph and graph is None and step >= bd.GRAPH_MIN_ITERATIONS:
+                saved = [t.clone() for t in (w, *state)]
+                graph, _ = _capture(step_fn)
+                for t, v in zip((w, *state), saved):
+                    t.copy_(v)
+            if graph is None:
+                step_fn()
+            else:
+                graph.replay()
+            if step % check_every == 0:
+                vals = loss_t.tolist()
+                for i in live:
+                    loss_val[i] = vals[i]
+            stop = sorted(i for i in live if step >= min_steps and loss_val[i] <= tol)
+            if stop:  # these rows stop before this step's update
+                rows = torch.tensor(stop, device=device)
+                w[rows] = w_prev[rows]
+                running[rows] = 0.0
+                for i in stop:
+                    steps[i] = float(step)
+                live -= set(stop)
+            step += 1
+        if live:  # max_steps reached: the loss of the weights they stopped at (logged, as the single loop)
+            with torch.no_grad():
+                vals = _row_ce(model, spec.unflatten(w), xb, yb, mb, layout).tolist()
+            for i in live:
+                loss_val[i] = vals[i]
+                bd.log.debug("explicit_boosting: stopped at max_steps=%d with backdoor loss %.3g", max_steps, vals[i])
+    return boost * (w - theta), [{"steps": s, "mal_loss": v} for s, v in zip(steps, loss_val)]

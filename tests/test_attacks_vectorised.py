@@ -1,0 +1,212 @@
+"""The backdoor attackers' crafting for all attackers at once on the stacked engine
+(robustfl.attacks.vectorised) against the single-model loops of robustfl.attacks.backdoor, which
+tests/test_attacks_backdoor.py checks against the plain two-optimiser loop. CPU, scikit-learn's
+digits, the digits CNN without dropout (so both draw nothing at random but the mini-batches, which
+they draw alike); on a GPU also the paper's fmnist network through the Triton layout."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustfl import data, experiment
+from robustfl.attacks import ATTACKS
+from robustfl.attacks import backdoor as bd
+from robustfl.attacks import vectorised as vec
+from robustfl.attacks.base import AttackContext
+from robustfl.config import RunConfig
+from robustfl.data import load_prepared
+from robustfl.models import build_model
+from robustfl.params import ParamSpec, model_to_flat
+from robustfl.simulate import Simulation
+
+BATCH, TARGET = 32, 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Three attackers with shards of 250, 350 and 90 samples (8, 11 and 3 mini-batches an epoch, each
+    epoch ending on a partial batch), a 10-image backdoor set, a benign mean update."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    d = sklearn_datasets.load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 10, 1)
+    theta = model_to_flat(model)
+    shards = [torch.arange(0, 250), torch.arange(250, 600), torch.arange(600, 690)]
+    src = (y[1000:] == 4).nonzero().squeeze(1)[:10] + 1000
+    return {"model": model, "theta": theta, "x": x, "y": y, "shards": shards,
+            "bd_x": x[src], "bd_y": torch.full((10,), TARGET), "ben": 1e-3 * torch.randn(5, theta.numel())}
+
+
+def _ctx(s, layout, params=None, n=3, seed=5):
+    return AttackContext(
+        model=s["model"], global_flat=s["theta"], benign_updates=s["ben"], n_attackers=n, n_clients=n + 5, round=0,
+        attacker_data=[(s["x"][sh], s["y"][sh]) for sh in s["shards"][:n]], backdoor_x=s["bd_x"],
+        backdoor_y=s["bd_y"], batch_size=BATCH, params=dict(params or {}),
+        generator=torch.Generator().manual_seed(seed), layout=layout)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> None:
+    assert want.norm() > 1e-3
+    for g, w in zip(got, want):  # every attacker's row, not just the stack
+        assert ((g - w).norm() / w.norm()).item() < tol
+
+
+@pytest.mark.parametrize("layout", ["grouped", "loop"])
+@pytest.mark.parametrize("name,params", [
+    ("krum_backdoor", {}),
+    ("krum_backdoor", {"ls": 2, "mal_steps": 2, "order": "mal_first", "dist": "sq", "rho": 0.5, "boost": 4.0}),
+    ("krum_backdoor", {"variant": "code", "self_epochs": 1}),
+    ("krum_backdoor", {"stealth_ref": "self", "self_epochs": 1.5}),
+    ("median_backdoor", {"max_steps": 40, "tol": -1.0}),
+    ("median_backdoor", {"max_steps": 200, "tol": 0.02}),
+    ("median_backdoor", {"max_steps": 60, "tol": 0.05, "add_benign": True, "check_every": 7}),
+])
+def test_stacked_crafting_equals_one_attacker_at_a_time(setup, layout, name, params):
+    """The registered attacks with a stacked layout in the context give every attacker the update the
+    single-model loop gives it (same shards, generators and options; the shards differ in size)."""
+    want = ATTACKS.get(name)(_ctx(setup, None, params))
+    got = ATTACKS.get(name)(_ctx(setup, layout, params))
+    assert got.shape == want.shape == (3, setup["theta"].numel())
+    _close(got, want)
+
+
+def test_explicit_boosting_many_stops_each_attacker_where_the_single_loop_does(setup):
+    """Per-attacker stopping: the stacked loop reports the single loop's step count and loss for every
+    attacker, also when they converge at different steps (different starting models here)."""
+    s = setup
+    spec = ParamSpec(s["model"])
+    params = {k: v.clone() for k, v in spec.unflatten(s["theta"]).items()}
+    params[[k for k in spec.names if k.endswith("bias")][-1]][TARGET] = 4.0  # a head start on the target
+    kw = dict(boost=5.0, tol=0.02, max_steps=300, lr=1e-3)
+    want = [bd.explicit_boosting(s["model"], th, s["bd_x"], s["bd_y"], generator=torch.Generator().manual_seed(i), **kw)
+            for i, th in enumerate([s["theta"], spec.flatten(params)])]
+    assert want[0][1]["steps"] != want[1][1]["steps"]
+    for i, th in enumerate([s["theta"], spec.flatten(params)]):
+        got, info = vec.explicit_boosting_many(s["model"], th, s["bd_x"], s["bd_y"], layout="grouped",
+                                               generators=[torch.Generator().manual_seed(i)], **kw)
+        _close(got, want[i][0][None])
+        assert info[0]["steps"] == want[i][1]["steps"]
+        assert info[0]["mal_loss"] == pytest.approx(want[i][1]["mal_loss"], rel=1e-4)
+
+
+def test_an_attacker_certain_of_the_backdoor_label_skips_its_malicious_steps(setup):
+    """Backdoor loss exactly 0 for the model: the stacked loop skips the boosted step on device, per row,
+    as the single loop does; the result is honest training of the stealth objective."""
+    s = setup
+    spec = ParamSpec(s["model"])
+    params = {k: v.clone() for k, v in spec.unflatten(s["theta"]).items()}
+    params[[k for k in spec.names if k.endswith("bias")][-1]][TARGET] = 1e4
+    theta = spec.flatten(params)
+    owns = [(s["x"][sh], s["y"][sh]) for sh in s["shards"][:2]]
+    kw = dict(boost=50.0, rho=0.0, mal_steps=2, iterations=3, batch_size=BATCH)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    got = vec.alternating_minimisation_many(s["model"], theta, owns, s["bd_x"], s["bd_y"], None, generators=gens(),
+                                            layout="grouped", **kw)
+    honest = vec.alternating_minimisation_many(s["model"], theta, owns, s["bd_x"], s["bd_y"], None,
+                                               generators=gens(), layout="grouped", **{**kw, "mal_steps": 0})
+    torch.testing.assert_close(got, honest, rtol=0, atol=0)
+    want = torch.stack([bd.alternating_minimisation(s["model"], theta, x, y, s["bd_x"], s["bd_y"], None, generator=g, **kw)
+                        for (x, y), g in zip(owns, gens())])
+    _close(got, want)
+
+
+@pytest.mark.parametrize("name", ["krum_backdoor", "median_backdoor"])
+def test_stacked_attackers_read_only_their_own_shard(setup, name):
+    """NaN in attacker 1's shard (and the template's parameters) leaves attacker 0's row bit-identical in
+    the stacked computation; attacker 1's own row is poisoned where it trains on the shard."""
+    s = setup
+    clean = ATTACKS.get(name)(_ctx(s, "grouped", {"max_steps": 30}, n=2))
+    ctx = _ctx(s, "grouped", {"max_steps": 30}, n=2)
+    ctx.attacker_data[1] = (torch.full_like(ctx.attacker_data[1][0], float("nan")), ctx.attacker_data[1][1])
+    model = build_model("digits_cnn", 10, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    ctx.model = model
+    poisoned = ATTACKS.get(name)(ctx)
+    assert torch.equal(poisoned[0], clean[0])
+    if name == "median_backdoor":
+        assert torch.equal(poisoned[1], clean[1])
+    else:
+        assert not torch.isfinite(poisoned[1]).all()
+
+
+def test_deterministic_and_leaves_global_rng_alone(setup):
+    state = torch.random.get_rng_state()
+    a = ATTACKS.get("krum_backdoor")(_ctx(setup, "grouped", {"iterations": 3}, seed=11))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = ATTACKS.get("krum_backdoor")(_ctx(setup, "grouped", {"iterations": 3}, seed=11))
+    c = ATTACKS.get("krum_backdoor")(_ctx(setup, "grouped", {"iterations": 3}, seed=12))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_bad_layout_and_switch(setup, monkeypatch):
+    with pytest.raises(ValueError, match="layout"):
+        ATTACKS.get("krum_backdoor")(_ctx(setup, "cudnn", {"iterations": 1}))
+    calls = []
+    monkeypatch.setattr(vec, "alternating_minimisation_many", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(bd, "ATTACK_STACKED", False)  # the switch: single-model loops even with a layout
+    out = ATTACKS.get("krum_backdoor")(_ctx(setup, "grouped", {"iterations": 1}))
+    assert out.shape[0] == 3 and not calls
+
+
+def test_the_simulator_crafts_on_its_engine_layout(tmp_path: Path, monkeypatch):
+    """A run on the vectorised engine with a stacked layout hands that layout to the attack; the
+    sequential engine hands none."""
+    prepared = data.prepare("digits", {}, tmp_path / "digits")
+    seen = []
+    real = bd.vectorised_layout
+    monkeypatch.setattr(bd, "vectorised_layout", lambda ctx: seen.append(ctx.layout) or real(ctx))
+    for engine, conv in (("vectorised", "grouped"), ("sequential", "auto")):
+        cfg = RunConfig(dataset="digits", rounds=1, local_epochs=1, batch_size=32, engine=engine, conv=conv,
+                        attack="krum_backdoor", n_attackers=1, attack_params={"iterations": 2})
+        part = tmp_path / f"{experiment.partition_key(cfg)}.npz"
+        if not part.exists():
+            experiment.build_partition(prepared, cfg, part)
+        run_data, _ = experiment._setup(cfg, load_prepared(prepared), part, torch.device("cpu"), {})
+        sim = Simulation(cfg, run_data, tmp_path / engine, None, torch.device("cpu"))
+        sim.step(sim.train_benign(), 0.0)
+    assert seen[0] == "grouped" and seen[-1] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attack", ["alternating", "boosting"])
+def test_triton_layout_crafting_matches_single_model_on_the_gpu(attack):
+    """The paper's fmnist network (dropout off) on random fmnist-shaped shards, two attackers: the
+    Triton layout's stacked crafting against the single-model loops through cuDNN, both with TF32
+    convolutions (PyTorch's default), so equal up to TF32 rounding amplified by Adam."""
+    from robustfl.train import triton_ready
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model("fmnist_cnn", 10, 1, dropout=False).to(dev)
+    if not triton_ready(model):
+        pytest.skip("Triton is not installed")
+    theta = model_to_flat(model)
+    owns = [(torch.randint(0, 256, (n, 28, 28, 1), dtype=torch.uint8, device=dev),
+             torch.randint(0, 10, (n,), device=dev)) for n in (640, 300)]
+    xb = torch.randint(0, 256, (100, 28, 28, 1), dtype=torch.uint8, device=dev)
+    yb = torch.full((100,), TARGET, device=dev)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    if attack == "alternating":
+        kw = dict(boost=10.0, rho=1e-4, benign_epochs=1.0, batch_size=64)
+        got = vec.alternating_minimisation_many(model, theta, owns, xb, yb, None, generators=gens(), layout="triton", **kw)
+        want = torch.stack([bd.alternating_minimisation(model, theta, x, y, xb, yb, None, generator=g, **kw)
+                            for (x, y), g in zip(owns, gens())])
+    else:
+        kw = dict(boost=10.0, max_steps=40, tol=-1.0)
+        got, _ = vec.explicit_boosting_many(model, theta, xb, yb, generators=gens(), layout="triton", **kw)
+        want = torch.stack([bd.explicit_boosting(model, theta, xb, yb, generator=g, **kw)[0] for g in gens()])
+    _close(got, want, tol=2e-2)
