@@ -30,7 +30,7 @@ from torch import nn
 from robustfl import stacked
 from robustfl.attacks import backdoor as bd
 from robustfl.params import ParamSpec
-from robustfl.train import _capture, adam_step
+from robustfl.train import ADAM_BETAS, ADAM_EPS, _capture, adam_step
 from robustfl.train import prepare_inputs as _as_input
 
 
@@ -39,6 +39,47 @@ def rows_distance(v: torch.Tensor, form: str) -> torch.Tensor:
     ``0.5 ||v_i||_2^2`` (``"sq"``), as :func:`robustfl.attacks.backdoor._distance` for one row."""
     sq = v.pow(2).sum(1)
     return torch.sqrt(sq + bd._NORM_EPS) if form == "norm" else 0.5 * sq
+
+
+def _rows_distance_grad(v: torch.Tensor, form: str) -> torch.Tensor:
+    """The gradient of :func:`rows_distance` with respect to ``v``: ``v_i / sqrt(||v_i||^2 + eps)`` (``"norm"``)
+    or ``v_i`` (``"sq"``), analytic instead of through autograd (three passes over ``(k, d)``, not six)."""
+    if form == "sq":
+        return v
+    return v * torch.rsqrt(v.pow(2).sum(1, keepdim=True) + bd._NORM_EPS)
+
+
+#: on CUDA, :func:`adam_rows` runs PyTorch's fused Adam kernel once per attacker, skipping an inactive
+#: attacker through its ``found_inf`` flag (robustfl.train.adam_step's arithmetic in one pass)
+FUSED_ADAM_CUDA = True
+
+
+def adam_rows(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
+              active: torch.Tensor, lr: float, *, fused: bool | None = None) -> None:
+    """:func:`robustfl.train.adam_step` on the rows of ``w (k, d)``: row i steps (its own count
+    ``step[i]``) where ``active[i]`` is 1 and is left untouched, gradient unread, where it is 0.
+    ``fused`` (default: on CUDA) runs the fused kernel per row."""
+    if fused is None:
+        fused = FUSED_ADAM_CUDA and w.is_cuda
+    if not fused:
+        adam_step([w], [torch.where(active.bool().unsqueeze(1), g, 0.0)], [m], [v], step, active, lr)
+        return
+    step += active
+    skip = 1.0 - active
+    b1, b2 = ADAM_BETAS
+    for i in range(len(w)):
+        torch._fused_adam_([w[i]], [g[i]], [m[i]], [v[i]], [], [step[i]], lr=lr, beta1=b1, beta2=b2,
+                           weight_decay=0.0, eps=ADAM_EPS, amsgrad=False, maximize=False, found_inf=skip[i])
+
+
+def _flat_grad(spec: ParamSpec, w: torch.Tensor, loss_fn) -> torch.Tensor:  # noqa: ANN001
+    """The gradient ``(k, d)`` of ``loss_fn(params)`` at the weights ``w (k, d)``: one leaf per parameter
+    (views of ``w``), their gradients concatenated (a gradient taken with respect to ``w`` itself would
+    reach it through one full-size zero-filled tensor per parameter)."""
+    views = spec.unflatten(w.detach())
+    leaves = [views[n].requires_grad_() for n in spec.names]
+    grads = torch.autograd.grad(loss_fn(dict(zip(spec.names, leaves))), leaves)
+    return torch.cat([g.reshape(len(w), -1) for g in grads], 1)
 
 
 def _row_ce(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -131,34 +172,26 @@ def alternating_minimisation_many(
     s_live = torch.zeros(k, device=device)
     flag = torch.empty(k, device=device)
 
-    def loss_grad(loss_fn) -> torch.Tensor:  # noqa: ANN001
-        leaf = w.detach().requires_grad_(True)
-        return torch.autograd.grad(loss_fn(leaf, spec.unflatten(leaf)), leaf)[0]
-
     def stealth(j: int) -> None:
         flat_idx = s_idx[j].reshape(-1)
         xb, yb = x_all[flat_idx].view(k, batch_size, *shape), y_all[flat_idx].view(k, batch_size)
-
-        def loss_fn(flat: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-            loss = _row_ce(model, params, xb, yb, s_mask[j], layout).sum()
-            if rho > 0:
-                loss = loss + rho * rows_distance(flat - ref, dist).sum()
-            return loss
-        adam_step([w], [loss_grad(loss_fn)], [ben_state[0]], [ben_state[1]], ben_state[2], s_live, lr)
+        g = _flat_grad(spec, w, lambda params: _row_ce(model, params, xb, yb, s_mask[j], layout).sum())
+        if rho > 0:  # Eq. (7)'s distance term, differentiated by hand
+            g.add_(_rows_distance_grad(w - ref, dist), alpha=rho)
+        adam_rows(w, g, *ben_state, s_live, lr)
 
     def malicious() -> None:
         active = s_live
         for _ in range(mal_steps):
-            def loss_fn(flat: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+            def loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
                 rows = _row_ce(model, params, xb_bd, yb_bd, mb_bd, layout)
                 flag.copy_((rows > 0.0).float())  # NaN or 0 -> skip, per attacker
                 return rows.sum()
-            g = loss_grad(loss_fn)
+            g = _flat_grad(spec, w, loss_fn)
             active = active * flag
-            g = torch.where(active.bool().unsqueeze(1), g, 0.0)
             start = w.clone()
-            adam_step([w], [g], [mal_state[0]], [mal_state[1]], mal_state[2], active, lr)
-            w.copy_(start + boost * (w - start))
+            adam_rows(w, g, *mal_state, active, lr)
+            w.sub_(start).mul_(boost).add_(start)  # start + boost * (w - start), in place
 
     def iteration() -> None:
         if order == "mal_first" and do_mal:
@@ -223,11 +256,12 @@ def explicit_boosting_many(
 
     def step_fn() -> None:
         w_prev.copy_(w)
-        leaf = w.detach().requires_grad_(True)
-        rows = _row_ce(model, spec.unflatten(leaf), xb, yb, mb, layout)
-        (g,) = torch.autograd.grad(rows.sum(), leaf)
-        loss_t.copy_(rows.detach())
-        adam_step([w], [g], [state[0]], [state[1]], state[2], running, lr)
+
+        def loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            rows = _row_ce(model, params, xb, yb, mb, layout)
+            loss_t.copy_(rows.detach())
+            return rows.sum()
+        adam_rows(w, _flat_grad(spec, w, loss_fn), *state, running, lr)
 
     use_graph = _use_graph(device, max_steps, cuda_graph)
     loss_val, steps = [float("inf")] * k, [float(max_steps)] * k
