@@ -271,9 +271,14 @@ def alternating_minimisation(
     stream = _batches(n_own, batch_size, gen, device)
 
     def loss_grad(loss_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
-        leaf = w.detach().view(-1).requires_grad_(True)  # the current weights, as a constant
-        loss = loss_fn(leaf, spec.unflatten(leaf))
-        return torch.autograd.grad(loss, leaf)[0].view(1, -1)
+        # the current weights, as constants: one leaf per parameter (a gradient taken with respect to the
+        # flat vector would reach it through a zero-filled full-size tensor per parameter), and the flat
+        # vector for the distance term rebuilt from them
+        views = spec.unflatten(w.detach().view(-1))
+        leaves = [views[n].requires_grad_() for n in spec.names]
+        flat = torch.cat([t.reshape(-1) for t in leaves])
+        grads = torch.autograd.grad(loss_fn(flat, dict(zip(spec.names, leaves))), leaves)
+        return torch.cat([g.reshape(-1) for g in grads]).view(1, -1)
 
     def stealth(idx: torch.Tensor, mask: torch.Tensor) -> None:
         def loss_fn(flat: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -420,9 +425,10 @@ def _explicit_boosting_graphed(model: nn.Module, spec: ParamSpec, theta: torch.T
 
     def step_fn() -> None:
         w_prev.copy_(w)
-        leaf = w.detach().view(-1).requires_grad_(True)
-        loss = F.cross_entropy(forward_with(model, spec.unflatten(leaf), x_bd)[1].float(), y_bd)
-        (g,) = torch.autograd.grad(loss, leaf)
+        views = spec.unflatten(w.detach().view(-1))  # one leaf per parameter, as in alternating_minimisation
+        leaves = [views[n].requires_grad_() for n in spec.names]
+        loss = F.cross_entropy(forward_with(model, dict(zip(spec.names, leaves)), x_bd)[1].float(), y_bd)
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, leaves)])
         loss_t.copy_(loss.detach().view(1))
         adam_step([w], [g.view(1, -1)], [state[0]], [state[1]], state[2], one, lr)
 
