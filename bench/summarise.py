@@ -127,14 +127,22 @@ def attack_section() -> list[str]:
         + _table_sections("### Attack-Coomed-Backdoor's boosting to convergence (`bench_attack.py --attack boosting`; "
                           "`tol` -1: every run takes `max_steps` steps)", "attack_boosting*.json",
                           ["model", "backdoor_set", "max_steps", "tol", "steps_eager", "steps_graph", "eager_s",
-                           "graph_s", "speedup", "rel_diff_graph_vs_eager"]))
+                           "graph_s", "speedup", "rel_diff_graph_vs_eager"])
+        + _table_sections("### Single-model crafting vs all attackers at once on the stacked engine "
+                          "(`bench_attack.py --attackers`, one process)", "attack_stacked_*.json",
+                          ["model", "dropout", "attack", "attackers", "layout", "shard", "batch", "single_s",
+                           "stacked_s", "speedup", "rel_diff_stacked_vs_single"],
+                          ("The relative difference is the crafting's own sensitivity to rounding (TF32 kernels; "
+                           "`attack_probe_s9_h100.json`), not a difference between the two computations, which "
+                           "agree in FP32 (tests/test_attacks_vectorised.py).", "")))
 
 
 def cells_section() -> list[str]:
     return _table_sections(
         "## Per-round cost of each attack and defense besides training (`bench_cells.py`; one run alone on a GPU, "
         "rounds after the first; random inputs of each dataset's shape)", "cells_*.json",
-        ["dataset", "attack", "backdoor", "n_attackers", "defense", "rounds", "train_s_median", "attack_s_median",
+        ["dataset", "attack", "backdoor", "n_clients", "n_attackers", "defense", "rounds", "train_s_median",
+         "attack_s_median",
          "agg_s_median", "other_s_per_round", "end_to_end_s"])
 
 
