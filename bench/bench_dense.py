@@ -47,26 +47,35 @@ PRODUCT_PATHS = [("triton_ieee", "ieee", None), ("triton_tf32x3", "tf32x3", None
                  ("triton_tf32", "tf32", None)]
 
 
-def products(clients: list[int], dev: torch.device) -> list[dict]:
+#: --backward-sweep: tiles for the long layers' backward products, whose inner dimension (batch or
+#: outputs, 32-128) is one or two K blocks: whole-K blocks and few pipeline stages
+BACKWARD_SWEEP = [Tiles(bm, bn, bk, w, st) for bm, bn, bk, w, st in [
+    (64, 128, 32, 4, 3), (64, 128, 64, 4, 1), (64, 128, 128, 4, 1), (64, 128, 128, 8, 1), (64, 256, 64, 8, 1),
+    (128, 128, 64, 8, 1), (128, 128, 64, 8, 2), (128, 64, 64, 4, 1), (128, 256, 64, 8, 1), (64, 64, 64, 4, 1),
+    (32, 128, 64, 4, 1), (128, 128, 32, 8, 2)]]
+
+
+def products(clients: list[int], dev: torch.device, paths: list | None = None,
+             only: tuple[str, ...] = PRODUCTS, layers: list | None = None) -> list[dict]:
     """Every product of each long dense layer's step in fp32, cuBLAS (TF32 off) against the Triton kernel
     in full fp32 ("ieee"), three-pass TF32 ("tf32x3") and one-pass TF32 (for scale): ms, TFLOP/s and the
     largest error against the float64 product relative to its largest entry."""
     from triton.testing import do_bench
 
     rows = []
-    for model, b, k, n in LAYERS + [("cifar10_cnn", 32, 256, 128)]:
+    for model, b, k, n in LAYERS + [("cifar10_cnn", 32, 256, 128)] if layers is None else layers:
         for g in clients:
             torch.manual_seed(0)
             x = torch.randn(g, b, k, device=dev)
             w = torch.randn(g, n, k, device=dev) / k**0.5
             dy = torch.randn(g, b, n, device=dev)
             operands = {"fwd": (x, w.transpose(1, 2)), "dx": (dy, w), "dw": (dy.transpose(1, 2), x)}
-            for prod in PRODUCTS:
+            for prod in only:
                 a_, b_ = operands[prod]
                 exact = torch.bmm(a_.double(), b_.double())
                 scale = exact.abs().max().item()
                 runs = [("cublas_bmm", lambda a_=a_, b_=b_: torch.bmm(a_, b_))]
-                for name, prec, t in PRODUCT_PATHS:
+                for name, prec, t in PRODUCT_PATHS if paths is None else paths:
                     runs.append((name, lambda a_=a_, b_=b_, prec=prec, t=t: triton_dense.bmm(a_, b_, precision=prec,
                                                                                            tiles=t)))
                 for name, fn in runs:
@@ -132,6 +141,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="every tile shape of SWEEP, else the default only")
     ap.add_argument("--products", action="store_true",
                     help="every product of the layer's step (forward, dX, dW), cuBLAS against the kernel's precisions")
+    ap.add_argument("--backward-sweep", action="store_true",
+                    help="the backward products (dX, dW) under every tile shape of BACKWARD_SWEEP, ieee and tf32x3")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -140,7 +151,11 @@ def main() -> None:
     res = result_header(dev)
     old = torch.backends.cuda.matmul.allow_tf32
     try:
-        if a.products:
+        if a.backward_sweep:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            paths = [(f"triton_{p}_{_tiles(t)}", p, t) for t in BACKWARD_SWEEP for p in ("ieee", "tf32x3")]
+            res.update(benchmark="dense_backward_sweep", results=products(a.clients, dev, paths, ("dx", "dw"), LAYERS[:1]))
+        elif a.products:
             torch.backends.cuda.matmul.allow_tf32 = False
             res.update(benchmark="dense_products", results=products(a.clients, dev))
         else:

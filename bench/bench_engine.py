@@ -53,9 +53,10 @@ TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8
 #: FP32 FMAs in the dense kernel; the weights N-major)
 KERNEL_SETS: dict[str, dict] = {
     "default": {}, "nofuse": {"fuse": False}, "t256": {"tiles": "t256"}, "t512s4": {"tiles": "t512s4"},
-    "nosplitk": {"splitk": False}, "s6": {"legacy": True, "splitk": False, "flatten": False},
-    "s7": {"flatten": False, "fp32_dot": "ieee", "min_k": 2048, "w_kmajor": False},
+    "nosplitk": {"splitk": False}, "s6": {"legacy": True, "splitk": False, "flatten": False, "relu_grad": False},
+    "s7": {"flatten": False, "fp32_dot": "ieee", "min_k": 2048, "w_kmajor": False, "relu_grad": False},
     "noflatten": {"flatten": False}, "ieee": {"fp32_dot": "ieee"}, "wnmajor": {"w_kmajor": False},
+    "s8": {"relu_grad": False}, "norelugrad": {"relu_grad": False},
 }
 
 
@@ -80,18 +81,20 @@ def _legacy_conv():  # noqa: ANN202
 @contextlib.contextmanager
 def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = None, legacy: bool = False,
                  flatten: bool = True, fp32_dot: str | None = None, min_k: int | None = None,
-                 w_kmajor: bool = True) -> Iterator[None]:
+                 w_kmajor: bool = True, relu_grad: bool = True) -> Iterator[None]:
     """The triton layout's kernel options, restored after: fused epilogues (robustfl.stacked.FUSE_EPILOGUES),
     the fused ReLU - Dropout - Flatten (robustfl.stacked.FUSE_FLATTEN), the split-K dense forward (off:
     triton_dense.MIN_K beyond any layer; else MIN_K ``min_k``), its fp32 precision (triton_dense.FP32_DOT),
     the convolutions' tile candidates (TILE_SETS) and weight operand's layout (triton_conv.W_KMAJOR), or an
-    earlier commit's convolution kernels (:func:`_legacy_conv`). None: the default."""
+    earlier commit's convolution kernels (:func:`_legacy_conv`), the ReLU backward handed to the next
+    convolution (robustfl.stacked.FUSE_RELU_GRAD). None: the default."""
     import robustfl
     from robustfl import triton_conv, triton_dense
 
     old = (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
-           triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv, triton_conv.W_KMAJOR)
+           triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv, triton_conv.W_KMAJOR, stacked.FUSE_RELU_GRAD)
     stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_conv.W_KMAJOR = fuse, flatten, w_kmajor
+    stacked.FUSE_RELU_GRAD = relu_grad
     triton_dense.MIN_K = (min_k or old[2]) if splitk else 1 << 62
     triton_dense.FP32_DOT = fp32_dot or old[3]
     if tiles is not None:
@@ -102,7 +105,7 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
         yield
     finally:
         (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
-         triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv, triton_conv.W_KMAJOR) = old
+         triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv, triton_conv.W_KMAJOR, stacked.FUSE_RELU_GRAD) = old
 
 
 def kernel_set(name: str) -> contextlib.AbstractContextManager:

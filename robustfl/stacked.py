@@ -107,6 +107,10 @@ FUSE_EPILOGUES = True
 #: layout "triton" applies ``[ReLU] [Dropout] Flatten`` after the convolutions as one kernel each way
 #: (robustfl.triton_flatten; False: as PyTorch operations, for benchmarks that compare the two)
 FUSE_FLATTEN = True
+#: layout "triton": in ``conv -> ReLU -> conv`` the ReLU's backward runs in the second convolution's
+#: input-gradient kernel (robustfl.triton_conv.conv_nhwc's ``relu_input`` / ``grad_masked``; False: as
+#: its own pass, for benchmarks that compare the two)
+FUSE_RELU_GRAD = True
 
 
 def _flatten_run(rest: list[tuple[str, nn.Module]]) -> tuple[bool, nn.Dropout | None, int]:
@@ -213,6 +217,7 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
     nhwc = False  # True while h is (n, B, H, W, C) (layout "triton")
     seq = _pool_before_relu(layers(model))
     pos = 0  # the next layer of seq to apply (a fused epilogue consumes the layers after its convolution)
+    relu_input = False  # the next triton convolution's input is a ReLU output whose backward it applies
     while pos < len(seq):
         prefix, m = seq[pos]
         pos += 1
@@ -236,8 +241,14 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
                 if not nhwc:
                     h, nhwc = h.permute(0, 1, 3, 4, 2).contiguous(), True
                 epilogue = _fusable(seq[pos:])
-                h = triton_conv.conv_nhwc(h, w, bias, m.padding[0], epilogue)
-                pos += {"none": 0, "relu": 1, "pool_relu": 2}[epilogue]  # the layers the kernels applied
+                used = {"none": 0, "relu": 1, "pool_relu": 2}[epilogue]  # the layers the kernels apply
+                nxt = seq[pos + used][1] if pos + used < len(seq) else None
+                hand_on = (FUSE_RELU_GRAD and epilogue == "relu" and isinstance(nxt, nn.Conv2d)
+                           and triton_conv.supported(nxt))
+                h = triton_conv.conv_nhwc(h, w, bias, m.padding[0], epilogue, relu_input=relu_input,
+                                          grad_masked=hand_on)
+                relu_input = hand_on
+                pos += used
             elif layout == "loop":
                 h = torch.stack([F.conv2d(h[i], w[i], None if bias is None else bias[i], m.stride,
                                           m.padding, m.dilation, m.groups) for i in range(n)])

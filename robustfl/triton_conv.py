@@ -94,7 +94,9 @@ def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT,
     k = (kh, kw, ci), A = a[g, b, oh + SGN*kh + OFF, ow + SGN*kw + OFF, ci] (0 outside). EPI 0: y as is;
     1: max(y, 0); 2: each window's maximum, then max(., 0), stored pooled with the window position of
     the maximum in ``code`` (first of ties, as PyTorch's max-pool; :data:`DEAD` where the maximum is not
-    positive). Grid: (cdiv(M, BM), cdiv(COUT, BN), G)."""
+    positive); 3: y where ``code_ptr``'s tensor (here a float mask source laid out as y) is positive, else 0
+(an input gradient through the ReLU that produced the convolution's input). Grid: (cdiv(M, BM),
+cdiv(COUT, BN), G)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -132,10 +134,13 @@ def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT,
         tl.store(y_ptr + p_off, tl.maximum(mx, 0.0).to(y_ptr.dtype.element_ty), mask=p_mask)
         tl.store(code_ptr + p_off, tl.where(mx > 0, q, 4).to(tl.uint8), mask=p_mask)
     else:
+        y_off = g * y_sg + offs_m[:, None] * COUT + offs_n[None, :]
+        y_mask = m_ok[:, None] & n_ok[None, :]
         if EPI == 1:
             acc = tl.maximum(acc, 0.0)
-        y_ptrs = y_ptr + g * y_sg + offs_m[:, None] * COUT + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        if EPI == 3:
+            acc = tl.where(tl.load(code_ptr + y_off, mask=y_mask, other=0.0) > 0, acc, 0.0)
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -286,10 +291,14 @@ def _on(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: int, wout: int, cout: int,
            kh: int, kw: int, sgn: int, off: int, tiles: Tiles | None = None, *,
-           epi: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+           epi: int = 0, relu_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Output ``(G, B, hout, wout, cout)`` of :func:`_igemm_kernel`, or for ``epi`` 2 the pooled
     ``(G, B, hout // 2, wout // 2, cout)`` and its uint8 codes (else codes None); ``wk (G, K, cout)`` at
-    any strides (:func:`_gemm_weight`); ``tiles`` by default :func:`igemm_tiles` of the kernel's rows."""
+    any strides (:func:`_gemm_weight`); ``tiles`` by default :func:`igemm_tiles` of the kernel's rows.
+    ``relu_of`` (a contiguous tensor shaped as the output): the output is zeroed where it is not
+    positive (epilogue 3)."""
+    if relu_of is not None:
+        epi = 3
     g, b, hin, win, cin = a.shape
     ph, pw = hout // 2, wout // 2
     if epi == 2:
@@ -304,7 +313,10 @@ def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: i
     bn = _bn(cout, tiles.bn)
     grid = (triton.cdiv(m, tiles.bm), triton.cdiv(cout, bn), g)
     with _on(a):
-        _igemm_kernel[grid](a, wk, bias if bias is not None else wk, y, y if code is None else code, m, hin, win,
+        aux = relu_of if relu_of is not None else (y if code is None else code)
+        if relu_of is not None and (relu_of.shape != y.shape or not relu_of.is_contiguous()):
+            raise ValueError(f"_igemm: relu_of {tuple(relu_of.shape)} must be contiguous and shaped as the output {tuple(y.shape)}")
+        _igemm_kernel[grid](a, wk, bias if bias is not None else wk, y, aux, m, hin, win,
                             hout, wout, ph, pw, a.stride(0), y.stride(0), *wk.stride(), CIN=cin, COUT=cout, KH=kh, KW=kw,
                             SGN=sgn, OFF=off, EPI=epi, HAS_BIAS=bias is not None, PREC=_prec(a.dtype),
                             ACC=_acc(a.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk, num_warps=tiles.num_warps,
@@ -385,7 +397,7 @@ def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool) -> torc
 class _ConvNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
-                pad: int, epi: int) -> torch.Tensor:
+                pad: int, epi: int, relu_input: bool = False, grad_masked: bool = False) -> torch.Tensor:
         g, _, h, wd, cin = x.shape
         cout, _, kh, kw = w.shape[1:]
         oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
@@ -394,8 +406,10 @@ class _ConvNHWC(torch.autograd.Function):
                          -pad, epi=epi)
         # what the backward needs to form the gradient at the convolution's output: the ReLU's output
         # (its mask) or the pool's codes
-        ctx.save_for_backward(x, w, {0: None, 1: y, 2: code}[epi])
+        # (a ReLU output whose gradient arrives already masked, ``grad_masked``, needs none)
+        ctx.save_for_backward(x, w, {0: None, 1: None if grad_masked else y, 2: code}[epi])
         ctx.pad, ctx.has_bias, ctx.epi, ctx.out_hw = pad, bias is not None, epi, (oh, ow)
+        ctx.relu_input, ctx.grad_masked = relu_input, grad_masked
         return y
 
     @staticmethod
@@ -403,8 +417,8 @@ class _ConvNHWC(torch.autograd.Function):
         x, w, aux = ctx.saved_tensors
         pad, epi, (oh, ow) = ctx.pad, ctx.epi, ctx.out_hw
         dy = dy.contiguous()
-        if epi == 1:  # through the ReLU: 0 where the output is not positive, in one pass (ReLU's own backward;
-            # torch.where(aux > 0, ...) was two: the comparison, then the selection)
+        if epi == 1 and not ctx.grad_masked:  # through the ReLU: 0 where the output is not positive, in one
+            # pass (ReLU's own backward; torch.where(aux > 0, ...) was two: the comparison, then the selection)
             dy = torch.ops.aten.threshold_backward(dy, aux, 0)
         elif epi == 2:  # through the ReLU and the pool at once
             dy = _unpool(dy, aux, oh, ow)
@@ -413,24 +427,35 @@ class _ConvNHWC(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             wd_k = _gemm_weight(w, dy.dtype, backward=True)
-            dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad)
+            # relu_input: x is a ReLU's output, and the gradient at it goes on through that ReLU: zero it
+            # where x is not positive in the kernel's epilogue (the producer's backward then skips it)
+            dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, relu_of=x if ctx.relu_input else None)
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] or want_b:
             dw, db = _wgrad(x, dy, kh, kw, pad, WGRAD_TILES, bias=want_b)
             dw = dw.to(w.dtype) if ctx.needs_input_grad[1] else None
             db = db.to(w.dtype) if want_b else None
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0,
-              epilogue: str = "none") -> torch.Tensor:
+              epilogue: str = "none", *, relu_input: bool = False, grad_masked: bool = False) -> torch.Tensor:
     """Client g's convolution of its inputs ``x[g] (B, H, W, Cin)`` (NHWC, contiguous) with its weight
     ``w[g] (Cout, Cin, KH, KW)`` and bias ``bias[g] (Cout,)``, stride 1, zero padding ``padding``, for
     every g: ``(G, B, OH, OW, Cout)``, differentiable in x, w and bias. ``epilogue`` (:data:`EPILOGUES`)
     fuses what follows into the kernels: ``"relu"`` returns ``relu(conv)``; ``"pool_relu"`` returns
     ``relu(max_pool2d(conv, 2))``, ``(G, B, OH // 2, OW // 2, Cout)``, without writing the full-size
     convolution output; its backward routes each pooled gradient to its window's first maximum in one
-    pass. Under autocast the inputs are cast to the autocast dtype first."""
+    pass. Under autocast the inputs are cast to the autocast dtype first.
+
+    A pair of convolutions ``conv -> ReLU -> conv`` can hand the ReLU's backward from the first to the
+    second: the first with ``epilogue="relu", grad_masked=True`` (its backward trusts that the gradient
+    at its output is already zero where the output is not positive) and the second with
+    ``relu_input=True`` (its input-gradient kernel zeroes the gradient where its input is not positive,
+    in the kernel's epilogue, saving a pass over that gradient). Only valid when the first
+    convolution's output feeds the second alone, as in :func:`robustfl.stacked.stacked_logits`."""
+    if grad_masked and epilogue != "relu":
+        raise ValueError("conv_nhwc: grad_masked applies to a ReLU epilogue")
     if x.dim() != 5 or w.dim() != 5 or x.shape[0] != w.shape[0] or x.shape[-1] != w.shape[2]:
         raise ValueError(f"conv_nhwc: x (G, B, H, W, Cin) and w (G, Cout, Cin, KH, KW) do not match: "
                          f"{tuple(x.shape)}, {tuple(w.shape)}")
@@ -441,5 +466,5 @@ def conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
         x, w = x.to(dt), w.to(dt)
         bias = None if bias is None else bias.to(dt)
         with torch.autocast(x.device.type, enabled=False):
-            return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding), _EPI[epilogue])
-    return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding), _EPI[epilogue])
+            return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding), _EPI[epilogue], relu_input, grad_masked)
+    return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding), _EPI[epilogue], relu_input, grad_masked)

@@ -150,7 +150,7 @@ def test_kernel_sets_set_their_options_and_restore_them() -> None:
 
     def state() -> tuple:
         return (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
-                triton_conv.W_KMAJOR, triton_conv.IGEMM_CANDIDATES)
+                triton_conv.W_KMAJOR, triton_conv.IGEMM_CANDIDATES, stacked.FUSE_RELU_GRAD)
 
     before = state()
     for name in be.KERNEL_SETS:
@@ -162,4 +162,6 @@ def test_kernel_sets_set_their_options_and_restore_them() -> None:
                     False, "ieee", 2048, False)
             if name == "nosplitk":
                 assert triton_dense.MIN_K > 10**12
+            if name in ("s7", "s8", "norelugrad"):
+                assert stacked.FUSE_RELU_GRAD is False
         assert state() == before, name

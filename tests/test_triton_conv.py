@@ -266,6 +266,81 @@ def test_cuda_tf32_and_bf16_stay_close_to_fp32() -> None:
     assert ((got16.double() - want).norm() / want.norm()).item() < 1e-2
 
 
+def _relu_pair(device: str, dtype: torch.dtype, hand_on: bool, ties: bool) -> list[torch.Tensor]:
+    """conv -> ReLU (epilogue) -> conv on fmnist-like shapes (5x5, 1 -> 6 -> 5 channels, 2 clients),
+    the ReLU's backward in the first convolution (``hand_on`` False) or handed on to the second's
+    input-gradient kernel; returns the output and the gradients of input, weights and biases."""
+    gen = torch.Generator().manual_seed(3)
+    rand = ((lambda *sz: torch.randint(-2, 3, sz, generator=gen).double()) if ties else
+            (lambda *sz: torch.randn(*sz, generator=gen, dtype=torch.float64)))
+    ts = [rand(2, 3, 12, 12, 1), rand(2, 6, 1, 5, 5), rand(2, 6), rand(2, 5, 6, 5, 5), rand(2, 5)]
+    if ties:  # many exact zeros at the ReLU: the mask's strictness matters
+        ts[2].zero_()
+    x, w1, b1, w2, b2 = [t.to(device, dtype).requires_grad_() for t in ts]
+    h = triton_conv.conv_nhwc(x, w1, b1, 0, "relu", grad_masked=hand_on)
+    y = triton_conv.conv_nhwc(h, w2, b2, 1, "none", relu_input=hand_on)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    (y * gy).sum().backward()
+    return [y.detach()] + [t.grad for t in (x, w1, b1, w2, b2)]
+
+
+@on_cpu
+@pytest.mark.parametrize("ties", [False, True])
+def test_relu_backward_handed_to_the_next_convolution_gives_the_same_gradients(ties: bool) -> None:
+    """conv -> ReLU -> conv with the ReLU's backward in the second convolution's input-gradient
+    kernel (stacked.FUSE_RELU_GRAD) against the ReLU's own backward pass: the same output and
+    gradients (float64, interpreter), also where the first convolution's output is exactly 0."""
+    for a, b in zip(_relu_pair("cpu", torch.float64, True, ties), _relu_pair("cpu", torch.float64, False, ties)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="grad_masked"):
+        triton_conv.conv_nhwc(torch.zeros(1, 1, 6, 6, 1, dtype=torch.float64),
+                              torch.zeros(1, 2, 1, 3, 3, dtype=torch.float64), grad_masked=True)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_relu_backward_handed_to_the_next_convolution() -> None:
+    """The same on the GPU's compiled kernels in full fp32, on small integers (exact)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        got, want = (_relu_pair("cuda", torch.float32, h, True) for h in (True, False))
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+
+
+@on_cpu
+def test_stacked_hands_the_relu_backward_on_only_between_two_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stacked_logits flags exactly fmnist's conv -> ReLU -> conv pair (not a convolution followed by a
+    pool or a flatten), and the step's gradients are those without the hand-on (float64)."""
+    calls = []
+    real = triton_conv.conv_nhwc
+    monkeypatch.setattr(triton_conv, "conv_nhwc", lambda *a, **k: calls.append(k) or real(*a, **k))
+    torch.manual_seed(0)
+    model = build_model("fmnist_cnn", 10, 1, dropout=False).double()
+    spec = ParamSpec(model)
+    flats = model_to_flat(model).double().unsqueeze(0) + 0.01 * torch.randn(2, spec.dim, dtype=torch.float64)
+    x = torch.rand(2, 3, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 10, (2, 3))
+    mask = torch.ones(2, 3, dtype=torch.float64)
+    grads = {}
+    for on in (True, False):
+        monkeypatch.setattr(stacked, "FUSE_RELU_GRAD", on)
+        calls.clear()
+        grads[on] = stacked.stacked_grads(model, spec.names, [flats[:, a:b].reshape(2, *s) for s, (a, b) in
+                                                               zip(spec.shapes, spec.slices)], x, y, mask, layout="triton")
+        flags = [(k["relu_input"], k["grad_masked"]) for k in calls]
+        assert flags == ([(False, True), (True, False)] if on else [(False, False), (False, False)])
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    calls.clear()  # CIFAR-10's convolutions are followed by pools: nothing to hand on
+    cifar = build_model("cifar10_cnn", 10, 3).double()
+    params = ParamSpec(cifar).unflatten(model_to_flat(cifar).unsqueeze(0))
+    stacked.stacked_logits(cifar, params, torch.rand(1, 1, 3, 32, 32, dtype=torch.float64), layout="triton")
+    assert len(calls) == 3 and all(not k["relu_input"] and not k["grad_masked"] for k in calls)
+
+
 @on_cpu
 def test_stacked_triton_layout_on_a_packed_step_equals_grouped() -> None:
     """The stacked engine's ``triton`` layout (NHWC activations, pooled channels-last, flattened back
