@@ -166,7 +166,8 @@ def estimate(cells: pd.DataFrame, packed: dict[str, float], seq: dict[str, float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cells", type=Path, default=Path("reports/full/cells.csv"))
-    ap.add_argument("--engine", type=Path, default=Path("bench/results/round_auto_h100.json"))
+    ap.add_argument("--engine", type=Path, nargs="+", default=[Path("bench/results/round_auto_h100.json")],
+                    help="bench_engine.py --pack results; a later file's model replaces an earlier one's")
     ap.add_argument("--sequential", type=Path, default=Path("bench/results/round_cudnn_h100.json"))
     ap.add_argument("--rounds", type=Path, default=Path("reports/reproduction/all_rounds.csv"))
     ap.add_argument("--runs", type=Path, default=Path("reports/reproduction/runs"))
@@ -177,7 +178,7 @@ def main() -> None:
                          "on a GPU (replace --rounds, --runs, --sequential and --attack-bench)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
-    packed = _by_model(a.engine, "packed_s_per_cell_round")
+    packed = {m: v for f in a.engine for m, v in _by_model(f, "packed_s_per_cell_round").items()}
     cells = pd.read_csv(a.cells)
     if a.costs:
         est, summary = estimate(cells, packed, {}, pd.DataFrame(), 0.0, costs=Costs(a.costs))
@@ -186,9 +187,9 @@ def main() -> None:
         seq = _by_model(a.sequential, "sequential_s_per_round")
         rounds = pd.read_csv(a.rounds)
         est, summary = estimate(cells, packed, seq, rounds, other_per_round(a.runs, rounds), speedup)
-    engine = json.loads(a.engine.read_text())
+    devices = sorted({json.loads(f.read_text())["device"] for f in a.engine})
     summary.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), git_commit=git_commit(),
-                   device=engine["device"], engine_file=str(a.engine), cells_file=str(a.cells),
+                   device=", ".join(devices), engine_file=[str(f) for f in a.engine], cells_file=str(a.cells),
                    attack_bench_file=str(a.attack_bench) if a.attack_bench and not a.costs else None,
                    costs_files=[str(p) for p in a.costs] if a.costs else None,
                    per_cell=est.to_dict(orient="records"))
