@@ -28,6 +28,7 @@ from robustfl.params import model_to_flat
 from robustfl.partition import dirichlet
 from robustfl.train import (
     batch_plan,
+    clear_graph_cache,
     concat_plans,
     resolve_kernels,
     train_sequential,
@@ -53,10 +54,13 @@ TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8
 #: FP32 FMAs in the dense kernel; the weights N-major)
 KERNEL_SETS: dict[str, dict] = {
     "default": {}, "nofuse": {"fuse": False}, "t256": {"tiles": "t256"}, "t512s4": {"tiles": "t512s4"},
-    "nosplitk": {"splitk": False}, "s6": {"legacy": True, "splitk": False, "flatten": False, "relu_grad": False},
-    "s7": {"flatten": False, "fp32_dot": "ieee", "min_k": 2048, "w_kmajor": False, "relu_grad": False},
+    "nosplitk": {"splitk": False},
+    "s6": {"legacy": True, "splitk": False, "flatten": False, "relu_grad": False, "graph_cache": False},
+    "s7": {"flatten": False, "fp32_dot": "ieee", "min_k": 2048, "w_kmajor": False, "relu_grad": False,
+           "graph_cache": False},
     "noflatten": {"flatten": False}, "ieee": {"fp32_dot": "ieee"}, "wnmajor": {"w_kmajor": False},
-    "s8": {"relu_grad": False}, "norelugrad": {"relu_grad": False},
+    "s8": {"relu_grad": False, "graph_cache": False}, "norelugrad": {"relu_grad": False},
+    "nocache": {"graph_cache": False},
 }
 
 
@@ -81,20 +85,25 @@ def _legacy_conv():  # noqa: ANN202
 @contextlib.contextmanager
 def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = None, legacy: bool = False,
                  flatten: bool = True, fp32_dot: str | None = None, min_k: int | None = None,
-                 w_kmajor: bool = True, relu_grad: bool = True) -> Iterator[None]:
+                 w_kmajor: bool = True, relu_grad: bool = True, graph_cache: bool = True) -> Iterator[None]:
     """The triton layout's kernel options, restored after: fused epilogues (robustfl.stacked.FUSE_EPILOGUES),
     the fused ReLU - Dropout - Flatten (robustfl.stacked.FUSE_FLATTEN), the split-K dense forward (off:
     triton_dense.MIN_K beyond any layer; else MIN_K ``min_k``), its fp32 precision (triton_dense.FP32_DOT),
     the convolutions' tile candidates (TILE_SETS) and weight operand's layout (triton_conv.W_KMAJOR), or an
     earlier commit's convolution kernels (:func:`_legacy_conv`), the ReLU backward handed to the next
-    convolution (robustfl.stacked.FUSE_RELU_GRAD). None: the default."""
+    convolution (robustfl.stacked.FUSE_RELU_GRAD), CUDA graphs kept between calls (robustfl.train.GRAPH_CACHE_SIZE).
+    None: the default."""
+    from robustfl import train
     import robustfl
     from robustfl import triton_conv, triton_dense
 
     old = (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
-           triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv, triton_conv.W_KMAJOR, stacked.FUSE_RELU_GRAD)
+           triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv, triton_conv.W_KMAJOR, stacked.FUSE_RELU_GRAD,
+           train.GRAPH_CACHE_SIZE)
+    train.GRAPH_CACHE_SIZE = old[-1] if graph_cache else 0
     stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_conv.W_KMAJOR = fuse, flatten, w_kmajor
     stacked.FUSE_RELU_GRAD = relu_grad
+    clear_graph_cache()  # (its key names these options anyway; this frees the memory)
     triton_dense.MIN_K = (min_k or old[2]) if splitk else 1 << 62
     triton_dense.FP32_DOT = fp32_dot or old[3]
     if tiles is not None:
@@ -105,7 +114,9 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
         yield
     finally:
         (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
-         triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv, triton_conv.W_KMAJOR, stacked.FUSE_RELU_GRAD) = old
+         triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv, triton_conv.W_KMAJOR, stacked.FUSE_RELU_GRAD,
+         train.GRAPH_CACHE_SIZE) = old
+        clear_graph_cache()
 
 
 def kernel_set(name: str) -> contextlib.AbstractContextManager:
@@ -173,6 +184,7 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
     train_vectorised(model, theta, x, y, [s[:bs * 2] for s in shards], generator=torch.Generator().manual_seed(0),
                      compile=compile, **{**kw, "epochs": 1}, **engine)
     _sync(dev)
+    clear_graph_cache()  # a round as a run's first: its CUDA graph captured inside the timing, as before
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t = time.perf_counter()
@@ -205,6 +217,7 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
         train_vectorised(model, thetas, x, y, [s[:bs * 2] for s in shards] * pack, generator=gens[0],
                          compile=compile, **{**kw, "epochs": 1}, **engine)
         _sync(dev)
+        clear_graph_cache()
         t = time.perf_counter()
         train_vectorised(model, thetas, x, y, shards * pack, plan=plan, generator=None, compile=compile, **kw,
                          **engine)

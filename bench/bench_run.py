@@ -47,7 +47,7 @@ VARIANTS = {
     # session 7's choices and session 6's kernels: bench_engine.KERNEL_SETS
     **{f"triton+graph{p}+{k}": dict(conv="triton", cuda_graph=True, kernels=k, **prec)
        for p, prec in (("", {}), ("+tf32", {"precision": "tf32"}), ("+bf16", {"precision": "bf16"}))
-       for k in ("t256", "s6", "s7", "s8")},
+       for k in ("t256", "s6", "s7", "s8", "nocache")},
 }
 
 

@@ -143,6 +143,25 @@ def _fusable(rest: list[tuple[str, nn.Module]]) -> str:
     return "none"
 
 
+def kernel_options() -> str:
+    """Every module-level option that changes the kernels a stacked step runs (this module's fusions,
+    and the Triton modules' tiles, layouts and precisions where they are loaded), as one string: part of
+    :mod:`robustfl.train`'s key for CUDA graphs kept from one call to the next."""
+    import sys
+
+    opts: list[object] = [FUSE_EPILOGUES, FUSE_FLATTEN, FUSE_RELU_GRAD]
+    tc, td = sys.modules.get("robustfl.triton_conv"), sys.modules.get("robustfl.triton_dense")
+    import robustfl
+
+    cur = getattr(robustfl, "triton_conv", None)  # an earlier commit's kernels, swapped in by a benchmark
+    for mod, names in ((tc, ("IGEMM_TILES", "WGRAD_TILES", "WGRAD_PROGRAMS", "IGEMM_CANDIDATES", "W_KMAJOR")),
+                       (cur, ("IGEMM_TILES", "WGRAD_TILES", "WGRAD_PROGRAMS", "IGEMM_CANDIDATES", "W_KMAJOR")),
+                       (td, ("MIN_K", "MAX_TILES", "TILES", "PROGRAMS", "FP32_DOT"))):
+        if mod is not None:
+            opts += [id(mod)] + [getattr(mod, n, None) for n in names]
+    return repr(tuple(opts))
+
+
 def _to_merged(x: torch.Tensor, layout: str) -> torch.Tensor:
     """(n, B, C, H, W) -> (B, n*C, H, W), channels-last memory for ``"channels_last"``."""
     n, b, c, h, w = x.shape

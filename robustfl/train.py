@@ -206,6 +206,31 @@ def resolve_kernels(model: nn.Module, device: torch.device, conv: str = "auto", 
 #: a CUDA graph is captured only for a client count that at least this many steps of the call use
 #: (capture costs about three eager steps: two warm-up calls and the capture)
 GRAPH_MIN_STEPS = 8
+#: keep a call's CUDA graphs, with the parameter and Adam-state buffers and the static inputs they were
+#: captured on, for the next call of the same shapes, model, data tensors and kernel options (the next
+#: round of a run): that call copies its starting models in and replays, without warm-up steps or
+#: captures. At most this many sets are kept (least recently used dropped); 0 turns it off
+GRAPH_CACHE_SIZE = 2
+
+
+@dataclass
+class _GraphSet:
+    """CUDA graphs of :func:`train_vectorised`'s step per number of active clients, and the buffers
+    they read and write."""
+
+    net: nn.Module  # held, so that its id in the key is not reused
+    params: list[torch.Tensor]
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    graphs: dict[int, tuple]  # m -> (graph, static batch indices, static mask, static gradients)
+
+
+_GRAPH_SETS: "collections.OrderedDict[tuple, _GraphSet]" = collections.OrderedDict()
+
+
+def clear_graph_cache() -> None:
+    """Drop the CUDA graphs kept between :func:`train_vectorised` calls (and their memory)."""
+    _GRAPH_SETS.clear()
 
 
 def _capture(fn, warmup: int = 2):  # noqa: ANN001, ANN202
@@ -307,9 +332,28 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
             n_active = (n_steps[order].unsqueeze(1) > steps).sum(0).tolist()
     unflat = spec.unflatten(theta_n.contiguous())
     names = spec.names
-    params = [unflat[k].clone() for k in names]
-    exp_avg = [torch.zeros_like(p) for p in params]
-    exp_avg_sq = [torch.zeros_like(p) for p in params]
+    gset = None
+    if cuda_graph and GRAPH_CACHE_SIZE > 0 and conv in stacked.LAYOUTS and device.type == "cuda":
+        key = (id(model), conv, precision, n, batch_size, tuple(spec.shapes), x.data_ptr(), tuple(x.shape), x.dtype,
+               y.data_ptr(), tuple(y.shape), str(device), torch.backends.cuda.matmul.allow_tf32,
+               torch.backends.cudnn.allow_tf32, stacked.kernel_options())
+        gset = _GRAPH_SETS.pop(key, None)
+        if gset is None:
+            gset = _GraphSet(model, [unflat[k].clone() for k in names], [torch.zeros_like(unflat[k]) for k in names],
+                             [torch.zeros_like(unflat[k]) for k in names], {})
+        else:  # the buffers the kept graphs read: this call's starting models, fresh Adam states
+            for p, k in zip(gset.params, names):
+                p.copy_(unflat[k])
+            for t in gset.exp_avg + gset.exp_avg_sq:
+                t.zero_()
+        _GRAPH_SETS[key] = gset  # most recently used last
+        while len(_GRAPH_SETS) > GRAPH_CACHE_SIZE:
+            _GRAPH_SETS.popitem(last=False)
+        params, exp_avg, exp_avg_sq = gset.params, gset.exp_avg, gset.exp_avg_sq
+    else:
+        params = [unflat[k].clone() for k in names]
+        exp_avg = [torch.zeros_like(p) for p in params]
+        exp_avg_sq = [torch.zeros_like(p) for p in params]
     step = torch.zeros(n, device=device)
 
     if conv in stacked.LAYOUTS:
@@ -362,11 +406,16 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
             mb = mask[:m, s]
             if cuda_graph and m != graph_m:  # the active prefix shrank (or the first step): new graph
                 graph = graph_m = static_grads = None
-                if steps_with[m] >= GRAPH_MIN_STEPS:
+                if gset is not None and m in gset.graphs:  # kept from an earlier call
+                    graph, static_bi, static_mb, static_grads = gset.graphs[m]
+                    graph_m = m
+                elif steps_with[m] >= GRAPH_MIN_STEPS:
                     static_bi, static_mb = idx[:m, s].clone(), mb.clone()
                     graph, static_grads = _capture(
                         lambda p_m=p_m, bi=static_bi, mbs=static_mb: grads_of(p_m, bi, mbs))
                     graph_m = m
+                    if gset is not None:
+                        gset.graphs[m] = (graph, static_bi, static_mb, static_grads)
             if graph is not None:
                 static_bi.copy_(idx[:m, s])
                 static_mb.copy_(mb)

@@ -146,11 +146,11 @@ def test_kernel_sets_set_their_options_and_restore_them() -> None:
     module options it names while entered, and every option is restored on exit; session 7's set is its
     dense and flatten choices."""
     be = _load("bench_engine")
-    from robustfl import stacked, triton_conv, triton_dense
+    from robustfl import stacked, train, triton_conv, triton_dense
 
     def state() -> tuple:
         return (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
-                triton_conv.W_KMAJOR, triton_conv.IGEMM_CANDIDATES, stacked.FUSE_RELU_GRAD)
+                triton_conv.W_KMAJOR, triton_conv.IGEMM_CANDIDATES, stacked.FUSE_RELU_GRAD, train.GRAPH_CACHE_SIZE)
 
     before = state()
     for name in be.KERNEL_SETS:
@@ -164,4 +164,6 @@ def test_kernel_sets_set_their_options_and_restore_them() -> None:
                 assert triton_dense.MIN_K > 10**12
             if name in ("s7", "s8", "norelugrad"):
                 assert stacked.FUSE_RELU_GRAD is False
+            if name in ("s7", "s8", "nocache"):
+                assert train.GRAPH_CACHE_SIZE == 0
         assert state() == before, name

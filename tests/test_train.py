@@ -307,3 +307,58 @@ def test_tf32_steps_on_the_gpu_stay_close_to_fp32() -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     rel = ((c - a).norm() / a.norm()).item()
     assert 0 < rel < 5e-2, rel
+
+
+def test_kernel_options_name_every_switch_the_graph_cache_depends_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """robustfl.stacked.kernel_options (part of the key of CUDA graphs kept between train_vectorised
+    calls) changes with each module option that changes the kernels of a step."""
+    pytest.importorskip("triton")
+    from robustfl import stacked, triton_conv, triton_dense
+
+    base = stacked.kernel_options()
+    for mod, name, value in [(stacked, "FUSE_EPILOGUES", False), (stacked, "FUSE_FLATTEN", False),
+                             (stacked, "FUSE_RELU_GRAD", False), (triton_conv, "W_KMAJOR", False),
+                             (triton_conv, "IGEMM_CANDIDATES", ((128, 4, 3),)), (triton_dense, "FP32_DOT", "ieee"),
+                             (triton_dense, "MIN_K", 1 << 62)]:
+        with monkeypatch.context() as m:
+            m.setattr(mod, name, value)
+            assert stacked.kernel_options() != base, name
+    assert stacked.kernel_options() == base
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_kept_between_calls_give_each_calls_own_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_vectorised keeps its CUDA graph for the next call of the same shapes (GRAPH_CACHE_SIZE): a
+    second call from another starting model, on other batches, replays it without a new capture and
+    returns that call's own updates (those of a call with nothing kept: the same kernels, bit for
+    bit); a change of kernel options captures anew."""
+    from robustfl import stacked, train
+
+    captures = []
+    real = train._capture
+    monkeypatch.setattr(train, "_capture", lambda fn, *a, **k: captures.append(1) or real(fn, *a, **k))
+    train.clear_graph_cache()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model("fmnist_cnn", 10, 1, dropout=False).to(dev)
+    theta = model_to_flat(model)
+    x = torch.randint(0, 256, (3 * 640, 28, 28, 1), dtype=torch.uint8, device=dev)
+    y = torch.randint(0, 10, (3 * 640,), device=dev)
+    shards = [torch.arange(i * 640, (i + 1) * 640, device=dev) for i in range(3)]
+    kw = dict(epochs=1, batch_size=64, lr=1e-3, conv="triton", cuda_graph=True)
+    thetas = [theta, theta + 0.01 * torch.randn_like(theta)]
+    kept = [train_vectorised(model, th, x, y, shards, generator=torch.Generator().manual_seed(i), **kw)
+            for i, th in enumerate(thetas)]
+    assert len(captures) == 1 and len(train._GRAPH_SETS) == 1
+    monkeypatch.setattr(train, "GRAPH_CACHE_SIZE", 0)
+    fresh = [train_vectorised(model, th, x, y, shards, generator=torch.Generator().manual_seed(i), **kw)
+             for i, th in enumerate(thetas)]
+    assert len(captures) == 3
+    for a, b in zip(kept, fresh):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(kept[0], kept[1])
+    monkeypatch.setattr(train, "GRAPH_CACHE_SIZE", 2)
+    monkeypatch.setattr(stacked, "FUSE_RELU_GRAD", False)
+    train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), **kw)
+    assert len(captures) == 4 and len(train._GRAPH_SETS) == 2
+    train.clear_graph_cache()
