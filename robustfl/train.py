@@ -50,21 +50,26 @@ def batch_plan(shards: Sequence[torch.Tensor], epochs: int, batch_size: int, gen
     """Per client and epoch a fresh random permutation of its shard, cut into batches of ``batch_size``
     (the last one partial, as Keras ``fit`` does). Clients with fewer batches are padded with masked
     steps so that all clients advance in lock-step."""
+    # built per client with whole-tensor operations (one batch at a time, a 10-client fmnist round's 470
+    # batches took ~0.1 s of host time before each round's training, and a GPU shard paid a copy per batch)
     n = len(shards)
-    per_client: list[list[torch.Tensor]] = []
+    per_client: list[tuple[torch.Tensor, torch.Tensor]] = []
     for shard in shards:
-        batches: list[torch.Tensor] = []
-        for _ in range(epochs):
-            perm = shard[torch.randperm(len(shard), generator=generator)]
-            batches += list(torch.split(perm, batch_size))
-        per_client.append(batches)
-    steps = max(len(b) for b in per_client)
+        m = len(shard)
+        nb = -(-m // batch_size) if m else 1  # batches per epoch, the last one partial (an empty shard: one empty)
+        perms = [shard[torch.randperm(m, generator=generator)] for _ in range(epochs)]
+        idx_i = torch.zeros(epochs, nb * batch_size, dtype=torch.long)
+        mask_i = torch.zeros(epochs, nb * batch_size)
+        if m and epochs:
+            idx_i[:, :m] = torch.stack(perms).cpu()
+            mask_i[:, :m] = 1.0
+        per_client.append((idx_i.view(epochs * nb, batch_size), mask_i.view(epochs * nb, batch_size)))
+    steps = max((len(i) for i, _ in per_client), default=0)
     idx = torch.zeros(n, steps, batch_size, dtype=torch.long)
     mask = torch.zeros(n, steps, batch_size)
-    for i, batches in enumerate(per_client):
-        for s, b in enumerate(batches):
-            idx[i, s, : len(b)] = b
-            mask[i, s, : len(b)] = 1.0
+    for i, (idx_i, mask_i) in enumerate(per_client):
+        idx[i, : len(idx_i)] = idx_i
+        mask[i, : len(mask_i)] = mask_i
     return BatchPlan(idx, mask)
 
 

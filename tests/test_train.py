@@ -100,6 +100,43 @@ def test_batch_plan_covers_each_shard_every_epoch() -> None:
         assert sorted(real.tolist()) == sorted(s.tolist() * 2)
 
 
+def _batch_plan_one_batch_at_a_time(shards, epochs, batch_size, generator):
+    """batch_plan as it was written before session 9 (one batch at a time): the reference."""
+    per_client = []
+    for shard in shards:
+        batches = []
+        for _ in range(epochs):
+            perm = shard[torch.randperm(len(shard), generator=generator)]
+            batches += list(torch.split(perm, batch_size))
+        per_client.append(batches)
+    steps = max(len(b) for b in per_client)
+    idx = torch.zeros(len(shards), steps, batch_size, dtype=torch.long)
+    mask = torch.zeros(len(shards), steps, batch_size)
+    for i, batches in enumerate(per_client):
+        for s, b in enumerate(batches):
+            idx[i, s, : len(b)] = b
+            mask[i, s, : len(b)] = 1.0
+    return idx, mask
+
+
+@pytest.mark.parametrize("sizes", [[10, 7], [0, 5, 64, 63, 65, 1], [0, 0], [128, 3]])
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_batch_plan_equals_the_batch_at_a_time_plan(sizes: list[int], epochs: int) -> None:
+    """The whole-tensor batch_plan draws the same permutations in the same order and lays them out as
+    the batch-at-a-time loop did: the same indices and masks, partial and empty shards included, and
+    the generator left in the same state."""
+    start = 0
+    shards = []
+    for n in sizes:
+        shards.append(torch.arange(start, start + n) * 3)
+        start += n
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    plan = batch_plan(shards, epochs=epochs, batch_size=64 if max(sizes) > 20 else 4, generator=g1)
+    idx, mask = _batch_plan_one_batch_at_a_time(shards, epochs, 64 if max(sizes) > 20 else 4, g2)
+    assert torch.equal(plan.idx, idx) and torch.equal(plan.mask, mask)
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
 def test_stacked_plrs_match_per_model_features() -> None:
     torch.manual_seed(0)
     model = build_model("digits_cnn", 10, 1)
