@@ -34,10 +34,16 @@ def _table_sections(title: str, pattern: str, cols: list[str], notes: tuple[str,
 def engine_section() -> list[str]:
     cols = ["model", "n_clients", "samples_per_client", "batch", "epochs", "precision", "compiled", "conv", "cuda_graph",
             "train_flops_per_round", "vectorised_s_per_round", "vectorised_tflops", "sequential_s_per_round",
-            "speedup_vectorised_over_sequential", "packed_cells", "packed_s_per_cell_round", "packed_tflops",
-            "vectorised_peak_mem_gib", "packed_peak_mem_gib"]
+            "speedup_vectorised_over_sequential", "vectorised_s_per_later_round", "speedup_later_round_over_sequential",
+            "packed_cells", "packed_s_per_cell_round", "packed_tflops", "vectorised_peak_mem_gib", "packed_peak_mem_gib"]
     return (_table_sections("## Local training engine, whole rounds (`bench_engine.py`; paper settings, random "
                             "inputs of the right shape)", "round_*.json", cols)
+            + _table_sections("### Session 9 (H100): fmnist rounds against the sequential reference, several processes "
+                              "(`round_fmnist_s9_h100/`, `round_fmnist_s9i_h100/`, `round_fmnist_s9j_h100/`)",
+                              "round_fmnist_s9*_h100/*.json", cols)
+            + _table_sections("### Packed fmnist rounds, session 9 (`default`) vs session 8's kernels (`s8`), processes "
+                              "alternating on one H100 (`round_packed_s9_h100/`: plans outside the timing; "
+                              "`round_packed_s9i_h100/`: the cells' plans drawn inside it)", "round_packed_s9*_h100/*.json", cols)
             + _table_sections("### Packed rounds, session 8's kernels (`default`) vs session 7's (`s7`), processes "
                               "alternating on one H100 (`round_packed_s8_h100/`)", "round_packed_s8_h100/*.json", cols)
             + _table_sections("### Packed rounds, session 7's kernels (`default`) vs session 6's (`s6`), processes "
