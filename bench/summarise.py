@@ -139,7 +139,7 @@ def attack_section() -> list[str]:
                           ["model", "dropout", "attack", "attackers", "layout", "shard", "batch", "single_s",
                            "stacked_s", "speedup", "rel_diff_stacked_vs_single"],
                           ("The relative difference is the crafting's own sensitivity to rounding (TF32 kernels; "
-                           "`attack_probe_s9_h100.json`), not a difference between the two computations, which "
+                           "`attack_probe_s9b_h100.json`), not a difference between the two computations, which "
                            "agree in FP32 (tests/test_attacks_vectorised.py).", "")))
 
 
