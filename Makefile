@@ -9,11 +9,20 @@ TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: quick test full report lint env
 
+# torch's CUDA build takes about 5.5 GB in the venv: say so up front when the disk is short (CI once
+# failed with "No space left on device" half-way through it), and keep pip's cache off the disk.
+NEED_MB ?= 6500
+PIP     := $(BIN)/pip install -q --no-cache-dir
+
 $(BIN)/snakemake: pyproject.toml
+	@free=$$(df -Pm . | awk 'NR==2 {print $$4}'); \
+	if [ -n "$$free" ] && [ "$$free" -lt $(NEED_MB) ]; then \
+	  echo "WARNING: $$free MB free on the disk holding $(CURDIR); installing $(TORCH) needs about $(NEED_MB) MB" >&2; \
+	fi
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[test,slurm]"
+	$(PIP) --upgrade pip
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[test,slurm]"
 	touch $@
 
 env: $(BIN)/snakemake
