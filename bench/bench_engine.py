@@ -284,8 +284,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the per-step gradient function")
     ap.add_argument("--dirichlet", type=float, default=None, metavar="ALPHA",
                     help="time unequal (Dirichlet) shards, skip_idle on vs off")
-    ap.add_argument("--conv", default="cudnn", help="train_vectorised's conv: cudnn, matmul (vmap) or "
-                    "grouped, channels_last, loop, triton (robustfl.stacked)")
+    ap.add_argument("--conv", default="auto", help="train_vectorised's conv: auto (what a run uses; the default "
+                    "since session 10, before it cudnn), cudnn, matmul (vmap) or grouped, channels_last, loop, triton "
+                    "(robustfl.stacked)")
     ap.add_argument("--cuda-graph", action="store_true", default=None,
                     help="capture the stacked step as a CUDA graph (with --conv auto: on unless --no-cuda-graph)")
     ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")

@@ -38,6 +38,11 @@ def engine_section() -> list[str]:
             "packed_cells", "packed_s_per_cell_round", "packed_tflops", "vectorised_peak_mem_gib", "packed_peak_mem_gib"]
     return (_table_sections("## Local training engine, whole rounds (`bench_engine.py`; paper settings, random "
                             "inputs of the right shape)", "round_*.json", cols)
+            + _table_sections("### Session 10 (H100): fmnist rounds against the sequential reference in fp32 and in bf16 "
+                              "(both sides in the same precision), 9 cells packed, one process each "
+                              "(`round_fmnist_s10_h100/`); the same command without `--conv auto`, i.e. vmap's "
+                              "cuDNN path, on the same machine (`round_fmnist_vmap_s10_h100/`)",
+                              "round_fmnist*_s10_h100/*.json", cols)
             + _table_sections("### Session 9 (H100): fmnist rounds against the sequential reference, several processes "
                               "(`round_fmnist_s9_h100/`, `round_fmnist_s9i_h100/`, `round_fmnist_s9j_h100/`)",
                               "round_fmnist_s9*_h100/*.json", cols)
