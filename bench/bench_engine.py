@@ -57,10 +57,11 @@ KERNEL_SETS: dict[str, dict] = {
     "nosplitk": {"splitk": False},
     "s6": {"legacy": True, "splitk": False, "flatten": False, "relu_grad": False, "graph_cache": False},
     "s7": {"flatten": False, "fp32_dot": "ieee", "min_k": 2048, "w_kmajor": False, "relu_grad": False,
-           "graph_cache": False},
+           "graph_cache": False, "separable": False},
     "noflatten": {"flatten": False}, "ieee": {"fp32_dot": "ieee"}, "wnmajor": {"w_kmajor": False},
-    "s8": {"relu_grad": False, "graph_cache": False}, "norelugrad": {"relu_grad": False},
-    "nocache": {"graph_cache": False},
+    "s8": {"relu_grad": False, "graph_cache": False, "separable": False}, "norelugrad": {"relu_grad": False},
+    "nocache": {"graph_cache": False}, "nosep": {"separable": False},
+    "s9": {"separable": False},
 }
 
 
@@ -85,22 +86,24 @@ def _legacy_conv():  # noqa: ANN202
 @contextlib.contextmanager
 def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = None, legacy: bool = False,
                  flatten: bool = True, fp32_dot: str | None = None, min_k: int | None = None,
-                 w_kmajor: bool = True, relu_grad: bool = True, graph_cache: bool = True) -> Iterator[None]:
+                 w_kmajor: bool = True, relu_grad: bool = True, graph_cache: bool = True,
+                 separable: bool = True) -> Iterator[None]:
     """The triton layout's kernel options, restored after: fused epilogues (robustfl.stacked.FUSE_EPILOGUES),
     the fused ReLU - Dropout - Flatten (robustfl.stacked.FUSE_FLATTEN), the split-K dense forward (off:
     triton_dense.MIN_K beyond any layer; else MIN_K ``min_k``), its fp32 precision (triton_dense.FP32_DOT),
     the convolutions' tile candidates (TILE_SETS) and weight operand's layout (triton_conv.W_KMAJOR), or an
     earlier commit's convolution kernels (:func:`_legacy_conv`), the ReLU backward handed to the next
-    convolution (robustfl.stacked.FUSE_RELU_GRAD), CUDA graphs kept between calls (robustfl.train.GRAPH_CACHE_SIZE).
-    None: the default."""
+    convolution (robustfl.stacked.FUSE_RELU_GRAD), CUDA graphs kept between calls (robustfl.train.GRAPH_CACHE_SIZE),
+    the convolutions' separable gather (triton_conv.SEPARABLE_GATHER). None: the default."""
     from robustfl import train
     import robustfl
     from robustfl import triton_conv, triton_dense
 
     old = (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
            triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv, triton_conv.W_KMAJOR, stacked.FUSE_RELU_GRAD,
-           train.GRAPH_CACHE_SIZE)
-    train.GRAPH_CACHE_SIZE = old[-1] if graph_cache else 0
+           train.GRAPH_CACHE_SIZE, triton_conv.SEPARABLE_GATHER)
+    triton_conv.SEPARABLE_GATHER = separable
+    train.GRAPH_CACHE_SIZE = old[-2] if graph_cache else 0
     stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_conv.W_KMAJOR = fuse, flatten, w_kmajor
     stacked.FUSE_RELU_GRAD = relu_grad
     clear_graph_cache()  # (its key names these options anyway; this frees the memory)
@@ -115,7 +118,7 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
     finally:
         (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
          triton_conv.IGEMM_CANDIDATES, robustfl.triton_conv, triton_conv.W_KMAJOR, stacked.FUSE_RELU_GRAD,
-         train.GRAPH_CACHE_SIZE) = old
+         train.GRAPH_CACHE_SIZE, triton_conv.SEPARABLE_GATHER) = old
         clear_graph_cache()
 
 

@@ -182,6 +182,50 @@ def test_weight_gradient_split_covers_every_row(monkeypatch: pytest.MonkeyPatch)
         _check((2, 3, 17, 17, 5, 6, 3, 0), True)
 
 
+#: unpadded shapes whose rows, K = 3*3*32 and output channels the tiles divide (IGEMM_GPU[0], WGRAD_GPU):
+#: the separable gather with no masks (EVEN), the second with its weight-gradient reduction in 3 chunks
+EVEN_SHAPES = [(2, 4, 6, 6, 32, 16, 3, 0), (2, 24, 10, 10, 32, 16, 3, 0)]
+
+
+def test_separable_gather_flags_for_the_paper_layers_and_the_test_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernels take the separable gather (S55): an unpadded forward pass and weight gradient,
+    never an input gradient (its window leaves the input) or a padded layer; EVEN where the tiles divide
+    the shapes. fmnist's 5x5x64 layer at 10 clients: forward unmasked, its weight gradient in 4 chunks of
+    100 row blocks (3 uneven ones without the separable gather)."""
+    monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 1024)  # the GPU's (the interpreter runs 1)
+    t512 = triton_conv.Tiles(512, 64, 32, 8, 3)
+    m, k = 64 * 20 * 20, 5 * 5 * 64
+    assert triton_conv._igemm_gather(m, k, 64, t512, 1, 0) == (True, True)
+    assert triton_conv._igemm_gather(m + 4, k, 64, t512, 1, 0) == (True, False)  # a partial row tile
+    assert triton_conv._igemm_gather(64 * 24 * 24, 25, 64, t512, 1, 0) == (True, False)  # first layer: K = 25
+    assert triton_conv._igemm_gather(64 * 24 * 24, k, 64, t512, -1, 4) == (False, False)  # input gradient
+    assert triton_conv._igemm_gather(32 * 32 * 32, 9 * 32, 64, t512, 1, -1) == (False, False)  # padding 1
+    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (4, 6400, True, True)
+    assert triton_conv._wgrad_split(32 * 32 * 32, 9 * 32, 64, 10, 1, WGRAD_GPU)[2:] == (False, False)
+    for g, b, h, w, ci, co, kk, pad in EVEN_SHAPES:
+        mm = b * (h - kk + 1) * (w - kk + 1)
+        assert triton_conv._igemm_gather(mm, kk * kk * ci, co, IGEMM_GPU[0], 1, 0) == (True, True)
+        assert triton_conv._wgrad_split(mm, kk * kk * ci, co, g, 0, WGRAD_GPU)[2:] == (True, True)
+    assert triton_conv._wgrad_split(24 * 64, 9 * 32, 16, 2, 0, WGRAD_GPU)[:2] == (3, 512)
+    monkeypatch.setattr(triton_conv, "SEPARABLE_GATHER", False)
+    assert triton_conv._igemm_gather(m, k, 64, t512, 1, 0) == (False, False)
+    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (3, 8576, False, False)
+
+
+@on_cpu
+@pytest.mark.parametrize("separable", [True, False])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[7]] + EVEN_SHAPES)
+def test_separable_gather_and_the_bounds_tested_one_equal_conv2d(shape: tuple[int, ...], separable: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both gathers of unpadded layers (partial tiles masked, and the unmasked EVEN path) give conv2d's
+    convolution and gradients (float64, the GPU's tiles, a split weight-gradient reduction)."""
+    monkeypatch.setattr(triton_conv, "SEPARABLE_GATHER", separable)
+    monkeypatch.setattr(triton_conv, "IGEMM_TILES", IGEMM_GPU[0])
+    monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)
+    monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 1024)
+    _check(shape, True)
+
+
 def test_bad_shapes_and_unsupported_layers_are_named() -> None:
     with pytest.raises(ValueError, match="do not match"):
         triton_conv.conv_nhwc(torch.zeros(2, 1, 8, 8, 3), torch.zeros(2, 4, 2, 3, 3))  # Cin 3 vs 2
