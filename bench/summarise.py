@@ -41,7 +41,9 @@ def engine_section() -> list[str]:
             + _table_sections("### Session 10 (H100): fmnist rounds against the sequential reference in fp32 and in bf16 "
                               "(both sides in the same precision), 9 cells packed, one process each "
                               "(`round_fmnist_s10_h100/`); the same command without `--conv auto`, i.e. vmap's "
-                              "cuDNN path, on the same machine (`round_fmnist_vmap_s10_h100/`)",
+                              "cuDNN path, on the same machine (`round_fmnist_vmap_s10_h100/`); the separable gather (S55, "
+                              "`default`) against session 9's (`nosep`), one process each on another H100 "
+                              "(`round_fmnist_sep_s10_h100/`)",
                               "round_fmnist*_s10_h100/*.json", cols)
             + _table_sections("### Session 9 (H100): fmnist rounds against the sequential reference, several processes "
                               "(`round_fmnist_s9_h100/`, `round_fmnist_s9i_h100/`, `round_fmnist_s9j_h100/`)",
