@@ -96,10 +96,10 @@ def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT,
     1: max(y, 0); 2: each window's maximum, then max(., 0), stored pooled with the window position of
     the maximum in ``code`` (first of ties, as PyTorch's max-pool; :data:`DEAD` where the maximum is not
     positive); 3: y where ``code_ptr``'s tensor (here a float mask source laid out as y) is positive, else 0
-(an input gradient through the ReLU that produced the convolution's input). SEP (a window that never leaves the input: SGN = 1, OFF = 0): the gather's
-address split into a row part (b, oh, ow), computed once, and a column part (kh, kw, ci) per K block,
-with no bounds test per element; EVEN (with SEP: M, K and COUT whole multiples of the tiles): no masks
-at all. Grid: (cdiv(M, BM), cdiv(COUT, BN), G)."""
+(an input gradient through the ReLU that produced the convolution's input). SEP (a window that never
+leaves the input: SGN = 1, OFF = 0): the gather's address split into a row part (b, oh, ow), computed
+once, and a column part (kh, kw, ci) per K block, with no bounds test per element; EVEN (with SEP: M, K
+and COUT whole multiples of the tiles): no masks at all. Grid: (cdiv(M, BM), cdiv(COUT, BN), G)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
