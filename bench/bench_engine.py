@@ -1,8 +1,8 @@
 """Benchmark: one round of local training at the paper's settings, vectorised engine vs the sequential
-per-client reference, in the same process (issue 6). Random inputs of the right shape unless a prepared
-dataset directory is given.
+per-client reference, in the same process (issue 6), on random inputs of the right shape (a whole run on
+real data: bench_run.py --data). ``--conv auto`` (the default) times the engine a run uses.
 
-    python bench/bench_engine.py --models fmnist cifar10 kather --rounds 1 --out bench/results/engine.json
+    python bench/bench_engine.py --models fmnist cifar10 kather --pack 9 --out bench/results/engine.json
 
 ``--dirichlet ALPHA`` instead times unequal shards (a label-skewed Dirichlet split of the same number of
 samples, ``robustfl.partition.dirichlet``): the vectorised engine skipping clients whose batches ran
