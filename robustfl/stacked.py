@@ -154,11 +154,8 @@ def kernel_options() -> str:
     import robustfl
 
     cur = getattr(robustfl, "triton_conv", None)  # an earlier commit's kernels, swapped in by a benchmark
-    for mod, names in ((tc, ("IGEMM_TILES", "WGRAD_TILES", "WGRAD_PROGRAMS", "IGEMM_CANDIDATES", "W_KMAJOR",
-                              "SEPARABLE_GATHER")),
-                       (cur, ("IGEMM_TILES", "WGRAD_TILES", "WGRAD_PROGRAMS", "IGEMM_CANDIDATES", "W_KMAJOR",
-                              "SEPARABLE_GATHER")),
-                       (td, ("MIN_K", "MAX_TILES", "TILES", "PROGRAMS", "FP32_DOT"))):
+    conv = ("IGEMM_TILES", "WGRAD_TILES", "WGRAD_PROGRAMS", "IGEMM_CANDIDATES", "W_KMAJOR", "SEPARABLE_GATHER")
+    for mod, names in ((tc, conv), (cur, conv), (td, ("MIN_K", "MAX_TILES", "TILES", "PROGRAMS", "FP32_DOT"))):
         if mod is not None:
             opts += [id(mod)] + [getattr(mod, n, None) for n in names]
     return repr(tuple(opts))

@@ -84,6 +84,16 @@ def _rows(offs_m, HOUT, WOUT, PH, PW, POOL: tl.constexpr):
 
 
 @triton.jit
+def _load(ptrs, mask, EVEN: tl.constexpr):
+    """``ptrs``' values, 0 where ``mask`` is off; EVEN (every lane in bounds): unmasked."""
+    if EVEN:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
 def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT, PH, PW, a_sg, y_sg, w_sg, w_sk, w_sn,
                   CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                   SGN: tl.constexpr, OFF: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -124,19 +134,13 @@ and COUT whole multiples of the tiles): no masks at all. Grid: (cdiv(M, BM), cdi
         kh = t // KW
         w_ptrs = w_base + offs_k[:, None] * w_sk + offs_n[None, :] * w_sn
         if SEP:
-            a_ptrs = a_rows[:, None] + ((kh * WIN + kw) * CIN + ci)[None, :]
-            if EVEN:
-                a = tl.load(a_ptrs)
-                wv = tl.load(w_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                wv = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            a = _load(a_rows[:, None] + ((kh * WIN + kw) * CIN + ci)[None, :], m_ok[:, None] & k_ok[None, :], EVEN)
         else:
             ih = oh[:, None] + SGN * kh[None, :] + OFF
             iw = ow[:, None] + SGN * kw[None, :] + OFF
             ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
             a = tl.load(a_rows[:, None] + (ih * WIN + iw) * CIN + ci[None, :], mask=ok, other=0.0)
-            wv = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        wv = _load(w_ptrs, k_ok[:, None] & n_ok[None, :], EVEN)
         acc = tl.dot(a, wv, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + g * COUT + offs_n, mask=n_ok, other=0.0).to(ACC)[None, :]
@@ -224,20 +228,15 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
         ow = rem % WOUT
         d_ptrs = dy_base + offs_m[:, None] * COUT + offs_n[None, :]
         if SEP:
-            a_ptrs = x_cols[:, None] + (bb * (HIN * WIN * CIN) + (oh * WIN + ow) * CIN)[None, :]
-            if EVEN:
-                a_t = tl.load(a_ptrs)
-                d = tl.load(d_ptrs)
-            else:
-                a_t = tl.load(a_ptrs, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
-                d = tl.load(d_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            a_t = _load(x_cols[:, None] + (bb * (HIN * WIN * CIN) + (oh * WIN + ow) * CIN)[None, :],
+                        k_ok[:, None] & m_ok[None, :], EVEN)
         else:
             ih = oh[None, :] + kh[:, None] + OFF
             iw = ow[None, :] + kw[:, None] + OFF
             ok = k_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
             a_t = tl.load(x_base + bb[None, :] * (HIN * WIN * CIN) + (ih * WIN + iw) * CIN + ci[:, None],
                           mask=ok, other=0.0)
-            d = tl.load(d_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        d = _load(d_ptrs, m_ok[:, None] & n_ok[None, :], EVEN)
         acc = tl.dot(a_t, d, acc, input_precision=PREC)
         if BIAS:
             bacc += tl.sum(d.to(ACC), axis=0)
@@ -374,10 +373,16 @@ def _unpool(dyp: torch.Tensor, code: torch.Tensor, hout: int, wout: int) -> torc
     return dz
 
 
+def _kn_divide(k: int, cout: int, tiles: Tiles) -> bool:
+    """Whether K blocks of ``tiles.bk`` and the output-channel tile cover ``k`` and ``cout`` exactly
+    (with whole row blocks: the kernels' EVEN)."""
+    return k % tiles.bk == 0 and cout % _bn(cout, tiles.bn) == 0
+
+
 def _igemm_gather(m: int, k: int, cout: int, tiles: Tiles, sgn: int, off: int) -> tuple[bool, bool]:
     """:func:`_igemm_kernel`'s SEP and EVEN for ``m`` rows, ``k`` = KH*KW*CIN and ``cout`` columns."""
     sep = SEPARABLE_GATHER and sgn == 1 and off == 0
-    return sep, sep and m % tiles.bm == 0 and k % tiles.bk == 0 and cout % _bn(cout, tiles.bn) == 0
+    return sep, sep and m % tiles.bm == 0 and _kn_divide(k, cout, tiles)
 
 
 def _wgrad_split(m: int, k: int, cout: int, g: int, pad: int, tiles: Tiles) -> tuple[int, int, bool, bool]:
@@ -393,7 +398,7 @@ def _wgrad_split(m: int, k: int, cout: int, g: int, pad: int, tiles: Tiles) -> t
         s = next((c for c in range(s, 2 * s + 1) if blocks % c == 0), s)
     chunk = triton.cdiv(triton.cdiv(m, s), tiles.bm) * tiles.bm
     s = triton.cdiv(m, chunk)
-    return s, chunk, sep, sep and m % chunk == 0 and k % tiles.bk == 0 and cout % _bn(cout, tiles.bn) == 0
+    return s, chunk, sep, sep and m % chunk == 0 and _kn_divide(k, cout, tiles)
 
 
 def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles: Tiles, *,
