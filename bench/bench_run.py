@@ -44,10 +44,10 @@ VARIANTS = {
     "triton+graph+tf32": dict(conv="triton", cuda_graph=True, precision="tf32"),
     "triton+graph+bf16": dict(conv="triton", cuda_graph=True, precision="bf16"),
     "auto": dict(conv="auto", cuda_graph=None),
-    # earlier sessions' kernels (s6-s9) and single options: bench_engine.KERNEL_SETS
+    # earlier sessions' kernels (s6-s10) and single options: bench_engine.KERNEL_SETS
     **{f"triton+graph{p}+{k}": dict(conv="triton", cuda_graph=True, kernels=k, **prec)
        for p, prec in (("", {}), ("+tf32", {"precision": "tf32"}), ("+bf16", {"precision": "bf16"}))
-       for k in ("t256", "s6", "s7", "s8", "s9", "nocache")},
+       for k in ("t256", "s6", "s7", "s8", "s9", "s10", "nocache")},
 }
 
 

@@ -111,6 +111,11 @@ FUSE_FLATTEN = True
 #: input-gradient kernel (robustfl.triton_conv.conv_nhwc's ``relu_input`` / ``grad_masked``; False: as
 #: its own pass, for benchmarks that compare the two)
 FUSE_RELU_GRAD = True
+#: layout "triton": where a ``[ReLU] [Dropout] Flatten`` kernel follows a convolution (fmnist's second),
+#: its backward writes the gradient into a zero-bordered buffer from which the convolution's input-gradient
+#: kernel gathers without bounds tests (robustfl.triton_conv.padded_base; S56; needs
+#: ``triton_conv.SEPARABLE_GATHER``; False: the bounds-tested gather, for benchmarks that compare the two)
+PAD_CONV_GRAD = True
 
 
 def _flatten_run(rest: list[tuple[str, nn.Module]]) -> tuple[bool, nn.Dropout | None, int]:
@@ -149,7 +154,7 @@ def kernel_options() -> str:
     :mod:`robustfl.train`'s key for CUDA graphs kept from one call to the next."""
     import sys
 
-    opts: list[object] = [FUSE_EPILOGUES, FUSE_FLATTEN, FUSE_RELU_GRAD]
+    opts: list[object] = [FUSE_EPILOGUES, FUSE_FLATTEN, FUSE_RELU_GRAD, PAD_CONV_GRAD]
     tc, td = sys.modules.get("robustfl.triton_conv"), sys.modules.get("robustfl.triton_dense")
     import robustfl
 
@@ -236,6 +241,7 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
     seq = _pool_before_relu(layers(model))
     pos = 0  # the next layer of seq to apply (a fused epilogue consumes the layers after its convolution)
     relu_input = False  # the next triton convolution's input is a ReLU output whose backward it applies
+    grad_pad = 0  # the zero border the next flatten kernel's backward writes around its gradient
     while pos < len(seq):
         prefix, m = seq[pos]
         pos += 1
@@ -245,8 +251,8 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
 
             relu, drop, count = run
             h = triton_flatten.relu_dropout_flatten(h, relu=relu, p=0.0 if drop is None else drop.p,
-                                                    training=drop is not None and drop.training)
-            nhwc, pos = False, pos - 1 + count
+                                                    training=drop is not None and drop.training, grad_pad=grad_pad)
+            nhwc, pos, grad_pad = False, pos - 1 + count, 0
         elif isinstance(m, nn.Conv2d):
             w = params[prefix + "weight"]
             bias = params.get(prefix + "bias")
@@ -263,8 +269,14 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
                 nxt = seq[pos + used][1] if pos + used < len(seq) else None
                 hand_on = (FUSE_RELU_GRAD and epilogue == "relu" and isinstance(nxt, nn.Conv2d)
                            and triton_conv.supported(nxt))
+                # a flatten kernel next, and an input gradient wanted: it borders its gradient with zeros
+                border = m.kernel_size[0] - 1 - m.padding[0]
+                grad_pad = border if (PAD_CONV_GRAD and getattr(triton_conv, "SEPARABLE_GATHER", False)
+                                      and epilogue == "none" and FUSE_FLATTEN and _flatten_run(seq[pos:])[2]
+                                      and h.requires_grad and m.kernel_size[0] == m.kernel_size[1]
+                                      and border > 0) else 0
                 h = triton_conv.conv_nhwc(h, w, bias, m.padding[0], epilogue, relu_input=relu_input,
-                                          grad_masked=hand_on)
+                                          grad_masked=hand_on, **({"grad_padded": True} if grad_pad else {}))
                 relu_input = hand_on
                 pos += used
             elif layout == "loop":

@@ -185,7 +185,7 @@ def _unpool_kernel(dyp_ptr, code_ptr, dz_ptr, TOTAL, OH, OW, PH, PW, C: tl.const
 
 
 @triton.jit
-def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, dy_sg, G, S, CHUNK,
+def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, dy_sg, dy_sb, dy_sh, dy_sw, G, S, CHUNK,
                   CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                   OFF: tl.constexpr, BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                   BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, SEP: tl.constexpr = False,
@@ -194,6 +194,8 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
     (A as in :func:`_igemm_kernel` with SGN = 1), stored in the weight's own layout (G, COUT, CIN, KH,
     KW), and, with BIAS, the partial bias gradient outb[s, g, n] = sum over the same rows of dy[g, m, n]
     (stored by the programs of the first K block; :func:`_wgrad` asks for it only where K is one block).
+    dy[g, (b, oh, ow), n] is at dy_ptr + g dy_sg + b dy_sb + oh dy_sh + ow dy_sw + n (contiguous, or the
+    inside of a zero-bordered buffer: :func:`padded_base`).
     SEP (OFF = 0, no padding): the gather's address as a column part (kh, kw, ci), computed once, plus a
     row part (b, oh, ow) per block of rows, with no bounds test per element; EVEN (with SEP: the S chunks
     cover M exactly, K and COUT whole multiples of the tiles): no masks. Grid: (cdiv(K, BK),
@@ -226,7 +228,7 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
         rem = offs_m % hw
         oh = rem // WOUT
         ow = rem % WOUT
-        d_ptrs = dy_base + offs_m[:, None] * COUT + offs_n[None, :]
+        d_ptrs = dy_base + (bb * dy_sb + oh * dy_sh + ow * dy_sw)[:, None] + offs_n[None, :]
         if SEP:
             a_t = _load(x_cols[:, None] + (bb * (HIN * WIN * CIN) + (oh * WIN + ow) * CIN)[None, :],
                         k_ok[:, None] & m_ok[None, :], EVEN)
@@ -404,13 +406,16 @@ def _wgrad_split(m: int, k: int, cout: int, g: int, pad: int, tiles: Tiles) -> t
 def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles: Tiles, *,
            bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight gradient ``(G, COUT, CIN, KH, KW)`` (the weight's own layout) and, with ``bias``, the bias
-    gradient ``(G, COUT)``, both fp32 (fp64 for fp64 inputs). The bias gradient is summed inside the
+    gradient ``(G, COUT)``, both fp32 (fp64 for fp64 inputs); ``dy`` contiguous along its channels (any
+    other strides: the inside of :func:`padded_base`'s buffer). The bias gradient is summed inside the
     kernel only where K is one block (a first layer); elsewhere by ``torch.sum``: summing it in the
     kernel, even in the first K block's programs only, slowed the whole kernel (fmnist's 5x5x64 layer
     0.78 -> 1.03 ms, Kather's second 1.48 -> 1.96 ms; the separate sum 0.06 / 0.17 ms:
     bench/results/triton_conv_large_s7_h100.json, H100)."""
     g, b, hin, win, cin = x.shape
     _, _, hout, wout, cout = dy.shape
+    if dy.stride(4) != 1:
+        dy = dy.contiguous()
     m = b * hout * wout
     k = kh * kw * cin
     bn = _bn(cout, tiles.bn)
@@ -421,7 +426,7 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     part_b = torch.empty(s, g, cout, dtype=acc_t, device=x.device) if fused else part
     grid = (triton.cdiv(k, tiles.bk), triton.cdiv(cout, bn), g * s)
     with _on(x):
-        _wgrad_kernel[grid](x, dy, part, part_b, m, hin, win, hout, wout, x.stride(0), dy.stride(0), g, s, chunk,
+        _wgrad_kernel[grid](x, dy, part, part_b, m, hin, win, hout, wout, x.stride(0), *dy.stride()[:4], g, s, chunk,
                             CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, BIAS=fused, PREC=_prec(x.dtype),
                             ACC=_acc(x.dtype)[1], BK=tiles.bk, BN=bn, BR=tiles.bm, SEP=sep, EVEN=even,
                             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
@@ -439,10 +444,14 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
 W_KMAJOR = True
 
 
-def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool) -> torch.Tensor:
+def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool, flip: bool = False) -> torch.Tensor:
     """The weight ``w (G, Cout, Cin, KH, KW)`` as the (G, K, N) operand of :func:`_igemm_kernel`: forward,
     K = (kh, kw, ci) and N = co; input gradient (``backward``), K = (kh, kw, co) and N = ci; a contiguous
-    copy in ``dtype``, K-major or N-major (:data:`W_KMAJOR`), returned as a (G, K, N) view."""
+    copy in ``dtype``, K-major or N-major (:data:`W_KMAJOR`), returned as a (G, K, N) view. ``flip``: the
+    kernel's window turned by 180 degrees (kh -> KH-1-kh, kw -> KW-1-kw; the input gradient as a
+    correlation over a zero-bordered gradient, :func:`padded_base`)."""
+    if flip:
+        w = w.flip(3, 4)
     g, cout, cin, kh, kw = w.shape
     n, k = (cin, kh * kw * cout) if backward else (cout, kh * kw * cin)
     if W_KMAJOR:  # (G, N, KH, KW, C) contiguous, viewed (G, K, N)
@@ -452,10 +461,30 @@ def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool) -> torc
     return t.reshape(g, k, n).to(dtype).contiguous()
 
 
+def padded_base(dy: torch.Tensor, q: int) -> torch.Tensor | None:
+    """The contiguous ``(G, B, H + 2q, W + 2q, C)`` buffer of which ``dy (G, B, H, W, C)`` is the inside
+    (its strides and offset say so, as :func:`robustfl.triton_flatten.relu_dropout_flatten` hands back
+    with ``grad_pad`` q), else None. That the border holds zeros is the producer's promise
+    (:func:`conv_nhwc`'s ``grad_padded``). With the border q = KH - 1 - padding, a stride-1 convolution's
+    input gradient, dx[ih, iw] = sum dy[ih - kh + padding, iw - kw + padding] w[kh, kw], is the correlation
+    dx[ih, iw] = sum dyq[ih + kh', iw + kw'] w[KH-1-kh', KW-1-kw'] whose window never leaves the buffer
+    dyq: the separable gather, without bounds tests (S56)."""
+    if q <= 0 or dy.dim() != 5:
+        return None
+    g, b, h, w, c = dy.shape
+    hp, wp = h + 2 * q, w + 2 * q
+    strides = (b * hp * wp * c, hp * wp * c, wp * c, c, 1)
+    corner = (q * wp + q) * c
+    if dy.stride() != strides or dy.storage_offset() < corner:
+        return None
+    return dy.as_strided((g, b, hp, wp, c), strides, dy.storage_offset() - corner)
+
+
 class _ConvNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
-                pad: int, epi: int, relu_input: bool = False, grad_masked: bool = False) -> torch.Tensor:
+                pad: int, epi: int, relu_input: bool = False, grad_masked: bool = False,
+                grad_padded: bool = False) -> torch.Tensor:
         g, _, h, wd, cin = x.shape
         cout, _, kh, kw = w.shape[1:]
         oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
@@ -467,37 +496,47 @@ class _ConvNHWC(torch.autograd.Function):
         # (a ReLU output whose gradient arrives already masked, ``grad_masked``, needs none)
         ctx.save_for_backward(x, w, {0: None, 1: None if grad_masked else y, 2: code}[epi])
         ctx.pad, ctx.has_bias, ctx.epi, ctx.out_hw = pad, bias is not None, epi, (oh, ow)
-        ctx.relu_input, ctx.grad_masked = relu_input, grad_masked
+        ctx.relu_input, ctx.grad_masked, ctx.grad_padded = relu_input, grad_masked, grad_padded
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # noqa: ANN001, ANN205
         x, w, aux = ctx.saved_tensors
         pad, epi, (oh, ow) = ctx.pad, ctx.epi, ctx.out_hw
-        dy = dy.contiguous()
+        kh, kw = w.shape[3:]
+        # the gradient as the inside of a zero-bordered buffer (grad_padded, epilogue none): the input
+        # gradient gathers it separably; anything else (e.g. gradients summed by autograd): contiguous
+        dyq = padded_base(dy, kh - 1 - pad) if ctx.grad_padded and kh == kw and SEPARABLE_GATHER else None
+        if dyq is None:
+            dy = dy.contiguous()
         if epi == 1 and not ctx.grad_masked:  # through the ReLU: 0 where the output is not positive, in one
             # pass (ReLU's own backward; torch.where(aux > 0, ...) was two: the comparison, then the selection)
             dy = torch.ops.aten.threshold_backward(dy, aux, 0)
         elif epi == 2:  # through the ReLU and the pool at once
             dy = _unpool(dy, aux, oh, ow)
         g, _, h, wd, cin = x.shape
-        cout, _, kh, kw = w.shape[1:]
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            wd_k = _gemm_weight(w, dy.dtype, backward=True)
             # relu_input: x is a ReLU's output, and the gradient at it goes on through that ReLU: zero it
             # where x is not positive in the kernel's epilogue (the producer's backward then skips it)
-            dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, relu_of=x if ctx.relu_input else None)
+            relu_of = x if ctx.relu_input else None
+            if dyq is not None:
+                wd_k = _gemm_weight(w, dy.dtype, backward=True, flip=True)
+                dx, _ = _igemm(dyq, wd_k, None, h, wd, cin, kh, kw, 1, 0, relu_of=relu_of)
+            else:
+                wd_k = _gemm_weight(w, dy.dtype, backward=True)
+                dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, relu_of=relu_of)
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] or want_b:
             dw, db = _wgrad(x, dy, kh, kw, pad, WGRAD_TILES, bias=want_b)
             dw = dw.to(w.dtype) if ctx.needs_input_grad[1] else None
             db = db.to(w.dtype) if want_b else None
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 def conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0,
-              epilogue: str = "none", *, relu_input: bool = False, grad_masked: bool = False) -> torch.Tensor:
+              epilogue: str = "none", *, relu_input: bool = False, grad_masked: bool = False,
+              grad_padded: bool = False) -> torch.Tensor:
     """Client g's convolution of its inputs ``x[g] (B, H, W, Cin)`` (NHWC, contiguous) with its weight
     ``w[g] (Cout, Cin, KH, KW)`` and bias ``bias[g] (Cout,)``, stride 1, zero padding ``padding``, for
     every g: ``(G, B, OH, OW, Cout)``, differentiable in x, w and bias. ``epilogue`` (:data:`EPILOGUES`)
@@ -511,9 +550,17 @@ def conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     at its output is already zero where the output is not positive) and the second with
     ``relu_input=True`` (its input-gradient kernel zeroes the gradient where its input is not positive,
     in the kernel's epilogue, saving a pass over that gradient). Only valid when the first
-    convolution's output feeds the second alone, as in :func:`robustfl.stacked.stacked_logits`."""
+    convolution's output feeds the second alone, as in :func:`robustfl.stacked.stacked_logits`.
+
+    ``grad_padded`` (epilogue ``"none"``): the consumer of the output promises to hand back its gradient
+    as the inside of a buffer bordered by KH - 1 - padding zeros (:func:`padded_base`;
+    :func:`robustfl.triton_flatten.relu_dropout_flatten`'s ``grad_pad``), and the input gradient is then
+    gathered from that buffer without bounds tests. A gradient that does not have that buffer's strides
+    (e.g. one autograd summed from several consumers) takes the usual path."""
     if grad_masked and epilogue != "relu":
         raise ValueError("conv_nhwc: grad_masked applies to a ReLU epilogue")
+    if grad_padded and epilogue != "none":
+        raise ValueError("conv_nhwc: grad_padded applies to a convolution without an epilogue")
     if x.dim() != 5 or w.dim() != 5 or x.shape[0] != w.shape[0] or x.shape[-1] != w.shape[2]:
         raise ValueError(f"conv_nhwc: x (G, B, H, W, Cin) and w (G, Cout, Cin, KH, KW) do not match: "
                          f"{tuple(x.shape)}, {tuple(w.shape)}")
@@ -524,5 +571,7 @@ def conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
         x, w = x.to(dt), w.to(dt)
         bias = None if bias is None else bias.to(dt)
         with torch.autocast(x.device.type, enabled=False):
-            return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding), _EPI[epilogue], relu_input, grad_masked)
-    return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding), _EPI[epilogue], relu_input, grad_masked)
+            return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding), _EPI[epilogue], relu_input, grad_masked,
+                                   grad_padded)
+    return _ConvNHWC.apply(x.contiguous(), w, bias, int(padding), _EPI[epilogue], relu_input, grad_masked,
+                           grad_padded)

@@ -199,6 +199,8 @@ def test_separable_gather_flags_for_the_paper_layers_and_the_test_shapes(monkeyp
     assert triton_conv._igemm_gather(m + 4, k, 64, t512, 1, 0) == (True, False)  # a partial row tile
     assert triton_conv._igemm_gather(64 * 24 * 24, 25, 64, t512, 1, 0) == (True, False)  # first layer: K = 25
     assert triton_conv._igemm_gather(64 * 24 * 24, k, 64, t512, -1, 4) == (False, False)  # input gradient
+    # ... unless taken over its gradient bordered with 4 zeros (S56): 28 x 28 in, 24 x 24 out, unmasked
+    assert triton_conv._igemm_gather(64 * 24 * 24, k, 64, t512, 1, 0) == (True, True)
     assert triton_conv._igemm_gather(32 * 32 * 32, 9 * 32, 64, t512, 1, -1) == (False, False)  # padding 1
     assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (4, 6400, True, True)
     assert triton_conv._wgrad_split(32 * 32 * 32, 9 * 32, 64, 10, 1, WGRAD_GPU)[2:] == (False, False)
@@ -224,6 +226,81 @@ def test_separable_gather_and_the_bounds_tested_one_equal_conv2d(shape: tuple[in
     monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)
     monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 1024)
     _check(shape, True)
+
+
+def _check_bordered(shape: tuple[int, ...], relu_input: bool, monkeypatch: pytest.MonkeyPatch,
+                    dtype: torch.dtype = torch.float64, device: str = "cpu", tol: float = 1e-11) -> None:
+    """conv_nhwc(grad_padded=True) with its output's gradient handed back as the inside of a zero-bordered
+    buffer, and again as a contiguous tensor: conv2d's gradients both times, the input gradient of the
+    first by the separable gather over the buffer (SGN 1, no offset), of the second bounds-tested."""
+    calls = []
+    real = triton_conv._igemm
+    monkeypatch.setattr(triton_conv, "_igemm", lambda a, *r, **k: calls.append((tuple(a.shape), r[7], r[8])) or
+                        real(a, *r, **k))
+    g, b, h, w, ci, co, k, pad = shape
+    gen = torch.Generator().manual_seed(sum(shape) + 7)
+    x = torch.randn(g, b, h, w, ci, generator=gen, dtype=torch.float64)
+    if relu_input:  # x is a ReLU's output (zeros included), whose backward the input-gradient kernel applies
+        x = x.clamp_min(0.0)
+    wt = torch.randn(g, co, ci, k, k, generator=gen, dtype=torch.float64)
+    bs = torch.randn(g, co, generator=gen, dtype=torch.float64)
+    oh, ow, q = h + 2 * pad - k + 1, w + 2 * pad - k + 1, k - 1 - pad
+    buf = torch.zeros(g, b, oh + 2 * q, ow + 2 * q, co, dtype=torch.float64)
+    buf[:, :, q:q + oh, q:q + ow] = torch.randn(g, b, oh, ow, co, generator=gen, dtype=torch.float64)
+    buf = buf.to(device, dtype)
+    gy = buf[:, :, q:q + oh, q:q + ow]
+    assert triton_conv.padded_base(gy, q).data_ptr() == buf.data_ptr()
+    for bordered in (True, False):
+        calls.clear()
+        ins = [t.to(device, dtype).requires_grad_() for t in (x, wt, bs)]
+        refs = [t.to(device, dtype).requires_grad_() for t in (x, wt, bs)]
+        y = triton_conv.conv_nhwc(ins[0], ins[1], ins[2], pad, grad_padded=True, relu_input=relu_input)
+        # relu_input: the same convolution, and the gradient at x passes x's ReLU (x = relu(x) here)
+        want = _reference(refs[0].relu() if relu_input else refs[0], refs[1], refs[2], pad)
+        y.backward(gy if bordered else gy.contiguous())
+        want.backward(gy)
+        for a, r in zip(ins, refs):
+            torch.testing.assert_close(a.grad, r.grad, rtol=tol, atol=tol * r.grad.abs().max().item())
+        assert calls[-1] == (((g, b, oh + 2 * q, ow + 2 * q, co), 1, 0) if bordered else ((g, b, oh, ow, co), -1, pad))
+
+
+@on_cpu
+@pytest.mark.parametrize("relu_input", [False, True])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[4], SHAPES[7]] + EVEN_SHAPES)
+def test_input_gradient_from_a_zero_bordered_gradient_equals_conv2d(shape: tuple[int, ...], relu_input: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """S56: with ``grad_padded``, a gradient handed back as the inside of a buffer bordered by KH - 1 -
+    padding zeros gives conv2d's input, weight and bias gradients (float64, the GPU's tiles), the input
+    gradient computed by the separable gather (SGN = 1, no offset: the window turned by 180 degrees over
+    the buffer) and the weight gradient reading the gradient at the buffer's strides; a contiguous
+    gradient (what autograd hands on where it sums several) takes the bounds-tested path."""
+    monkeypatch.setattr(triton_conv, "IGEMM_TILES", IGEMM_GPU[0])
+    monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)
+    monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 1024)
+    _check_bordered(shape, relu_input, monkeypatch)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(10, 64, 24, 24, 64, 64, 5, 0), (4, 32, 32, 32, 64, 64, 3, 1)])
+def test_cuda_input_gradient_from_a_zero_bordered_gradient_in_full_fp32(shape: tuple[int, ...],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """S56 on the GPU, fmnist's second layer (its input-gradient kernel unmasked) and a padded layer, TF32
+    off: equal to cuDNN's gradients up to summation order, bordered or not."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    _check_bordered(shape, True, monkeypatch, torch.float32, "cuda", tol=1e-4)
+
+
+def test_padded_base_recognises_only_the_inside_of_a_bordered_buffer() -> None:
+    buf = torch.zeros(2, 3, 9, 8, 4)
+    inside = buf[:, :, 2:7, 2:6]
+    assert triton_conv.padded_base(inside, 2).data_ptr() == buf.data_ptr()
+    assert triton_conv.padded_base(inside, 1) is None  # another border
+    assert triton_conv.padded_base(buf[:, :, 1:8, 1:7], 2) is None  # not centred
+    assert triton_conv.padded_base(inside.contiguous(), 2) is None
+    assert triton_conv.padded_base(inside, 0) is None
+    with pytest.raises(ValueError, match="grad_padded"):
+        triton_conv.conv_nhwc(torch.zeros(1, 1, 6, 6, 2), torch.zeros(1, 3, 2, 3, 3), epilogue="relu",
+                              grad_padded=True)
 
 
 def test_bad_shapes_and_unsupported_layers_are_named() -> None:
@@ -377,6 +454,23 @@ def test_stacked_hands_the_relu_backward_on_only_between_two_convolutions(monkey
         flags = [(k["relu_input"], k["grad_masked"]) for k in calls]
         assert flags == ([(False, True), (True, False)] if on else [(False, False), (False, False)])
     for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # S56: the second convolution, followed by the ReLU - Dropout - Flatten kernel, has its gradient handed
+    # back bordered with 4 zeros (the first, whose input needs no gradient, does not), and the step's
+    # gradients are those of the bounds-tested path
+    monkeypatch.setattr(stacked, "FUSE_RELU_GRAD", True)
+    found = []
+    real_base = triton_conv.padded_base
+    monkeypatch.setattr(triton_conv, "padded_base", lambda *a: found.append(real_base(*a) is not None) or real_base(*a))
+    padded = {}
+    for on in (True, False):
+        monkeypatch.setattr(stacked, "PAD_CONV_GRAD", on)
+        calls.clear()
+        padded[on] = stacked.stacked_grads(model, spec.names, [flats[:, a:b].reshape(2, *s) for s, (a, b) in
+                                                                zip(spec.shapes, spec.slices)], x, y, mask, layout="triton")
+        assert [k.get("grad_padded", False) for k in calls] == [False, on]
+    assert found == [True]  # the backward found the bordered buffer (and was only asked when on)
+    for a, b in zip(padded[True], padded[False]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     calls.clear()  # CIFAR-10's convolutions are followed by pools: nothing to hand on
     cifar = build_model("cifar10_cnn", 10, 3).double()

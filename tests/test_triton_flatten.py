@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustfl import triton_flatten
+from robustfl import triton_conv, triton_flatten
 
 CUDA = torch.cuda.is_available()
 on_cpu = pytest.mark.skipif(not triton_flatten.INTERPRET, reason="CPU tensors need Triton's interpreter "
@@ -49,6 +49,31 @@ def test_equals_relu_dropout_permute_flatten(shape: tuple[int, ...], relu: bool,
     (got * gy).sum().backward()
     (want * gy).sum().backward()
     torch.testing.assert_close(zk.grad, zr.grad, rtol=0, atol=0)
+
+
+@on_cpu
+@pytest.mark.parametrize("q", [1, 4])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 6), (1, 2, 20, 20, 64), (3, 1, 1, 1, 3)])
+def test_gradient_handed_back_inside_a_zero_bordered_buffer(shape: tuple[int, ...], q: int) -> None:
+    """``grad_pad`` q (S56): the gradient at z is the same as without it, and it is the inside of a
+    (G, B, H + 2q, W + 2q, C) buffer whose border the kernel wrote with zeros (over a buffer first filled
+    with NaN, so an unwritten border would show)."""
+    g = torch.Generator().manual_seed(sum(shape) + q)
+    z = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(shape[0], shape[1], shape[2] * shape[3] * shape[4], generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(triton_flatten.relu_dropout_flatten(z, relu=True), z, gy)[0]
+    real_empty = torch.empty
+    with pytest.MonkeyPatch.context() as mp:  # every buffer the backward allocates starts as NaN
+        mp.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+        got = torch.autograd.grad(triton_flatten.relu_dropout_flatten(z, relu=True, grad_pad=q), z, gy)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    base = triton_conv.padded_base(got, q)
+    assert base is not None and base.shape == (*shape[:2], shape[2] + 2 * q, shape[3] + 2 * q, shape[4])
+    border = torch.ones(base.shape, dtype=torch.bool)
+    border[:, :, q:-q, q:-q] = False
+    assert bool((base[border] == 0).all())
+    with pytest.raises(ValueError, match="grad_pad"):
+        triton_flatten.relu_dropout_flatten(z, relu=True, grad_pad=-1)
 
 
 @on_cpu
