@@ -53,6 +53,12 @@ WGRAD = [(Tiles(64, 64, 32, 4, 3), 1024), (Tiles(128, 64, 32, 4, 3), 1024), (Til
          (Tiles(32, 64, 32, 4, 3), 1024), (Tiles(64, 64, 16, 4, 4), 1024), (Tiles(64, 64, 32, 4, 3), 4096),
          (Tiles(128, 64, 32, 8, 3), 512), (Tiles(64, 64, 64, 4, 3), 1024), (Tiles(128, 64, 64, 8, 3), 1024),
          (Tiles(128, 64, 32, 8, 4), 1024)]
+# --sweep wgrad (session 11): the weight-gradient kernel with KSUB sub-blocks per program (S57; 1 = before),
+# its tiles and program counts: (tiles, programs, KSUB)
+WGRAD_KSUB = [(Tiles(64, 64, 32, 4, 3), 1024, 1), (Tiles(64, 64, 32, 4, 3), 1024, 5), (Tiles(64, 64, 32, 4, 3), 512, 5),
+              (Tiles(64, 64, 32, 4, 3), 256, 5), (Tiles(64, 64, 32, 8, 3), 512, 5), (Tiles(128, 64, 32, 8, 2), 512, 5),
+              (Tiles(32, 64, 32, 4, 3), 512, 5), (Tiles(64, 64, 32, 4, 4), 512, 5), (Tiles(64, 64, 32, 4, 3), 512, 2),
+              (Tiles(64, 64, 32, 4, 3), 512, 3), (Tiles(128, 64, 32, 4, 2), 512, 5), (Tiles(64, 64, 32, 8, 3), 1024, 5)]
 # --sweep large: the output tiles around the first sweeps' best (512 and 256 rows; more stages where
 # shared memory allows), no weight-gradient tiles
 IGEMM_LARGE = [Tiles(256, 64, 32, 8, 3), Tiles(256, 64, 32, 8, 4), Tiles(512, 64, 32, 8, 3), Tiles(512, 64, 16, 8, 4),
@@ -147,7 +153,7 @@ def _sweep(add, xd, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, wh
     first = layer == 0
     wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False)
     wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True)
-    for t in IGEMM if which == "all" else IGEMM_LARGE:
+    for t in {"all": IGEMM, "large": IGEMM_LARGE}.get(which, []):
         try:
             ms = do_bench(lambda t=t: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad, t))
             add(path="triton", kernel_pass="fwd", tiles=_tiles(t), ms=ms, flops=flops["fwd"])
@@ -157,26 +163,29 @@ def _sweep(add, xd, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, wh
         except Exception as exc:  # noqa: BLE001 - a tile shape the compiler refuses is a result
             add(path="triton", kernel_pass="fwd/dgrad", tiles=_tiles(t),
                 error=str(exc).splitlines()[0][:200])
-    old = triton_conv.WGRAD_PROGRAMS
-    for t, programs in WGRAD if which == "all" else []:
-        triton_conv.WGRAD_PROGRAMS = programs
+    old = triton_conv.WGRAD_PROGRAMS, triton_conv.WGRAD_KSUB
+    wgrad = {"all": [(t, p, 1) for t, p in WGRAD], "wgrad": WGRAD_KSUB}.get(which, [])
+    for t, programs, ksub in wgrad:
+        triton_conv.WGRAD_PROGRAMS, triton_conv.WGRAD_KSUB = programs, ksub
+        name = f"{_tiles(t)}_p{programs}_ksub{ksub}"
         try:
             ms = do_bench(lambda t=t: triton_conv._wgrad(xd, dy, k, k, pad, t))
-            add(path="triton", kernel_pass="wgrad", tiles=f"{_tiles(t)}_p{programs}", ms=ms,
-                flops=flops["wgrad"])
+            split = triton_conv._wgrad_split(dy.shape[1] * oh * ow, k * k * xd.shape[-1], co, xd.shape[0], pad, t)
+            add(path="triton", kernel_pass="wgrad", tiles=name, ms=ms, flops=flops["wgrad"],
+                ksub=triton_conv._wgrad_ksub(k * k * xd.shape[-1], t), chunks=split[0])
         except Exception as exc:  # noqa: BLE001
-            add(path="triton", kernel_pass="wgrad", tiles=f"{_tiles(t)}_p{programs}",
-                error=str(exc).splitlines()[0][:200])
+            add(path="triton", kernel_pass="wgrad", tiles=name, error=str(exc).splitlines()[0][:200])
         finally:
-            triton_conv.WGRAD_PROGRAMS = old
+            triton_conv.WGRAD_PROGRAMS, triton_conv.WGRAD_KSUB = old
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[10])
     ap.add_argument("--models", nargs="+", default=["fmnist_cnn", "cifar10_cnn", "kather_cnn"])
-    ap.add_argument("--sweep", nargs="?", const="all", choices=["all", "large"], default=None,
-                    help="also time each Triton kernel under every tile shape (all), or the large output tiles")
+    ap.add_argument("--sweep", nargs="?", const="all", choices=["all", "large", "wgrad"], default=None,
+                    help="also time each Triton kernel under every tile shape (all), the large output tiles (large), "
+                    "or the weight-gradient kernel's sub-blocks per program and tiles (wgrad)")
     ap.add_argument("--layers", nargs="+", type=int, default=None, help="only these layer indices")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()

@@ -185,11 +185,55 @@ def _unpool_kernel(dyp_ptr, code_ptr, dz_ptr, TOTAL, OH, OW, PH, PW, C: tl.const
 
 
 @triton.jit
+def _wgrad_cols(kk0, K: tl.constexpr, CIN: tl.constexpr, KW: tl.constexpr, BK: tl.constexpr):
+    """The BK weight-gradient rows k = (kh, kw, ci) from ``kk0`` on: (k, in range, ci, kh, kw)."""
+    offs_k = kk0 + tl.arange(0, BK)
+    ci = offs_k % CIN
+    t = offs_k // CIN
+    return offs_k, offs_k < K, ci, t % KW, t // KW
+
+
+@triton.jit
+def _wgrad_dot(acc, d, x_base, cols, kk0, rows, bb, oh, ow, m_ok, HIN, WIN, K: tl.constexpr, CIN: tl.constexpr,
+               KW: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, SEP: tl.constexpr,
+               EVEN: tl.constexpr):
+    """acc + A^T d for the BK weight-gradient rows from ``kk0`` and one block of GEMM rows: A's tile gathered
+    at ``cols`` (the column part, SEP) + ``rows`` (the row part), or bounds-tested from (bb, oh, ow)."""
+    offs_k, k_ok, ci, kw, kh = _wgrad_cols(kk0, K, CIN, KW, BK)
+    if SEP:
+        a_t = _load(cols[:, None] + rows[None, :], k_ok[:, None] & m_ok[None, :], EVEN)
+    else:
+        ih = oh[None, :] + kh[:, None] + OFF
+        iw = ow[None, :] + kw[:, None] + OFF
+        ok = k_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
+        a_t = tl.load(x_base + bb[None, :] * (HIN * WIN * CIN) + (ih * WIN + iw) * CIN + ci[:, None],
+                      mask=ok, other=0.0)
+    return tl.dot(a_t, d, acc, input_precision=PREC)
+
+
+@triton.jit
+def _wgrad_col_part(x_base, kk0, WIN, K: tl.constexpr, CIN: tl.constexpr, KW: tl.constexpr, BK: tl.constexpr):
+    """The column part (kh, kw, ci) of the separable gather's addresses of the BK rows from ``kk0``."""
+    offs_k, k_ok, ci, kw, kh = _wgrad_cols(kk0, K, CIN, KW, BK)
+    return x_base + ((kh * WIN + kw) * CIN + ci)
+
+
+@triton.jit
+def _wgrad_store(out_ptr, acc, kk0, s, g, G, offs_n, n_ok, K: tl.constexpr, CIN: tl.constexpr, KH: tl.constexpr,
+                 KW: tl.constexpr, COUT: tl.constexpr, BK: tl.constexpr):
+    """Store the partial weight gradient of the BK rows from ``kk0`` in the weight's own layout (G, COUT,
+    CIN, KH, KW)."""
+    offs_k, k_ok, ci, kw, kh = _wgrad_cols(kk0, K, CIN, KW, BK)
+    out = out_ptr + ((s * G + g) * COUT + offs_n[None, :]) * K + (ci * (KH * KW) + kh * KW + kw)[:, None]
+    tl.store(out, acc, mask=k_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_sg, dy_sg, dy_sb, dy_sh, dy_sw, G, S, CHUNK,
                   CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                   OFF: tl.constexpr, BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                   BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, SEP: tl.constexpr = False,
-                  EVEN: tl.constexpr = False):
+                  EVEN: tl.constexpr = False, KSUB: tl.constexpr = 1):
     """Partial weight gradient out[s, g, n, k] = sum over rows m of chunk s of A[g, m, k] dy[g, m, n]
     (A as in :func:`_igemm_kernel` with SGN = 1), stored in the weight's own layout (G, COUT, CIN, KH,
     KW), and, with BIAS, the partial bias gradient outb[s, g, n] = sum over the same rows of dy[g, m, n]
@@ -198,29 +242,39 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
     inside of a zero-bordered buffer: :func:`padded_base`).
     SEP (OFF = 0, no padding): the gather's address as a column part (kh, kw, ci), computed once, plus a
     row part (b, oh, ow) per block of rows, with no bounds test per element; EVEN (with SEP: the S chunks
-    cover M exactly, K and COUT whole multiples of the tiles): no masks. Grid: (cdiv(K, BK),
-    cdiv(COUT, BN), G*S)."""
+    cover M exactly, K and COUT whole multiples of the tiles): no masks. KSUB (1 to 5): each program
+    computes KSUB consecutive BK-row blocks of the output, each in its own accumulator, from one load of
+    each dy tile (which every program re-reads: KSUB times fewer reads of dy; S57). Grid:
+    (cdiv(K, BK * KSUB), cdiv(COUT, BN), G*S)."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_gs = tl.program_id(2)
     g = (pid_gs // S).to(tl.int64)
     s = pid_gs % S
     K: tl.constexpr = KH * KW * CIN
-    offs_k = pid_k * BK + tl.arange(0, BK)
+    k0 = pid_k * (BK * KSUB)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    k_ok = offs_k < K
     n_ok = offs_n < COUT
-    ci = offs_k % CIN
-    t = offs_k // CIN
-    kw = t % KW
-    kh = t // KW
     hw = HOUT * WOUT
     x_base = x_ptr + g * x_sg
     dy_base = dy_ptr + g * dy_sg
-    acc = tl.zeros((BK, BN), dtype=ACC)
     bacc = tl.zeros((BN,), dtype=ACC)
     start = s * CHUNK
-    x_cols = x_base + ((kh * WIN + kw) * CIN + ci)  # SEP: the column part of every address, once
+    # SEP: the column part of every address, once per sub-block
+    acc0 = tl.zeros((BK, BN), dtype=ACC)
+    c0 = _wgrad_col_part(x_base, k0, WIN, K, CIN, KW, BK)
+    if KSUB > 1:
+        acc1 = tl.zeros((BK, BN), dtype=ACC)
+        c1 = _wgrad_col_part(x_base, k0 + BK, WIN, K, CIN, KW, BK)
+    if KSUB > 2:
+        acc2 = tl.zeros((BK, BN), dtype=ACC)
+        c2 = _wgrad_col_part(x_base, k0 + 2 * BK, WIN, K, CIN, KW, BK)
+    if KSUB > 3:
+        acc3 = tl.zeros((BK, BN), dtype=ACC)
+        c3 = _wgrad_col_part(x_base, k0 + 3 * BK, WIN, K, CIN, KW, BK)
+    if KSUB > 4:
+        acc4 = tl.zeros((BK, BN), dtype=ACC)
+        c4 = _wgrad_col_part(x_base, k0 + 4 * BK, WIN, K, CIN, KW, BK)
     for m0 in range(start, start + CHUNK, BR):
         offs_m = m0 + tl.arange(0, BR)
         m_ok = offs_m < M
@@ -228,23 +282,34 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
         rem = offs_m % hw
         oh = rem // WOUT
         ow = rem % WOUT
+        rows = bb * (HIN * WIN * CIN) + (oh * WIN + ow) * CIN  # SEP: the row part
         d_ptrs = dy_base + (bb * dy_sb + oh * dy_sh + ow * dy_sw)[:, None] + offs_n[None, :]
-        if SEP:
-            a_t = _load(x_cols[:, None] + (bb * (HIN * WIN * CIN) + (oh * WIN + ow) * CIN)[None, :],
-                        k_ok[:, None] & m_ok[None, :], EVEN)
-        else:
-            ih = oh[None, :] + kh[:, None] + OFF
-            iw = ow[None, :] + kw[:, None] + OFF
-            ok = k_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
-            a_t = tl.load(x_base + bb[None, :] * (HIN * WIN * CIN) + (ih * WIN + iw) * CIN + ci[:, None],
-                          mask=ok, other=0.0)
         d = _load(d_ptrs, m_ok[:, None] & n_ok[None, :], EVEN)
-        acc = tl.dot(a_t, d, acc, input_precision=PREC)
+        acc0 = _wgrad_dot(acc0, d, x_base, c0, k0, rows, bb, oh, ow, m_ok, HIN, WIN, K, CIN, KW, OFF, BK, PREC,
+                          SEP, EVEN)
+        if KSUB > 1:
+            acc1 = _wgrad_dot(acc1, d, x_base, c1, k0 + BK, rows, bb, oh, ow, m_ok, HIN, WIN, K, CIN, KW, OFF, BK,
+                              PREC, SEP, EVEN)
+        if KSUB > 2:
+            acc2 = _wgrad_dot(acc2, d, x_base, c2, k0 + 2 * BK, rows, bb, oh, ow, m_ok, HIN, WIN, K, CIN, KW, OFF,
+                              BK, PREC, SEP, EVEN)
+        if KSUB > 3:
+            acc3 = _wgrad_dot(acc3, d, x_base, c3, k0 + 3 * BK, rows, bb, oh, ow, m_ok, HIN, WIN, K, CIN, KW, OFF,
+                              BK, PREC, SEP, EVEN)
+        if KSUB > 4:
+            acc4 = _wgrad_dot(acc4, d, x_base, c4, k0 + 4 * BK, rows, bb, oh, ow, m_ok, HIN, WIN, K, CIN, KW, OFF,
+                              BK, PREC, SEP, EVEN)
         if BIAS:
             bacc += tl.sum(d.to(ACC), axis=0)
-    # stored in the weight's own layout (G, COUT, CIN, KH, KW)
-    out = out_ptr + ((s * G + g) * COUT + offs_n[None, :]) * K + (ci * (KH * KW) + kh * KW + kw)[:, None]
-    tl.store(out, acc, mask=k_ok[:, None] & n_ok[None, :])
+    _wgrad_store(out_ptr, acc0, k0, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK)
+    if KSUB > 1:
+        _wgrad_store(out_ptr, acc1, k0 + BK, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK)
+    if KSUB > 2:
+        _wgrad_store(out_ptr, acc2, k0 + 2 * BK, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK)
+    if KSUB > 3:
+        _wgrad_store(out_ptr, acc3, k0 + 3 * BK, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK)
+    if KSUB > 4:
+        _wgrad_store(out_ptr, acc4, k0 + 4 * BK, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK)
     if BIAS:
         tl.store(outb_ptr + (s * G + g) * COUT + offs_n, bacc, mask=n_ok & (pid_k == 0))
 
@@ -275,6 +340,10 @@ WGRAD_PROGRAMS = 1024
 #: weight gradient), gather through a separable address (row part + column part) without per-element
 #: bounds tests, and without masks where the tiles divide the shapes (S55)
 SEPARABLE_GATHER = True
+#: the most BK-row blocks of the weight gradient one program computes from one read of each dy tile
+#: (the kernel's KSUB, 1 to 5; :func:`_wgrad_ksub`): every program re-reads all of dy for its rows, so
+#: dy is read cdiv(K, BK * KSUB) times (S57)
+WGRAD_KSUB = 5
 if INTERPRET:  # the interpreter's cost is per program and per operation: few, large tiles
     IGEMM_TILES = Tiles(bm=1024, bn=64, bk=128)
     WGRAD_TILES = Tiles(bm=1024, bn=64, bk=128)
@@ -387,12 +456,20 @@ def _igemm_gather(m: int, k: int, cout: int, tiles: Tiles, sgn: int, off: int) -
     return sep, sep and m % tiles.bm == 0 and _kn_divide(k, cout, tiles)
 
 
+def _wgrad_ksub(k: int, tiles: Tiles) -> int:
+    """:func:`_wgrad_kernel`'s KSUB for K = ``k``: the largest count up to :data:`WGRAD_KSUB` that divides
+    the BK-row blocks (fmnist's 5x5x64 layer: 50 blocks, 5 a program; a 3x3x64 layer: 18 blocks, 3)."""
+    blocks = triton.cdiv(k, tiles.bk)
+    return max(j for j in range(1, max(1, min(WGRAD_KSUB, 5)) + 1) if blocks % j == 0)
+
+
 def _wgrad_split(m: int, k: int, cout: int, g: int, pad: int, tiles: Tiles) -> tuple[int, int, bool, bool]:
     """How :func:`_wgrad_kernel` splits its reduction over ``m`` rows: ``(chunks S, rows per chunk, SEP,
     EVEN)``. S is what makes about :data:`WGRAD_PROGRAMS` programs (at least 8 row blocks a chunk); with
     the separable gather and whole row blocks, the nearest S up to twice as many that divides the blocks
-    (fmnist's 5x5x64 layer: 400 blocks of 64 rows in 4 chunks, not 3), so that no chunk needs masks."""
-    tiles_kn = triton.cdiv(k, tiles.bk) * triton.cdiv(cout, _bn(cout, tiles.bn))
+    (fmnist's 5x5x64 layer: 400 blocks of 64 rows in 16 chunks, not 11; 4, not 3, with KSUB 1), so that no
+    chunk needs masks. The programs of a chunk: K blocks / KSUB (:func:`_wgrad_ksub`) x output-channel tiles."""
+    tiles_kn = triton.cdiv(k, tiles.bk) // _wgrad_ksub(k, tiles) * triton.cdiv(cout, _bn(cout, tiles.bn))
     s = max(1, min(triton.cdiv(m, 8 * tiles.bm), triton.cdiv(WGRAD_PROGRAMS, tiles_kn * g)))
     sep = SEPARABLE_GATHER and pad == 0
     if sep and m % tiles.bm == 0:
@@ -424,12 +501,13 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     fused = bias and triton.cdiv(k, tiles.bk) == 1
     part = torch.empty(s, g, cout, cin, kh, kw, dtype=acc_t, device=x.device)
     part_b = torch.empty(s, g, cout, dtype=acc_t, device=x.device) if fused else part
-    grid = (triton.cdiv(k, tiles.bk), triton.cdiv(cout, bn), g * s)
+    ksub = _wgrad_ksub(k, tiles)
+    grid = (triton.cdiv(k, tiles.bk) // ksub, triton.cdiv(cout, bn), g * s)
     with _on(x):
         _wgrad_kernel[grid](x, dy, part, part_b, m, hin, win, hout, wout, x.stride(0), *dy.stride()[:4], g, s, chunk,
                             CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, BIAS=fused, PREC=_prec(x.dtype),
                             ACC=_acc(x.dtype)[1], BK=tiles.bk, BN=bn, BR=tiles.bm, SEP=sep, EVEN=even,
-                            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                            KSUB=ksub, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     dw = part[0] if s == 1 else part.sum(0)
     if not bias:
         return dw, None

@@ -202,7 +202,12 @@ def test_separable_gather_flags_for_the_paper_layers_and_the_test_shapes(monkeyp
     # ... unless taken over its gradient bordered with 4 zeros (S56): 28 x 28 in, 24 x 24 out, unmasked
     assert triton_conv._igemm_gather(64 * 24 * 24, k, 64, t512, 1, 0) == (True, True)
     assert triton_conv._igemm_gather(32 * 32 * 32, 9 * 32, 64, t512, 1, -1) == (False, False)  # padding 1
-    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (4, 6400, True, True)
+    # S57: 50 K blocks of 32, 5 a program: 10 x 10 clients programs a chunk; 11 chunks make ~1024, and 16
+    # is the nearest count that divides the 400 row blocks
+    assert triton_conv._wgrad_ksub(k, WGRAD_GPU) == 5
+    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (16, 1600, True, True)
+    assert triton_conv._wgrad_ksub(9 * 64, WGRAD_GPU) == 3 and triton_conv._wgrad_ksub(25, WGRAD_GPU) == 1
+    assert triton_conv._wgrad_ksub(7 * 32, WGRAD_GPU) == 1  # 7 blocks: no count from 2 to 5 divides them
     assert triton_conv._wgrad_split(32 * 32 * 32, 9 * 32, 64, 10, 1, WGRAD_GPU)[2:] == (False, False)
     for g, b, h, w, ci, co, kk, pad in EVEN_SHAPES:
         mm = b * (h - kk + 1) * (w - kk + 1)
@@ -211,7 +216,10 @@ def test_separable_gather_flags_for_the_paper_layers_and_the_test_shapes(monkeyp
     assert triton_conv._wgrad_split(24 * 64, 9 * 32, 16, 2, 0, WGRAD_GPU)[:2] == (3, 512)
     monkeypatch.setattr(triton_conv, "SEPARABLE_GATHER", False)
     assert triton_conv._igemm_gather(m, k, 64, t512, 1, 0) == (False, False)
-    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (3, 8576, False, False)
+    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (11, 2368, False, False)
+    monkeypatch.setattr(triton_conv, "SEPARABLE_GATHER", True)
+    monkeypatch.setattr(triton_conv, "WGRAD_KSUB", 1)  # session 10's split: 50 x 10 programs a chunk
+    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (4, 6400, True, True)
 
 
 @on_cpu
