@@ -110,15 +110,16 @@ def bench_layer(spec: tuple, g: int, sweep: str | None) -> list[dict]:
     def tri() -> None:
         triton_conv.conv_nhwc(x, wt, bias, pad).backward(dy)
     m_out, m_in = b * oh * ow, b * h * w
+    wt_tiles = triton_conv.wgrad_tiles(pad, k * k * ci)
     chosen = (_tiles(triton_conv.igemm_tiles(m_out, co, g)) + "/" + _tiles(triton_conv.igemm_tiles(m_in, ci, g))
-              + "/" + _tiles(triton_conv.WGRAD_TILES))
+              + "/" + _tiles(wt_tiles))
     add(path="triton", kernel_pass="fwd+bwd", tiles=chosen, ms=do_bench(tri), flops=total)
     # the weight-gradient kernel with and without the bias gradient summed in it, and that sum by torch
     xd = x.detach()
-    for name, fn in [("wgrad", lambda: triton_conv._wgrad(xd, dy, k, k, pad, triton_conv.WGRAD_TILES)),
-                     ("wgrad+bias", lambda: triton_conv._wgrad(xd, dy, k, k, pad, triton_conv.WGRAD_TILES, bias=True)),
+    for name, fn in [("wgrad", lambda: triton_conv._wgrad(xd, dy, k, k, pad, wt_tiles)),
+                     ("wgrad+bias", lambda: triton_conv._wgrad(xd, dy, k, k, pad, wt_tiles, bias=True)),
                      ("bias_by_torch", lambda: dy.sum((1, 2, 3)))]:
-        add(path="triton", kernel_pass=name, tiles=_tiles(triton_conv.WGRAD_TILES), ms=do_bench(fn),
+        add(path="triton", kernel_pass=name, tiles=_tiles(wt_tiles), ms=do_bench(fn),
             flops=flops["wgrad"] if name != "bias_by_torch" else 0)
     # the forward and input-gradient kernels alone, at their chosen tiles, with the weight operand stored
     # K-major (triton_conv.W_KMAJOR, session 8) and N-major (session 7)

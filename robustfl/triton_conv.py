@@ -334,8 +334,13 @@ IGEMM_TILES: Tiles | None = None
 #: weight-gradient tiles (bm = rows reduced per iteration); bk = 32 was fastest for every layer of the
 #: paper's networks but CIFAR-10's last (bench/results/triton_conv_h100.json)
 WGRAD_TILES = Tiles(bm=64, bn=64, bk=32)
-#: the weight-gradient reduction is split until about this many programs run (a few per multiprocessor)
-WGRAD_PROGRAMS = 1024
+#: ... of a padded layer (the bounds-tested gather): 32 rows per iteration, with S57's sub-blocks
+#: Kather's 64x64 layer 2.08 -> 1.25 ms, its 32x32 one 0.56 -> 0.35 ms (64 rows: 2.00 / 0.55 ms;
+#: bench/results/wgrad_sweep_s11_h100.json)
+WGRAD_TILES_PADDED = Tiles(bm=32, bn=64, bk=32)
+#: the weight-gradient reduction is split until about this many programs run (a few per multiprocessor;
+#: 1024 before S57's sub-blocks, whose partial sums are 5x fewer programs' worth of work each)
+WGRAD_PROGRAMS = 512
 #: where a convolution window never leaves its input (the forward pass of an unpadded layer, and its
 #: weight gradient), gather through a separable address (row part + column part) without per-element
 #: bounds tests, and without masks where the tiles divide the shapes (S55)
@@ -346,7 +351,7 @@ SEPARABLE_GATHER = True
 WGRAD_KSUB = 5
 if INTERPRET:  # the interpreter's cost is per program and per operation: few, large tiles
     IGEMM_TILES = Tiles(bm=1024, bn=64, bk=128)
-    WGRAD_TILES = Tiles(bm=1024, bn=64, bk=128)
+    WGRAD_TILES = WGRAD_TILES_PADDED = Tiles(bm=1024, bn=64, bk=128)
     WGRAD_PROGRAMS = 1
 
 
@@ -456,11 +461,24 @@ def _igemm_gather(m: int, k: int, cout: int, tiles: Tiles, sgn: int, off: int) -
     return sep, sep and m % tiles.bm == 0 and _kn_divide(k, cout, tiles)
 
 
-def _wgrad_ksub(k: int, tiles: Tiles) -> int:
+def wgrad_tiles(pad: int, k: int) -> Tiles:
+    """The weight-gradient kernel's tiles for a layer with zero padding ``pad`` and K = ``k``:
+    :data:`WGRAD_TILES_PADDED` where it takes the bounds-tested gather over more than one K block (where
+    it was measured), else :data:`WGRAD_TILES`."""
+    padded = not (SEPARABLE_GATHER and pad == 0) and k > WGRAD_TILES.bk
+    return WGRAD_TILES_PADDED if padded else WGRAD_TILES
+
+
+def _wgrad_ksub(k: int, tiles: Tiles, m: int | None = None, cout: int = 0, g: int = 1) -> int:
     """:func:`_wgrad_kernel`'s KSUB for K = ``k``: the largest count up to :data:`WGRAD_KSUB` that divides
-    the BK-row blocks (fmnist's 5x5x64 layer: 50 blocks, 5 a program; a 3x3x64 layer: 18 blocks, 3)."""
+    the BK-row blocks (fmnist's 5x5x64 layer: 50 blocks, 5 a program; a 3x3x64 layer: 18 blocks, 3) and,
+    given the layer's ``m`` rows, ``cout`` and ``g`` clients, still leaves :data:`SMS` programs at the
+    most chunks the split allows (CIFAR-10's 4x4-output layer, 10 clients: one chunk, 18 blocks; KSUB 3
+    left 60 programs, 0.31 ms against 0.11 ms with KSUB 1: bench/results/wgrad_sweep_s11_h100.json)."""
     blocks = triton.cdiv(k, tiles.bk)
-    return max(j for j in range(1, max(1, min(WGRAD_KSUB, 5)) + 1) if blocks % j == 0)
+    most = 1 if m is None else triton.cdiv(m, 8 * tiles.bm) * triton.cdiv(cout, _bn(cout, tiles.bn)) * g
+    return max(j for j in range(1, max(1, min(WGRAD_KSUB, 5)) + 1)
+               if blocks % j == 0 and (j == 1 or m is None or blocks // j * most >= SMS))
 
 
 def _wgrad_split(m: int, k: int, cout: int, g: int, pad: int, tiles: Tiles) -> tuple[int, int, bool, bool]:
@@ -469,7 +487,7 @@ def _wgrad_split(m: int, k: int, cout: int, g: int, pad: int, tiles: Tiles) -> t
     the separable gather and whole row blocks, the nearest S up to twice as many that divides the blocks
     (fmnist's 5x5x64 layer: 400 blocks of 64 rows in 16 chunks, not 11; 4, not 3, with KSUB 1), so that no
     chunk needs masks. The programs of a chunk: K blocks / KSUB (:func:`_wgrad_ksub`) x output-channel tiles."""
-    tiles_kn = triton.cdiv(k, tiles.bk) // _wgrad_ksub(k, tiles) * triton.cdiv(cout, _bn(cout, tiles.bn))
+    tiles_kn = triton.cdiv(k, tiles.bk) // _wgrad_ksub(k, tiles, m, cout, g) * triton.cdiv(cout, _bn(cout, tiles.bn))
     s = max(1, min(triton.cdiv(m, 8 * tiles.bm), triton.cdiv(WGRAD_PROGRAMS, tiles_kn * g)))
     sep = SEPARABLE_GATHER and pad == 0
     if sep and m % tiles.bm == 0:
@@ -501,7 +519,7 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     fused = bias and triton.cdiv(k, tiles.bk) == 1
     part = torch.empty(s, g, cout, cin, kh, kw, dtype=acc_t, device=x.device)
     part_b = torch.empty(s, g, cout, dtype=acc_t, device=x.device) if fused else part
-    ksub = _wgrad_ksub(k, tiles)
+    ksub = _wgrad_ksub(k, tiles, m, cout, g)
     grid = (triton.cdiv(k, tiles.bk) // ksub, triton.cdiv(cout, bn), g * s)
     with _on(x):
         _wgrad_kernel[grid](x, dy, part, part_b, m, hin, win, hout, wout, x.stride(0), *dy.stride()[:4], g, s, chunk,
@@ -606,7 +624,7 @@ class _ConvNHWC(torch.autograd.Function):
                 dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, relu_of=relu_of)
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] or want_b:
-            dw, db = _wgrad(x, dy, kh, kw, pad, WGRAD_TILES, bias=want_b)
+            dw, db = _wgrad(x, dy, kh, kw, pad, wgrad_tiles(pad, kh * kw * x.shape[-1]), bias=want_b)
             dw = dw.to(w.dtype) if ctx.needs_input_grad[1] else None
             db = db.to(w.dtype) if want_b else None
         return dx, dw, db, None, None, None, None, None

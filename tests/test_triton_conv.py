@@ -192,7 +192,7 @@ def test_separable_gather_flags_for_the_paper_layers_and_the_test_shapes(monkeyp
     never an input gradient (its window leaves the input) or a padded layer; EVEN where the tiles divide
     the shapes. fmnist's 5x5x64 layer at 10 clients: forward unmasked, its weight gradient in 4 chunks of
     100 row blocks (3 uneven ones without the separable gather)."""
-    monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 1024)  # the GPU's (the interpreter runs 1)
+    monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 512)  # the GPU's (the interpreter runs 1)
     t512 = triton_conv.Tiles(512, 64, 32, 8, 3)
     m, k = 64 * 20 * 20, 5 * 5 * 64
     assert triton_conv._igemm_gather(m, k, 64, t512, 1, 0) == (True, True)
@@ -202,12 +202,20 @@ def test_separable_gather_flags_for_the_paper_layers_and_the_test_shapes(monkeyp
     # ... unless taken over its gradient bordered with 4 zeros (S56): 28 x 28 in, 24 x 24 out, unmasked
     assert triton_conv._igemm_gather(64 * 24 * 24, k, 64, t512, 1, 0) == (True, True)
     assert triton_conv._igemm_gather(32 * 32 * 32, 9 * 32, 64, t512, 1, -1) == (False, False)  # padding 1
-    # S57: 50 K blocks of 32, 5 a program: 10 x 10 clients programs a chunk; 11 chunks make ~1024, and 16
+    # S57: 50 K blocks of 32, 5 a program: 10 x 10 clients programs a chunk; 6 chunks make ~512, and 8
     # is the nearest count that divides the 400 row blocks
-    assert triton_conv._wgrad_ksub(k, WGRAD_GPU) == 5
-    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (16, 1600, True, True)
+    assert triton_conv._wgrad_ksub(k, WGRAD_GPU, m, 64, 10) == 5
+    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (8, 3200, True, True)
     assert triton_conv._wgrad_ksub(9 * 64, WGRAD_GPU) == 3 and triton_conv._wgrad_ksub(25, WGRAD_GPU) == 1
     assert triton_conv._wgrad_ksub(7 * 32, WGRAD_GPU) == 1  # 7 blocks: no count from 2 to 5 divides them
+    # CIFAR-10's 6x6 -> 4x4 layer (one chunk of 512 rows): 18 blocks / 3 x 10 clients = 60 programs < 132
+    assert triton_conv._wgrad_ksub(9 * 64, WGRAD_GPU, 32 * 4 * 4, 64, 10) == 1
+    assert triton_conv._wgrad_ksub(9 * 64, WGRAD_GPU, 32 * 13 * 13, 64, 10) == 3
+    # padded layers with more than one K block reduce 32 rows at a time; first layers as before
+    monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)  # the GPU's (the interpreter's are larger)
+    monkeypatch.setattr(triton_conv, "WGRAD_TILES_PADDED", triton_conv.Tiles(32, 64, 32))
+    assert triton_conv.wgrad_tiles(1, 9 * 64) == triton_conv.Tiles(32, 64, 32)
+    assert triton_conv.wgrad_tiles(1, 27) == triton_conv.wgrad_tiles(0, 9 * 64) == WGRAD_GPU
     assert triton_conv._wgrad_split(32 * 32 * 32, 9 * 32, 64, 10, 1, WGRAD_GPU)[2:] == (False, False)
     for g, b, h, w, ci, co, kk, pad in EVEN_SHAPES:
         mm = b * (h - kk + 1) * (w - kk + 1)
@@ -216,10 +224,34 @@ def test_separable_gather_flags_for_the_paper_layers_and_the_test_shapes(monkeyp
     assert triton_conv._wgrad_split(24 * 64, 9 * 32, 16, 2, 0, WGRAD_GPU)[:2] == (3, 512)
     monkeypatch.setattr(triton_conv, "SEPARABLE_GATHER", False)
     assert triton_conv._igemm_gather(m, k, 64, t512, 1, 0) == (False, False)
-    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (11, 2368, False, False)
+    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (6, 4288, False, False)
     monkeypatch.setattr(triton_conv, "SEPARABLE_GATHER", True)
     monkeypatch.setattr(triton_conv, "WGRAD_KSUB", 1)  # session 10's split: 50 x 10 programs a chunk
+    monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 1024)
     assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (4, 6400, True, True)
+
+
+@on_cpu
+@pytest.mark.parametrize("shape,most", [(SHAPES[7], 2), (SHAPES[7], 5), (SHAPES[5], 3), (SHAPES[6], 5),
+                                        (EVEN_SHAPES[0], 3), (EVEN_SHAPES[1], 5)])
+def test_weight_gradient_sub_blocks_equal_conv2d(shape: tuple[int, ...], most: int,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """S57: the weight-gradient kernel computing several K blocks a program (KSUB up to ``most``; the
+    multiprocessor count that would keep small layers at one set to 1) gives conv2d's gradients, unpadded
+    (separable, masked and EVEN) and padded (bounds-tested), with a last K block partly empty (Cin 70)."""
+    monkeypatch.setattr(triton_conv, "SMS", 1)
+    monkeypatch.setattr(triton_conv, "WGRAD_KSUB", most)
+    monkeypatch.setattr(triton_conv, "IGEMM_TILES", IGEMM_GPU[0])
+    monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)
+    monkeypatch.setattr(triton_conv, "WGRAD_TILES_PADDED", triton_conv.Tiles(32, 64, 32))
+    monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 512)
+    used = []
+    real = triton_conv._wgrad_ksub
+    monkeypatch.setattr(triton_conv, "_wgrad_ksub", lambda *a: used.append(real(*a)) or used[-1])
+    _check(shape, True)
+    g, b, h, w, ci, co, k, pad = shape
+    blocks = -(-k * k * ci // 32)
+    assert used[-1] == max(j for j in range(1, most + 1) if blocks % j == 0) > 1
 
 
 @on_cpu
