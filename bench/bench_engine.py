@@ -53,7 +53,7 @@ TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8
 #: inputs; the convolution weights N-major), and session 8's changes one at a time (the fused flatten off;
 #: FP32 FMAs in the dense kernel; the weights N-major); s9 / nosep: before the separable gather (S55);
 #: s10: before the flatten kernel's zero-bordered gradient (S56, alone: nopad) and the weight gradient's
-#: sub-blocks (S57, alone: noksub)
+#: sub-blocks (S57, alone: noksub) and the blocked K order (S58, alone: nokblock)
 KERNEL_SETS: dict[str, dict] = {
     "default": {}, "nofuse": {"fuse": False}, "t256": {"tiles": "t256"}, "t512s4": {"tiles": "t512s4"},
     "nosplitk": {"splitk": False},
@@ -63,8 +63,8 @@ KERNEL_SETS: dict[str, dict] = {
     "noflatten": {"flatten": False}, "ieee": {"fp32_dot": "ieee"}, "wnmajor": {"w_kmajor": False},
     "s8": {"relu_grad": False, "graph_cache": False, "separable": False}, "norelugrad": {"relu_grad": False},
     "nocache": {"graph_cache": False}, "nosep": {"separable": False},
-    "s9": {"separable": False}, "nopad": {"pad_grad": False}, "s10": {"pad_grad": False, "s57": False},
-    "noksub": {"s57": False},
+    "s9": {"separable": False}, "nopad": {"pad_grad": False}, "s10": {"pad_grad": False, "s57": False, "kblock": False},
+    "noksub": {"s57": False}, "nokblock": {"kblock": False},
 }
 
 
@@ -90,7 +90,7 @@ def _legacy_conv():  # noqa: ANN202
 def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = None, legacy: bool = False,
                  flatten: bool = True, fp32_dot: str | None = None, min_k: int | None = None,
                  w_kmajor: bool = True, relu_grad: bool = True, graph_cache: bool = True,
-                 separable: bool = True, pad_grad: bool = True, s57: bool = True) -> Iterator[None]:
+                 separable: bool = True, pad_grad: bool = True, s57: bool = True, kblock: bool = True) -> Iterator[None]:
     """The triton layout's kernel options, restored after: fused epilogues (robustfl.stacked.FUSE_EPILOGUES),
     the fused ReLU - Dropout - Flatten (robustfl.stacked.FUSE_FLATTEN), the split-K dense forward (off:
     triton_dense.MIN_K beyond any layer; else MIN_K ``min_k``), its fp32 precision (triton_dense.FP32_DOT),
@@ -99,8 +99,8 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
     convolution (robustfl.stacked.FUSE_RELU_GRAD), CUDA graphs kept between calls (robustfl.train.GRAPH_CACHE_SIZE),
     the convolutions' separable gather (triton_conv.SEPARABLE_GATHER), the flatten kernel's zero-bordered
     gradient for the convolution before it (robustfl.stacked.PAD_CONV_GRAD), S57's weight gradient (off: one
-    block a program, triton_conv.WGRAD_KSUB = 1, with session 10's WGRAD_PROGRAMS and padded layers' tiles).
-    None: the default."""
+    block a program, triton_conv.WGRAD_KSUB = 1, with session 10's WGRAD_PROGRAMS and padded layers' tiles),
+    the convolutions' blocked K order (triton_conv.K_BLOCK_ORDER). None: the default."""
     from robustfl import train
     import robustfl
     from robustfl import triton_conv, triton_dense
@@ -109,12 +109,14 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
              (stacked, "PAD_CONV_GRAD"), (triton_dense, "MIN_K"), (triton_dense, "FP32_DOT"),
              (triton_conv, "IGEMM_CANDIDATES"), (triton_conv, "W_KMAJOR"), (triton_conv, "SEPARABLE_GATHER"),
              (triton_conv, "WGRAD_KSUB"), (triton_conv, "WGRAD_PROGRAMS"), (triton_conv, "WGRAD_TILES_PADDED"),
+             (triton_conv, "K_BLOCK_ORDER"),
              (robustfl, "triton_conv"), (train, "GRAPH_CACHE_SIZE")]
     old = {(mod.__name__, name): getattr(mod, name) for mod, name in saved}
     triton_conv.SEPARABLE_GATHER = separable
     train.GRAPH_CACHE_SIZE = train.GRAPH_CACHE_SIZE if graph_cache else 0
     stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_conv.W_KMAJOR = fuse, flatten, w_kmajor
     stacked.FUSE_RELU_GRAD, stacked.PAD_CONV_GRAD = relu_grad, pad_grad
+    triton_conv.K_BLOCK_ORDER = kblock
     if not s57:
         triton_conv.WGRAD_KSUB, triton_conv.WGRAD_PROGRAMS = 1, 1024
         triton_conv.WGRAD_TILES_PADDED = triton_conv.WGRAD_TILES

@@ -60,16 +60,18 @@ WGRAD_KSUB = [(Tiles(64, 64, 32, 4, 3), 1024, 1), (Tiles(64, 64, 32, 4, 3), 1024
               (Tiles(32, 64, 32, 4, 3), 512, 5), (Tiles(64, 64, 32, 4, 4), 512, 5), (Tiles(64, 64, 32, 4, 3), 512, 2),
               (Tiles(64, 64, 32, 4, 3), 512, 3), (Tiles(128, 64, 32, 4, 2), 512, 5), (Tiles(64, 64, 32, 8, 3), 1024, 5)]
 # --sweep large: the output tiles around the first sweeps' best (512 and 256 rows; more stages where
-# shared memory allows), no weight-gradient tiles
+# shared memory allows; session 11: two stages, which leave more of the multiprocessor's memory to its
+# L1 cache), no weight-gradient tiles
 IGEMM_LARGE = [Tiles(256, 64, 32, 8, 3), Tiles(256, 64, 32, 8, 4), Tiles(512, 64, 32, 8, 3), Tiles(512, 64, 16, 8, 4),
-               Tiles(512, 64, 16, 8, 5), Tiles(512, 64, 32, 16, 3), Tiles(1024, 64, 16, 16, 3), Tiles(256, 64, 16, 8, 6)]
+               Tiles(512, 64, 16, 8, 5), Tiles(512, 64, 32, 16, 3), Tiles(1024, 64, 16, 16, 3), Tiles(256, 64, 16, 8, 6),
+               Tiles(512, 64, 32, 8, 2), Tiles(256, 64, 32, 8, 2), Tiles(128, 64, 32, 4, 3)]
 
 
 def _tiles(t: Tiles) -> str:
     return f"bm{t.bm}_bn{t.bn}_bk{t.bk}_w{t.num_warps}_s{t.num_stages}"
 
 
-def bench_layer(spec: tuple, g: int, sweep: str | None) -> list[dict]:
+def bench_layer(spec: tuple, g: int, sweep: list[str] | None) -> list[dict]:
     from triton.testing import do_bench
 
     model, layer, b, h, w, ci, co, k, pad = spec
@@ -127,20 +129,22 @@ def bench_layer(spec: tuple, g: int, sweep: str | None) -> list[dict]:
     try:
         for kmajor in (True, False):
             triton_conv.W_KMAJOR = kmajor
-            wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False)
-            wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True)
+            cf, cd = triton_conv._cblk(ci), triton_conv._cblk(co)
+            wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False, cblk=cf)
+            wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True, cblk=cd)
             tag = "w_kmajor" if kmajor else "w_nmajor"
             add(path="triton", kernel_pass="fwd", weight=tag, tiles=_tiles(triton_conv.igemm_tiles(m_out, co, g)),
-                ms=do_bench(lambda wk=wk: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad)),
-                flops=flops["fwd"])
-            if not first:
+                ms=do_bench(lambda wk=wk: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad,
+                                                             cblk=cf)),
+                flops=flops["fwd"], cblk=cf)
+            if not first:  # (the bounds-tested input gradient, over an unbordered gradient)
                 add(path="triton", kernel_pass="dgrad", weight=tag, tiles=_tiles(triton_conv.igemm_tiles(m_in, ci, g)),
-                    ms=do_bench(lambda wd=wd: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad)),
-                    flops=flops["dgrad"])
+                    ms=do_bench(lambda wd=wd: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad, cblk=cd)),
+                    flops=flops["dgrad"], cblk=cd)
     finally:
         triton_conv.W_KMAJOR = old
-    if sweep:
-        _sweep(add, xd, wt, bias, dy, spec, oh, ow, flops, sweep)
+    for which in sweep or []:
+        _sweep(add, xd, wt, bias, dy, spec, oh, ow, flops, which)
     return rows
 
 
@@ -152,15 +156,16 @@ def _sweep(add, xd, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, wh
 
     _, layer, _, h, w, ci, co, k, pad = spec
     first = layer == 0
-    wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False)
-    wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True)
+    cf, cd = triton_conv._cblk(ci), triton_conv._cblk(co)
+    wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False, cblk=cf)
+    wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True, cblk=cd)
     for t in {"all": IGEMM, "large": IGEMM_LARGE}.get(which, []):
         try:
-            ms = do_bench(lambda t=t: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad, t))
-            add(path="triton", kernel_pass="fwd", tiles=_tiles(t), ms=ms, flops=flops["fwd"])
+            ms = do_bench(lambda t=t: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad, t, cblk=cf))
+            add(path="triton", kernel_pass="fwd", tiles=_tiles(t), ms=ms, flops=flops["fwd"], cblk=cf)
             if not first:
-                ms = do_bench(lambda t=t: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad, t))
-                add(path="triton", kernel_pass="dgrad", tiles=_tiles(t), ms=ms, flops=flops["dgrad"])
+                ms = do_bench(lambda t=t: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad, t, cblk=cd))
+                add(path="triton", kernel_pass="dgrad", tiles=_tiles(t), ms=ms, flops=flops["dgrad"], cblk=cd)
         except Exception as exc:  # noqa: BLE001 - a tile shape the compiler refuses is a result
             add(path="triton", kernel_pass="fwd/dgrad", tiles=_tiles(t),
                 error=str(exc).splitlines()[0][:200])
@@ -184,12 +189,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[10])
     ap.add_argument("--models", nargs="+", default=["fmnist_cnn", "cifar10_cnn", "kather_cnn"])
-    ap.add_argument("--sweep", nargs="?", const="all", choices=["all", "large", "wgrad"], default=None,
-                    help="also time each Triton kernel under every tile shape (all), the large output tiles (large), "
-                    "or the weight-gradient kernel's sub-blocks per program and tiles (wgrad)")
+    ap.add_argument("--sweep", nargs="*", choices=["all", "large", "wgrad"], default=None,
+                    help="also time each Triton kernel under every tile shape (all, the default), the large output "
+                    "tiles (large), or the weight-gradient kernel's sub-blocks per program and tiles (wgrad); several "
+                    "may be named")
     ap.add_argument("--layers", nargs="+", type=int, default=None, help="only these layer indices")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
+    if a.sweep == []:  # --sweep alone
+        a.sweep = ["all"]
     if not torch.cuda.is_available():
         raise SystemExit("bench_triton_conv needs a CUDA device")
     res = result_header(torch.device("cuda"))
