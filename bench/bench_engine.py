@@ -44,6 +44,8 @@ SETTINGS = {
 }
 
 
+#: fixed input-gradient tiles (robustfl.triton_conv.DGRAD_TILES) a variant's ``dgrad_tiles`` names
+DGRAD_TILE_SETS = {"t128": (128, 64, 32, 4, 3), "t256": (256, 64, 32, 8, 3)}
 #: the output-tile candidates (robustfl.triton_conv.IGEMM_CANDIDATES) a variant's ``tiles`` names
 TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8, 4), (128, 4, 3))}
 #: named kernel options (:func:`kernel_flags`' arguments) that the benchmarks' variants compare: the
@@ -53,7 +55,7 @@ TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8
 #: inputs; the convolution weights N-major), and session 8's changes one at a time (the fused flatten off;
 #: FP32 FMAs in the dense kernel; the weights N-major); s9 / nosep: before the separable gather (S55);
 #: s10: before the flatten kernel's zero-bordered gradient (S56, alone: nopad) and the weight gradient's
-#: sub-blocks (S57, alone: noksub) and the blocked K order (S58, alone: nokblock)
+#: sub-blocks (S57, alone: noksub)
 KERNEL_SETS: dict[str, dict] = {
     "default": {}, "nofuse": {"fuse": False}, "t256": {"tiles": "t256"}, "t512s4": {"tiles": "t512s4"},
     "nosplitk": {"splitk": False},
@@ -63,8 +65,8 @@ KERNEL_SETS: dict[str, dict] = {
     "noflatten": {"flatten": False}, "ieee": {"fp32_dot": "ieee"}, "wnmajor": {"w_kmajor": False},
     "s8": {"relu_grad": False, "graph_cache": False, "separable": False}, "norelugrad": {"relu_grad": False},
     "nocache": {"graph_cache": False}, "nosep": {"separable": False},
-    "s9": {"separable": False}, "nopad": {"pad_grad": False}, "s10": {"pad_grad": False, "s57": False, "kblock": False},
-    "noksub": {"s57": False}, "nokblock": {"kblock": False},
+    "s9": {"separable": False}, "nopad": {"pad_grad": False}, "s10": {"pad_grad": False, "s57": False},
+    "noksub": {"s57": False}, "dg128": {"dgrad_tiles": "t128"}, "dg256": {"dgrad_tiles": "t256"},
 }
 
 
@@ -90,7 +92,8 @@ def _legacy_conv():  # noqa: ANN202
 def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = None, legacy: bool = False,
                  flatten: bool = True, fp32_dot: str | None = None, min_k: int | None = None,
                  w_kmajor: bool = True, relu_grad: bool = True, graph_cache: bool = True,
-                 separable: bool = True, pad_grad: bool = True, s57: bool = True, kblock: bool = True) -> Iterator[None]:
+                 separable: bool = True, pad_grad: bool = True, s57: bool = True,
+                 dgrad_tiles: str | None = None) -> Iterator[None]:
     """The triton layout's kernel options, restored after: fused epilogues (robustfl.stacked.FUSE_EPILOGUES),
     the fused ReLU - Dropout - Flatten (robustfl.stacked.FUSE_FLATTEN), the split-K dense forward (off:
     triton_dense.MIN_K beyond any layer; else MIN_K ``min_k``), its fp32 precision (triton_dense.FP32_DOT),
@@ -100,7 +103,7 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
     the convolutions' separable gather (triton_conv.SEPARABLE_GATHER), the flatten kernel's zero-bordered
     gradient for the convolution before it (robustfl.stacked.PAD_CONV_GRAD), S57's weight gradient (off: one
     block a program, triton_conv.WGRAD_KSUB = 1, with session 10's WGRAD_PROGRAMS and padded layers' tiles),
-    the convolutions' blocked K order (triton_conv.K_BLOCK_ORDER). None: the default."""
+    fixed input-gradient tiles (triton_conv.DGRAD_TILES, DGRAD_TILE_SETS). None: the default."""
     from robustfl import train
     import robustfl
     from robustfl import triton_conv, triton_dense
@@ -109,14 +112,15 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
              (stacked, "PAD_CONV_GRAD"), (triton_dense, "MIN_K"), (triton_dense, "FP32_DOT"),
              (triton_conv, "IGEMM_CANDIDATES"), (triton_conv, "W_KMAJOR"), (triton_conv, "SEPARABLE_GATHER"),
              (triton_conv, "WGRAD_KSUB"), (triton_conv, "WGRAD_PROGRAMS"), (triton_conv, "WGRAD_TILES_PADDED"),
-             (triton_conv, "K_BLOCK_ORDER"),
+             (triton_conv, "DGRAD_TILES"),
              (robustfl, "triton_conv"), (train, "GRAPH_CACHE_SIZE")]
     old = {(mod.__name__, name): getattr(mod, name) for mod, name in saved}
     triton_conv.SEPARABLE_GATHER = separable
     train.GRAPH_CACHE_SIZE = train.GRAPH_CACHE_SIZE if graph_cache else 0
     stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_conv.W_KMAJOR = fuse, flatten, w_kmajor
     stacked.FUSE_RELU_GRAD, stacked.PAD_CONV_GRAD = relu_grad, pad_grad
-    triton_conv.K_BLOCK_ORDER = kblock
+    if dgrad_tiles is not None:
+        triton_conv.DGRAD_TILES = triton_conv.Tiles(*DGRAD_TILE_SETS[dgrad_tiles])
     if not s57:
         triton_conv.WGRAD_KSUB, triton_conv.WGRAD_PROGRAMS = 1, 1024
         triton_conv.WGRAD_TILES_PADDED = triton_conv.WGRAD_TILES

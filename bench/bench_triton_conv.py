@@ -129,18 +129,16 @@ def bench_layer(spec: tuple, g: int, sweep: list[str] | None) -> list[dict]:
     try:
         for kmajor in (True, False):
             triton_conv.W_KMAJOR = kmajor
-            cf, cd = triton_conv._cblk(ci), triton_conv._cblk(co)
-            wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False, cblk=cf)
-            wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True, cblk=cd)
+            wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False)
+            wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True)
             tag = "w_kmajor" if kmajor else "w_nmajor"
             add(path="triton", kernel_pass="fwd", weight=tag, tiles=_tiles(triton_conv.igemm_tiles(m_out, co, g)),
-                ms=do_bench(lambda wk=wk: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad,
-                                                             cblk=cf)),
-                flops=flops["fwd"], cblk=cf)
+                ms=do_bench(lambda wk=wk: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad)),
+                flops=flops["fwd"])
             if not first:  # (the bounds-tested input gradient, over an unbordered gradient)
                 add(path="triton", kernel_pass="dgrad", weight=tag, tiles=_tiles(triton_conv.igemm_tiles(m_in, ci, g)),
-                    ms=do_bench(lambda wd=wd: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad, cblk=cd)),
-                    flops=flops["dgrad"], cblk=cd)
+                    ms=do_bench(lambda wd=wd: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad)),
+                    flops=flops["dgrad"])
     finally:
         triton_conv.W_KMAJOR = old
     for which in sweep or []:
@@ -156,16 +154,25 @@ def _sweep(add, xd, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, wh
 
     _, layer, _, h, w, ci, co, k, pad = spec
     first = layer == 0
-    cf, cd = triton_conv._cblk(ci), triton_conv._cblk(co)
-    wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False, cblk=cf)
-    wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True, cblk=cd)
+    wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False)
+    wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True)
+    # the input gradient as the engine computes it where the gradient arrives zero-bordered (S56): the
+    # separable gather over the bordered buffer, the window turned
+    q = k - 1 - pad
+    dyq = wq = None
+    if q > 0 and not first:
+        dyq = F.pad(dy, (0, 0, q, q, q, q))
+        wq = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True, flip=True)
     for t in {"all": IGEMM, "large": IGEMM_LARGE}.get(which, []):
         try:
-            ms = do_bench(lambda t=t: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad, t, cblk=cf))
-            add(path="triton", kernel_pass="fwd", tiles=_tiles(t), ms=ms, flops=flops["fwd"], cblk=cf)
+            ms = do_bench(lambda t=t: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad, t))
+            add(path="triton", kernel_pass="fwd", tiles=_tiles(t), ms=ms, flops=flops["fwd"])
             if not first:
-                ms = do_bench(lambda t=t: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad, t, cblk=cd))
-                add(path="triton", kernel_pass="dgrad", tiles=_tiles(t), ms=ms, flops=flops["dgrad"], cblk=cd)
+                ms = do_bench(lambda t=t: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad, t))
+                add(path="triton", kernel_pass="dgrad", tiles=_tiles(t), ms=ms, flops=flops["dgrad"])
+            if dyq is not None:
+                ms = do_bench(lambda t=t: triton_conv._igemm(dyq, wq, None, h, w, ci, k, k, 1, 0, t))
+                add(path="triton", kernel_pass="dgrad_bordered", tiles=_tiles(t), ms=ms, flops=flops["dgrad"])
         except Exception as exc:  # noqa: BLE001 - a tile shape the compiler refuses is a result
             add(path="triton", kernel_pass="fwd/dgrad", tiles=_tiles(t),
                 error=str(exc).splitlines()[0][:200])

@@ -160,7 +160,7 @@ def kernel_options() -> str:
 
     cur = getattr(robustfl, "triton_conv", None)  # an earlier commit's kernels, swapped in by a benchmark
     conv = ("IGEMM_TILES", "WGRAD_TILES", "WGRAD_PROGRAMS", "IGEMM_CANDIDATES", "W_KMAJOR", "SEPARABLE_GATHER",
-            "WGRAD_KSUB", "WGRAD_TILES_PADDED", "K_BLOCK_ORDER", "K_BLOCK")
+            "WGRAD_KSUB", "WGRAD_TILES_PADDED", "DGRAD_TILES")
     for mod, names in ((tc, conv), (cur, conv), (td, ("MIN_K", "MAX_TILES", "TILES", "PROGRAMS", "FP32_DOT"))):
         if mod is not None:
             opts += [id(mod)] + [getattr(mod, n, None) for n in names]

@@ -84,26 +84,6 @@ def _rows(offs_m, HOUT, WOUT, PH, PW, POOL: tl.constexpr):
 
 
 @triton.jit
-def _kdecode(offs_k, CIN: tl.constexpr, KW: tl.constexpr, CBLK: tl.constexpr):
-    """(ci, kw, kh) of GEMM column k: in the order (kh, kw, ci) (CBLK 0), or blocked (kh, cb, kw, c) with
-    ci = cb*CBLK + c (CBLK > 0: the K steps of one channel block run through the KW shifts one after the
-    other, whose gathers read nearly the same input lines; S58)."""
-    if CBLK == 0:
-        ci = offs_k % CIN
-        t = offs_k // CIN
-        kw = t % KW
-        kh = t // KW
-    else:
-        c = offs_k % CBLK
-        t = offs_k // CBLK
-        kw = t % KW
-        t = t // KW
-        ci = (t % (CIN // CBLK)) * CBLK + c
-        kh = t // (CIN // CBLK)
-    return ci, kw, kh
-
-
-@triton.jit
 def _load(ptrs, mask, EVEN: tl.constexpr):
     """``ptrs``' values, 0 where ``mask`` is off; EVEN (every lane in bounds): unmasked."""
     if EVEN:
@@ -118,7 +98,7 @@ def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT,
                   CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                   SGN: tl.constexpr, OFF: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
                   PREC: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  SEP: tl.constexpr = False, EVEN: tl.constexpr = False, CBLK: tl.constexpr = 0):
+                  SEP: tl.constexpr = False, EVEN: tl.constexpr = False):
     """y[g, m, n] = epilogue(sum_k A[g, m, k] w[g, k, n] (+ b[g, n])), w at strides (w_sg, w_sk, w_sn) (K-major,
     w_sk = 1, or N-major, w_sn = 1: :data:`W_KMAJOR`); A gathered from a (G, B, HIN, WIN,
     CIN): row m = (b, oh, ow) of the output grid (:func:`_rows`; 2x2 windows for EPI 2), column
@@ -129,8 +109,7 @@ def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT,
 (an input gradient through the ReLU that produced the convolution's input). SEP (a window that never
 leaves the input: SGN = 1, OFF = 0): the gather's address split into a row part (b, oh, ow), computed
 once, and a column part (kh, kw, ci) per K block, with no bounds test per element; EVEN (with SEP: M, K
-and COUT whole multiples of the tiles): no masks at all. CBLK: the K order (:func:`_kdecode`), which
-the weight operand's K follows (:func:`_gemm_weight`). Grid: (cdiv(M, BM), cdiv(COUT, BN), G)."""
+and COUT whole multiples of the tiles): no masks at all. Grid: (cdiv(M, BM), cdiv(COUT, BN), G)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -149,7 +128,10 @@ the weight operand's K follows (:func:`_gemm_weight`). Grid: (cdiv(M, BM), cdiv(
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < K
-        ci, kw, kh = _kdecode(offs_k, CIN, KW, CBLK)
+        ci = offs_k % CIN
+        t = offs_k // CIN
+        kw = t % KW
+        kh = t // KW
         w_ptrs = w_base + offs_k[:, None] * w_sk + offs_n[None, :] * w_sn
         if SEP:
             a = _load(a_rows[:, None] + ((kh * WIN + kw) * CIN + ci)[None, :], m_ok[:, None] & k_ok[None, :], EVEN)
@@ -203,20 +185,21 @@ def _unpool_kernel(dyp_ptr, code_ptr, dz_ptr, TOTAL, OH, OW, PH, PW, C: tl.const
 
 
 @triton.jit
-def _wgrad_cols(kk0, K: tl.constexpr, CIN: tl.constexpr, KW: tl.constexpr, BK: tl.constexpr, CBLK: tl.constexpr):
-    """The BK weight-gradient rows k from ``kk0`` on (in :func:`_kdecode`'s order): (k, in range, ci, kw, kh)."""
+def _wgrad_cols(kk0, K: tl.constexpr, CIN: tl.constexpr, KW: tl.constexpr, BK: tl.constexpr):
+    """The BK weight-gradient rows k = (kh, kw, ci) from ``kk0`` on: (k, in range, ci, kh, kw)."""
     offs_k = kk0 + tl.arange(0, BK)
-    ci, kw, kh = _kdecode(offs_k, CIN, KW, CBLK)
-    return offs_k, offs_k < K, ci, kw, kh
+    ci = offs_k % CIN
+    t = offs_k // CIN
+    return offs_k, offs_k < K, ci, t % KW, t // KW
 
 
 @triton.jit
 def _wgrad_dot(acc, d, x_base, cols, kk0, rows, bb, oh, ow, m_ok, HIN, WIN, K: tl.constexpr, CIN: tl.constexpr,
                KW: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, SEP: tl.constexpr,
-               EVEN: tl.constexpr, CBLK: tl.constexpr):
+               EVEN: tl.constexpr):
     """acc + A^T d for the BK weight-gradient rows from ``kk0`` and one block of GEMM rows: A's tile gathered
     at ``cols`` (the column part, SEP) + ``rows`` (the row part), or bounds-tested from (bb, oh, ow)."""
-    offs_k, k_ok, ci, kw, kh = _wgrad_cols(kk0, K, CIN, KW, BK, CBLK)
+    offs_k, k_ok, ci, kw, kh = _wgrad_cols(kk0, K, CIN, KW, BK)
     if SEP:
         a_t = _load(cols[:, None] + rows[None, :], k_ok[:, None] & m_ok[None, :], EVEN)
     else:
@@ -229,19 +212,18 @@ def _wgrad_dot(acc, d, x_base, cols, kk0, rows, bb, oh, ow, m_ok, HIN, WIN, K: t
 
 
 @triton.jit
-def _wgrad_col_part(x_base, kk0, WIN, K: tl.constexpr, CIN: tl.constexpr, KW: tl.constexpr, BK: tl.constexpr,
-                    CBLK: tl.constexpr):
+def _wgrad_col_part(x_base, kk0, WIN, K: tl.constexpr, CIN: tl.constexpr, KW: tl.constexpr, BK: tl.constexpr):
     """The column part (kh, kw, ci) of the separable gather's addresses of the BK rows from ``kk0``."""
-    offs_k, k_ok, ci, kw, kh = _wgrad_cols(kk0, K, CIN, KW, BK, CBLK)
+    offs_k, k_ok, ci, kw, kh = _wgrad_cols(kk0, K, CIN, KW, BK)
     return x_base + ((kh * WIN + kw) * CIN + ci)
 
 
 @triton.jit
 def _wgrad_store(out_ptr, acc, kk0, s, g, G, offs_n, n_ok, K: tl.constexpr, CIN: tl.constexpr, KH: tl.constexpr,
-                 KW: tl.constexpr, COUT: tl.constexpr, BK: tl.constexpr, CBLK: tl.constexpr):
+                 KW: tl.constexpr, COUT: tl.constexpr, BK: tl.constexpr):
     """Store the partial weight gradient of the BK rows from ``kk0`` in the weight's own layout (G, COUT,
     CIN, KH, KW)."""
-    offs_k, k_ok, ci, kw, kh = _wgrad_cols(kk0, K, CIN, KW, BK, CBLK)
+    offs_k, k_ok, ci, kw, kh = _wgrad_cols(kk0, K, CIN, KW, BK)
     out = out_ptr + ((s * G + g) * COUT + offs_n[None, :]) * K + (ci * (KH * KW) + kh * KW + kw)[:, None]
     tl.store(out, acc, mask=k_ok[:, None] & n_ok[None, :])
 
@@ -251,7 +233,7 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
                   CIN: tl.constexpr, COUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                   OFF: tl.constexpr, BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                   BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, SEP: tl.constexpr = False,
-                  EVEN: tl.constexpr = False, KSUB: tl.constexpr = 1, CBLK: tl.constexpr = 0):
+                  EVEN: tl.constexpr = False, KSUB: tl.constexpr = 1):
     """Partial weight gradient out[s, g, n, k] = sum over rows m of chunk s of A[g, m, k] dy[g, m, n]
     (A as in :func:`_igemm_kernel` with SGN = 1), stored in the weight's own layout (G, COUT, CIN, KH,
     KW), and, with BIAS, the partial bias gradient outb[s, g, n] = sum over the same rows of dy[g, m, n]
@@ -262,9 +244,7 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
     row part (b, oh, ow) per block of rows, with no bounds test per element; EVEN (with SEP: the S chunks
     cover M exactly, K and COUT whole multiples of the tiles): no masks. KSUB (1 to 5): each program
     computes KSUB consecutive BK-row blocks of the output, each in its own accumulator, from one load of
-    each dy tile (which every program re-reads: KSUB times fewer reads of dy; S57). CBLK: the order of the
-    rows k (:func:`_kdecode`; with CBLK = BK and KSUB = KW, one program's sub-blocks are the KW shifts of
-    one channel block, S58). Grid:
+    each dy tile (which every program re-reads: KSUB times fewer reads of dy; S57). Grid:
     (cdiv(K, BK * KSUB), cdiv(COUT, BN), G*S)."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -282,19 +262,19 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
     start = s * CHUNK
     # SEP: the column part of every address, once per sub-block
     acc0 = tl.zeros((BK, BN), dtype=ACC)
-    c0 = _wgrad_col_part(x_base, k0, WIN, K, CIN, KW, BK, CBLK)
+    c0 = _wgrad_col_part(x_base, k0, WIN, K, CIN, KW, BK)
     if KSUB > 1:
         acc1 = tl.zeros((BK, BN), dtype=ACC)
-        c1 = _wgrad_col_part(x_base, k0 + BK, WIN, K, CIN, KW, BK, CBLK)
+        c1 = _wgrad_col_part(x_base, k0 + BK, WIN, K, CIN, KW, BK)
     if KSUB > 2:
         acc2 = tl.zeros((BK, BN), dtype=ACC)
-        c2 = _wgrad_col_part(x_base, k0 + 2 * BK, WIN, K, CIN, KW, BK, CBLK)
+        c2 = _wgrad_col_part(x_base, k0 + 2 * BK, WIN, K, CIN, KW, BK)
     if KSUB > 3:
         acc3 = tl.zeros((BK, BN), dtype=ACC)
-        c3 = _wgrad_col_part(x_base, k0 + 3 * BK, WIN, K, CIN, KW, BK, CBLK)
+        c3 = _wgrad_col_part(x_base, k0 + 3 * BK, WIN, K, CIN, KW, BK)
     if KSUB > 4:
         acc4 = tl.zeros((BK, BN), dtype=ACC)
-        c4 = _wgrad_col_part(x_base, k0 + 4 * BK, WIN, K, CIN, KW, BK, CBLK)
+        c4 = _wgrad_col_part(x_base, k0 + 4 * BK, WIN, K, CIN, KW, BK)
     for m0 in range(start, start + CHUNK, BR):
         offs_m = m0 + tl.arange(0, BR)
         m_ok = offs_m < M
@@ -306,30 +286,30 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
         d_ptrs = dy_base + (bb * dy_sb + oh * dy_sh + ow * dy_sw)[:, None] + offs_n[None, :]
         d = _load(d_ptrs, m_ok[:, None] & n_ok[None, :], EVEN)
         acc0 = _wgrad_dot(acc0, d, x_base, c0, k0, rows, bb, oh, ow, m_ok, HIN, WIN, K, CIN, KW, OFF, BK, PREC,
-                          SEP, EVEN, CBLK)
+                          SEP, EVEN)
         if KSUB > 1:
             acc1 = _wgrad_dot(acc1, d, x_base, c1, k0 + BK, rows, bb, oh, ow, m_ok, HIN, WIN, K, CIN, KW, OFF, BK,
-                              PREC, SEP, EVEN, CBLK)
+                              PREC, SEP, EVEN)
         if KSUB > 2:
             acc2 = _wgrad_dot(acc2, d, x_base, c2, k0 + 2 * BK, rows, bb, oh, ow, m_ok, HIN, WIN, K, CIN, KW, OFF,
-                              BK, PREC, SEP, EVEN, CBLK)
+                              BK, PREC, SEP, EVEN)
         if KSUB > 3:
             acc3 = _wgrad_dot(acc3, d, x_base, c3, k0 + 3 * BK, rows, bb, oh, ow, m_ok, HIN, WIN, K, CIN, KW, OFF,
-                              BK, PREC, SEP, EVEN, CBLK)
+                              BK, PREC, SEP, EVEN)
         if KSUB > 4:
             acc4 = _wgrad_dot(acc4, d, x_base, c4, k0 + 4 * BK, rows, bb, oh, ow, m_ok, HIN, WIN, K, CIN, KW, OFF,
-                              BK, PREC, SEP, EVEN, CBLK)
+                              BK, PREC, SEP, EVEN)
         if BIAS:
             bacc += tl.sum(d.to(ACC), axis=0)
-    _wgrad_store(out_ptr, acc0, k0, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK, CBLK)
+    _wgrad_store(out_ptr, acc0, k0, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK)
     if KSUB > 1:
-        _wgrad_store(out_ptr, acc1, k0 + BK, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK, CBLK)
+        _wgrad_store(out_ptr, acc1, k0 + BK, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK)
     if KSUB > 2:
-        _wgrad_store(out_ptr, acc2, k0 + 2 * BK, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK, CBLK)
+        _wgrad_store(out_ptr, acc2, k0 + 2 * BK, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK)
     if KSUB > 3:
-        _wgrad_store(out_ptr, acc3, k0 + 3 * BK, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK, CBLK)
+        _wgrad_store(out_ptr, acc3, k0 + 3 * BK, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK)
     if KSUB > 4:
-        _wgrad_store(out_ptr, acc4, k0 + 4 * BK, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK, CBLK)
+        _wgrad_store(out_ptr, acc4, k0 + 4 * BK, s, g, G, offs_n, n_ok, K, CIN, KH, KW, COUT, BK)
     if BIAS:
         tl.store(outb_ptr + (s * G + g) * COUT + offs_n, bacc, mask=n_ok & (pid_k == 0))
 
@@ -351,6 +331,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 SMS = 132
 #: fixed tiles for the forward / input-gradient kernel; None: chosen by shape (:func:`igemm_tiles`)
 IGEMM_TILES: Tiles | None = None
+#: fixed tiles for the input-gradient kernel alone (before IGEMM_TILES); None: as the forward's
+DGRAD_TILES: Tiles | None = None
 #: weight-gradient tiles (bm = rows reduced per iteration); bk = 32 was fastest for every layer of the
 #: paper's networks but CIFAR-10's last (bench/results/triton_conv_h100.json)
 WGRAD_TILES = Tiles(bm=64, bn=64, bk=32)
@@ -419,12 +401,12 @@ def _on(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: int, wout: int, cout: int,
            kh: int, kw: int, sgn: int, off: int, tiles: Tiles | None = None, *,
-           epi: int = 0, relu_of: torch.Tensor | None = None, cblk: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+           epi: int = 0, relu_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Output ``(G, B, hout, wout, cout)`` of :func:`_igemm_kernel`, or for ``epi`` 2 the pooled
     ``(G, B, hout // 2, wout // 2, cout)`` and its uint8 codes (else codes None); ``wk (G, K, cout)`` at
     any strides (:func:`_gemm_weight`); ``tiles`` by default :func:`igemm_tiles` of the kernel's rows.
     ``relu_of`` (a contiguous tensor shaped as the output): the output is zeroed where it is not
-    positive (epilogue 3). ``cblk``: the K order ``wk`` is in (:func:`_gemm_weight`)."""
+    positive (epilogue 3)."""
     if relu_of is not None:
         epi = 3
     g, b, hin, win, cin = a.shape
@@ -448,7 +430,7 @@ def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: i
         _igemm_kernel[grid](a, wk, bias if bias is not None else wk, y, aux, m, hin, win,
                             hout, wout, ph, pw, a.stride(0), y.stride(0), *wk.stride(), CIN=cin, COUT=cout, KH=kh, KW=kw,
                             SGN=sgn, OFF=off, EPI=epi, HAS_BIAS=bias is not None, PREC=_prec(a.dtype),
-                            ACC=_acc(a.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk, SEP=sep, EVEN=even, CBLK=cblk,
+                            ACC=_acc(a.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk, SEP=sep, EVEN=even,
                             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return y, code
 
@@ -545,7 +527,7 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
         _wgrad_kernel[grid](x, dy, part, part_b, m, hin, win, hout, wout, x.stride(0), *dy.stride()[:4], g, s, chunk,
                             CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, BIAS=fused, PREC=_prec(x.dtype),
                             ACC=_acc(x.dtype)[1], BK=tiles.bk, BN=bn, BR=tiles.bm, SEP=sep, EVEN=even,
-                            KSUB=ksub, CBLK=_cblk(cin), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                            KSUB=ksub, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     dw = part[0] if s == 1 else part.sum(0)
     if not bias:
         return dw, None
@@ -554,45 +536,27 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     return dw, part_b[0] if s == 1 else part_b.sum(0)
 
 
-#: the GEMM's K in the blocked order (kh, cb, kw, c) where the gathered channels are several blocks of
-#: K_BLOCK (:func:`_kdecode`, :func:`_cblk`; False: (kh, kw, ci), session 10's), so that consecutive K
-#: steps of 32 channels, and a weight-gradient program's sub-blocks, are the KW shifts of one channel
-#: block, whose gathers read nearly the same input lines (S58)
-K_BLOCK_ORDER = True
-#: the channel block of that order: the K step of every GPU tile (igemm_tiles, WGRAD_TILES)
-K_BLOCK = 32
 #: the forward and input-gradient kernels read the weight as the GEMM's (K, N) operand stored K-major
 #: (each output channel's K = (kh, kw, ci) inputs contiguous, the layout Hopper's TF32 matrix
 #: instructions read) instead of N-major (session 7's)
 W_KMAJOR = True
 
 
-def _cblk(c: int) -> int:
-    """The channel block of the blocked K order (:func:`_kdecode`) for a gather over ``c`` channels:
-    :data:`K_BLOCK` where :data:`K_BLOCK_ORDER` is on and it divides ``c`` into several blocks, else 0
-    (the order (kh, kw, ci))."""
-    return K_BLOCK if K_BLOCK_ORDER and c > K_BLOCK and c % K_BLOCK == 0 else 0
-
-
-def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool, flip: bool = False,
-                 cblk: int = 0) -> torch.Tensor:
+def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool, flip: bool = False) -> torch.Tensor:
     """The weight ``w (G, Cout, Cin, KH, KW)`` as the (G, K, N) operand of :func:`_igemm_kernel`: forward,
-    K = (kh, kw, ci) and N = co; input gradient (``backward``), K = (kh, kw, co) and N = ci; with ``cblk``
-    the channels of K in blocks, K = (kh, cb, kw, c) (:func:`_kdecode`); a contiguous copy in ``dtype``,
-    K-major or N-major (:data:`W_KMAJOR`), returned as a (G, K, N) view. ``flip``: the kernel's window
-    turned by 180 degrees (kh -> KH-1-kh, kw -> KW-1-kw; the input gradient as a correlation over a
-    zero-bordered gradient, :func:`padded_base`)."""
+    K = (kh, kw, ci) and N = co; input gradient (``backward``), K = (kh, kw, co) and N = ci; a contiguous
+    copy in ``dtype``, K-major or N-major (:data:`W_KMAJOR`), returned as a (G, K, N) view. ``flip``: the
+    kernel's window turned by 180 degrees (kh -> KH-1-kh, kw -> KW-1-kw; the input gradient as a
+    correlation over a zero-bordered gradient, :func:`padded_base`)."""
     if flip:
         w = w.flip(3, 4)
     g, cout, cin, kh, kw = w.shape
-    n, c = (cin, cout) if backward else (cout, cin)
-    t = w.permute(0, 2, 3, 4, 1) if backward else w.permute(0, 1, 3, 4, 2)  # (G, N, KH, KW, C)
-    if cblk:  # (G, N, KH, CB, KW, CBLK)
-        t = t.unflatten(4, (c // cblk, cblk)).permute(0, 1, 2, 4, 3, 5)
-    t = t.reshape(g, n, kh * kw * c)
-    if W_KMAJOR:  # (G, N, K) contiguous, viewed (G, K, N)
-        return t.to(dtype).contiguous().transpose(1, 2)
-    return t.transpose(1, 2).to(dtype).contiguous()
+    n, k = (cin, kh * kw * cout) if backward else (cout, kh * kw * cin)
+    if W_KMAJOR:  # (G, N, KH, KW, C) contiguous, viewed (G, K, N)
+        t = w.permute(0, 2, 3, 4, 1) if backward else w.permute(0, 1, 3, 4, 2)
+        return t.reshape(g, n, k).to(dtype).contiguous().transpose(1, 2)
+    t = w.permute(0, 3, 4, 1, 2) if backward else w.permute(0, 3, 4, 2, 1)
+    return t.reshape(g, k, n).to(dtype).contiguous()
 
 
 def padded_base(dy: torch.Tensor, q: int) -> torch.Tensor | None:
@@ -622,10 +586,9 @@ class _ConvNHWC(torch.autograd.Function):
         g, _, h, wd, cin = x.shape
         cout, _, kh, kw = w.shape[1:]
         oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
-        cblk = _cblk(cin)
-        wk = _gemm_weight(w, x.dtype, backward=False, cblk=cblk)
+        wk = _gemm_weight(w, x.dtype, backward=False)
         y, code = _igemm(x, wk, None if bias is None else bias.to(x.dtype).contiguous(), oh, ow, cout, kh, kw, 1,
-                         -pad, epi=epi, cblk=cblk)
+                         -pad, epi=epi)
         # what the backward needs to form the gradient at the convolution's output: the ReLU's output
         # (its mask) or the pool's codes
         # (a ReLU output whose gradient arrives already masked, ``grad_masked``, needs none)
@@ -655,13 +618,12 @@ class _ConvNHWC(torch.autograd.Function):
             # relu_input: x is a ReLU's output, and the gradient at it goes on through that ReLU: zero it
             # where x is not positive in the kernel's epilogue (the producer's backward then skips it)
             relu_of = x if ctx.relu_input else None
-            cblk = _cblk(w.shape[1])
             if dyq is not None:
-                wd_k = _gemm_weight(w, dy.dtype, backward=True, flip=True, cblk=cblk)
-                dx, _ = _igemm(dyq, wd_k, None, h, wd, cin, kh, kw, 1, 0, relu_of=relu_of, cblk=cblk)
+                wd_k = _gemm_weight(w, dy.dtype, backward=True, flip=True)
+                dx, _ = _igemm(dyq, wd_k, None, h, wd, cin, kh, kw, 1, 0, DGRAD_TILES, relu_of=relu_of)
             else:
-                wd_k = _gemm_weight(w, dy.dtype, backward=True, cblk=cblk)
-                dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, relu_of=relu_of, cblk=cblk)
+                wd_k = _gemm_weight(w, dy.dtype, backward=True)
+                dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, DGRAD_TILES, relu_of=relu_of)
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] or want_b:
             dw, db = _wgrad(x, dy, kh, kw, pad, wgrad_tiles(pad, kh * kw * x.shape[-1]), bias=want_b)

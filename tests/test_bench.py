@@ -152,7 +152,7 @@ def test_kernel_sets_set_their_options_and_restore_them() -> None:
         return (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
                 triton_conv.W_KMAJOR, triton_conv.IGEMM_CANDIDATES, stacked.FUSE_RELU_GRAD, train.GRAPH_CACHE_SIZE,
                 triton_conv.SEPARABLE_GATHER, stacked.PAD_CONV_GRAD, triton_conv.WGRAD_KSUB,
-                triton_conv.WGRAD_PROGRAMS, triton_conv.WGRAD_TILES_PADDED, triton_conv.K_BLOCK_ORDER)
+                triton_conv.WGRAD_PROGRAMS, triton_conv.WGRAD_TILES_PADDED, triton_conv.DGRAD_TILES)
 
     before = state()
     for name in be.KERNEL_SETS:
@@ -171,7 +171,7 @@ def test_kernel_sets_set_their_options_and_restore_them() -> None:
             assert triton_conv.SEPARABLE_GATHER is (name not in ("s7", "s8", "s9", "nosep"))
             assert stacked.PAD_CONV_GRAD is (name not in ("s10", "nopad"))
             assert (triton_conv.WGRAD_KSUB == 1) is (name in ("s10", "noksub"))
-            assert triton_conv.K_BLOCK_ORDER is (name not in ("s10", "nokblock"))
+            assert (triton_conv.DGRAD_TILES is None) is (name not in ("dg128", "dg256"))
             if name in ("s10", "noksub"):
                 assert (triton_conv.WGRAD_PROGRAMS, triton_conv.WGRAD_TILES_PADDED) == (1024, triton_conv.WGRAD_TILES)
         assert state() == before, name

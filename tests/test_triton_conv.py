@@ -254,46 +254,6 @@ def test_weight_gradient_sub_blocks_equal_conv2d(shape: tuple[int, ...], most: i
     assert used[-1] == max(j for j in range(1, most + 1) if blocks % j == 0) > 1
 
 
-def test_blocked_k_order_permutes_the_weight_operand_as_the_kernels_decode_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """S58: column k of the blocked (G, K, N) weight operand is column (kh, kw, ci) of the plain one, where
-    (kh, cb, kw, c) = k's digits and ci = cb * CBLK + c (the kernels' _kdecode), forward and backward,
-    flipped or not, K-major and N-major; _cblk blocks only channels that are several whole blocks."""
-    w = torch.randn(2, 96, 64, 3, 5, dtype=torch.float64)
-    for backward in (False, True):
-        c = 96 if backward else 64
-        for flip in (False, True):
-            for kmajor in (True, False):
-                monkeypatch.setattr(triton_conv, "W_KMAJOR", kmajor)
-                plain = triton_conv._gemm_weight(w, torch.float64, backward=backward, flip=flip)
-                blocked = triton_conv._gemm_weight(w, torch.float64, backward=backward, flip=flip, cblk=32)
-                assert blocked.shape == plain.shape == (2, 15 * c, 64 if backward else 96)
-                k = torch.arange(15 * c)
-                cc, t = k % 32, k // 32
-                kw, t = t % 5, t // 5
-                ci, kh = (t % (c // 32)) * 32 + cc, t // (c // 32)
-                assert torch.equal(blocked, plain[:, (kh * 5 + kw) * c + ci])
-    monkeypatch.setattr(triton_conv, "K_BLOCK_ORDER", True)
-    assert [triton_conv._cblk(c) for c in (1, 3, 32, 64, 70, 96)] == [0, 0, 0, 32, 0, 32]
-    monkeypatch.setattr(triton_conv, "K_BLOCK_ORDER", False)
-    assert triton_conv._cblk(64) == 0
-
-
-@on_cpu
-@pytest.mark.parametrize("order", [True, False])
-@pytest.mark.parametrize("shape", [(2, 2, 9, 9, 64, 64, 3, 1), (2, 2, 10, 9, 96, 64, 5, 0), (2, 3, 8, 8, 64, 96, 3, 0)])
-def test_blocked_k_order_equals_conv2d(shape: tuple[int, ...], order: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """S58: the convolution and its three gradients in the blocked K order (64 and 96 channels: 2 and 3
-    blocks of 32 in the forward gather, the input-gradient gather and the weight gradient's rows, with
-    KSUB sub-blocks) equal conv2d's, as the plain order does (float64, the GPU's tiles)."""
-    monkeypatch.setattr(triton_conv, "K_BLOCK_ORDER", order)
-    monkeypatch.setattr(triton_conv, "SMS", 1)
-    monkeypatch.setattr(triton_conv, "IGEMM_TILES", IGEMM_GPU[0])
-    monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)
-    monkeypatch.setattr(triton_conv, "WGRAD_TILES_PADDED", triton_conv.Tiles(32, 64, 32))
-    monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 512)
-    _check(shape, True)
-
-
 @on_cpu
 @pytest.mark.parametrize("separable", [True, False])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[7]] + EVEN_SHAPES)
@@ -368,6 +328,23 @@ def test_cuda_input_gradient_from_a_zero_bordered_gradient_in_full_fp32(shape: t
     off: equal to cuDNN's gradients up to summation order, bordered or not."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     _check_bordered(shape, True, monkeypatch, torch.float32, "cuda", tol=1e-4)
+
+
+@on_cpu
+def test_input_gradient_tiles_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DGRAD_TILES: the input-gradient kernel runs under its own tiles (the forward's stay) and the
+    gradients are still conv2d's, bordered or not."""
+    monkeypatch.setattr(triton_conv, "IGEMM_TILES", IGEMM_GPU[3])
+    monkeypatch.setattr(triton_conv, "DGRAD_TILES", IGEMM_GPU[1])
+    monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)
+    tiles = []
+    real = triton_conv._igemm
+    monkeypatch.setattr(triton_conv, "_igemm", lambda *a, **k: tiles.append(a[10] if len(a) > 10 else None)
+                        or real(*a, **k))
+    _check(SHAPES[7], True)
+    assert tiles == [None, IGEMM_GPU[1]]  # the forward's from igemm_tiles (IGEMM_TILES), the input gradient's own
+    tiles.clear()
+    _check_bordered(SHAPES[7], False, monkeypatch)
 
 
 def test_padded_base_recognises_only_the_inside_of_a_bordered_buffer() -> None:
