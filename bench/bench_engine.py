@@ -45,7 +45,7 @@ SETTINGS = {
 
 
 #: fixed input-gradient tiles (robustfl.triton_conv.DGRAD_TILES) a variant's ``dgrad_tiles`` names
-DGRAD_TILE_SETS = {"t128": (128, 64, 32, 4, 3), "t256": (256, 64, 32, 8, 3)}
+DGRAD_TILE_SETS = {"t128": (128, 64, 32, 4, 3), "t256": (256, 64, 32, 8, 3), "igemm": None}
 #: the output-tile candidates (robustfl.triton_conv.IGEMM_CANDIDATES) a variant's ``tiles`` names
 TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8, 4), (128, 4, 3))}
 #: named kernel options (:func:`kernel_flags`' arguments) that the benchmarks' variants compare: the
@@ -55,7 +55,7 @@ TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8
 #: inputs; the convolution weights N-major), and session 8's changes one at a time (the fused flatten off;
 #: FP32 FMAs in the dense kernel; the weights N-major); s9 / nosep: before the separable gather (S55);
 #: s10: before the flatten kernel's zero-bordered gradient (S56, alone: nopad) and the weight gradient's
-#: sub-blocks (S57, alone: noksub)
+#: sub-blocks (S57, alone: noksub) and the bounds-tested input gradient's own tiles (S59, alone: dgigemm)
 KERNEL_SETS: dict[str, dict] = {
     "default": {}, "nofuse": {"fuse": False}, "t256": {"tiles": "t256"}, "t512s4": {"tiles": "t512s4"},
     "nosplitk": {"splitk": False},
@@ -65,8 +65,9 @@ KERNEL_SETS: dict[str, dict] = {
     "noflatten": {"flatten": False}, "ieee": {"fp32_dot": "ieee"}, "wnmajor": {"w_kmajor": False},
     "s8": {"relu_grad": False, "graph_cache": False, "separable": False}, "norelugrad": {"relu_grad": False},
     "nocache": {"graph_cache": False}, "nosep": {"separable": False},
-    "s9": {"separable": False}, "nopad": {"pad_grad": False}, "s10": {"pad_grad": False, "s57": False},
+    "s9": {"separable": False}, "nopad": {"pad_grad": False}, "s10": {"pad_grad": False, "s57": False, "dgrad_tiles": "igemm"},
     "noksub": {"s57": False}, "dg128": {"dgrad_tiles": "t128"}, "dg256": {"dgrad_tiles": "t256"},
+    "dgigemm": {"dgrad_tiles": "igemm"},
 }
 
 
@@ -103,7 +104,7 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
     the convolutions' separable gather (triton_conv.SEPARABLE_GATHER), the flatten kernel's zero-bordered
     gradient for the convolution before it (robustfl.stacked.PAD_CONV_GRAD), S57's weight gradient (off: one
     block a program, triton_conv.WGRAD_KSUB = 1, with session 10's WGRAD_PROGRAMS and padded layers' tiles),
-    fixed input-gradient tiles (triton_conv.DGRAD_TILES, DGRAD_TILE_SETS). None: the default."""
+    the bounds-tested input gradient's tiles (triton_conv.DGRAD_TILES, DGRAD_TILE_SETS). None: the default."""
     from robustfl import train
     import robustfl
     from robustfl import triton_conv, triton_dense
@@ -120,7 +121,8 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
     stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_conv.W_KMAJOR = fuse, flatten, w_kmajor
     stacked.FUSE_RELU_GRAD, stacked.PAD_CONV_GRAD = relu_grad, pad_grad
     if dgrad_tiles is not None:
-        triton_conv.DGRAD_TILES = triton_conv.Tiles(*DGRAD_TILE_SETS[dgrad_tiles])
+        t = DGRAD_TILE_SETS[dgrad_tiles]
+        triton_conv.DGRAD_TILES = None if t is None else triton_conv.Tiles(*t)
     if not s57:
         triton_conv.WGRAD_KSUB, triton_conv.WGRAD_PROGRAMS = 1, 1024
         triton_conv.WGRAD_TILES_PADDED = triton_conv.WGRAD_TILES

@@ -331,8 +331,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 SMS = 132
 #: fixed tiles for the forward / input-gradient kernel; None: chosen by shape (:func:`igemm_tiles`)
 IGEMM_TILES: Tiles | None = None
-#: fixed tiles for the input-gradient kernel alone (before IGEMM_TILES); None: as the forward's
-DGRAD_TILES: Tiles | None = None
+#: tiles for the bounds-tested input gradient (a padded layer's, or one whose gradient is not
+#: zero-bordered); None: as the forward's (igemm_tiles). 128 rows: fmnist's 5x5x64 layer 0.519 -> 0.358 ms
+#: against igemm_tiles' 512, while the zero-bordered (separable) one stays fastest at 512 (0.388 vs 0.415;
+#: bench/results/dgrad_s11_h100/); CIFAR-10's and Kather's rounds 2-3 % faster (S59)
+DGRAD_TILES: Tiles | None = Tiles(bm=128, bn=64, bk=32, num_warps=4, num_stages=3)
 #: weight-gradient tiles (bm = rows reduced per iteration); bk = 32 was fastest for every layer of the
 #: paper's networks but CIFAR-10's last (bench/results/triton_conv_h100.json)
 WGRAD_TILES = Tiles(bm=64, bn=64, bk=32)
@@ -353,6 +356,7 @@ SEPARABLE_GATHER = True
 WGRAD_KSUB = 5
 if INTERPRET:  # the interpreter's cost is per program and per operation: few, large tiles
     IGEMM_TILES = Tiles(bm=1024, bn=64, bk=128)
+    DGRAD_TILES = None
     WGRAD_TILES = WGRAD_TILES_PADDED = Tiles(bm=1024, bn=64, bk=128)
     WGRAD_PROGRAMS = 1
 
@@ -620,7 +624,7 @@ class _ConvNHWC(torch.autograd.Function):
             relu_of = x if ctx.relu_input else None
             if dyq is not None:
                 wd_k = _gemm_weight(w, dy.dtype, backward=True, flip=True)
-                dx, _ = _igemm(dyq, wd_k, None, h, wd, cin, kh, kw, 1, 0, DGRAD_TILES, relu_of=relu_of)
+                dx, _ = _igemm(dyq, wd_k, None, h, wd, cin, kh, kw, 1, 0, relu_of=relu_of)
             else:
                 wd_k = _gemm_weight(w, dy.dtype, backward=True)
                 dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, DGRAD_TILES, relu_of=relu_of)

@@ -171,7 +171,9 @@ def test_kernel_sets_set_their_options_and_restore_them() -> None:
             assert triton_conv.SEPARABLE_GATHER is (name not in ("s7", "s8", "s9", "nosep"))
             assert stacked.PAD_CONV_GRAD is (name not in ("s10", "nopad"))
             assert (triton_conv.WGRAD_KSUB == 1) is (name in ("s10", "noksub"))
-            assert (triton_conv.DGRAD_TILES is None) is (name not in ("dg128", "dg256"))
+            dg = {"s10": None, "dgigemm": None, "dg128": triton_conv.Tiles(128, 64, 32, 4, 3),
+                  "dg256": triton_conv.Tiles(256, 64, 32, 8, 3)}
+            assert triton_conv.DGRAD_TILES == dg.get(name, before[-1])
             if name in ("s10", "noksub"):
                 assert (triton_conv.WGRAD_PROGRAMS, triton_conv.WGRAD_TILES_PADDED) == (1024, triton_conv.WGRAD_TILES)
         assert state() == before, name

@@ -332,8 +332,8 @@ def test_cuda_input_gradient_from_a_zero_bordered_gradient_in_full_fp32(shape: t
 
 @on_cpu
 def test_input_gradient_tiles_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DGRAD_TILES: the input-gradient kernel runs under its own tiles (the forward's stay) and the
-    gradients are still conv2d's, bordered or not."""
+    """DGRAD_TILES: the bounds-tested input-gradient kernel runs under its own tiles (the forward's stay,
+    and the zero-bordered one takes the forward's choice), and the gradients are still conv2d's."""
     monkeypatch.setattr(triton_conv, "IGEMM_TILES", IGEMM_GPU[3])
     monkeypatch.setattr(triton_conv, "DGRAD_TILES", IGEMM_GPU[1])
     monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)
@@ -344,7 +344,8 @@ def test_input_gradient_tiles_of_their_own(monkeypatch: pytest.MonkeyPatch) -> N
     _check(SHAPES[7], True)
     assert tiles == [None, IGEMM_GPU[1]]  # the forward's from igemm_tiles (IGEMM_TILES), the input gradient's own
     tiles.clear()
-    _check_bordered(SHAPES[7], False, monkeypatch)
+    _check_bordered(SHAPES[7], False, monkeypatch)  # bordered, then the same gradient contiguous
+    assert tiles == [None, None, None, IGEMM_GPU[1]]
 
 
 def test_padded_base_recognises_only_the_inside_of_a_bordered_buffer() -> None:
