@@ -26,7 +26,7 @@ def _table_sections(title: str, pattern: str, cols: list[str], notes: tuple[str,
     for f in sorted(RES.glob(pattern)):
         d = json.loads(f.read_text())
         df = pd.DataFrame(d["results"])
-        out += [f"### `{f.name}`", "", _meta(d), "",
+        out += [f"### `{f.relative_to(RES)}`", "", _meta(d), "",
                 df[[c for c in cols if c in df]].to_markdown(index=False, floatfmt=".4g"), "", *notes]
     return out
 
@@ -38,6 +38,11 @@ def engine_section() -> list[str]:
             "packed_cells", "packed_s_per_cell_round", "packed_tflops", "vectorised_peak_mem_gib", "packed_peak_mem_gib"]
     return (_table_sections("## Local training engine, whole rounds (`bench_engine.py`; paper settings, random "
                             "inputs of the right shape)", "round_*.json", cols)
+            + _table_sections("### Session 11 (H100): fmnist, CIFAR-10 and Kather rounds, each kernel set in its own "
+                              "process within one device call, a fresh machine per call (S56: "
+                              "`round_fmnist_s11a_h100/`; S57: `round_fmnist_s11b_h100/`, `round_s11c_h100/`; S58, "
+                              "reverted: `kblock_s11_h100/`; S59: `dgrad_s11_h100/`, `final_s11_h100/`)",
+                              "*s11*_h100/round_*.json", cols)
             + _table_sections("### Session 10 (H100): fmnist rounds against the sequential reference in fp32 and in bf16 "
                               "(both sides in the same precision), 9 cells packed, one process each "
                               "(`round_fmnist_s10_h100/`); the same command without `--conv auto`, i.e. vmap's "
@@ -119,6 +124,10 @@ def run_section() -> list[str]:
         ["variant", "precision", "engine_conv", "engine_cuda_graph", "end_to_end_s", "sim_wall_s", "train_s_total",
          "attack_s_total", "agg_s_total", "peak_gpu_mem_gib", "test_acc"],
         ("Random uint8 data of the dataset's shape and size (`data: random` in the file), so accuracy is chance.", ""))
+    out += _table_sections("### Session 11 (H100): one fmnist run after S56 (`round_fmnist_s11a_h100/`, with session 10's "
+                           "kernels as `triton+graph+s10`), S57 (`round_s11c_h100/`) and S58's revert (`dgrad_s11_h100/`)",
+                           "*s11*_h100/run_*.json", ["variant", "precision", "end_to_end_s", "sim_wall_s", "train_s_total",
+                                                     "peak_gpu_mem_gib"])
     for f in sorted(RES.glob("run_*.json")):  # the one-time steps before run_cell, for the record
         d = json.loads(f.read_text())
         out.append(f"- `{f.name}`: data {d.get('data')}; decoding the dataset into the prepared cache "
@@ -179,7 +188,8 @@ def triton_section() -> list[str]:
     """Per-layer times of cuDNN vs the Triton kernels, and each Triton kernel's fastest tile shape
     (``bench_triton_conv.py``: ``triton_conv*.json``, or the JSON lines of a run whose file was lost)."""
     out = ["## Convolution layers: cuDNN vs Triton kernels (`bench_triton_conv.py`; ms, median of do_bench)", ""]
-    files = sorted(RES.glob("triton_conv*.json")) + sorted(RES.glob("triton_conv*.jsonl"))
+    files = (sorted(RES.glob("triton_conv*.json")) + sorted(RES.glob("triton_conv*.jsonl"))
+             + sorted(RES.glob("wgrad_sweep_*.json")) + sorted(RES.glob("*_s11_h100/sweep_*.json")))
     for f in files:
         if f.suffix == ".jsonl":
             rows, meta = [json.loads(line) for line in f.read_text().splitlines() if line.strip()], (
@@ -195,7 +205,7 @@ def triton_section() -> list[str]:
         whole = df[df.kernel_pass == "fwd+bwd"].pivot_table(index=["model", "layer", "cin", "cout", "h", "kernel"],
                                                             columns="path", values="ms")
         parts = df[df.kernel_pass != "fwd+bwd"].sort_values("ms").groupby(["model", "layer", "kernel_pass"]).head(1)
-        out += [f"### `{f.name}`", "", meta, "", "Forward + backward of one layer (10 clients):", "",
+        out += [f"### `{f.relative_to(RES)}`", "", meta, "", "Forward + backward of one layer (10 clients):", "",
                 whole.reset_index().to_markdown(index=False, floatfmt=".4g"), "", "Fastest tile shape per kernel:", "",
                 parts[["model", "layer", "kernel_pass", "tiles", "ms", "tflops"]].to_markdown(index=False, floatfmt=".4g"),
                 ""]
@@ -204,11 +214,11 @@ def triton_section() -> list[str]:
 
 def profile_section() -> list[str]:
     out = ["## Where a training step's GPU time goes (`profile_step.py`; eager, ms per step, largest kernels)", ""]
-    for f in sorted(RES.glob("profile_*.json")):
+    for f in sorted(RES.glob("profile_*.json")) + sorted(RES.glob("*s11*_h100/profile_*.json")):
         d = json.loads(f.read_text())
         df = pd.DataFrame(d["results"])
         df["kernel"] = df["kernel"].str.slice(0, 90)
-        out += [f"### `{f.name}`", "", _meta(d) + f"; {d['model']}, conv {d['conv']}, {d['precision']}, "
+        out += [f"### `{f.relative_to(RES)}`" + (f" (kernels `{d['kernels']}`)" if "kernels" in d else ""), "", _meta(d) + f"; {d['model']}, conv {d['conv']}, {d['precision']}, "
                 f"{d['clients']} clients, batch {d['batch']}; all kernels {d['kernels_ms_per_step']:.3f} ms per step", "",
                 df[["ms_per_step", "calls", "kernel"]].head(10).to_markdown(index=False, floatfmt=".4g"), ""]
     return out
