@@ -11,10 +11,12 @@ gathers its tile of it from the NHWC input (zero outside the image, which is the
 backward pass is two more such products:
 
 * input gradient: dx[g, (b, ih, iw), ci] = sum_{(kh, kw, co)} dy[g, b, ih - kh + P, iw - kw + P, co] * w[g, co, ci, kh, kw]
-  (the same kernel with the offsets' sign flipped);
+  (the same kernel with the offsets' sign flipped; or, where the gradient arrives as the inside of a
+  zero-bordered buffer, the same kernel over that buffer with the window turned: :func:`padded_base`);
 * weight gradient: dw[g, (kh, kw, ci), co] = sum_{(b, oh, ow)} x[g, b, oh + kh - P, ow + kw - P, ci] * dy[g, b, oh, ow, co],
   a reduction over M split into S chunks whose fp32 partial sums are added by ``torch.sum``
-  (no atomics, so the result does not depend on the order programs run in).
+  (no atomics, so the result does not depend on the order programs run in); each program computes up
+  to 5 blocks of the output from one read of each dy tile (:data:`WGRAD_KSUB`).
 
 The ReLU, or the 2x2 max-pool and ReLU, after a convolution can run in the forward kernel's epilogue
 (``conv_nhwc(..., epilogue=...)``; robustfl.stacked does so for the paper's networks): the pool writes
@@ -186,7 +188,7 @@ def _unpool_kernel(dyp_ptr, code_ptr, dz_ptr, TOTAL, OH, OW, PH, PW, C: tl.const
 
 @triton.jit
 def _wgrad_cols(kk0, K: tl.constexpr, CIN: tl.constexpr, KW: tl.constexpr, BK: tl.constexpr):
-    """The BK weight-gradient rows k = (kh, kw, ci) from ``kk0`` on: (k, in range, ci, kh, kw)."""
+    """The BK weight-gradient rows k = (kh, kw, ci) from ``kk0`` on: (k, in range, ci, kw, kh)."""
     offs_k = kk0 + tl.arange(0, BK)
     ci = offs_k % CIN
     t = offs_k // CIN

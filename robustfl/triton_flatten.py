@@ -18,6 +18,10 @@ The masks are not the ones ``F.dropout`` would draw on the same generator (anoth
 order), as the stacked engine's masks already differ from the sequential reference's: dropout is
 random, its distribution is the same.
 
+With ``grad_pad`` q the backward writes dz into a (H + 2q, W + 2q) grid, its border zero, and hands back
+the inside, from which the convolution before it gathers its input gradient without bounds tests
+(robustfl.triton_conv.padded_base).
+
 On a machine without a GPU the kernel runs in Triton's interpreter when ``TRITON_INTERPRET=1`` is set
 before import (tests/test_triton_flatten.py checks it against the PyTorch composition).
 """
