@@ -115,7 +115,7 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
              (triton_conv, "WGRAD_KSUB"), (triton_conv, "WGRAD_PROGRAMS"), (triton_conv, "WGRAD_TILES_PADDED"),
              (triton_conv, "DGRAD_TILES"),
              (robustfl, "triton_conv"), (train, "GRAPH_CACHE_SIZE")]
-    old = {(mod.__name__, name): getattr(mod, name) for mod, name in saved}
+    old = [getattr(mod, name) for mod, name in saved]
     triton_conv.SEPARABLE_GATHER = separable
     train.GRAPH_CACHE_SIZE = train.GRAPH_CACHE_SIZE if graph_cache else 0
     stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_conv.W_KMAJOR = fuse, flatten, w_kmajor
@@ -136,8 +136,8 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
     try:
         yield
     finally:
-        for mod, name in saved:
-            setattr(mod, name, old[(mod.__name__, name)])
+        for (mod, name), value in zip(saved, old):
+            setattr(mod, name, value)
         clear_graph_cache()
 
 

@@ -493,8 +493,8 @@ def _wgrad_split(m: int, k: int, cout: int, g: int, pad: int, tiles: Tiles) -> t
     """How :func:`_wgrad_kernel` splits its reduction over ``m`` rows: ``(chunks S, rows per chunk, SEP,
     EVEN)``. S is what makes about :data:`WGRAD_PROGRAMS` programs (at least 8 row blocks a chunk); with
     the separable gather and whole row blocks, the nearest S up to twice as many that divides the blocks
-    (fmnist's 5x5x64 layer: 400 blocks of 64 rows in 16 chunks, not 11; 4, not 3, with KSUB 1), so that no
-    chunk needs masks. The programs of a chunk: K blocks / KSUB (:func:`_wgrad_ksub`) x output-channel tiles."""
+    (fmnist's 5x5x64 layer: 400 blocks of 64 rows in 8 chunks, not 6; with session 10's KSUB 1 and 1024
+    programs, 4, not 3), so that no chunk needs masks. The programs of a chunk: K blocks / KSUB (:func:`_wgrad_ksub`) x output-channel tiles."""
     tiles_kn = triton.cdiv(k, tiles.bk) // _wgrad_ksub(k, tiles, m, cout, g) * triton.cdiv(cout, _bn(cout, tiles.bn))
     s = max(1, min(triton.cdiv(m, 8 * tiles.bm), triton.cdiv(WGRAD_PROGRAMS, tiles_kn * g)))
     sep = SEPARABLE_GATHER and pad == 0

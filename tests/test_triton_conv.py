@@ -503,12 +503,16 @@ def test_stacked_hands_the_relu_backward_on_only_between_two_convolutions(monkey
     x = torch.rand(2, 3, 1, 28, 28, dtype=torch.float64)
     y = torch.randint(0, 10, (2, 3))
     mask = torch.ones(2, 3, dtype=torch.float64)
+    params = [flats[:, a:b].reshape(2, *s) for s, (a, b) in zip(spec.shapes, spec.slices)]
+
+    def step() -> list[torch.Tensor]:
+        calls.clear()
+        return stacked.stacked_grads(model, spec.names, params, x, y, mask, layout="triton")
+
     grads = {}
     for on in (True, False):
         monkeypatch.setattr(stacked, "FUSE_RELU_GRAD", on)
-        calls.clear()
-        grads[on] = stacked.stacked_grads(model, spec.names, [flats[:, a:b].reshape(2, *s) for s, (a, b) in
-                                                               zip(spec.shapes, spec.slices)], x, y, mask, layout="triton")
+        grads[on] = step()
         flags = [(k["relu_input"], k["grad_masked"]) for k in calls]
         assert flags == ([(False, True), (True, False)] if on else [(False, False), (False, False)])
     for a, b in zip(grads[True], grads[False]):
@@ -523,9 +527,7 @@ def test_stacked_hands_the_relu_backward_on_only_between_two_convolutions(monkey
     padded = {}
     for on in (True, False):
         monkeypatch.setattr(stacked, "PAD_CONV_GRAD", on)
-        calls.clear()
-        padded[on] = stacked.stacked_grads(model, spec.names, [flats[:, a:b].reshape(2, *s) for s, (a, b) in
-                                                                zip(spec.shapes, spec.slices)], x, y, mask, layout="triton")
+        padded[on] = step()
         assert [k.get("grad_padded", False) for k in calls] == [False, on]
     assert found == [True]  # the backward found the bordered buffer (and was only asked when on)
     for a, b in zip(padded[True], padded[False]):
