@@ -478,3 +478,81 @@ def test_graphed_explicit_boosting_equals_eager_on_the_gpu(monkeypatch):
             torch.testing.assert_close(d1, d0, rtol=0, atol=1e-6)
     # the second case ran past the eager steps: the step was captured and replayed at least once
     assert steps[0] == 30 and backdoor.GRAPH_MIN_ITERATIONS <= steps[1] < 1000 and steps[2] == 2
+
+
+# ------------------------------------------------------------------ stealth: start, ball, final boost
+def test_benign_spread_and_projection_by_hand():
+    """Four updates at the corners of a square of side 2: mean (1, 1), each sqrt(2) from it, so s = sqrt(2).
+    A row at distance 5 from the centre lands on the sphere of radius 1; one inside is kept bit for bit."""
+    from robustfl.attacks.backdoor import benign_spread, project_rows_
+
+    mean, s = benign_spread(torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]]))
+    torch.testing.assert_close(mean, torch.tensor([1.0, 1.0]))
+    assert s == pytest.approx(2 ** 0.5)
+    w = torch.tensor([[4.0, 5.0], [1.1, 0.7]])  # (3, 4) and (0.1, -0.3) from the centre
+    inside = w[1].clone()
+    project_rows_(w, mean, torch.tensor(1.0))
+    torch.testing.assert_close(w[0], torch.tensor([1.0 + 0.6, 1.0 + 0.8]))
+    assert torch.equal(w[1], inside)
+    with pytest.raises(ValueError, match="at least two benign updates"):
+        benign_spread(torch.zeros(1, 3))
+
+
+def _stealth_setup(digits):
+    """A global model trained for a round of FedAvg, the next round's 5 benign updates."""
+    model = _model()
+    theta = model_to_flat(model)
+    theta = theta + _benign(model, theta, digits).mean(0)
+    return model, theta, _benign(model, theta, digits, seed=3)
+
+
+@pytest.mark.parametrize("params", [{"radius": 0.5}, {"radius": 0.5, "start": "benign_mean"},
+                                    {"radius": 0.3, "project_at": "final"},
+                                    {"radius": 0.5, "boost_at": "final", "boost": 4.0}])
+def test_projected_update_stays_within_the_configured_distance_of_the_benign_mean(digits, params):
+    from robustfl.attacks.backdoor import benign_spread
+
+    model, theta, ben = _stealth_setup(digits)
+    mean, s = benign_spread(ben)
+    free = ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, [digits["shards"][-1]],
+                                              {k: v for k, v in params.items() if k not in ("radius", "project_at")}))
+    got = ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, [digits["shards"][-1]], params))
+    dist_free, dist = (free[0] - mean).norm().item(), (got[0] - mean).norm().item()
+    MEASURED[f"stealth_dist_{sorted(params.items())}"] = dist / s
+    assert dist_free > params["radius"] * s * 1.5  # unconstrained, the attack is far outside the ball ...
+    assert dist <= params["radius"] * s * (1 + 1e-5)  # ... projected, it is inside
+
+
+def test_a_projected_krum_backdoor_is_chosen_by_krum(digits):
+    """What the attack is for: inside half the benign spread, Krum (f = 1) selects the attacker's update,
+    which the unconstrained attack never achieves."""
+    from robustfl import aggregators as agg
+
+    model, theta, ben = _stealth_setup(digits)
+    chosen = {}
+    for name, params in (("free", {}), ("ball", {"radius": 0.5, "start": "benign_mean"})):
+        mal = ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, [digits["shards"][-1]], params))
+        chosen[name] = int(agg.krum(torch.cat([ben, mal]), f=1).weights.argmax())
+    assert chosen["free"] != N_BEN and chosen["ball"] == N_BEN, chosen
+
+
+def test_final_boost_is_affine_in_the_attackers_own_change(digits):
+    """boost_at final: delta(b) = start + b (delta(1) - start), start = 0 or the mean benign update."""
+    model, theta, ben = _stealth_setup(digits)
+    for start, base in (("theta", torch.zeros_like(theta)), ("benign_mean", ben.mean(0))):
+        one, four = (ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, [digits["shards"][-1]],
+                                                       {"boost_at": "final", "boost": b, "start": start}))
+                     for b in (1.0, 4.0))
+        torch.testing.assert_close(four[0], base + 4.0 * (one[0] - base), rtol=1e-5, atol=1e-6)
+
+
+def test_stealth_options_are_validated(digits):
+    model = _model()
+    theta = model_to_flat(model)
+    ben = torch.randn(N_BEN, theta.numel())
+    for params, msg in (({"radius": 0}, "radius"), ({"radius": "1"}, "radius"), ({"boost_at": "x"}, "boost_at"),
+                        ({"start": "mean"}, "start"), ({"project_at": "always"}, "project_at")):
+        with pytest.raises(ValueError, match=msg):
+            ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, [digits["shards"][-1]], params))
+    with pytest.raises(ValueError, match="alternating"):
+        ATTACKS.get("median_backdoor")(_ctx(model, theta, ben, digits, [digits["shards"][-1]], {"radius": 1.0}))

@@ -69,6 +69,8 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> None:
     ("krum_backdoor", {"ls": 2, "mal_steps": 2, "order": "mal_first", "dist": "sq", "rho": 0.5, "boost": 4.0}),
     ("krum_backdoor", {"variant": "code", "self_epochs": 1}),
     ("krum_backdoor", {"stealth_ref": "self", "self_epochs": 1.5}),
+    ("krum_backdoor", {"radius": 0.5, "start": "benign_mean"}),
+    ("krum_backdoor", {"radius": 2.0, "project_at": "final", "boost_at": "final", "boost": 3.0}),
     ("median_backdoor", {"max_steps": 40, "tol": -1.0}),
     ("median_backdoor", {"max_steps": 200, "tol": 0.02}),
     ("median_backdoor", {"max_steps": 60, "tol": 0.05, "add_benign": True, "check_every": 7}),

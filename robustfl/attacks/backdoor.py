@@ -41,6 +41,17 @@ check_every        1                             100 (the code reads the loss ev
 add_benign         False (median_backdoor: add the attacker's own benign update, Bhagoji ``add_ben``)
 share              False: every attacker crafts  True: attacker 0 crafts, the others send copies
                    on its own shard              (``mal_agent_copy``)
+boost_at           "step": each malicious step's change is boosted (the code); "final": the loop runs
+                   unboosted and the attacker's own change ``delta - start`` is boosted once at the end
+                   (Bhagoji's explicit boosting of the update)
+start              "theta": the loop starts from the global model; "benign_mean": from theta + the
+                   round's mean benign update (white-box)
+radius             None; r > 0: the update is projected onto the ball of radius r * s around the mean
+                   benign update, s = the benign spread (:func:`benign_spread`), so that it lies inside
+                   the benign updates' own scatter (the hard-constraint form of Eq. 7's rho-term)
+project_at         "step": the projection also runs after every alternation (projected gradient
+                   descent); "final": once, on the returned update. Either way the returned update is
+                   within r * s of the mean benign update
 =================  ============================  =====================================================
 """
 from __future__ import annotations
@@ -77,6 +88,7 @@ COMMON: dict[str, Any] = {
     "rho": 1e-4, "benign_epochs": 2.0, "ls": 1, "mal_steps": 1, "iterations": None,
     "order": "benign_first", "lr": None, "batch_size": None,
     "min_steps": 2, "tol": 1e-6, "max_steps": 1000, "add_benign": False, "self_epochs": None,
+    "boost_at": "step", "start": "theta", "radius": None, "project_at": "step",
 }
 
 
@@ -107,6 +119,13 @@ def resolve_options(ctx: AttackContext, extra_defaults: Mapping[str, Any] | None
         raise ValueError(f"order must be 'benign_first' or 'mal_first', got {opts['order']!r}")
     if opts["rho"] < 0 or opts["boost"] < 0 or opts["ls"] < 1 or opts["mal_steps"] < 0:
         raise ValueError("need rho >= 0, boost >= 0, ls >= 1, mal_steps >= 0")
+    for key, allowed in (("boost_at", ("step", "final")), ("start", ("theta", "benign_mean")),
+                         ("project_at", ("step", "final"))):
+        if opts[key] not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {opts[key]!r}")
+    r = opts["radius"]
+    if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0):
+        raise ValueError(f"radius must be null or a number > 0 (a multiple of the benign spread), got {r!r}")
     return opts
 
 
@@ -133,6 +152,34 @@ def mean_benign_delta(ctx: AttackContext) -> torch.Tensor:
     if ctx.benign_updates.shape[0] == 0:
         return torch.zeros_like(ctx.global_flat)
     return ctx.benign_updates.mean(0).to(ctx.global_flat)
+
+
+def benign_spread(benign_updates: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(mean, s)`` of the round's benign updates ``(n_ben, d)``: their mean and their spread
+    ``s = sqrt(mean_j ||delta_j - mean||^2)``, the RMS distance of a benign update to the mean.
+
+    Krum (Blanchard et al. 2017) scores an update by its squared distances to its nearest neighbours; an
+    update at distance ``r s`` from the mean is about ``(1 + r^2) s^2`` from a benign update, a benign
+    one about ``2 s^2`` from another, so ``r < 1`` is what makes an update more central than the benign
+    ones. Needs at least two benign updates."""
+    if benign_updates.dim() != 2 or benign_updates.shape[0] < 2:
+        raise ValueError("the benign spread needs at least two benign updates of the round, got "
+                         f"{tuple(benign_updates.shape)}")
+    x = benign_updates.double()
+    mean = x.mean(0)
+    s = float((x - mean).pow(2).sum(1).mean().sqrt())
+    return mean.to(benign_updates.dtype), s
+
+
+def project_rows_(w: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """In place, every row of ``w (k, d)`` onto the ball of radius ``radius`` (a tensor broadcasting to
+    ``(k, 1)``) around ``centre`` (``(d,)`` or ``(k, d)``): ``c + (w - c) r / ||w - c||`` where
+    ``||w - c|| > r``; rows inside the ball are left bit for bit. Reads nothing back to the host (it runs
+    inside captured CUDA graphs)."""
+    v = w - centre
+    scale = radius / torch.sqrt(v.pow(2).sum(-1, keepdim=True) + _NORM_EPS)
+    w.copy_(torch.where(scale < 1.0, centre + v * scale, w))
+    return w
 
 
 @contextlib.contextmanager
@@ -220,10 +267,11 @@ def alternating_minimisation(
     iterations: int | None = None, lr: float = 1e-3, batch_size: int = 64,
     generator: torch.Generator | None = None, device: torch.device | str | None = None,
     dist: str = "norm", order: str = "benign_first", extra_loss: ExtraLoss | None = None,
+    start: torch.Tensor | None = None, project: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Bhagoji et al.'s alternating minimisation with explicit boosting; returns ``delta = w - theta (d,)``.
 
-    Starting from ``w = theta``, each *iteration* does
+    Starting from ``w = theta`` (``theta + start`` where ``start`` is given), each *iteration* does
 
     (a) stealth step(s): ``ls`` Adam mini-batch steps on the attacker's shard minimising
         ``CE(w; batch) + rho * D(w - theta - ben_mean_delta) [+ extra_loss]`` with ``D = ||.||_2``
@@ -238,6 +286,9 @@ def alternating_minimisation(
     stealth objective sees ``benign_epochs`` epochs of the shard in total (the code's ``mal_E``). The two
     objectives have their own Adam states (two optimisers, as in the code); lr 1e-3 per Section 6.1.
     ``ben_mean_delta=None`` means a zero reference (plain ``rho ||w - theta||``).
+
+    ``project=(centre, r)``: after every iteration ``w - theta`` is projected onto the ball of radius
+    ``r`` around ``centre`` (:func:`project_rows_`; projected gradient descent on Eq. 7's constraint form).
 
     ``extra_loss(plr, logits, y, idx)`` is added to the stealth loss (the adaptive attack's PLR term);
     ``idx`` are the batch's indices into ``x_own``. Deterministic for a given ``generator`` state.
@@ -264,11 +315,14 @@ def alternating_minimisation(
     # malicious step on device when the backdoor loss is 0 (the code's "only if mal loss is non-zero": no
     # update, Adam state untouched, later malicious steps of the iteration skipped too), and a partial
     # mini-batch is padded to the batch size with a mask (the same mean cross-entropy).
-    w = theta.clone().view(1, -1)
+    w = (theta if start is None else theta + start.detach().to(theta)).clone().view(1, -1)
     ben_state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(1, device=device))
     mal_state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(1, device=device))
     one = torch.ones(1, device=device)
     stream = _batches(n_own, batch_size, gen, device)
+    if project is not None:
+        p_centre = theta + project[0].detach().to(theta)
+        p_radius = torch.full((1, 1), float(project[1]), device=device)
 
     def loss_grad(loss_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
         # the current weights, as constants: one leaf per parameter (a gradient taken with respect to the
@@ -315,6 +369,8 @@ def alternating_minimisation(
             stealth(idx, mask)
         if order == "benign_first" and do_mal:
             malicious()
+        if project is not None:
+            project_rows_(w, p_centre, p_radius)
 
     def next_batches(pad: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
@@ -466,6 +522,36 @@ def stealth_reference(ctx: AttackContext, opts: Mapping[str, Any], x_own: torch.
     return mean_benign_delta(ctx)
 
 
+def crafting_geometry(ctx: AttackContext, opts: Mapping[str, Any]) -> tuple[torch.Tensor | None,
+                                                                           tuple[torch.Tensor, float] | None]:
+    """``(start, ball)`` of the alternating attack: the update it starts from (None: theta) and, with
+    ``radius``, the ball ``(mean benign update, radius * benign spread)`` its update is kept in."""
+    if opts["start"] == "theta" and opts["radius"] is None:
+        return None, None
+    mean, spread = benign_spread(ctx.benign_updates.to(ctx.global_flat))
+    start = mean if opts["start"] == "benign_mean" else None
+    return start, (None if opts["radius"] is None else (mean, float(opts["radius"]) * spread))
+
+
+def finish_alternating(rows: torch.Tensor, opts: Mapping[str, Any], start: torch.Tensor | None,
+                       ball: tuple[torch.Tensor, float] | None) -> torch.Tensor:
+    """The crafted updates ``(k, d)`` after the loop: with ``boost_at="final"`` the attacker's own change is
+    boosted, ``start + boost (delta - start)`` (Bhagoji et al.'s explicit boosting); with a ball, projected
+    onto it (:func:`project_rows_`)."""
+    if opts["boost_at"] == "final":
+        base = 0.0 if start is None else start
+        rows = base + opts["boost"] * (rows - base)
+    if ball is not None:
+        rows = project_rows_(rows.clone(), ball[0], torch.tensor(ball[1], device=rows.device, dtype=rows.dtype))
+    return rows
+
+
+def _loop_settings(opts: Mapping[str, Any], ball: tuple[torch.Tensor, float] | None) -> dict[str, Any]:
+    """The boost and per-iteration projection the loop itself runs with."""
+    return {"boost": opts["boost"] if opts["boost_at"] == "step" else 1.0,
+            "project": ball if opts["project_at"] == "step" else None}
+
+
 def craft_alternating(ctx: AttackContext, opts: Mapping[str, Any],
                       extra_loss_for: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator],
                                                ExtraLoss | None] | None = None) -> torch.Tensor:
@@ -473,8 +559,10 @@ def craft_alternating(ctx: AttackContext, opts: Mapping[str, Any],
     ``extra_loss_for(i, x_own, y_own, ref_delta, gen)`` may supply an extra stealth loss per attacker."""
     check_context(ctx)
     gens = attacker_generators(ctx)
+    start, ball = crafting_geometry(ctx, opts)
     if vectorised_layout(ctx) is not None and extra_loss_for is None:
-        return _craft_alternating_many(ctx, opts, gens)
+        return finish_alternating(_craft_alternating_many(ctx, opts, gens, start, ball), opts, start, ball)
+    loop = _loop_settings(opts, ball)
     rows: list[torch.Tensor] = []
     for i, ((x_own, y_own), gen) in enumerate(zip(ctx.attacker_data, gens)):
         if opts["share"] and rows:  # the code's mal_agent_copy: all attackers send attacker 0's update
@@ -484,11 +572,13 @@ def craft_alternating(ctx: AttackContext, opts: Mapping[str, Any],
         extra = extra_loss_for(i, x_own, y_own, ref, gen) if extra_loss_for is not None else None
         rows.append(alternating_minimisation(
             ctx.model, ctx.global_flat, x_own, y_own, ctx.backdoor_x, ctx.backdoor_y, ref,
-            boost=opts["boost"], rho=opts["rho"], benign_epochs=opts["benign_epochs"], ls=opts["ls"],
+            rho=opts["rho"], benign_epochs=opts["benign_epochs"], ls=opts["ls"],
             mal_steps=opts["mal_steps"], iterations=opts["iterations"], lr=opts["lr"],
             batch_size=opts["batch_size"], generator=gen, device=ctx.device, dist=opts["dist"],
-            order=opts["order"], extra_loss=extra))
-    return torch.stack(rows) if rows else ctx.global_flat.new_zeros(0, ctx.global_flat.numel())
+            order=opts["order"], extra_loss=extra, start=start, **loop))
+    if not rows:
+        return ctx.global_flat.new_zeros(0, ctx.global_flat.numel())
+    return finish_alternating(torch.stack(rows), opts, start, ball)
 
 
 #: craft with :mod:`robustfl.attacks.vectorised` (all attackers at once on the stacked engine) where the
@@ -527,8 +617,9 @@ def _benign_many(ctx: AttackContext, opts: Mapping[str, Any], gens: list[torch.G
         mal_steps=0, lr=opts["lr"], batch_size=opts["batch_size"])
 
 
-def _craft_alternating_many(ctx: AttackContext, opts: Mapping[str, Any], gens: list[torch.Generator]) -> torch.Tensor:
-    """:func:`craft_alternating` without an extra loss, all crafting attackers at once."""
+def _craft_alternating_many(ctx: AttackContext, opts: Mapping[str, Any], gens: list[torch.Generator],
+                            start: torch.Tensor | None, ball: tuple[torch.Tensor, float] | None) -> torch.Tensor:
+    """:func:`craft_alternating`'s loops without an extra loss, all crafting attackers at once."""
     from robustfl.attacks.vectorised import alternating_minimisation_many
 
     k = _crafters(ctx, opts)
@@ -537,12 +628,15 @@ def _craft_alternating_many(ctx: AttackContext, opts: Mapping[str, Any], gens: l
         refs = _benign_many(ctx, opts, gens)
     else:
         refs = mean_benign_delta(ctx).expand(k, -1)
+    loop = _loop_settings(opts, ball)
+    if loop["project"] is not None:
+        loop["project"] = (loop["project"][0].expand(k, -1), loop["project"][1])
     rows = alternating_minimisation_many(
         ctx.model, ctx.global_flat, ctx.attacker_data[:k], ctx.backdoor_x, ctx.backdoor_y, refs,
-        boost=opts["boost"], rho=opts["rho"], generators=gens, layout=vectorised_layout(ctx),
+        rho=opts["rho"], generators=gens, layout=vectorised_layout(ctx),
         benign_epochs=opts["benign_epochs"], ls=opts["ls"], mal_steps=opts["mal_steps"],
         iterations=opts["iterations"], lr=opts["lr"], batch_size=opts["batch_size"], dist=opts["dist"],
-        order=opts["order"])
+        order=opts["order"], starts=None if start is None else start.expand(k, -1), **loop)
     return _copies(rows, ctx.n_attackers)
 
 
@@ -560,6 +654,10 @@ def median_backdoor(ctx: AttackContext) -> torch.Tensor:
     attacker's own honest update is added (Bhagoji's ``add_ben``)."""
     check_context(ctx)
     opts = resolve_options(ctx)
+    alternating_only = {k: opts[k] for k in ("boost_at", "start", "radius", "project_at") if opts[k] != COMMON[k]}
+    if alternating_only:
+        raise ValueError(f"median_backdoor: option(s) {sorted(alternating_only)} belong to the alternating "
+                         "attacks (krum_backdoor, adaptive_plr)")
     gens = attacker_generators(ctx)
     if vectorised_layout(ctx) is not None:
         from robustfl.attacks.vectorised import explicit_boosting_many

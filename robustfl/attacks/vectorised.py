@@ -131,10 +131,13 @@ def alternating_minimisation_many(
     generators: Sequence[torch.Generator], layout: str, benign_epochs: float = 2.0, ls: int = 1,
     mal_steps: int = 1, iterations: int | None = None, lr: float = 1e-3, batch_size: int = 64,
     dist: str = "norm", order: str = "benign_first", cuda_graph: bool | None = None,
+    starts: torch.Tensor | None = None, project: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """:func:`robustfl.attacks.backdoor.alternating_minimisation` (Eq. 7 with explicit boosting) for
     ``k = len(owns)`` attackers at once; attacker i trains on its shard ``owns[i]``, pulled towards
-    ``theta + ref_deltas[i]`` (``None``: theta), with its mini-batches drawn from ``generators[i]``.
+    ``theta + ref_deltas[i]`` (``None``: theta), with its mini-batches drawn from ``generators[i]``,
+    starting from ``theta + starts[i]`` (``None``: theta) and, with ``project=(centres, r)``, projected
+    after every iteration onto the ball of radius ``r`` around ``theta + centres[i]``.
     Returns the updates ``(k, d)``. ``layout``: a :data:`robustfl.stacked.LAYOUTS` name."""
     if dist not in ("norm", "sq") or order not in ("benign_first", "mal_first"):
         raise ValueError(f"bad dist {dist!r} or order {order!r}")
@@ -164,9 +167,12 @@ def alternating_minimisation_many(
     xb_bd = x_bd.unsqueeze(0).expand(k, *x_bd.shape).contiguous()
     yb_bd, mb_bd = y_bd.expand(k, -1), torch.ones(k, len(y_bd), device=device)
 
-    w = theta.expand(k, d).clone()
+    w = (theta.expand(k, d) if starts is None else theta + starts.detach().to(theta).view(k, d)).clone()
     ben_state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(k, device=device))
     mal_state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(k, device=device))
+    if project is not None:
+        p_centre = theta + project[0].detach().to(theta).view(-1, d)
+        p_radius = torch.full((k, 1), float(project[1]), device=device)
     s_idx = torch.zeros(ls, k, batch_size, dtype=torch.long, device=device)
     s_mask = torch.zeros(ls, k, batch_size, device=device)
     s_live = torch.zeros(k, device=device)
@@ -200,6 +206,8 @@ def alternating_minimisation_many(
             stealth(j)
         if order == "benign_first" and do_mal:
             malicious()
+        if project is not None:
+            bd.project_rows_(w, p_centre, p_radius)
 
     with _seed_dropout(model, generators):
         idx, mask, live = _schedule(sizes, generators, [t * ls for t in n_iter], batch_size, ls, offsets)
