@@ -39,6 +39,7 @@ localrules:
     fig_mmd,
     fig4,
     cost,
+    attack_sweep,
 
 
 rule all:

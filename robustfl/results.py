@@ -22,7 +22,7 @@ from robustfl.io import atomic_write_text
 
 #: Configuration flattened onto every row of the collected frames; all but ``seed`` identify a cell.
 CONFIG_COLUMNS: tuple[str, ...] = (
-    "study", "cell_id", "dataset", "attack", "backdoor", "defense", "defense_variant",
+    "study", "cell_id", "dataset", "attack", "attack_variant", "backdoor", "backdoor_mode", "defense", "defense_variant",
     "partition", "c_sel", "alpha", "n_clients", "n_attackers", "aux_size", "seed",
 )
 #: The columns a cell is grouped by when averaging over seeds.
@@ -109,10 +109,20 @@ def _first_param(params: Mapping[str, Any], keys: Iterable[str]) -> float:
     return math.nan
 
 
+def params_label(params: Mapping[str, Any]) -> str:
+    """A compact, order-independent label of an options mapping: ``"default"`` when empty, else
+    ``"k1=v1 k2=v2"`` sorted by key."""
+    if not params:
+        return "default"
+    return " ".join(f"{k}={json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v}"
+                    for k, v in sorted(params.items()))
+
+
 def config_columns(meta: Mapping[str, Any]) -> dict[str, Any]:
     """Flatten ``run.json`` into the :data:`CONFIG_COLUMNS` of a run.
 
-    ``backdoor`` is ``"none"`` for attacks without a backdoor target; ``defense_variant`` is
+    ``backdoor`` and ``backdoor_mode`` are ``"none"`` for attacks without a backdoor target;
+    ``attack_variant`` is :func:`params_label` of ``attack_params``; ``defense_variant`` is
     ``defense_params["variant"]`` (e.g. ``"code"`` for the authors'-code FLARE) or ``"default"``;
     ``c_sel`` / ``alpha`` are NaN unless the partition is ``classes`` / ``dirichlet``.
     """
@@ -127,7 +137,9 @@ def config_columns(meta: Mapping[str, Any]) -> dict[str, Any]:
         "cell_id": str(cell.get("cell_id", "")),
         "dataset": str(cfg.get("dataset", "")),
         "attack": attack,
+        "attack_variant": params_label(cfg.get("attack_params") or {}),
         "backdoor": str(cfg.get("backdoor", "semantic")) if attack in BACKDOOR_ATTACKS else "none",
+        "backdoor_mode": str(cfg.get("backdoor_mode", "multiple")) if attack in BACKDOOR_ATTACKS else "none",
         "defense": str(cfg.get("defense", "")),
         "defense_variant": str(dparams.get("variant") or "default"),
         "partition": partition,
@@ -253,6 +265,6 @@ def restore_runs(rounds_df: pd.DataFrame, clients_df: pd.DataFrame, metas: Mappi
 
 __all__ = [
     "CLIENT_COLUMNS", "CLIENT_OPTIONAL_COLUMNS", "CONFIG_COLUMNS", "KEY_COLUMNS", "ROUND_COLUMNS", "RunResult",
-    "collect_runs", "config_columns", "final_metrics",
+    "collect_runs", "config_columns", "final_metrics", "params_label",
     "find_run_dirs", "load_run", "restore_runs", "summarise", "summarise_runs", "write_csv",
 ]

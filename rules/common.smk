@@ -386,6 +386,8 @@ def study_targets(study):
             targets.append(f"{REPORTS}/{study}/figures/{fig}/{c['id']}.png")
     if study_cells(study, "cost"):
         targets += [f"{REPORTS}/{study}/tables/cost.csv", f"{REPORTS}/{study}/figures/cost.png"]
+    if study_cells(study, "attack_sweep"):
+        targets += [f"{REPORTS}/{study}/tables/attack_sweep.csv", f"{REPORTS}/{study}/tables/attack_sweep.md"]
     return targets
 
 

@@ -36,3 +36,23 @@ for _table in TABLES:
             "../envs/robustfl.yaml"
         script:
             "../scripts/make_table.py"
+
+
+rule attack_sweep:
+    input:
+        runs=output_runs("attack_sweep"),
+    output:
+        csv=report(
+            f"{REPORTS}/{{study}}/tables/attack_sweep.csv",
+            caption="../reports/captions/attack_sweep.rst",
+            category="Tables",
+            subcategory="Attack sweep: each attack against its own target rule",
+            labels={"table": "attack sweep", "file": "csv"},
+        ),
+        md=f"{REPORTS}/{{study}}/tables/attack_sweep.md",
+    log:
+        f"{RESULTS}/logs/tables/{{study}}/attack_sweep.log",
+    conda:
+        "../envs/robustfl.yaml"
+    script:
+        "../scripts/attack_sweep.py"
