@@ -7,7 +7,6 @@ the server's own update on its root set). Adding a defense is one function plus 
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +15,6 @@ import torch
 
 from robustfl import aggregators as agg
 from robustfl.registry import Registry
-
-log = logging.getLogger("robustfl")
 
 
 @dataclass
@@ -62,27 +59,63 @@ def median(updates: torch.Tensor, ctx: ServerContext) -> agg.AggResult:
     return agg.median(updates)
 
 
+def _check_keys(ctx: ServerContext, allowed: set[str], name: str) -> None:
+    unknown = set(ctx.params) - allowed
+    if unknown:
+        raise ValueError(f"defense {name!r}: unknown params {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def trim_k(trim: Any, n: int, f: int) -> int:
+    """Values dropped at each end by the trimmed mean, from the cell's ``trim`` option.
+
+    ``"f"``: k = f, the number of attackers the server assumes (Fang et al. 2020's evaluation; Yin et al.
+    2018's guarantee needs k >= f). ``"code"``: k = int(0.1 n), the FLARE authors' code (beta = 0.1, one per
+    side for n = 10). An int >= 0: that k. A float in (0, 0.5): the fraction beta of Yin et al. 2018,
+    k = int(beta n). Needs n > 2k.
+    """
+    if isinstance(trim, bool):
+        raise ValueError(f"trimmed_mean: trim must be 'f', 'code', an int k >= 0 or a fraction in (0, 0.5), "
+                         f"got {trim!r}")
+    if trim == "f":
+        k = f
+    elif trim == "code":
+        k = int(0.1 * n)
+    elif isinstance(trim, int):
+        k = trim
+    elif isinstance(trim, float) and 0 < trim < 0.5:
+        k = int(trim * n)
+    else:
+        raise ValueError(f"trimmed_mean: trim must be 'f', 'code', an int k >= 0 or a fraction in (0, 0.5), "
+                         f"got {trim!r}")
+    if k < 0 or not n > 2 * k:
+        raise ValueError(f"trimmed_mean: trim={trim!r} drops k={k} values per side, but n={n} clients need "
+                         f"0 <= k and n > 2k (k <= {(n - 1) // 2})")
+    return k
+
+
 @DEFENSES.register("trimmed_mean")
 def trimmed_mean(updates: torch.Tensor, ctx: ServerContext) -> agg.AggResult:
-    """Trimmed mean (Yin et al. 2018). ``k`` defaults to the assumed f (Fang et al.'s setting);
-    ``k: code`` uses the authors' code value int(0.1 n)."""
-    k = ctx.params.get("k", _f(ctx))
-    if k == "code":
-        k = int(0.1 * ctx.n_clients)
-    return agg.trimmed_mean(updates, int(k))
+    """Trimmed mean (Yin et al. 2018): per coordinate drop the k largest and k smallest values, average the
+    rest. ``trim`` (synonym ``k``) chooses k (:func:`trim_k`): ``f`` (default, the assumed f), ``code``
+    (int(0.1 n), the authors' code), an int k or a fraction beta."""
+    _check_keys(ctx, {"trim", "k", "f"}, "trimmed_mean")
+    if "trim" in ctx.params and "k" in ctx.params:
+        raise ValueError("defense 'trimmed_mean': give trim or its synonym k, not both")
+    trim = ctx.params.get("trim", ctx.params.get("k", "f"))
+    return agg.trimmed_mean(updates, trim_k(trim, updates.shape[0], _f(ctx)))
 
 
 @DEFENSES.register("bulyan")
 def bulyan(updates: torch.Tensor, ctx: ServerContext) -> agg.AggResult:
-    """Bulyan (El Mhamdi et al. 2018). Needs n >= 4f + 3: where the assumed f is larger (the paper's
-    untargeted setting, f = 3 of n = 10) the largest admissible f is used and a warning logged (the
-    authors' code fixes f = 1, which is that value for n = 10)."""
+    """Bulyan (El Mhamdi et al. 2018) on the whole flattened update with the assumed f: the cell's attackers
+    (at least 1) unless the cell sets ``defense_params: {f: ...}`` (the authors' code uses f = 1). Needs
+    n >= 4f + 3; otherwise a ValueError names f and n (3 attackers of 10 clients need ``f: 1``)."""
+    _check_keys(ctx, {"f"}, "bulyan")
     n = updates.shape[0]
     f = _f(ctx)
-    f_max = max((n - 3) // 4, 0)
-    if f > f_max and "f" not in ctx.params:
-        log.warning("bulyan: f = %d is inadmissible for n = %d (needs n >= 4f + 3); using f = %d", f, n, f_max)
-        f = f_max
+    if not n >= 4 * f + 3:
+        raise ValueError(f"defense 'bulyan': f={f} is inadmissible for n={n} clients (Bulyan needs n >= 4f + 3, "
+                         f"so f <= {(n - 3) // 4}); set defense_params {{f: ...}} (the authors' code uses f = 1)")
     return agg.bulyan(updates, f)
 
 

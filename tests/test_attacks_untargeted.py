@@ -198,6 +198,85 @@ def test_tm_attack_pulls_trimmed_mean_and_median_against_s(space, seed):
         assert float(with_attack @ s) < float(no_attack @ s)
 
 
+# The authors'-code variant on the same updates plus a fifth coordinate whose benign sum is 0.
+# s = sign(sum of deltas), v = theta - delta, value drawn in the interval, delta_mal = theta - value:
+#   c0: theta=-10, delta [1, 2, 3]    s=+1: v [-11,-12,-13], v_max=-11 <= 0 -> [v_max, v_max/b] = [-11, -5.5]
+#       -> delta_mal in [-4.5, 1]  (<= min delta = 1)
+#   c1: theta=10,  delta [-1,-2,-3]   s=-1: v [11, 12, 13],  v_min=11 > 0   -> [v_min/b, v_min] = [5.5, 11]
+#       -> delta_mal in [-1, 4.5]  (>= max delta = -1)
+#   c2: theta=-10, delta [-4, 1, 2]   s=-1: v [-6,-11,-12],  v_min=-12 <= 0 -> [b v_min, v_min] = [-24, -12]
+#       -> delta_mal in [2, 14]    (>= max delta = 2)
+#   c3: theta=10,  delta [4,-1,-2]    s=+1: v [6, 11, 12],   v_max=12 > 0   -> [v_max, b v_max] = [12, 24]
+#       -> delta_mal in [-14, -2]  (<= min delta = -2)
+#   c4: theta=3,   delta [1,-1, 0]    s=0 (counts as s >= 0): v [2, 4, 3], v_max=4 > 0 -> [4, 8]
+#       -> delta_mal in [-5, -1]   (<= min delta = -1)
+CODE_X = torch.cat([TM_X, torch.tensor([[1.0], [-1.0], [0.0]], dtype=F64)], dim=1)
+CODE_THETA = torch.cat([TM_THETA, torch.tensor([3.0], dtype=F64)])
+CODE_LO = [-11.0, 5.5, -24.0, 12.0, 4.0]
+CODE_HI = [-5.5, 11.0, -12.0, 24.0, 8.0]
+CODE_DELTA_LO = [-4.5, -1.0, 2.0, -14.0, -5.0]
+CODE_DELTA_HI = [1.0, 4.5, 14.0, -2.0, -1.0]
+
+
+def test_code_tm_intervals_by_hand():
+    lo, hi = U.code_tm_intervals(CODE_X, CODE_THETA)
+    assert lo.tolist() == CODE_LO and hi.tolist() == CODE_HI
+    with pytest.raises(ValueError, match="b must"):
+        U.code_tm_intervals(CODE_X, CODE_THETA, b=0.5)
+    with pytest.raises(ValueError, match="theta"):
+        U.code_tm_intervals(CODE_X, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="d=5"):
+        U.code_tm_intervals(CODE_X, TM_THETA)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_code_tm_crafted_by_hand(seed):
+    mal = U.code_trimmed_mean(CODE_X, 3, CODE_THETA, generator=torch.Generator().manual_seed(seed))
+    assert mal.shape == (3, 5) and mal.dtype == F64
+    assert torch.equal(mal[0], mal[1]) and torch.equal(mal[1], mal[2])  # identical copies
+    value = CODE_THETA - mal[0]  # what was drawn: delta_mal = theta - value
+    assert all(lo - 1e-12 <= v <= hi + 1e-12 for lo, v, hi in zip(CODE_LO, value.tolist(), CODE_HI))
+    assert all(lo - 1e-12 <= v <= hi + 1e-12 for lo, v, hi in zip(CODE_DELTA_LO, mal[0].tolist(), CODE_DELTA_HI))
+    # against s: below every benign delta where s >= 0 (c0, c3, c4), above every one where s < 0 (c1, c2)
+    dmin, dmax = CODE_X.min(0).values, CODE_X.max(0).values
+    assert bool((mal[0, [0, 3, 4]] <= dmin[[0, 3, 4]]).all()) and bool((mal[0, [1, 2]] >= dmax[[1, 2]]).all())
+
+
+def test_code_tm_draw_and_determinism():
+    """value = lo + u (hi - lo) with u the generator's first U(0, 1) row; same seed, same update."""
+    u = torch.rand((1, 5), generator=torch.Generator().manual_seed(4), dtype=F64)[0]
+    lo, hi = torch.tensor(CODE_LO, dtype=F64), torch.tensor(CODE_HI, dtype=F64)
+    mal = U.code_trimmed_mean(CODE_X, 2, CODE_THETA, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(mal[0], CODE_THETA - (lo + u * (hi - lo)), rtol=0, atol=1e-12)
+    again = U.code_trimmed_mean(CODE_X, 2, CODE_THETA, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(mal, again)
+    assert U.code_trimmed_mean(CODE_X, 0, CODE_THETA).shape == (0, 5)
+
+
+def test_code_tm_is_fang_model_space_mirrored():
+    """The code variant equals Fang's model-space attack on the updates -delta, negated (one shared draw)."""
+    x = benign(7, 300, seed=3)
+    theta = torch.randn(300, generator=torch.Generator().manual_seed(5), dtype=F64)
+    code = U.code_trimmed_mean(x, 3, theta, generator=torch.Generator().manual_seed(2))
+    fang = U.fang_trimmed_mean(-x, 3, theta=theta, space="model", same_values=True,
+                               generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(code, -fang, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_code_tm_attack_pulls_trimmed_mean_and_median_against_s(seed):
+    n, n_mal, d = 10, 3, 400
+    x = benign(n, d, seed=20 + seed)
+    theta = 0.5 * torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    ben = x[n_mal:]
+    s = U.direction(ben)
+    mal = U.code_trimmed_mean(ben, n_mal, theta, generator=torch.Generator().manual_seed(seed))
+    attacked = torch.cat([mal, ben])
+    for rule in (lambda u: A.trimmed_mean(u, 1), lambda u: A.trimmed_mean(u, n_mal), A.median):
+        with_attack, no_attack = rule(attacked).update, rule(x).update
+        assert float((with_attack - no_attack) @ s) < 0
+
+
 # --------------------------------------------------------------------------------- registered wrappers
 class TinyNet(nn.Module):
     def __init__(self) -> None:
@@ -257,3 +336,24 @@ def test_registered_tm_attack():
     assert bool(((mal.double() >= lo - 1e-6) & (mal.double() <= hi + 1e-6)).all())
     mal_model = fn(_ctx({}))  # default space="model" with theta = 0 is the same interval set here
     assert mal_model.shape == (3, 23)
+
+
+def test_registered_tm_attack_code_variant():
+    fn = ATTACKS.get("trimmedmean_untargeted")
+    ctx = _ctx({"variant": "code"})
+    ctx.global_flat = torch.linspace(-1.0, 1.0, 23)
+    mal = fn(ctx)
+    ref = U.code_trimmed_mean(ctx.benign_updates, 3, ctx.global_flat, generator=torch.Generator().manual_seed(0))
+    assert mal.shape == (3, 23) and mal.dtype == torch.float32 and torch.equal(mal, ref)
+    assert torch.equal(mal[0], mal[2])
+    ctx = _ctx({"variant": "code", "b": 3.0})
+    ctx.global_flat = torch.linspace(-1.0, 1.0, 23)
+    lo, hi = U.code_tm_intervals(ctx.benign_updates, ctx.global_flat, b=3.0)
+    value = ctx.global_flat.double() - fn(ctx)[0].double()
+    assert bool(((value >= lo - 1e-5) & (value <= hi + 1e-5)).all())
+    with pytest.raises(ValueError, match=r"\['same_values', 'space'\] apply to variant 'paper' only"):
+        fn(_ctx({"variant": "code", "space": "update", "same_values": True}))
+    with pytest.raises(ValueError, match="variant must be 'paper' or 'code'"):
+        fn(_ctx({"variant": "fang"}))
+    with pytest.raises(ValueError, match=r"unknown params \['spce'\]"):
+        fn(_ctx({"variant": "code", "spce": "update"}))

@@ -103,8 +103,13 @@ def test_hostile_update_through_the_server(defense, kind, caplog):
 
 @pytest.mark.parametrize("defense", DEFENSES.names())
 def test_f_huge_updates_keep_the_aggregate_finite(defense):
-    """As many 1e30-norm updates as the rule tolerates (f = 2 of 10; Bulyan is cut to its largest f)."""
-    _, res = server_aggregate(defense, hostile("huge", rows=(0, 5)), f=2)
+    """Two 1e30-norm updates of 10 with f = 2 (Bulyan refuses f = 2 for n = 10 and runs with its largest,
+    f = 1: finite, not bounded)."""
+    u = hostile("huge", rows=(0, 5))
+    if defense == "bulyan":
+        with pytest.raises(ValueError, match="f=2 is inadmissible for n=10"):
+            server_aggregate(defense, u, f=2)
+    _, res = server_aggregate(defense, u, f=1 if defense == "bulyan" else 2)
     assert torch.isfinite(res.update).all() and torch.isfinite(res.weights).all()
     if defense in ROBUST - {"bulyan"}:  # Bulyan tolerates only f = 1 of n = 10
         assert res.update.norm() < 1.0

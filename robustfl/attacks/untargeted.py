@@ -6,7 +6,9 @@ trimmed mean commute with the translation ``w_i = theta + delta_i`` (``rule(w) =
 Krum attack crafted on updates is exactly the attack on local models. Fang's trimmed-mean attack, however,
 picks its sampling intervals from the *sign* of the benign extreme ``w_max,j`` / ``w_min,j``, which is not
 translation invariant; it is offered in model space (``space="model"``, Fang's definition, default) and in
-update space (``space="update"``, what attack code written on updates does).
+update space (``space="update"``, what attack code written on updates does). The FLARE authors' code
+crafts it differently again (:func:`code_trimmed_mean`, ``variant: code``): it takes ``theta - delta_i`` as the
+benign "models" and sends ``theta - value``.
 
 Direction: ``s = sign(mean of the benign updates)`` -- the direction in which each parameter would move
 without attack (Fang's s_j; the FLARE authors' code uses the sign of the sum, the same thing).
@@ -33,6 +35,8 @@ __all__ = [
     "FangKrumResult",
     "fang_trimmed_mean",
     "fang_tm_intervals",
+    "code_tm_intervals",
+    "code_trimmed_mean",
     "layer_slices_from_model",
     "krum_untargeted",
     "trimmedmean_untargeted",
@@ -267,9 +271,66 @@ def fang_trimmed_mean(benign_updates: Tensor, n_mal: int, *, theta: Tensor | Non
     return vals.to(benign_updates.dtype).contiguous()
 
 
+def code_tm_intervals(benign_updates: Tensor, theta: Tensor, *, b: float = 2.0) -> tuple[Tensor, Tensor]:
+    """Per-coordinate sampling interval ``[lo_j, hi_j]`` of the trimmed-mean attack as the FLARE authors' code
+    crafts it (reference code ``attack_trimmedmean``; Fang et al., USENIX Security 2020, Sec. 4, full-knowledge
+    attack on the trimmed mean, with other "models"). Values are in the code's space ``v = theta - delta``.
+
+    ``s_j = sign(sum_i delta_ij)`` over the benign updates; ``v_ij = theta_j - delta_ij``;
+    ``v_max,j`` / ``v_min,j`` their maximum / minimum over i. Then
+    ``s_j >= 0``: between ``v_max,j`` and ``b * v_max,j`` if ``v_max,j > 0``, else between ``v_max,j`` and
+    ``v_max,j / b`` (all values >= v_max,j);
+    ``s_j < 0``: between ``v_min,j / b`` and ``v_min,j`` if ``v_min,j > 0``, else between ``b * v_min,j`` and
+    ``v_min,j`` (all values <= v_min,j).
+    The attackers send ``delta_mal,j = theta_j - value_j`` (see :func:`code_trimmed_mean`), so
+    ``delta_mal,j <= min_i delta_ij`` where ``s_j >= 0`` and ``>= max_i delta_ij`` where ``s_j < 0``: against s,
+    by an amount that scales with ``|theta_j|``. This is Fang's model-space interval applied to the updates
+    ``-delta_i`` (whose mean sign is ``-s_j``; Fang's s_j = 0 counts as -1, the code's as >= 0: the same branch).
+    """
+    n_ben, d = check_updates(benign_updates, "benign_updates")
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 1:
+        raise ValueError(f"b must be a number > 1, got {b!r}")
+    if not isinstance(theta, Tensor):
+        raise ValueError("the code variant needs theta (the global model): it crafts from theta - delta")
+    x = benign_updates.to(torch.float64)
+    th = theta.reshape(-1).to(device=x.device, dtype=torch.float64)
+    if th.numel() != d:
+        raise ValueError(f"theta must have d={d} entries, got {th.numel()}")
+    s = torch.sign(x.sum(dim=0))
+    v = th - x
+    vmax, vmin = v.max(dim=0).values, v.min(dim=0).values
+    up_far = torch.where(vmax > 0, b * vmax, vmax / b)  # other end of the interval above v_max
+    low_far = torch.where(vmin > 0, vmin / b, b * vmin)  # other end of the interval below v_min
+    at_max = s >= 0
+    lo = torch.where(at_max, torch.minimum(vmax, up_far), torch.minimum(vmin, low_far))
+    hi = torch.where(at_max, torch.maximum(vmax, up_far), torch.maximum(vmin, low_far))
+    return lo, hi
+
+
+def code_trimmed_mean(benign_updates: Tensor, n_mal: int, theta: Tensor, *, b: float = 2.0,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Attack-TM-Untargeted as the FLARE authors' code crafts it (``variant: code``).
+
+    One value per coordinate is drawn uniformly from :func:`code_tm_intervals` (``value = lo + u (hi - lo)``,
+    ``u ~ U(0, 1)``); every attacker sends the same update ``delta_mal = theta - value``. Fang et al.
+    (USENIX Security 2020, Sec. 4) sample each attacker independently on local models ``theta + delta_i``
+    (:func:`fang_trimmed_mean`).
+    """
+    n_ben, d = check_updates(benign_updates, "benign_updates")
+    n_mal = _check_n_mal(n_mal)
+    lo, hi = code_tm_intervals(benign_updates, theta, b=b)
+    if n_mal == 0:
+        return benign_updates.new_zeros((0, d))
+    u = _rand((1, d), generator, benign_updates.device, torch.float64)
+    value = lo + u * (hi - lo)
+    mal = theta.reshape(1, -1).to(device=value.device, dtype=torch.float64) - value
+    return mal.expand(n_mal, -1).to(benign_updates.dtype).contiguous()
+
+
 # ------------------------------------------------------------------------------------ registered attacks
 _KRUM_KEYS = {"variant", "lam_init", "threshold", "epsilon", "distance"}
-_TM_KEYS = {"b", "space", "same_values"}
+_TM_KEYS = {"variant", "b", "space", "same_values"}
+_TM_PAPER_ONLY = {"space", "same_values"}
 
 
 def _params(ctx: AttackContext, allowed: set[str], name: str) -> dict[str, Any]:
@@ -295,8 +356,20 @@ def krum_untargeted(ctx: AttackContext) -> Tensor:
 
 @register_attack("trimmedmean_untargeted", targeted=False)
 def trimmedmean_untargeted(ctx: AttackContext) -> Tensor:
-    """Attack-TM-Untargeted. ``ctx.params``: b (default 2), space ("model" | "update"), same_values."""
+    """Attack-TM-Untargeted. ``ctx.params``: variant ("paper": Fang et al., :func:`fang_trimmed_mean`, default |
+    "code": the authors' code, :func:`code_trimmed_mean`), b (default 2); with variant "paper" also space
+    ("model" | "update") and same_values."""
     p = _params(ctx, _TM_KEYS, "trimmedmean_untargeted")
+    variant = p.get("variant", "paper")
+    if variant not in ("paper", "code"):
+        raise ValueError(f"attack 'trimmedmean_untargeted': variant must be 'paper' or 'code', got {variant!r}")
+    if variant == "code":
+        extra = sorted(_TM_PAPER_ONLY & set(p))
+        if extra:
+            raise ValueError(f"attack 'trimmedmean_untargeted': params {extra} apply to variant 'paper' only "
+                             "(variant 'code' crafts from theta - delta and sends identical copies)")
+        return code_trimmed_mean(ctx.benign_updates, ctx.n_attackers, ctx.global_flat, b=float(p.get("b", 2.0)),
+                                 generator=ctx.generator)
     return fang_trimmed_mean(ctx.benign_updates, ctx.n_attackers, theta=ctx.global_flat, b=float(p.get("b", 2.0)),
                              space=p.get("space", "model"), same_values=bool(p.get("same_values", False)),
                              generator=ctx.generator)
