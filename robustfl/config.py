@@ -112,6 +112,11 @@ class RunConfig:
                 f"got {self.snapshot_round}")
         if self.eval_every < 1:
             bad("eval_every", f"must be >= 1, got {self.eval_every}")
+        if self.defense == "bulyan":  # El Mhamdi et al. 2018: n >= 4f + 3 (robustfl.aggregators.bulyan)
+            f = self.defense_params.get("f", max(self.n_attackers, 1))
+            if isinstance(f, int) and not isinstance(f, bool) and self.n_clients < 4 * f + 3:
+                bad("defense_params", f"Bulyan needs n >= 4f + 3, but n = {self.n_clients} and f = {f} (the cell's "
+                    "attackers unless defense_params sets f; the authors' code uses f = 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -30,3 +30,14 @@ def test_defaults_follow_section_6_1() -> None:
     assert (c.n_clients, c.rounds, c.local_epochs, c.lr, c.aux_size) == (10, 20, 5, 1e-3, 10)
     assert c.effective_batch_size == 64 and RunConfig(dataset="cifar10").effective_batch_size == 32
     assert c.engine == "auto" and RunConfig.from_dict(c.to_dict()) == c
+
+
+def test_bulyan_needs_n_at_least_4f_plus_3():
+    """El Mhamdi et al. 2018: n >= 4f + 3; f is the cell's attackers unless defense_params sets it."""
+    with pytest.raises(ValueError, match=r"defense_params.*n >= 4f \+ 3.*n = 10 and f = 2"):
+        RunConfig(defense="bulyan", attack="krum_untargeted", n_attackers=2)
+    RunConfig(defense="bulyan", attack="krum_untargeted", n_attackers=3, defense_params={"f": 1})
+    RunConfig(defense="bulyan", attack="krum_untargeted", n_attackers=1)  # 10 >= 7
+    RunConfig(defense="bulyan", n_clients=7)  # no attackers: f = 1
+    with pytest.raises(ValueError, match="n = 6 and f = 1"):
+        RunConfig(defense="bulyan", n_clients=6)
