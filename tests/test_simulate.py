@@ -264,27 +264,30 @@ def test_krum_rank_one_is_krums_choice_both_ways(digits: Path, tmp_path: Path) -
 
 def test_diagnostics_change_no_other_column(digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The diagnostics only read the updates and weights: with them replaced by NaN every other value of
-    both files is the same (no random number drawn, no state touched)."""
+    both files is the same, and so is every random stream (digits' network has no dropout, so a draw from
+    torch's global RNG would show only in its state)."""
     import pandas as pd
 
     from robustfl import simulate
 
     new = ["dist_ratio", "krum_rank", "selected", "mal_dist_ratio", "mal_krum_rank", "mal_selected"]
 
-    def run(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def run(name: str) -> tuple[pd.DataFrame, pd.DataFrame, torch.Tensor, torch.Tensor, torch.Tensor]:
         s = _sim(digits, tmp_path / name, defense="krum", attack="krum_untargeted", n_attackers=2)
         while not s.done:  # the attack draws from its generator, the clients' dropout from torch's
             s.step(s.train_benign(), 0.0)
         drop = lambda rows: pd.DataFrame(rows).drop(columns=["train_s", "attack_s", "agg_s", *new],  # noqa: E731
                                                     errors="ignore")
-        return drop(s.rows), drop(s.client_rows)
+        return drop(s.rows), drop(s.client_rows), torch.get_rng_state(), s.g.get_state(), s.g_att.get_state()
 
     with_diag = run("a")
     monkeypatch.setattr(simulate, "attack_diagnostics", lambda u, b, f: {
         k: torch.full((u.shape[0],), float("nan"), dtype=torch.float64) for k in ("dist_ratio", "krum_rank")})
     without = run("b")
-    for a, b in zip(with_diag, without):
+    for a, b in zip(with_diag[:2], without[:2]):
         pd.testing.assert_frame_equal(a, b)
+    for a, b in zip(with_diag[2:], without[2:]):
+        assert torch.equal(a, b)
 
 
 def test_resumes_a_checkpoint_written_before_the_attack_diagnostics(digits: Path, tmp_path: Path) -> None:
