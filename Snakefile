@@ -35,6 +35,7 @@ localrules:
     fig_confidence,
     fig12,
     fig13,
+    fig_attack,
     fig_plr,
     fig_mmd,
     fig4,

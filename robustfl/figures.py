@@ -1,4 +1,5 @@
-"""Figures mirroring the paper's (1, 4, 6-13 and the Section 7.4 cost numbers), as PNG.
+"""Figures mirroring the paper's (1, 4, 6-13 and the Section 7.4 cost numbers), and per-round attack
+diagnostics, as PNG.
 
 Inputs are the frames of :mod:`robustfl.results` (``collect_runs`` / ``summarise``) or a run's
 ``snapshot.npz``. Every function writes one PNG atomically (temp file + ``os.replace``) and returns
@@ -197,6 +198,63 @@ def fig_adaptive(rounds_df: pd.DataFrame, clients_df: pd.DataFrame, out: str | o
     return _save(fig, out)
 
 
+# ------------------------------------------------------------------------------ attack diagnostics
+ATTACK_PANELS = (("mal_dist_ratio", "distance to benign mean / benign spread"),
+                 ("mal_krum_rank", "best attacker's Krum rank"),
+                 ("mal_selected", "fraction selected (attackers x seeds)"))
+
+
+def fig_attack(rounds_df: pd.DataFrame, clients_df: pd.DataFrame, out: str | os.PathLike[str]) -> Path:
+    """Where one cell's attackers stand, per round (thin lines: seeds; thick: their mean): (a) their
+    ``mal_dist_ratio`` ||delta - mu_B|| / s (1 = the benign spread; grey: the benign clients' range; the axis
+    turns logarithmic above 1 when an attacker is beyond 10 spreads), (b) the
+    best attacker's Krum rank (1 = Krum with f = max(attackers, 1) would select it, whatever the cell's
+    defense), (c) the fraction of attackers the cell's defense gave a positive weight (bars: mean over seeds).
+    Columns of :data:`robustfl.results.ROUND_OPTIONAL_COLUMNS` and ``clients.csv``'s ``dist_ratio``."""
+    if rounds_df.empty:
+        raise ValueError("fig_attack: no rounds")
+    cells = sorted(rounds_df["cell_id"].astype(str).unique())
+    if len(cells) != 1:
+        raise ValueError(f"fig_attack draws one cell, got {len(cells)}: {cells}")
+    cols = [c for c, _ in ATTACK_PANELS]
+    if not rounds_df[cols].notna().any().any():
+        raise ValueError(f"fig_attack: cell {cells[0]!r} has no attack diagnostics ({', '.join(cols)} all NaN: "
+                         "no attackers, or runs written before these columns existed)")
+    r = rounds_df.sort_values(["seed", "round"])
+    first = r.iloc[0]
+    mean = r.groupby("round")[cols].mean()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    ben = clients_df[clients_df["malicious"].astype(int) == 0].groupby("round")["dist_ratio"]
+    lo, hi = ben.min(), ben.max()
+    if lo.notna().any():
+        axes[0].fill_between(lo.index, lo.values, hi.values, color="grey", alpha=0.25, label="benign clients (range)")
+    axes[0].axhline(1.0, color=BENIGN, ls="--", lw=1, label="benign spread (RMS)")
+    for ax, (col, label) in zip(axes[:2], ATTACK_PANELS[:2]):
+        for _, run in r.groupby("seed"):
+            ax.plot(run["round"], run[col], color=MALICIOUS, alpha=0.35, lw=0.8)
+        ax.plot(mean.index, mean[col], color=MALICIOUS, marker="o", markersize=3, lw=2, label="attackers (mean over seeds)")
+        ax.set(xlabel="FL iteration", ylabel=label)
+    axes[0].set_ylim(bottom=0)
+    if float(r["mal_dist_ratio"].max()) > 10:  # far attackers: log above 1 keeps the benign range readable
+        axes[0].set_yscale("symlog", linthresh=1.0, linscale=0.5)
+    axes[0].set_title("(a) distance to the benign mean", fontsize=9)
+    axes[1].axhline(1.0, color="black", ls="--", lw=1, label="Krum's choice")
+    axes[1].set_ylim(0.5, int(first["n_clients"]) + 0.5)
+    axes[1].yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].set_title(f"(b) Krum rank (f = {max(int(first['n_attackers']), 1)}; 1 = selected)", fontsize=9)
+    axes[2].bar(mean.index, mean["mal_selected"], color=MALICIOUS, alpha=0.7, label="mean over seeds")
+    axes[2].set(xlabel="FL iteration", ylabel=ATTACK_PANELS[2][1], ylim=(0, 1.05))
+    axes[2].set_title(f"(c) selected by {_defense_label(r.head(1)).iloc[0]} (weight > 0)", fontsize=9)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+    seeds = r["seed"].nunique()
+    fig.suptitle(f"{display('attack', first['attack'])} ({first['backdoor']}) vs {_defense_label(r.head(1)).iloc[0]} "
+                 f"on {display('dataset', first['dataset'])}, {int(first['n_attackers'])} of {int(first['n_clients'])} "
+                 f"clients malicious, {seeds} seed{'s' if seeds != 1 else ''}\n{cells[0]}", fontsize=10)
+    return _save(fig, out)
+
+
 # ------------------------------------------------------------------------------ Figures 1, 4, 6, 10, 11
 def _load_snapshot(path: str | os.PathLike[str], *required: str) -> dict[str, np.ndarray]:
     with np.load(path) as z:
@@ -317,5 +375,5 @@ def fig_cost(df: pd.DataFrame, out: str | os.PathLike[str], label: str = "ours",
     return _save(fig, out)
 
 
-__all__ = ["adaptive_flags", "cost_frame", "fig_adaptive", "fig_confidence", "fig_cost", "fig_mmd",
+__all__ = ["adaptive_flags", "cost_frame", "fig_adaptive", "fig_attack", "fig_confidence", "fig_cost", "fig_mmd",
            "fig_plr", "fig_scaling", "mean_mmd"]

@@ -31,10 +31,18 @@ KEY_COLUMNS: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c != "seed")
 ROUND_COLUMNS: tuple[str, ...] = (
     "round", "test_acc", "test_loss", "asr", "target_conf", "train_s", "attack_s", "agg_s", "n_excluded",
 )
+#: Per-round attack diagnostics that runs written before they existed lack (NaN when read), over the
+#: attackers (NaN without attackers): ``mal_dist_ratio`` the mean of their ``dist_ratio``, ``mal_krum_rank``
+#: their best (smallest) ``krum_rank``, ``mal_selected`` the fraction of them the defense gave a positive weight.
+ROUND_OPTIONAL_COLUMNS: tuple[str, ...] = ("mal_dist_ratio", "mal_krum_rank", "mal_selected")
 CLIENT_COLUMNS: tuple[str, ...] = ("round", "client", "malicious", "weight", "detected")
-#: Per-client columns that runs written before they existed lack (NaN when read): ``update_norm`` is
-#: the L2 norm of the client's update delta_i as the server received it (NaN/Inf if it held NaN/Inf).
-CLIENT_OPTIONAL_COLUMNS: tuple[str, ...] = ("update_norm",)
+#: Per-client columns that runs written before they existed lack (NaN when read), in the order they were
+#: introduced: ``update_norm`` is the L2 norm of the client's update delta_i as the server received it
+#: (NaN/Inf if it held NaN/Inf); ``dist_ratio`` = ||delta_i - mu_B|| / s, the distance to the mean mu_B of
+#: the round's benign updates over their RMS distance s to it; ``krum_rank`` the update's place (1 = chosen)
+#: in Krum's order with f = max(attackers, 1), whatever the cell's defense; ``selected`` = 1 if the defense
+#: gave the client a positive weight (:func:`robustfl.metrics.attack_diagnostics`).
+CLIENT_OPTIONAL_COLUMNS: tuple[str, ...] = ("update_norm", "dist_ratio", "krum_rank", "selected")
 
 #: Metrics taken from a run's last evaluated round (final model quality).
 FINAL_METRICS: tuple[str, ...] = ("test_acc", "test_loss", "asr", "target_conf")
@@ -91,6 +99,9 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunResult:
     if not isinstance(meta.get("config"), Mapping):
         raise ValueError(f"{meta_path}: no 'config' object")
     rounds = _read_csv(run_dir / "rounds.csv", ROUND_COLUMNS).sort_values("round", ignore_index=True)
+    for c in ROUND_OPTIONAL_COLUMNS:
+        if c not in rounds:
+            rounds[c] = math.nan
     clients_path = run_dir / "clients.csv"
     if clients_path.is_file():
         clients = _read_csv(clients_path, CLIENT_COLUMNS)
@@ -171,7 +182,7 @@ def collect_runs(run_dirs: Iterable[str | os.PathLike[str]]) -> tuple[pd.DataFra
     extra = ("run_dir", "device")
     if not rounds:
         empty = lambda cols: pd.DataFrame(columns=[*CONFIG_COLUMNS, *extra, *cols])  # noqa: E731
-        return empty(ROUND_COLUMNS), empty((*CLIENT_COLUMNS, *CLIENT_OPTIONAL_COLUMNS))
+        return empty((*ROUND_COLUMNS, *ROUND_OPTIONAL_COLUMNS)), empty((*CLIENT_COLUMNS, *CLIENT_OPTIONAL_COLUMNS))
     return pd.concat(rounds, ignore_index=True), pd.concat(clients, ignore_index=True)
 
 
@@ -235,6 +246,11 @@ def summarise_runs(run_dirs: Iterable[str | os.PathLike[str]],
 
 
 # ------------------------------------------------------------------------------------- restoring
+def _present(df: pd.DataFrame, required: Iterable[str], optional: Iterable[str]) -> list[str]:
+    """The required columns and the optional ones ``df`` holds a value of."""
+    return [*required, *(c for c in optional if c in df and df[c].notna().any())]
+
+
 def restore_runs(rounds_df: pd.DataFrame, clients_df: pd.DataFrame, metas: Mapping[str, Mapping[str, Any]],
                  results_dir: str | os.PathLike[str]) -> list[Path]:
     """The inverse of :func:`collect_runs` for archived results: write ``rounds.csv``, ``clients.csv`` and
@@ -254,17 +270,20 @@ def restore_runs(rounds_df: pd.DataFrame, clients_df: pd.DataFrame, metas: Mappi
         if (run_dir / "run.json").exists():
             raise FileExistsError(f"{run_dir} already holds a run; not overwritten")
         clients = clients_df[(clients_df["cell_id"] == cid) & (clients_df["seed"] == seed)]
-        atomic_write_text(run_dir / "rounds.csv", rounds[list(ROUND_COLUMNS)].sort_values("round").to_csv(index=False))
-        cols = [*CLIENT_COLUMNS, *(c for c in CLIENT_OPTIONAL_COLUMNS if c in clients and clients[c].notna().any())]
+        atomic_write_text(run_dir / "rounds.csv",
+                          rounds[_present(rounds, ROUND_COLUMNS, ROUND_OPTIONAL_COLUMNS)].sort_values("round")
+                          .to_csv(index=False))
         atomic_write_text(run_dir / "clients.csv",
-                           clients[cols].sort_values(["round", "client"]).to_csv(index=False))
+                          clients[_present(clients, CLIENT_COLUMNS, CLIENT_OPTIONAL_COLUMNS)]
+                          .sort_values(["round", "client"]).to_csv(index=False))
         atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=1, sort_keys=True))  # last: marks done
         out.append(run_dir)
     return out
 
 
 __all__ = [
-    "CLIENT_COLUMNS", "CLIENT_OPTIONAL_COLUMNS", "CONFIG_COLUMNS", "KEY_COLUMNS", "ROUND_COLUMNS", "RunResult",
+    "CLIENT_COLUMNS", "CLIENT_OPTIONAL_COLUMNS", "CONFIG_COLUMNS", "KEY_COLUMNS", "ROUND_COLUMNS",
+    "ROUND_OPTIONAL_COLUMNS", "RunResult",
     "collect_runs", "config_columns", "final_metrics", "params_label",
     "find_run_dirs", "load_run", "restore_runs", "summarise", "summarise_runs", "write_csv",
 ]

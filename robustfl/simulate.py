@@ -29,7 +29,7 @@ from robustfl.attacks import ATTACKS, AttackContext, is_targeted
 from robustfl.config import RunConfig
 from robustfl.defenses import DEFENSES, NEEDS_AUX, NEEDS_ROOT, ServerContext
 from robustfl.io import atomic_open, atomic_write_json, load_checkpoint, save_checkpoint
-from robustfl.metrics import backdoor_metrics, detected
+from robustfl.metrics import attack_diagnostics, attacker_summary, backdoor_metrics, detected
 from robustfl.models import PLRModel
 from robustfl.params import ParamSpec, load_flat_, model_to_flat
 from robustfl.train import (BatchPlan, batch_plan, concat_plans, evaluate, prepare_inputs, resolve_kernels,
@@ -37,7 +37,7 @@ from robustfl.train import (BatchPlan, batch_plan, concat_plans, evaluate, prepa
 
 log = logging.getLogger("robustfl")
 
-ROUND_COLUMNS = list(results.ROUND_COLUMNS)
+ROUND_COLUMNS = [*results.ROUND_COLUMNS, *results.ROUND_OPTIONAL_COLUMNS]  # what a run writes
 CLIENT_COLUMNS = [*results.CLIENT_COLUMNS, *results.CLIENT_OPTIONAL_COLUMNS]  # what a run writes
 
 
@@ -266,10 +266,10 @@ class Simulation:
                 f"{self.theta.dtype} {tuple(self.theta.shape)} (another model?)")
         if not bool(torch.isfinite(th).all()):
             bad("the global model is not finite")
-        for key, widths, n_rows in (("rows", (len(ROUND_COLUMNS),), rnd),
-                                    ("client_rows", (len(CLIENT_COLUMNS), len(results.CLIENT_COLUMNS)),
+        for key, widths, n_rows in (("rows", _widths(results.ROUND_COLUMNS, results.ROUND_OPTIONAL_COLUMNS), rnd),
+                                    ("client_rows", _widths(results.CLIENT_COLUMNS, results.CLIENT_OPTIONAL_COLUMNS),
                                      rnd * self.cfg.n_clients)):
-            t = st[key]  # client_rows without the optional columns: a checkpoint of an older version
+            t = st[key]  # rows without some optional columns: a checkpoint of an older version
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or (tuple(t.shape) not in
                                                                     {(n_rows, w) for w in widths}):
                 bad(f"{key} has shape {tuple(getattr(t, 'shape', ()))}, expected {(n_rows, widths[0])}")
@@ -396,12 +396,17 @@ class Simulation:
         asr, conf = (backdoor_metrics(model, data.sets.bd_eval_x, data.sets.bd_eval_y) if self.targeted
                      else (float("nan"), float("nan")))
         row.update(test_acc=acc, test_loss=loss, asr=asr, target_conf=conf)
+        diag = attack_diagnostics(updates, self.benign, max(len(mal), 1))  # reads only: no RNG, no state
+        diag["selected"] = weights > 0
+        row.update(attacker_summary(diag, diag["selected"], mal))
         self.rows.append(row)
         det = detected(weights)
+        diag = {k: v.tolist() for k, v in diag.items()}
         for i in range(n):
             self.client_rows.append({"round": rnd, "client": i, "malicious": int(i in mal),
                                      "weight": float(weights[i]), "detected": int(det[i]),
-                                     "update_norm": norms[i]})
+                                     "update_norm": norms[i], "dist_ratio": diag["dist_ratio"][i],
+                                     "krum_rank": diag["krum_rank"][i], "selected": int(diag["selected"][i])})
         log.info("[%s seed %d] round %d/%d acc=%.4f loss=%.4f asr=%s conf=%s weights=[%s] excluded=%d "
                  "(train %.2fs, attack %.2fs, agg %.2fs)", cfg.defense, cfg.seed, rnd, cfg.rounds, acc, loss,
                  _fmt(asr), _fmt(conf), " ".join(f"{w:.3f}" for w in weights.tolist()), n - len(kept),
@@ -496,12 +501,19 @@ def _rows_to_state(rows: list[dict[str, Any]], client_rows: list[dict[str, Any]]
             "client_rows": torch.tensor([[float(r[c]) for c in CLIENT_COLUMNS] for r in client_rows], dtype=torch.float64)}
 
 
+def _widths(required: tuple[str, ...], optional: tuple[str, ...]) -> tuple[int, ...]:
+    """Row widths a checkpoint may hold: every column first, then those of older versions (optional
+    columns are appended in the order they were introduced, so an older row is a prefix)."""
+    return tuple(len(required) + k for k in range(len(optional), -1, -1))
+
+
 def _rows_from_state(st: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    ints = {"round", "n_excluded", "client", "malicious", "detected"}
+    ints = {"round", "n_excluded", "client", "malicious", "detected", "selected"}
 
     def conv(t: torch.Tensor, cols: list[str]) -> list[dict[str, Any]]:
-        pad = [math.nan] * (len(cols) - t.shape[1])  # optional columns a legacy checkpoint lacks
-        return [{c: (int(v) if c in ints else float(v)) for c, v in zip(cols, r.tolist() + pad)} for r in t]
+        pad = [math.nan] * (len(cols) - t.shape[1])  # optional columns a legacy checkpoint lacks (NaN)
+        return [{c: (int(v) if c in ints and not math.isnan(v) else float(v)) for c, v in zip(cols, r.tolist() + pad)}
+                for r in t]
 
     return conv(st["rows"], ROUND_COLUMNS), conv(st["client_rows"], CLIENT_COLUMNS)
 

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
 
 try:
     from robustfl import experiment as rx
-    from robustfl.attacks import ATTACKS
+    from robustfl.attacks import ATTACKS, is_targeted
     from robustfl.config import RunConfig
     from robustfl.data import DATASETS
     from robustfl.defenses import DEFENSES
@@ -88,6 +88,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 TABLES = ("table2", "table3", "table3_trojan", "table4", "table5")
 DATASET_FIGURES = ("fig_confidence", "fig12", "fig13")  # one figure per dataset
 SNAPSHOT_FIGURES = ("fig_plr", "fig_mmd", "fig4")  # one figure per designated cell (first seed)
+CELL_FIGURES = ("fig_attack",)  # one figure per tagged cell, from the runs of all its seeds
 
 REGISTRY_CHECKS = {
     "dataset": (DATASETS, ()),
@@ -184,6 +185,9 @@ for _sname, _cells in STUDIES.items():
         if _out & set(SNAPSHOT_FIGURES) and _c["cfg"]["snapshot_round"] is None:
             fail(f"{_c['where'][0]}: cell {_c['id']!r} feeds {sorted(_out & set(SNAPSHOT_FIGURES))} but has "
                  "snapshot_round: null (no snapshot.npz)")
+        if "fig_attack" in _out and not (_c["cfg"]["attack"] != "none" and is_targeted(_c["cfg"]["attack"])):
+            fail(f"{_c['where'][0]}: `fig_attack` draws a backdoor cell's attackers, but cell {_c['id']!r} has "
+                 f"attack {_c['cfg']['attack']!r} (not a targeted attack)")
         if "cost" in _out and _c["cfg"]["defense"] != "flare":
             fail(f"{_c['where'][0]}: `cost` measures FLARE's aggregation time, but cell {_c['id']!r} uses "
                  f"defense {_c['cfg']['defense']!r}")
@@ -381,7 +385,7 @@ def study_targets(study):
     for fig in DATASET_FIGURES:
         for ds in sorted({c["cfg"]["dataset"] for c in study_cells(study, fig)}):
             targets.append(f"{REPORTS}/{study}/figures/{fig}_{ds}.png")
-    for fig in SNAPSHOT_FIGURES:
+    for fig in (*SNAPSHOT_FIGURES, *CELL_FIGURES):
         for c in study_cells(study, fig):
             targets.append(f"{REPORTS}/{study}/figures/{fig}/{c['id']}.png")
     if study_cells(study, "cost"):
@@ -404,6 +408,14 @@ def dataset_output_runs(output):
 
 def snapshot_input(w):
     return snapshot_run(w.study, w.cell)
+
+
+def cell_runs(w):
+    """Input function: the run directories of cell {cell} of {study}, one per seed."""
+    cell = STUDIES[w.study].get(w.cell) if w.study in STUDIES else None
+    if cell is None:
+        raise WorkflowError(f"cell {w.cell!r} is not part of study {w.study!r}")
+    return [run_dir(w.cell, s) for s in sorted(cell["seeds"])]
 
 
 TABLE_TITLES = {

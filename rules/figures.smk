@@ -64,6 +64,27 @@ rule fig13:
         "../scripts/fig_runs.py"
 
 
+rule fig_attack:
+    input:
+        runs=cell_runs,
+    output:
+        report(
+            f"{REPORTS}/{{study}}/figures/fig_attack/{{cell}}.png",
+            caption="../reports/captions/fig_attack.rst",
+            category="Attack diagnostics",
+            subcategory="Attackers' distance, Krum rank and selection per round",
+            labels={"figure": "attack diagnostics", "cell": "{cell}"},
+        ),
+    params:
+        kind="attack",
+    log:
+        f"{RESULTS}/logs/figures/{{study}}/fig_attack/{{cell}}.log",
+    conda:
+        "../envs/robustfl.yaml"
+    script:
+        "../scripts/fig_runs.py"
+
+
 rule fig_plr:
     input:
         run=snapshot_input,

@@ -1,4 +1,4 @@
-"""Rules fig_confidence, fig12, fig13: a figure from the runs of its cells (robustfl.figures)."""
+"""Rules fig_confidence, fig12, fig13, fig_attack: a figure from the runs of its cells (robustfl.figures)."""
 from _pipeline import setup
 
 log = setup(snakemake)  # noqa: F821 - injected by Snakemake
@@ -16,6 +16,8 @@ elif kind == "scaling":  # Figure 12
     figures.fig_scaling(summarise(rounds), out, dataset=sm.wildcards.dataset)
 elif kind == "adaptive":  # Figure 13
     figures.fig_adaptive(rounds, clients, out)
+elif kind == "attack":  # per-round attack diagnostics of one cell (all its seeds)
+    figures.fig_attack(rounds, clients, out)
 else:
     raise ValueError(f"unknown figure kind {kind!r}")
 log.info("wrote %s", out)

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from robustfl.figures import (
-    adaptive_flags, cost_frame, fig_adaptive, fig_confidence, fig_cost, fig_mmd, fig_plr, fig_scaling, mean_mmd,
+    adaptive_flags, cost_frame, fig_adaptive, fig_attack, fig_confidence, fig_cost, fig_mmd, fig_plr, fig_scaling,
+    mean_mmd,
 )
 
 CFG = {"study": "fixture", "cell_id": "c", "dataset": "fmnist", "attack": "krum_backdoor", "backdoor": "semantic",
@@ -112,6 +113,42 @@ def test_fig_adaptive(tmp_path: Path) -> None:
     assert is_png(fig_adaptive(rounds, clients, tmp_path / "fig13.png"))
     with pytest.raises(ValueError, match="adaptive_plr"):
         fig_adaptive(rounds[rounds["attack"] == "x"], clients, tmp_path / "x.png")
+
+
+def attack_data(n: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One Krum backdoor cell, two seeds (fixture): the attacker (client n - 1) drifts from 3 benign spreads
+    to 0.5, its Krum rank from n to 1, and Krum selects it from round 4 on in seed 0, round 5 in seed 1."""
+    rounds, clients = [], []
+    for seed in (0, 1):
+        r = rounds_frame(defense="krum", seed=seed, cell_id="cell-krum")
+        r["mal_dist_ratio"] = np.linspace(3.0, 0.5, T) + 0.1 * seed
+        r["mal_krum_rank"] = [n, n, 4, 1, 1] if seed == 0 else [n, n, 6, 2, 1]
+        r["mal_selected"] = (r["mal_krum_rank"] == 1).astype(float)
+        rounds.append(r)
+        for t in range(1, T + 1):
+            for i in range(n):
+                mal = i == n - 1
+                clients.append({**CFG, "defense": "krum", "cell_id": "cell-krum", "seed": seed, "round": t,
+                                "client": i, "malicious": int(mal), "dist_ratio": float(
+                                    r["mal_dist_ratio"].iloc[t - 1]) if mal else 0.6 + 0.08 * i,
+                                "selected": int(r["mal_selected"].iloc[t - 1]) if mal else 0})
+    return pd.concat(rounds, ignore_index=True), pd.DataFrame(clients)
+
+
+def test_fig_attack(tmp_path: Path) -> None:
+    rounds, clients = attack_data()
+    out = fig_attack(rounds, clients, tmp_path / "fig_attack.png")
+    assert out == tmp_path / "fig_attack.png" and is_png(out)
+    # a run written before the diagnostics (NaN) beside one with them still draws; benign rows are optional
+    legacy = rounds.assign(seed=2, mal_dist_ratio=np.nan, mal_krum_rank=np.nan, mal_selected=np.nan)
+    assert is_png(fig_attack(pd.concat([rounds, legacy]), clients[clients["malicious"] == 1], tmp_path / "b.png"))
+    with pytest.raises(ValueError, match="no attack diagnostics"):
+        fig_attack(legacy, clients, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="one cell, got 2"):
+        fig_attack(pd.concat([rounds, rounds.assign(cell_id="other")]), clients, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="no rounds"):
+        fig_attack(rounds.iloc[:0], clients, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.fixture

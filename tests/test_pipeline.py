@@ -70,6 +70,17 @@ def test_dry_run_plans_every_output_kind(tmp_path, study):
     assert expected <= rules, expected - rules
 
 
+def test_dry_run_plans_one_attack_figure_per_tagged_backdoor_cell(tmp_path):
+    """fig_attack: one job per cell tagged with it in the quick study, each fed by every seed of its cell."""
+    proc = snakemake(tmp_path, "-n", "--config", "study=quick")
+    assert proc.returncode == 0, output(proc)
+    cells = sorted(w["cell"] for r, w in planned_jobs(output(proc)) if r == "fig_attack")
+    quick = CONFIG["studies"]["quick"]
+    tagged = [b for b in quick["grid"] if "fig_attack" in b.get("outputs", [])]
+    assert tagged and len(cells) == len(set(cells)) == sum(len(b["defense"]) for b in tagged)
+    assert all("backdoor" in c or "adaptiveplr" in c for c in cells), cells
+
+
 def test_dry_run_cifar10_with_local_mirror(tmp_path):
     mirror = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
     if not mirror.exists():
@@ -168,6 +179,9 @@ BAD_CONFIGS = {
     "bad_type": (tiny_with(base={"rounds": "three"}), "bad value at studies.tiny.base.rounds"),
     "impossible_cell": (tiny_with(grid=[{"attack": ["krum_untargeted"], "n_attackers": [5]}]),
                         "config key 'n_attackers'"),
+    "fig_attack_untargeted": (tiny_with(grid=[{"outputs": ["fig_attack"], "attack": ["krum_untargeted"],
+                                              "n_attackers": [1]}]),
+                              "`fig_attack` draws a backdoor cell's attackers, but cell"),
     "unknown_study": ({"study": "quik"}, "study 'quik' is not defined under `studies`"),
     "unknown_include": ({"studies": {"both": {"include": ["tiny", "tinny"]}}, "study": "both"},
                         "unknown study 'tinny' included by 'both'"),

@@ -19,18 +19,23 @@ from robustfl.results import (
 
 def write_run(root: Path, name: str, *, acc: list[float], asr: list[float] | None = None,
               agg_s: list[float] | None = None, study: str = "fixture", cell_id: str = "c0",
-              norms: list[float] | None = None, **cfg: object) -> Path:
+              norms: list[float] | None = None, diag: bool = False, **cfg: object) -> Path:
     """Write a fake run directory (test fixture) with len(acc) rounds and 3 clients (client 2 malicious);
-    ``norms`` (the 3 clients' update norms, every round) adds the optional ``update_norm`` column."""
+    ``norms`` (the 3 clients' update norms, every round) adds the optional ``update_norm`` column, ``diag``
+    the attack diagnostics (the attacker at 3 benign spreads, Krum rank 1 in odd rounds, never selected)."""
     d = root / name
     d.mkdir(parents=True)
     T = len(acc)
     nan = [math.nan] * T
-    pd.DataFrame({
+    rounds = pd.DataFrame({
         "round": range(1, T + 1), "test_acc": acc, "test_loss": [1.0 - a for a in acc],
         "asr": asr if asr is not None else nan, "target_conf": asr if asr is not None else nan,
         "train_s": [1.0] * T, "attack_s": [0.5] * T, "agg_s": agg_s or [0.1] * T, "n_excluded": [0] * T,
-    }).to_csv(d / "rounds.csv", index=False)
+    })
+    ranks = [1 + 2 * (t % 2 == 0) for t in range(1, T + 1)]  # the attacker's: 1, 3, 1, ...
+    if diag:
+        rounds = rounds.assign(mal_dist_ratio=3.0, mal_krum_rank=ranks, mal_selected=0.0)
+    rounds.to_csv(d / "rounds.csv", index=False)
     clients = pd.DataFrame({
         "round": np.repeat(np.arange(1, T + 1), 3), "client": np.tile([0, 1, 2], T),
         "malicious": np.tile([0, 0, 1], T), "weight": np.tile([0.4, 0.4, 0.2], T),
@@ -38,6 +43,9 @@ def write_run(root: Path, name: str, *, acc: list[float], asr: list[float] | Non
     })
     if norms is not None:
         clients["update_norm"] = np.tile(norms, T)
+    if diag:
+        clients = clients.assign(update_norm=np.nan, dist_ratio=np.tile([1.2, 0.7, 3.0], T),
+                                 krum_rank=np.ravel([[3 - r, 2, r] for r in ranks]), selected=np.tile([1, 1, 0], T))
     clients.to_csv(d / "clients.csv", index=False)
     config = {"dataset": "fmnist", "n_clients": 10, "n_attackers": 1, "attack": "krum_backdoor",
               "defense": "flare", "defense_params": {}, "partition": "iid", "partition_params": {},
@@ -80,6 +88,30 @@ def test_update_norm_is_optional_and_survives_restore(tmp_path: Path) -> None:
     assert "update_norm" not in pd.read_csv(out[0] / "clients.csv")  # c0: the old run, nothing to keep
     _, c2 = collect_runs(out)
     pd.testing.assert_frame_equal(c2.drop(columns="run_dir"), clients.drop(columns="run_dir"), check_dtype=False)
+
+
+def test_attack_diagnostics_are_optional_and_survive_restore(tmp_path: Path) -> None:
+    """Runs written before rounds.csv / clients.csv had the attack diagnostics read as NaN there; runs with
+    them keep them through collect_runs -> restore_runs (update_norm, all NaN here, is left out)."""
+    from robustfl.results import CLIENT_OPTIONAL_COLUMNS, ROUND_OPTIONAL_COLUMNS
+
+    old = write_run(tmp_path, "old", acc=[0.5, 0.6])
+    new = write_run(tmp_path, "new", acc=[0.5, 0.6, 0.7], diag=True, cell_id="c1")
+    run = load_run(old)
+    assert run.rounds[list(ROUND_OPTIONAL_COLUMNS)].isna().all().all()
+    assert run.clients[list(CLIENT_OPTIONAL_COLUMNS)].isna().all().all()
+    assert list(load_run(new).rounds["mal_krum_rank"]) == [1, 3, 1]
+    rounds, clients = collect_runs([old, new])
+    assert set(ROUND_OPTIONAL_COLUMNS) <= set(rounds.columns)
+    metas = {load_run(d).meta["cell"]["cell_id"]: load_run(d).meta for d in (old, new)}
+    out = restore_runs(rounds, clients, metas, tmp_path / "restored")
+    assert "mal_krum_rank" not in pd.read_csv(out[0] / "rounds.csv")  # c0: the old run
+    assert "update_norm" not in pd.read_csv(out[1] / "clients.csv")
+    r2, c2 = collect_runs(out)
+    pd.testing.assert_frame_equal(r2.drop(columns="run_dir"), rounds.drop(columns="run_dir"), check_dtype=False)
+    pd.testing.assert_frame_equal(c2.drop(columns="run_dir"), clients.drop(columns="run_dir"), check_dtype=False)
+    empty_rounds, _ = collect_runs([])
+    assert set(ROUND_OPTIONAL_COLUMNS) <= set(empty_rounds.columns)
 
 
 def test_load_run_rejects_missing_column_and_missing_json(tmp_path: Path) -> None:

@@ -194,3 +194,129 @@ def test_packing_runs_of_different_client_counts(digits: Path, tmp_path: Path,
                                        rtol=1e-6)
         first = lambda d: read(d, "clients.csv").query("round == 1")["update_norm"]  # noqa: E731
         pd.testing.assert_series_equal(first(a), first(alone), rtol=1e-3)
+
+
+def _by_round(rows: list[dict]) -> dict[int, dict[int, dict]]:
+    out: dict[int, dict[int, dict]] = {}
+    for r in rows:
+        out.setdefault(r["round"], {})[r["client"]] = r
+    return out
+
+
+def test_attack_diagnostics_of_a_backdoor_cell(digits: Path, tmp_path: Path) -> None:
+    """Attack-Krum-Backdoor against Krum: clients.csv and rounds.csv carry the diagnostics, finite for every
+    client; ``selected`` is weight > 0; the attacker's krum_rank is 1 exactly in the rounds where Krum's
+    weights pick it (Krum here runs with the diagnostics' f and squared distance); rounds.csv summarises the
+    attacker's client rows."""
+    import pandas as pd
+
+    from robustfl.results import CLIENT_OPTIONAL_COLUMNS, ROUND_OPTIONAL_COLUMNS
+
+    s = _sim(digits, tmp_path, defense="krum", attack="krum_backdoor", n_attackers=1)
+    while not s.done:
+        s.step(_train(s), 0.0)
+    s.finish()
+    (mal,) = s.mal
+    clients = pd.read_csv(s.out_dir / "clients.csv")
+    rounds = pd.read_csv(s.out_dir / "rounds.csv")
+    assert set(CLIENT_OPTIONAL_COLUMNS) <= set(clients.columns) and set(ROUND_OPTIONAL_COLUMNS) <= set(rounds.columns)
+    assert clients[["dist_ratio", "krum_rank", "selected"]].notna().all().all()
+    assert (clients["selected"] == (clients["weight"] > 0).astype(int)).all()
+    for _, rnd in clients.groupby("round"):
+        assert sorted(rnd["krum_rank"]) == list(range(1, 11))
+    att = clients[clients["client"] == mal].set_index("round")
+    assert ((att["krum_rank"] == 1) == (att["weight"] > 0)).all()
+    rounds = rounds.set_index("round")
+    assert (rounds["mal_krum_rank"] == att["krum_rank"]).all() and (rounds["mal_selected"] == att["selected"]).all()
+    assert (rounds["mal_dist_ratio"] == att["dist_ratio"]).all()
+    # the benign ratios' mean square is 1 by the definition of the benign spread
+    ben = clients[clients["malicious"] == 0]
+    assert ben.groupby("round")["dist_ratio"].apply(lambda r: (r ** 2).mean()).tolist() == pytest.approx([1, 1], rel=1e-4)
+
+
+def test_krum_rank_one_is_krums_choice_both_ways(digits: Path, tmp_path: Path) -> None:
+    """An attacker sitting on the benign mean is Krum's choice (rank 1, selected, dist_ratio 0); one far
+    away is not (rank n, weight 0, large dist_ratio). A FedAvg cell selects everybody yet still shows where
+    Krum would have put the attacker; a cell without attackers has NaN round summaries."""
+    s = _sim(digits, tmp_path, defense="krum", attack="krum_backdoor", n_attackers=1)
+    s.attack_fn = lambda ctx: ctx.benign_updates.mean(0, keepdim=True)
+    s.step(_train(s), 0.0)
+    s.attack_fn = lambda ctx: ctx.benign_updates.mean(0, keepdim=True) + 1.0
+    s.step(_train(s), 0.0)
+    (mal,) = s.mal
+    rows = _by_round(s.client_rows)
+    assert rows[1][mal]["krum_rank"] == 1 and rows[1][mal]["selected"] == 1 and rows[1][mal]["weight"] == 1.0
+    assert rows[1][mal]["dist_ratio"] == pytest.approx(0.0, abs=1e-3)
+    assert rows[2][mal]["krum_rank"] == 10 and rows[2][mal]["selected"] == 0 and rows[2][mal]["dist_ratio"] > 10
+    assert [r["mal_krum_rank"] for r in s.rows] == [1, 10] and [r["mal_selected"] for r in s.rows] == [1, 0]
+    f = _sim(digits, tmp_path, defense="fedavg", attack="krum_backdoor", n_attackers=1)
+    f.attack_fn = lambda ctx: ctx.benign_updates.mean(0, keepdim=True)
+    f.step(_train(f), 0.0)
+    assert all(r["selected"] == 1 for r in f.client_rows) and f.rows[0]["mal_selected"] == 1.0
+    assert _by_round(f.client_rows)[1][mal]["krum_rank"] == 1
+    import math
+
+    n = _sim(digits, tmp_path, defense="fedavg")
+    n.step(_train(n), 0.0)
+    assert all(math.isnan(n.rows[0][c]) for c in ("mal_dist_ratio", "mal_krum_rank", "mal_selected"))
+    assert all(math.isfinite(r["dist_ratio"]) and math.isfinite(r["krum_rank"]) for r in n.client_rows)
+
+
+def test_diagnostics_change_no_other_column(digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The diagnostics only read the updates and weights: with them replaced by NaN every other value of
+    both files is the same, and so is every random stream (digits' network has no dropout, so a draw from
+    torch's global RNG would show only in its state)."""
+    import pandas as pd
+
+    from robustfl import simulate
+
+    new = ["dist_ratio", "krum_rank", "selected", "mal_dist_ratio", "mal_krum_rank", "mal_selected"]
+
+    def run(name: str) -> tuple[pd.DataFrame, pd.DataFrame, torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = _sim(digits, tmp_path / name, defense="krum", attack="krum_untargeted", n_attackers=2)
+        while not s.done:  # the attack draws from its generator, the clients' dropout from torch's
+            s.step(s.train_benign(), 0.0)
+        drop = lambda rows: pd.DataFrame(rows).drop(columns=["train_s", "attack_s", "agg_s", *new],  # noqa: E731
+                                                    errors="ignore")
+        return drop(s.rows), drop(s.client_rows), torch.get_rng_state(), s.g.get_state(), s.g_att.get_state()
+
+    with_diag = run("a")
+    monkeypatch.setattr(simulate, "attack_diagnostics", lambda u, b, f: {
+        k: torch.full((u.shape[0],), float("nan"), dtype=torch.float64) for k in ("dist_ratio", "krum_rank")})
+    without = run("b")
+    for a, b in zip(with_diag[:2], without[:2]):
+        pd.testing.assert_frame_equal(a, b)
+    for a, b in zip(with_diag[2:], without[2:]):
+        assert torch.equal(a, b)
+
+
+def test_resumes_a_checkpoint_written_before_the_attack_diagnostics(digits: Path, tmp_path: Path) -> None:
+    """A checkpoint of the version that had update_norm but no diagnostics (rows of the required round
+    columns, client rows with update_norm) resumes; its rounds read NaN there and the run finishes."""
+    import math
+
+    import pandas as pd
+
+    from robustfl import results
+    from robustfl.io import load_checkpoint, save_checkpoint
+
+    s = _sim(digits, tmp_path, defense="krum", attack="krum_backdoor", n_attackers=1, checkpoint_every=1)
+    s.ckpt_path = tmp_path / "run.ckpt.pt"
+    s.step(_train(s), 0.0)
+    st = load_checkpoint(s.ckpt_path)
+    st["rows"] = st["rows"][:, : len(results.ROUND_COLUMNS)]
+    st["client_rows"] = st["client_rows"][:, : len(results.CLIENT_COLUMNS) + 1]
+    save_checkpoint(s.ckpt_path, st)
+    r = Simulation(s.cfg, s.data, s.out_dir, s.ckpt_path, torch.device("cpu"))
+    assert r.round == 1 and torch.equal(r.theta, s.theta)
+    assert all(math.isnan(row["selected"]) and math.isnan(row["krum_rank"]) for row in r.client_rows)
+    assert [row["update_norm"] for row in r.client_rows] == [row["update_norm"] for row in s.client_rows]
+    assert math.isnan(r.rows[0]["mal_krum_rank"])
+    r.step(_train(r), 0.0)
+    r.finish()
+    clients = pd.read_csv(r.out_dir / "clients.csv")
+    assert clients.loc[clients["round"] == 1, "selected"].isna().all()
+    assert clients.loc[clients["round"] == 2, "selected"].isin([0, 1]).all()
+    st["rows"] = st["rows"][:, :-1]  # a width no version wrote: not resumed
+    save_checkpoint(s.ckpt_path, st)
+    assert Simulation(s.cfg, s.data, s.out_dir, s.ckpt_path, torch.device("cpu")).round == 0
