@@ -8,6 +8,10 @@ Per run, from ``rounds.csv`` and ``clients.csv`` (:func:`robustfl.results.collec
   targeted input as the target label (the FLARE authors' ASR for one target image; for a set of targets
   the per-round share, averaged over rounds); ``asr`` -- the final round's;
 * ``norm_ratio`` -- the attackers' update norm over the mean benign update norm, averaged over rounds;
+* ``dist_ratio`` -- the attackers' distance to the mean benign update over the benign spread, averaged over
+  rounds (``mal_dist_ratio`` of ``rounds.csv``; below 1 is inside the benign scatter);
+* ``krum_first`` -- the fraction of rounds in which an attacker has the lowest Krum score of all updates
+  (``mal_krum_rank`` = 1), whatever rule the cell runs;
 * ``test_acc`` -- the final clean accuracy.
 
 Per cell, :func:`sweep_table` averages them over seeds and sets each attack cell beside the attack-free
@@ -29,7 +33,7 @@ SWEEP_KEYS = ("dataset", "attack", "attack_variant", "backdoor", "backdoor_mode"
               "partition", "n_clients", "n_attackers")
 #: the attack-free cell an attack cell is compared with shares these
 BASELINE_KEYS = ("dataset", "defense", "defense_variant", "partition", "n_clients")
-RUN_METRICS = ("selected", "asr_rounds", "asr", "norm_ratio", "test_acc")
+RUN_METRICS = ("selected", "asr_rounds", "asr", "norm_ratio", "dist_ratio", "krum_first", "test_acc")
 
 
 def run_metrics(rounds_df: pd.DataFrame, clients_df: pd.DataFrame) -> pd.DataFrame:
@@ -43,6 +47,9 @@ def run_metrics(rounds_df: pd.DataFrame, clients_df: pd.DataFrame) -> pd.DataFra
     out["asr_rounds"] = g["asr"].mean()  # NaN rounds (no backdoor) are skipped; all NaN -> NaN
     out["asr"] = g["asr"].agg(lambda s: s.dropna().iloc[-1] if s.notna().any() else math.nan)
     out["test_acc"] = g["test_acc"].agg(lambda s: s.dropna().iloc[-1] if s.notna().any() else math.nan)
+    for col, name, fn in (("mal_dist_ratio", "dist_ratio", lambda v: v), ("mal_krum_rank", "krum_first",
+                                                                           lambda v: (v == 1).where(v.notna()))):
+        out[name] = fn(r[col]).groupby(r["run_dir"]).mean() if col in r.columns else math.nan
     c = clients_df[clients_df["run_dir"].isin(out.index)]
     mal, ben = c[c["malicious"] == 1], c[c["malicious"] == 0]
     out["selected"] = (mal["weight"] > 0).groupby(mal["run_dir"]).mean()
@@ -83,14 +90,16 @@ def sweep_markdown(table: pd.DataFrame) -> str:
         return f"{100 * mean:.1f}" + ("" if pd.isna(std) else f" ± {100 * std:.1f}")
 
     cols = ["attack", "attack_variant", "backdoor_mode", "defense", "selected %", "ASR (rounds) %",
-            "ASR (final) %", "acc %", "acc cost (points)", "norm ratio", "seeds"]
+            "ASR (final) %", "acc %", "acc cost (points)", "norm ratio", "distance / spread", "Krum's first %",
+            "seeds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, row in table.iterrows():
         rule = f"**{row['defense']}**" if row["target_rule"] else row["defense"]
         cost = "-" if pd.isna(row["acc_cost"]) else f"{100 * row['acc_cost']:.1f}"
-        ratio = "-" if pd.isna(row["norm_ratio_mean"]) else f"{row['norm_ratio_mean']:.2f}"
+        ratio, dist = ("-" if pd.isna(row[f"{m}_mean"]) else f"{row[f'{m}_mean']:.2f}"
+                       for m in ("norm_ratio", "dist_ratio"))
         cells = [row["attack"], f"`{row['attack_variant']}`", row.get("backdoor_mode", ""), rule,
                  pct(row, "selected"), pct(row, "asr_rounds"), pct(row, "asr"), pct(row, "test_acc"), cost, ratio,
-                 str(int(row["n_seeds"]))]
+                 dist, pct(row, "krum_first"), str(int(row["n_seeds"]))]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -16,7 +16,10 @@ def _run(run_dir, seed, attack, defense, asr, acc, mal_weights, mal_norm=2.0, va
     """A run of len(asr) rounds; client 2 is the attacker when attack != 'none'."""
     keys = {**KEYS, "attack": attack, "attack_variant": variant, "defense": defense, "seed": seed,
             "n_attackers": int(attack != "none"), "run_dir": run_dir}
-    rounds = pd.DataFrame([{**keys, "round": r + 1, "asr": a, "test_acc": acc[r]} for r, a in enumerate(asr)])
+    rounds = pd.DataFrame([{**keys, "round": r + 1, "asr": a, "test_acc": acc[r],
+                            "mal_dist_ratio": 0.5 + r if attack != "none" else math.nan,
+                            "mal_krum_rank": (1 if mal_weights[r] == 1 else 3) if attack != "none" else math.nan}
+                           for r, a in enumerate(asr)])
     clients = []
     for r, w in enumerate(mal_weights):
         for c in range(3):
@@ -35,6 +38,7 @@ def test_run_metrics_by_hand():
     m = sweep.run_metrics(rounds, clients).iloc[0]
     assert m["selected"] == pytest.approx(0.75) and m["asr_rounds"] == pytest.approx(0.75)
     assert m["asr"] == 1 and m["test_acc"] == pytest.approx(0.4) and m["norm_ratio"] == pytest.approx(2.0)
+    assert m["dist_ratio"] == pytest.approx(2.0) and m["krum_first"] == pytest.approx(0.75)
 
 
 def test_sweep_table_averages_seeds_and_compares_with_the_attack_free_rule():
@@ -53,6 +57,7 @@ def test_sweep_table_averages_seeds_and_compares_with_the_attack_free_rule():
     assert row["acc_free"] == pytest.approx(0.5) and row["acc_cost"] == pytest.approx(0.05)
     fed = t.loc[("krum_backdoor", "fedavg")]
     assert not fed["target_rule"] and math.isnan(fed["acc_cost"])  # no attack-free FedAvg cell here
-    assert math.isnan(t.loc[("none", "krum")]["asr_rounds_mean"])
+    assert math.isnan(t.loc[("none", "krum")]["asr_rounds_mean"]) and math.isnan(t.loc[("none", "krum")]["krum_first_mean"])
     md = sweep.sweep_markdown(t.reset_index())
     assert "| krum_backdoor | `default` | single | **krum** | 75.0 ± 35.4 | 75.0 ± 35.4 |" in md
+    assert "| 2.00 | 1.00 | 75.0 ± 35.4 | 2 |" in md  # norm ratio, distance / spread, Krum's first, seeds
