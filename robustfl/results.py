@@ -4,7 +4,8 @@ A run directory holds ``rounds.csv``, ``clients.csv``, ``run.json`` (docs/archit
 outputs"). :func:`collect_runs` stacks many runs into two long frames with the cell's configuration
 flattened onto every row; :func:`summarise` reduces them to one row per cell (all configuration
 columns except ``seed``) with the mean, sample standard deviation (ddof = 1) and count over seeds of
-each run's final metrics. The paper averages three runs per cell (Section 6.1).
+each run's final metrics and round-averaged metrics (``asr_rounds``, the paper's ASR). The paper
+averages three runs per cell (Section 6.1).
 """
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ CLIENT_OPTIONAL_COLUMNS: tuple[str, ...] = ("update_norm",)
 
 #: Metrics taken from a run's last evaluated round (final model quality).
 FINAL_METRICS: tuple[str, ...] = ("test_acc", "test_loss", "asr", "target_conf")
+#: Metrics averaged over the rounds of a run that hold a value: (summary name, per-round column).
+#: ``asr_rounds`` = (1/|R|) sum_{r in R} ASR_r over the evaluated rounds R, ASR_r the share of targeted
+#: inputs the global model predicts as the target label after round r's aggregation: the paper's ASR
+#: (Section 6.2) counted per round as the authors' code does; with one targeted input (``single``) the
+#: fraction of rounds in which the attack succeeds.
+ROUND_MEAN_METRICS: tuple[tuple[str, str], ...] = (("asr_rounds", "asr"),)
 #: Metrics averaged over a run's rounds (per-round cost, Section 7.4).
 TIME_METRICS: tuple[str, ...] = ("train_s", "attack_s", "agg_s")
 
@@ -175,12 +182,14 @@ def _last_valid(s: pd.Series) -> float:
 
 
 def final_metrics(rounds_df: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: each final metric's last non-NaN value (by round) and the per-round mean
-    of the timing columns."""
+    """One row per run: each final metric's last non-NaN value (by round), each round-averaged metric's
+    mean over the rounds that hold a value (:data:`ROUND_MEAN_METRICS`) and the per-round mean of the
+    timing columns."""
     run_cols = [c for c in (*CONFIG_COLUMNS, "run_dir") if c in rounds_df.columns]
     df = rounds_df.sort_values([*run_cols, "round"], kind="stable")
     g = df.groupby(run_cols, dropna=False, sort=True)
     parts = {m: g[m].agg(_last_valid) for m in FINAL_METRICS if m in df.columns}
+    parts.update({name: g[col].mean() for name, col in ROUND_MEAN_METRICS if col in df.columns})  # NaN skipped
     parts.update({m: g[m].mean() for m in TIME_METRICS if m in df.columns})
     parts["final_round"] = g["round"].max()
     if "device" in df.columns:
@@ -193,10 +202,12 @@ def summarise(rounds_df: pd.DataFrame) -> pd.DataFrame:
     seed), ``{metric}_n`` (runs with a value) over seeds, plus ``n_seeds``, ``seeds`` and ``devices``.
 
     NaN metrics (ASR and target confidence of untargeted / attack-free runs) stay NaN with n = 0.
+    ``asr`` is the final round's ASR, ``asr_rounds`` the paper's (:data:`ROUND_MEAN_METRICS`).
     """
     per_run = final_metrics(rounds_df)
     keys = [c for c in KEY_COLUMNS if c in per_run.columns]
-    metrics = [m for m in (*FINAL_METRICS, *TIME_METRICS) if m in per_run.columns]
+    round_mean = tuple(name for name, _ in ROUND_MEAN_METRICS)
+    metrics = [m for m in (*FINAL_METRICS, *round_mean, *TIME_METRICS) if m in per_run.columns]
     g = per_run.groupby(keys, dropna=False, sort=True)
     out = pd.DataFrame(index=g.size().index)
     for m in metrics:
@@ -252,7 +263,8 @@ def restore_runs(rounds_df: pd.DataFrame, clients_df: pd.DataFrame, metas: Mappi
 
 
 __all__ = [
-    "CLIENT_COLUMNS", "CLIENT_OPTIONAL_COLUMNS", "CONFIG_COLUMNS", "KEY_COLUMNS", "ROUND_COLUMNS", "RunResult",
+    "CLIENT_COLUMNS", "CLIENT_OPTIONAL_COLUMNS", "CONFIG_COLUMNS", "KEY_COLUMNS", "ROUND_COLUMNS",
+    "ROUND_MEAN_METRICS", "RunResult",
     "collect_runs", "config_columns", "final_metrics",
     "find_run_dirs", "load_run", "restore_runs", "summarise", "summarise_runs", "write_csv",
 ]

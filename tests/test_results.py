@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from robustfl.results import (
-    CONFIG_COLUMNS, collect_runs, config_columns, find_run_dirs, load_run, restore_runs, summarise, summarise_runs,
+    CONFIG_COLUMNS, collect_runs, config_columns, final_metrics, find_run_dirs, load_run, restore_runs, summarise,
+    summarise_runs,
 )
 
 
@@ -139,6 +140,23 @@ def test_summarise_mean_std_count_by_hand(two_seeds: list[Path]) -> None:
     assert math.isnan(med["test_acc_std"])  # one seed: no spread
     assert math.isnan(med["asr_mean"]) and med["asr_n"] == 0  # untargeted: NaN ASR survives
     assert "seed" not in s.columns
+
+
+def test_asr_rounds_is_the_mean_over_rounds_with_an_asr(tmp_path: Path) -> None:
+    """The paper's ASR: per-round ASR averaged over the run's rounds, NaN rounds skipped (the simulator
+    measures ASR every round; NaN where a run has no targeted inputs), then the mean over seeds."""
+    nan = math.nan
+    dirs = [write_run(tmp_path, "s0", acc=[0.5] * 6, asr=[0, 1, 1, 0, 1, nan], seed=0),
+            write_run(tmp_path, "s1", acc=[0.5, nan, 0.6, nan, 0.7], asr=[1, 1, nan, 1, 0], seed=1)]
+    per_run = final_metrics(collect_runs(dirs)[0]).set_index("seed")
+    assert per_run.loc[0, "asr_rounds"] == pytest.approx(0.6) and per_run.loc[1, "asr_rounds"] == pytest.approx(0.75)
+    assert (per_run.loc[0, "asr"], per_run.loc[1, "asr"]) == (1.0, 0.0)  # the final round's, unchanged
+    s = summarise(collect_runs(dirs)[0]).iloc[0]
+    assert s["asr_rounds_mean"] == pytest.approx(0.675) and s["asr_rounds_n"] == 2
+    assert s["asr_rounds_std"] == pytest.approx(math.sqrt(2 * 0.075 ** 2))
+    untargeted = write_run(tmp_path, "u", acc=[0.5, 0.6], attack="krum_untargeted", cell_id="u")
+    u = summarise(collect_runs([untargeted])[0]).iloc[0]
+    assert math.isnan(u["asr_rounds_mean"]) and u["asr_rounds_n"] == 0
 
 
 def test_summarise_uses_last_evaluated_round(tmp_path: Path) -> None:
