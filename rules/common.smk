@@ -268,7 +268,7 @@ PARTITIONS = {}  # (dataset, partition key) -> the RunConfig fields the partitio
 def partition_key(cid, seed):
     rc = _run_config(cid, seed)
     key = rx.partition_key(rc)
-    fields = json.loads(json.dumps({f: getattr(rc, f) for f in rx.PARTITION_FIELDS}, sort_keys=True))
+    fields = json.loads(json.dumps(rx.partition_fields(rc), sort_keys=True))  # aux_class resolved
     PARTITIONS.setdefault((rc.dataset, key), {f: fields[f] for f in rx.PARTITION_FIELDS})
     return key
 

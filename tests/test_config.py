@@ -14,6 +14,8 @@ from robustfl.config import RunConfig
     ({"engine": "fast"}, "engine"),
     ({"lr": 0.0}, "lr"),
     ({"partition": "shards"}, "partition"),
+    ({"aux_class": -1}, "aux_class"),
+    ({"aux_class": "1"}, "aux_class"),
 ])
 def test_impossible_settings_name_the_key(kw: dict, key: str) -> None:
     with pytest.raises(ValueError, match=repr(key)):
@@ -30,3 +32,11 @@ def test_defaults_follow_section_6_1() -> None:
     assert (c.n_clients, c.rounds, c.local_epochs, c.lr, c.aux_size) == (10, 20, 5, 1e-3, 10)
     assert c.effective_batch_size == 64 and RunConfig(dataset="cifar10").effective_batch_size == 32
     assert c.engine == "auto" and RunConfig.from_dict(c.to_dict()) == c
+
+
+def test_default_backdoor_is_the_papers_single_target() -> None:
+    """The authors' code's mal_obj = single (one class-4 image relabelled 3); the aux class is resolved
+    per cell (serversets.resolve_aux_class)."""
+    c = RunConfig()
+    assert (c.backdoor, c.backdoor_mode, c.aux_class) == ("semantic", "single", None)
+    assert RunConfig(aux_class=0).aux_class == 0
