@@ -20,11 +20,12 @@ from typing import Any
 import pandas as pd
 
 from robustfl.io import atomic_write_text
+from robustfl.serversets import resolve_aux_class
 
 #: Configuration flattened onto every row of the collected frames; all but ``seed`` identify a cell.
 CONFIG_COLUMNS: tuple[str, ...] = (
-    "study", "cell_id", "dataset", "attack", "backdoor", "defense", "defense_variant",
-    "partition", "c_sel", "alpha", "n_clients", "n_attackers", "aux_size", "seed",
+    "study", "cell_id", "dataset", "attack", "backdoor", "backdoor_mode", "defense", "defense_variant",
+    "partition", "c_sel", "alpha", "n_clients", "n_attackers", "aux_size", "aux_class", "seed",
 )
 #: The columns a cell is grouped by when averaging over seeds.
 KEY_COLUMNS: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c != "seed")
@@ -119,9 +120,11 @@ def _first_param(params: Mapping[str, Any], keys: Iterable[str]) -> float:
 def config_columns(meta: Mapping[str, Any]) -> dict[str, Any]:
     """Flatten ``run.json`` into the :data:`CONFIG_COLUMNS` of a run.
 
-    ``backdoor`` is ``"none"`` for attacks without a backdoor target; ``defense_variant`` is
-    ``defense_params["variant"]`` (e.g. ``"code"`` for the authors'-code FLARE) or ``"default"``;
-    ``c_sel`` / ``alpha`` are NaN unless the partition is ``classes`` / ``dirichlet``.
+    ``backdoor`` and ``backdoor_mode`` are ``"none"`` for attacks without a backdoor target;
+    ``defense_variant`` is ``defense_params["variant"]`` (e.g. ``"code"`` for the authors'-code FLARE) or
+    ``"default"``; ``c_sel`` / ``alpha`` are NaN unless the partition is ``classes`` / ``dirichlet``;
+    ``aux_class`` is FLARE's auxiliary class as the run resolved it
+    (:func:`robustfl.serversets.resolve_aux_class`).
     """
     cfg = meta.get("config", {})
     cell = meta.get("cell") or {}
@@ -129,12 +132,18 @@ def config_columns(meta: Mapping[str, Any]) -> dict[str, Any]:
     partition = str(cfg.get("partition", "iid"))
     pparams = cfg.get("partition_params") or {}
     dparams = cfg.get("defense_params") or {}
+    dataset = str(cfg.get("dataset", ""))
+    backdoor = str(cfg.get("backdoor", "semantic")) if attack in BACKDOOR_ATTACKS else "none"
+    mode = str(cfg.get("backdoor_mode", "single")) if attack in BACKDOOR_ATTACKS else "none"
+    aux = resolve_aux_class(dataset, cfg.get("aux_class"), (backdoor, mode) if backdoor != "none" else None,
+                            warn=False)
     return {
         "study": str(cell.get("study", "")),
         "cell_id": str(cell.get("cell_id", "")),
-        "dataset": str(cfg.get("dataset", "")),
+        "dataset": dataset,
         "attack": attack,
-        "backdoor": str(cfg.get("backdoor", "semantic")) if attack in BACKDOOR_ATTACKS else "none",
+        "backdoor": backdoor,
+        "backdoor_mode": mode,
         "defense": str(cfg.get("defense", "")),
         "defense_variant": str(dparams.get("variant") or "default"),
         "partition": partition,
@@ -143,6 +152,7 @@ def config_columns(meta: Mapping[str, Any]) -> dict[str, Any]:
         "n_clients": int(cfg.get("n_clients", 0)),
         "n_attackers": int(cfg.get("n_attackers", 0)),
         "aux_size": int(cfg.get("aux_size", 0)),
+        "aux_class": aux,
         "seed": int(cfg.get("seed", 0)),
     }
 

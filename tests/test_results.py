@@ -109,6 +109,26 @@ def test_config_columns_flattening() -> None:
                                           "attack": "median_backdoor", "backdoor": "trojan"}})
     assert dir_keys["alpha"] == 0.5 and math.isnan(dir_keys["c_sel"]) and dir_keys["backdoor"] == "trojan"
     assert dir_keys["defense_variant"] == "default"
+    assert (keys["backdoor_mode"], keys["aux_class"]) == ("none", 1)  # no backdoor: the code's class 1
+
+
+def test_config_columns_backdoor_mode_and_resolved_aux_class() -> None:
+    def keys(**cfg: object) -> dict:
+        return config_columns({"config": {"dataset": "cifar10", "attack": "krum_backdoor",
+                                          "backdoor": "semantic", **cfg}})
+    assert (keys()["backdoor_mode"], keys()["aux_class"]) == ("single", 1)  # RunConfig's default mode
+    multi = keys(backdoor_mode="multiple", aux_class=None)  # green cars, automobile (1) -> bird (2)
+    assert (multi["backdoor_mode"], multi["aux_class"]) == ("multiple", 0)
+    assert keys(backdoor_mode="multiple", aux_class=1)["aux_class"] == 1  # explicit: as run
+    assert keys(backdoor_mode="multiple", backdoor="trojan")["aux_class"] == 1
+
+
+def test_backdoor_attacks_are_the_targeted_ones() -> None:
+    """results.BACKDOOR_ATTACKS (config columns, aux class) agrees with the attack registry."""
+    from robustfl.attacks import ATTACKS, is_targeted
+    from robustfl.results import BACKDOOR_ATTACKS
+
+    assert {a for a in ATTACKS.names() if is_targeted(a)} == set(BACKDOOR_ATTACKS)
 
 
 def test_collect_runs_puts_config_on_every_row(two_seeds: list[Path]) -> None:
