@@ -194,8 +194,8 @@ def build_table(summary: pd.DataFrame, name: str, *, study: str | None = None,
     flt = {**spec.filters, **(filters or {})}
     missing = [k for k in spec.keys if k not in summary.columns]
     if missing:
-        raise ValueError(f"{name}: the summary has no column(s) {missing} (results.summarise of current runs "
-                         "has them)")
+        raise ValueError(f"{name}: the summary lacks column(s) {missing}; summarise the runs again with "
+                         "robustfl.results.summarise")
     paper = _paper_long(spec, paper_dir)
     ours = _select(summary, spec, paper, flt, study)
     extra = [k for k in spec.extra_keys if k in ours.columns]
