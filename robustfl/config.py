@@ -2,7 +2,8 @@
 
 Defaults follow Section 6.1 of the paper (n = 10, all clients selected, Adam lr 1e-3, 5 local
 epochs, T = 20, m = 10 auxiliary samples of one class). Dataset-specific batch sizes follow
-Appendix C (fmnist 64, cifar10/kather 32).
+Appendix C (fmnist 64, cifar10/kather 32). The backdoor target is the authors' code's ``single``: one
+training image of class 4 relabelled 3.
 """
 from __future__ import annotations
 
@@ -40,11 +41,11 @@ class RunConfig:
     batch_size: int | None = None  # None -> PAPER_BATCH.get(dataset, 64)
     lr: float = 1e-3
     aux_size: int = 10  # m, Section 6.1
-    aux_class: int = 1  # reference code: class 1
+    aux_class: int | None = None  # None -> serversets.resolve_aux_class: 1 (reference code) unless the backdoor uses it
     aux_source: str = "train"  # train (held out from clients) | test (reference code)
     root_size: int = 100  # FLTrust root dataset size (Cao et al. use 100)
     backdoor: str = "semantic"  # semantic | trojan (used by backdoor attacks)
-    backdoor_mode: str = "multiple"  # single | multiple
+    backdoor_mode: str = "single"  # single (reference code, the paper's target) | multiple (20 targeted inputs)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     engine: str = "auto"  # auto (vectorised on CUDA, sequential on CPU) | vectorised | sequential
@@ -87,6 +88,9 @@ class RunConfig:
             bad("lr", f"must be > 0, got {self.lr}")
         if self.aux_size < 2:
             bad("aux_size", f"the unbiased MMD (Eq. 4) needs m >= 2 auxiliary samples, got {self.aux_size}")
+        if self.aux_class is not None and (isinstance(self.aux_class, bool) or not isinstance(self.aux_class, int)
+                                           or self.aux_class < 0):
+            bad("aux_class", f"must be a class index >= 0 or null (the default class), got {self.aux_class!r}")
         if self.aux_source not in ("train", "test"):
             bad("aux_source", f"must be 'train' or 'test', got {self.aux_source!r}")
         if self.backdoor not in ("semantic", "trojan"):

@@ -29,7 +29,8 @@ from robustfl.simulate import RunData, ServerSets, Simulation, resolve_device, s
 
 log = logging.getLogger("robustfl")
 
-#: The RunConfig fields a partition depends on (the server's reserved sets are excluded from clients).
+#: The RunConfig fields a partition depends on (the server's reserved sets are excluded from clients);
+#: ``aux_class`` as resolved by :func:`aux_class`.
 PARTITION_FIELDS = ("dataset", "partition", "partition_params", "n_clients", "seed", "aux_size", "aux_class",
                     "aux_source", "root_size")
 #: Probe inputs whose PLRs are dumped for the PLR figures: this many test images from each of 3 classes.
@@ -43,11 +44,27 @@ def _slug(v: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "", s.replace("-", "m"))
 
 
+def aux_class(cfg: RunConfig, warn: bool = True) -> int:
+    """FLARE's auxiliary class of a cell: :func:`robustfl.serversets.resolve_aux_class` with the cell's
+    backdoor set ``(backdoor, backdoor_mode)`` when its attack is targeted, none otherwise."""
+    targeted = cfg.attack != "none" and is_targeted(cfg.attack)
+    return serversets.resolve_aux_class(cfg.dataset, cfg.aux_class,
+                                        (cfg.backdoor, cfg.backdoor_mode) if targeted else None, warn=warn)
+
+
+def partition_fields(cfg: RunConfig) -> dict[str, Any]:
+    """The :data:`PARTITION_FIELDS` of ``cfg`` with ``aux_class`` resolved: a RunConfig built from them
+    alone has the same :func:`partition_key` (the partition rule's parameters)."""
+    fields = {f: getattr(cfg, f) for f in PARTITION_FIELDS}
+    fields["aux_class"] = aux_class(cfg, warn=False)
+    return fields
+
+
 def partition_key(cfg: RunConfig) -> str:
-    """A path-safe string of exactly the fields the partition depends on."""
+    """A path-safe string of exactly the fields the partition depends on (the resolved aux class)."""
     pp = _slug(cfg.partition_params) if cfg.partition_params else ""
     scheme = cfg.partition + (f"-{pp}" if pp else "")
-    return (f"{scheme}_n{cfg.n_clients}_aux{cfg.aux_size}c{cfg.aux_class}{cfg.aux_source}"
+    return (f"{scheme}_n{cfg.n_clients}_aux{cfg.aux_size}c{aux_class(cfg)}{cfg.aux_source}"
             f"_root{cfg.root_size}_seed{cfg.seed}")
 
 
@@ -75,13 +92,13 @@ class ServerSplit:
 
 
 def server_split(ds: ArrayDataset, cfg: RunConfig) -> ServerSplit:
-    """The aux set, the FLTrust root set and every training index held out of the clients' pool: the
-    backdoor targets of both kinds and modes, then aux (when drawn from the training set) and root,
-    each disjoint from the sets before it."""
+    """The aux set (class :func:`aux_class`), the FLTrust root set and every training index held out of the
+    clients' pool: the backdoor targets of both kinds and modes, then aux (when drawn from the training
+    set) and root, each disjoint from the sets before it."""
     backdoors = {(kind, mode): serversets.backdoor_set(ds, kind=kind, mode=mode, seed=cfg.seed)
                  for kind in ("semantic", "trojan") for mode in ("single", "multiple")}
     targets = np.unique(np.concatenate([np.asarray(b.exclude_train, dtype=np.int64) for b in backdoors.values()]))
-    aux = serversets.aux_set(ds, m=cfg.aux_size, cls=cfg.aux_class, source=cfg.aux_source, seed=cfg.seed,
+    aux = serversets.aux_set(ds, m=cfg.aux_size, cls=aux_class(cfg), source=cfg.aux_source, seed=cfg.seed,
                              exclude=targets)
     pre = np.union1d(targets, aux.exclude_train)
     root = serversets.root_set(ds, size=cfg.root_size, seed=cfg.seed, exclude=pre)
@@ -124,8 +141,8 @@ def _server_sets(ds: ArrayDataset, cfg: RunConfig, split: ServerSplit, device: t
     classes = [0, 1, 2] if ds.num_classes >= 3 else list(range(ds.num_classes))
     probe = np.concatenate([np.flatnonzero(np.asarray(ds.y_test) == c)[:PROBE_PER_CLASS] for c in classes])
     sets.probe_x, sets.probe_y = t(ds.x_test[probe]), labels(ds.y_test[probe])
-    sets.info.update(aux_indices=np.asarray(aux.indices).tolist(), aux_source=cfg.aux_source,
-                     root_size=int(len(root.indices)))
+    sets.info.update(aux_indices=np.asarray(aux.indices).tolist(), aux_class=aux_class(cfg, warn=False),
+                     aux_source=cfg.aux_source, root_size=int(len(root.indices)))
     return sets
 
 

@@ -4,7 +4,8 @@ A run directory holds ``rounds.csv``, ``clients.csv``, ``run.json`` (docs/archit
 outputs"). :func:`collect_runs` stacks many runs into two long frames with the cell's configuration
 flattened onto every row; :func:`summarise` reduces them to one row per cell (all configuration
 columns except ``seed``) with the mean, sample standard deviation (ddof = 1) and count over seeds of
-each run's final metrics. The paper averages three runs per cell (Section 6.1).
+each run's final metrics and round-averaged metrics (``asr_rounds``, the paper's ASR). The paper
+averages three runs per cell (Section 6.1).
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from typing import Any
 import pandas as pd
 
 from robustfl.io import atomic_write_text
+from robustfl.serversets import resolve_aux_class
 
 #: Configuration flattened onto every row of the collected frames; all but ``seed`` identify a cell.
 CONFIG_COLUMNS: tuple[str, ...] = (
-    "study", "cell_id", "dataset", "attack", "attack_variant", "backdoor", "backdoor_mode", "defense", "defense_variant",
-    "partition", "c_sel", "alpha", "n_clients", "n_attackers", "aux_size", "seed",
+    "study", "cell_id", "dataset", "attack", "attack_variant", "backdoor", "backdoor_mode", "defense",
+    "defense_variant", "partition", "c_sel", "alpha", "n_clients", "n_attackers", "aux_size", "aux_class", "seed",
 )
 #: The columns a cell is grouped by when averaging over seeds.
 KEY_COLUMNS: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c != "seed")
@@ -46,6 +48,12 @@ CLIENT_OPTIONAL_COLUMNS: tuple[str, ...] = ("update_norm", "dist_ratio", "krum_r
 
 #: Metrics taken from a run's last evaluated round (final model quality).
 FINAL_METRICS: tuple[str, ...] = ("test_acc", "test_loss", "asr", "target_conf")
+#: Metrics averaged over the rounds of a run that hold a value: (summary name, per-round column).
+#: ``asr_rounds`` = (1/|R|) sum_{r in R} ASR_r over the evaluated rounds R, ASR_r the share of targeted
+#: inputs the global model predicts as the target label after round r's aggregation: the paper's ASR
+#: (Section 6.2) counted per round as the authors' code does; with one targeted input (``single``) the
+#: fraction of rounds in which the attack succeeds.
+ROUND_MEAN_METRICS: tuple[tuple[str, str], ...] = (("asr_rounds", "asr"),)
 #: Metrics averaged over a run's rounds (per-round cost, Section 7.4).
 TIME_METRICS: tuple[str, ...] = ("train_s", "attack_s", "agg_s")
 
@@ -135,7 +143,9 @@ def config_columns(meta: Mapping[str, Any]) -> dict[str, Any]:
     ``backdoor`` and ``backdoor_mode`` are ``"none"`` for attacks without a backdoor target;
     ``attack_variant`` is :func:`params_label` of ``attack_params``; ``defense_variant`` is
     ``defense_params["variant"]`` (e.g. ``"code"`` for the authors'-code FLARE) or ``"default"``;
-    ``c_sel`` / ``alpha`` are NaN unless the partition is ``classes`` / ``dirichlet``.
+    ``c_sel`` / ``alpha`` are NaN unless the partition is ``classes`` / ``dirichlet``;
+    ``aux_class`` is FLARE's auxiliary class as the run resolved it
+    (:func:`robustfl.serversets.resolve_aux_class`).
     """
     cfg = meta.get("config", {})
     cell = meta.get("cell") or {}
@@ -143,14 +153,19 @@ def config_columns(meta: Mapping[str, Any]) -> dict[str, Any]:
     partition = str(cfg.get("partition", "iid"))
     pparams = cfg.get("partition_params") or {}
     dparams = cfg.get("defense_params") or {}
+    dataset = str(cfg.get("dataset", ""))
+    backdoor = str(cfg.get("backdoor", "semantic")) if attack in BACKDOOR_ATTACKS else "none"
+    mode = str(cfg.get("backdoor_mode", "single")) if attack in BACKDOOR_ATTACKS else "none"
+    aux = resolve_aux_class(dataset, cfg.get("aux_class"), (backdoor, mode) if backdoor != "none" else None,
+                            warn=False)
     return {
         "study": str(cell.get("study", "")),
         "cell_id": str(cell.get("cell_id", "")),
-        "dataset": str(cfg.get("dataset", "")),
+        "dataset": dataset,
         "attack": attack,
         "attack_variant": params_label(cfg.get("attack_params") or {}),
-        "backdoor": str(cfg.get("backdoor", "semantic")) if attack in BACKDOOR_ATTACKS else "none",
-        "backdoor_mode": str(cfg.get("backdoor_mode", "multiple")) if attack in BACKDOOR_ATTACKS else "none",
+        "backdoor": backdoor,
+        "backdoor_mode": mode,
         "defense": str(cfg.get("defense", "")),
         "defense_variant": str(dparams.get("variant") or "default"),
         "partition": partition,
@@ -159,6 +174,7 @@ def config_columns(meta: Mapping[str, Any]) -> dict[str, Any]:
         "n_clients": int(cfg.get("n_clients", 0)),
         "n_attackers": int(cfg.get("n_attackers", 0)),
         "aux_size": int(cfg.get("aux_size", 0)),
+        "aux_class": aux,
         "seed": int(cfg.get("seed", 0)),
     }
 
@@ -198,12 +214,14 @@ def _last_valid(s: pd.Series) -> float:
 
 
 def final_metrics(rounds_df: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: each final metric's last non-NaN value (by round) and the per-round mean
-    of the timing columns."""
+    """One row per run: each final metric's last non-NaN value (by round), each round-averaged metric's
+    mean over the rounds that hold a value (:data:`ROUND_MEAN_METRICS`) and the per-round mean of the
+    timing columns."""
     run_cols = [c for c in (*CONFIG_COLUMNS, "run_dir") if c in rounds_df.columns]
     df = rounds_df.sort_values([*run_cols, "round"], kind="stable")
     g = df.groupby(run_cols, dropna=False, sort=True)
     parts = {m: g[m].agg(_last_valid) for m in FINAL_METRICS if m in df.columns}
+    parts.update({name: g[col].mean() for name, col in ROUND_MEAN_METRICS if col in df.columns})  # NaN skipped
     parts.update({m: g[m].mean() for m in TIME_METRICS if m in df.columns})
     parts["final_round"] = g["round"].max()
     if "device" in df.columns:
@@ -216,10 +234,12 @@ def summarise(rounds_df: pd.DataFrame) -> pd.DataFrame:
     seed), ``{metric}_n`` (runs with a value) over seeds, plus ``n_seeds``, ``seeds`` and ``devices``.
 
     NaN metrics (ASR and target confidence of untargeted / attack-free runs) stay NaN with n = 0.
+    ``asr`` is the final round's ASR, ``asr_rounds`` the paper's (:data:`ROUND_MEAN_METRICS`).
     """
     per_run = final_metrics(rounds_df)
     keys = [c for c in KEY_COLUMNS if c in per_run.columns]
-    metrics = [m for m in (*FINAL_METRICS, *TIME_METRICS) if m in per_run.columns]
+    round_mean = tuple(name for name, _ in ROUND_MEAN_METRICS)
+    metrics = [m for m in (*FINAL_METRICS, *round_mean, *TIME_METRICS) if m in per_run.columns]
     g = per_run.groupby(keys, dropna=False, sort=True)
     out = pd.DataFrame(index=g.size().index)
     for m in metrics:
@@ -283,7 +303,7 @@ def restore_runs(rounds_df: pd.DataFrame, clients_df: pd.DataFrame, metas: Mappi
 
 __all__ = [
     "CLIENT_COLUMNS", "CLIENT_OPTIONAL_COLUMNS", "CONFIG_COLUMNS", "KEY_COLUMNS", "ROUND_COLUMNS",
-    "ROUND_OPTIONAL_COLUMNS", "RunResult",
+    "ROUND_MEAN_METRICS", "ROUND_OPTIONAL_COLUMNS", "RunResult",
     "collect_runs", "config_columns", "final_metrics", "params_label",
     "find_run_dirs", "load_run", "restore_runs", "summarise", "summarise_runs", "write_csv",
 ]

@@ -5,12 +5,14 @@
   training data).
 * :func:`backdoor_set` - the targeted inputs of the backdoor attacks (Bhagoji et al. 2019 as used by the
   FLARE authors' code): semantic or trojan, ``single`` or ``multiple``.
+* :func:`resolve_aux_class` - the auxiliary set's class: never one the backdoor set is built from, unless given.
 
 Every function is deterministic in its ``seed``. Training indices a set reserves are returned so that the
 partition can leave them out of every client (``exclude=``). Typical order (each excludes the previous)::
 
-    bd = backdoor_set(ds, "semantic", "multiple", seed=s)
-    aux = aux_set(ds, m=10, cls=1, source="train", seed=s, exclude=bd.exclude_train)
+    bd = backdoor_set(ds, "semantic", "single", seed=s)
+    cls = resolve_aux_class(ds.name, None, ("semantic", "single"))
+    aux = aux_set(ds, m=10, cls=cls, source="train", seed=s, exclude=bd.exclude_train)
     root = root_set(ds, 100, seed=s, exclude=union(bd.exclude_train, aux.exclude_train))
     parts = partition.iid(ds.y_train, n, s, exclude=union(bd.exclude_train, aux.exclude_train, root.indices))
 
@@ -22,15 +24,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import warnings
+
 import numpy as np
 
 from robustfl.data import ArrayDataset
 from robustfl.partition import available_mask
 
 __all__ = [
-    "AuxSet", "RootSet", "BackdoorSet", "SemanticRule", "SEMANTIC_RULES", "TRIGGER_OFFSETS",
-    "aux_set", "root_set", "backdoor_set", "stamp_trigger", "trigger_mask", "semantic_scores",
-    "semantic_ranking", "union",
+    "AUX_CLASS", "AuxClassWarning", "AuxSet", "RootSet", "BackdoorSet", "SemanticRule", "SEMANTIC_RULES",
+    "TRIGGER_OFFSETS", "aux_set", "backdoor_classes", "resolve_aux_class", "root_set", "backdoor_set",
+    "stamp_trigger", "trigger_mask", "semantic_scores", "semantic_ranking", "union",
 ]
 
 # reference code, objective `single`: one image of class 4 relabelled to class 3 (fmnist: Coat -> Dress)
@@ -311,7 +315,7 @@ class BackdoorSet:
     true_labels: dict[str, np.ndarray] = field(default_factory=dict)  # original labels of train/eval inputs
 
 
-def backdoor_set(ds: ArrayDataset, kind: str = "semantic", mode: str = "multiple", seed: int = 0,
+def backdoor_set(ds: ArrayDataset, kind: str = "semantic", mode: str = "single", seed: int = 0,
                  n_targets: int = 20, target_label: int | None = None, n_eval: int | None = None, *,
                  source_class: int | None = None, eval_on: str | None = None,
                  rule: str | SemanticRule | None = None, exclude: Any = None) -> BackdoorSet:
@@ -431,3 +435,58 @@ def _eval_for_single(eval_on: str, tr_idx: np.ndarray, y_te: np.ndarray, src: in
     if k > len(cand):
         raise ValueError(f"backdoor single: n_eval = {k} but class {src} has {len(cand)} test images")
     return np.sort(rng.choice(cand, size=k, replace=False)).astype(np.int64), "test"
+
+
+# --------------------------------------------------------------------------------------------------
+# the auxiliary set's class
+# --------------------------------------------------------------------------------------------------
+
+#: FLARE's auxiliary class wherever no backdoor set is built from it (reference code: class 1)
+AUX_CLASS = 1
+
+
+class AuxClassWarning(UserWarning):
+    """An explicit auxiliary class is one the cell's backdoor set is built from."""
+
+
+def backdoor_classes(dataset: str, kind: str, mode: str) -> dict[str, int]:
+    """The classes the default backdoor set ``(kind, mode)`` of ``dataset`` is built from, by role.
+
+    ``single``: {source: 4, target: 3}; semantic ``multiple``: the rule's source and target
+    (:data:`SEMANTIC_RULES`; empty for a dataset without a rule); trojan ``multiple``: {target: 3} (its
+    inputs are random images of every other class).
+    """
+    if kind not in ("semantic", "trojan"):
+        raise ValueError(f"backdoor kind must be 'semantic' or 'trojan', got {kind!r}")
+    if mode not in ("single", "multiple"):
+        raise ValueError(f"backdoor mode must be 'single' or 'multiple', got {mode!r}")
+    if mode == "single":
+        return {"source": SINGLE_SOURCE, "target": SINGLE_TARGET}
+    if kind == "trojan":
+        return {"target": TROJAN_TARGET}
+    rule = SEMANTIC_RULES.get(dataset)
+    return {} if rule is None else {"source": rule.source, "target": rule.target}
+
+
+def resolve_aux_class(dataset: str, aux_class: int | None = None, backdoor: tuple[str, str] | None = None,
+                      *, warn: bool = True) -> int:
+    """FLARE's auxiliary class for a cell on ``dataset`` whose attack uses the backdoor set
+    ``backdoor = (kind, mode)`` (None: no backdoor).
+
+    ``aux_class=None``: :data:`AUX_CLASS` unless the backdoor set is built from it, else the lowest class
+    it is not built from (:func:`backdoor_classes`; CIFAR-10 semantic ``multiple``, automobile 1 -> bird 2,
+    gives 0). An explicit ``aux_class`` is returned as given; where the backdoor set is built from it, an
+    :class:`AuxClassWarning` names both classes (``warn=False``: silent).
+    """
+    used = backdoor_classes(dataset, *backdoor) if backdoor is not None else {}
+    if aux_class is None:
+        return next(c for c in (AUX_CLASS, *range(len(used) + 1)) if c not in used.values())
+    if isinstance(aux_class, bool) or not isinstance(aux_class, (int, np.integer)) or aux_class < 0:
+        raise ValueError(f"aux_class must be a class index >= 0 or None, got {aux_class!r}")
+    roles = [role for role, c in used.items() if c == aux_class]
+    if warn and roles and backdoor is not None:
+        pair = " -> ".join(f"{role} {c}" for role, c in used.items())
+        warnings.warn(f"aux_class {aux_class} is the {roles[0]} class of the {backdoor[0]} {backdoor[1]} backdoor "
+                      f"on {dataset} ({pair}): FLARE's auxiliary set shares a class with the attack",
+                      AuxClassWarning, stacklevel=2)
+    return int(aux_class)

@@ -6,6 +6,9 @@ Published values live in ``reports/paper/*.csv`` (transcribed from the paper, se
 ASR in %, Table 5 ASR as a fraction). Cells we did not run keep empty ``ours_*``; cells the paper does
 not report keep an empty ``paper``. Nothing is filled in. :func:`pivot` lays the long frame out like
 the paper's table; :func:`write_table` writes ``.csv``, ``.md`` and ``.tex`` atomically.
+
+ASR is the paper's by default (``asr="rounds"``: ``asr_rounds`` of ``results.summarise``, the per-round
+ASR averaged over the run's rounds); ``asr="final"`` shows the final round's instead. Captions say which.
 """
 from __future__ import annotations
 
@@ -38,6 +41,15 @@ ATTACK_NAMES = {
     "adaptive_plr": "Adaptive attack (Sec. 7.4)",
 }
 METRIC_NAMES = {"acc": "Acc", "asr": "ASR"}
+#: The ASR a table can show: option of :func:`build_table` -> (summary metric, caption sentence).
+ASR_DEFINITIONS: dict[str, tuple[str, str]] = {
+    "rounds": ("asr_rounds", "ASR: per round, the share of targeted inputs the global model predicts as the "
+                             "target label after aggregation, averaged over the run's rounds (the paper's ASR, "
+                             "Section 6.2, counted per round as the authors' code does; with one targeted "
+                             "input, the fraction of rounds in which the attack succeeds)."),
+    "final": ("asr", "ASR: the share of targeted inputs the final global model (last round) predicts as the "
+                     "target label."),
+}
 _ORDER = {"dataset": list(DATASET_NAMES), "defense": list(DEFENSE_NAMES), "attack": list(ATTACK_NAMES)}
 
 
@@ -54,10 +66,12 @@ class TableSpec:
 
     name: str
     caption: str
-    grid_csv: str  # reports/paper file whose key rows form the expected grid
+    grid_csv: str | None  # reports/paper file whose key rows form the expected grid (None: our cells only)
     paper_csv: str | None  # file with the published values (None: the paper prints none)
     keys: tuple[str, ...]  # join keys between ours and the paper
-    metrics: tuple[tuple[str, str, float], ...]  # (paper column, summary metric, scale to paper unit)
+    # (paper column, summary metric, scale to paper unit); summary metric "asr" stands for the ASR chosen
+    # by build_table's ``asr`` (ASR_DEFINITIONS)
+    metrics: tuple[tuple[str, str, float], ...]
     filters: Mapping[str, Any] = field(default_factory=dict)  # equality filters on our summary
     extra_keys: tuple[str, ...] = ("defense_variant",)  # our-only keys kept apart (never joined)
     rows: tuple[str, ...] = ("dataset",)  # pivot row labels
@@ -66,20 +80,28 @@ class TableSpec:
 
 
 _DEFAULT = {"partition": "iid", "n_clients": 10, "aux_size": 10}
+_SINGLE = {**_DEFAULT, "n_attackers": 1, "backdoor_mode": "single"}  # the paper's target (authors' code)
 SPECS: dict[str, TableSpec] = {
     "table2": TableSpec(
         "table2", "Table 2: model accuracy (%) in the attack-free scenario.", "table2.csv", "table2.csv",
         ("dataset", "defense"), (("acc", "test_acc", 100.0),),
         {**_DEFAULT, "attack": "none", "n_attackers": 0}, decimals=2),
     "table3": TableSpec(
-        "table3", "Table 3: accuracy (%) and ASR (%) under semantic backdoor attacks.", "table3.csv",
+        "table3", "Table 3: accuracy (%) and ASR (%) under semantic backdoor attacks (target: one training "
+        "image of class 4 relabelled 3).", "table3.csv",
         "table3.csv", ("attack", "dataset", "defense"), (("acc", "test_acc", 100.0), ("asr", "asr", 100.0)),
-        {**_DEFAULT, "backdoor": "semantic", "n_attackers": 1}, rows=("attack", "dataset")),
+        {**_SINGLE, "backdoor": "semantic"}, rows=("attack", "dataset")),
+    "table3_multiple": TableSpec(
+        "table3_multiple", "Table 3 with 20 targeted inputs (backdoor_mode multiple: the semantic rule's 20 "
+        "training images, e.g. CIFAR-10 green cars relabelled bird): accuracy (%) and ASR (%).", "table3.csv",
+        "table3.csv", ("attack", "dataset", "defense"), (("acc", "test_acc", 100.0), ("asr", "asr", 100.0)),
+        {**_SINGLE, "backdoor": "semantic", "backdoor_mode": "multiple"}, rows=("attack", "dataset")),
     "table3_trojan": TableSpec(
         "table3_trojan", "Trojan backdoor attacks (the paper shows these only as Figures 7-9): "
-        "accuracy (%) and ASR (%).", "table3.csv", None, ("attack", "dataset", "defense"),
+        "accuracy (%) and ASR (%) (target: one training image of class 4 with the trigger, relabelled 3).",
+        "table3.csv", None, ("attack", "dataset", "defense"),
         (("acc", "test_acc", 100.0), ("asr", "asr", 100.0)),
-        {**_DEFAULT, "backdoor": "trojan", "n_attackers": 1}, rows=("attack", "dataset")),
+        {**_SINGLE, "backdoor": "trojan"}, rows=("attack", "dataset")),
     "table4": TableSpec(
         "table4", "Table 4: model accuracy (%) under untargeted attacks.", "table4.csv", "table4.csv",
         ("attack", "dataset", "defense"), (("acc", "test_acc", 100.0),),
@@ -87,9 +109,16 @@ SPECS: dict[str, TableSpec] = {
     "table5": TableSpec(
         "table5", "Table 5: ASR (fraction) in the non-i.i.d. scenario (fMNIST).", "table5.csv", "table5.csv",
         ("attack", "dataset", "defense"), (("asr", "asr", 1.0),),
-        {**_DEFAULT, "partition": "classes", "backdoor": "semantic", "n_attackers": 1},
+        {**_SINGLE, "partition": "classes", "backdoor": "semantic"},
         extra_keys=("defense_variant", "c_sel"), rows=("attack", "dataset", "c_sel"), decimals=3,
         unit="fraction"),
+    "aux_ablation": TableSpec(
+        "aux_ablation", "FLARE's auxiliary class (not in the paper): accuracy (%) and ASR (%) of FLARE under "
+        "the semantic backdoor attacks, target one training image of class 4 relabelled 3, per auxiliary class "
+        "(4: the target's source class, 3: its target class, 1: an unrelated class, the authors' code's).",
+        None, None, ("attack", "dataset", "aux_class", "defense"),
+        (("acc", "test_acc", 100.0), ("asr", "asr", 100.0)),
+        {**_SINGLE, "backdoor": "semantic", "defense": "flare"}, rows=("attack", "dataset", "aux_class")),
 }
 TABLES: tuple[str, ...] = tuple(SPECS)
 
@@ -110,6 +139,8 @@ def _sort(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
 
 
 def _paper_long(spec: TableSpec, paper_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    if spec.grid_csv is None:
+        return pd.DataFrame(columns=[*spec.keys, "metric", "paper"])
     grid = load_paper(spec.grid_csv, paper_dir)[list(spec.keys)].drop_duplicates()
     rows = []
     for col, _, _ in spec.metrics:
@@ -131,7 +162,7 @@ def _select(summary: pd.DataFrame, spec: TableSpec, grid: pd.DataFrame,
     for k, v in filters.items():
         if v is not None and k in df.columns:
             df = df[df[k] == v]
-    if "attack" in spec.keys:
+    if "attack" in spec.keys and spec.grid_csv is not None:
         df = df[df["attack"].isin(set(grid["attack"]))]
     if study is not None:
         df = df[df["study"] == study]
@@ -146,22 +177,32 @@ def _select(summary: pd.DataFrame, spec: TableSpec, grid: pd.DataFrame,
 
 
 def build_table(summary: pd.DataFrame, name: str, *, study: str | None = None,
-                filters: Mapping[str, Any] | None = None,
+                filters: Mapping[str, Any] | None = None, asr: str = "rounds",
                 paper_dir: str | os.PathLike[str] = PAPER_DIR) -> pd.DataFrame:
     """Long table for paper table ``name`` (:data:`TABLES`): ours (mean, std, n) + paper + diff.
 
     ``filters`` updates the spec's equality filters on the summary (a value of ``None`` drops one);
-    ``study`` keeps only that study's cells.
+    ``study`` keeps only that study's cells; ``asr`` picks the ASR shown (:data:`ASR_DEFINITIONS`:
+    ``"rounds"``, the paper's, or ``"final"``, the last round's). Column ``summary_metric`` names the
+    summary metric behind each row.
     """
     if name not in SPECS:
         raise ValueError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
+    if asr not in ASR_DEFINITIONS:
+        raise ValueError(f"unknown ASR definition asr={asr!r}; known: {', '.join(ASR_DEFINITIONS)}")
     spec = SPECS[name]
     flt = {**spec.filters, **(filters or {})}
+    missing = [k for k in spec.keys if k not in summary.columns]
+    if missing:
+        raise ValueError(f"{name}: the summary lacks column(s) {missing}; summarise the runs again with "
+                         "robustfl.results.summarise")
     paper = _paper_long(spec, paper_dir)
     ours = _select(summary, spec, paper, flt, study)
     extra = [k for k in spec.extra_keys if k in ours.columns]
+    shown = {col: ASR_DEFINITIONS[asr][0] if m == "asr" else m for col, m, _ in spec.metrics}  # summary metric
     parts = []
-    for col, metric, scale in spec.metrics:
+    for col, _, scale in spec.metrics:
+        metric = shown[col]
         if f"{metric}_mean" in ours.columns:
             mean, std = ours[f"{metric}_mean"] * scale, ours[f"{metric}_std"] * scale
             n = ours[f"{metric}_n"]
@@ -178,12 +219,16 @@ def build_table(summary: pd.DataFrame, name: str, *, study: str | None = None,
     if ours_long.empty:
         ours_long = pd.DataFrame(columns=[*spec.keys, *extra, "study", "cell_id", "metric",
                                           "ours_mean", "ours_std", "n"])
-    long = paper.merge(ours_long, on=[*spec.keys, "metric"], how="outer")
+    if spec.grid_csv is None:  # no paper grid: our cells only
+        long = ours_long.assign(paper=math.nan)
+    else:
+        long = paper.merge(ours_long, on=[*spec.keys, "metric"], how="outer")
+    long["summary_metric"] = long["metric"].map(shown)  # also on paper-only rows
     long["diff"] = long["ours_mean"] - long["paper"]
     long["unit"] = spec.unit
     long["table"] = name
-    long = long[["table", *spec.keys, *extra, "metric", "unit", "ours_mean", "ours_std", "n", "paper",
-                 "diff", "study", "cell_id"]]
+    long = long[["table", *spec.keys, *extra, "metric", "summary_metric", "unit", "ours_mean", "ours_std", "n",
+                 "paper", "diff", "study", "cell_id"]]
     long = long.astype({"ours_mean": float, "ours_std": float, "paper": float, "diff": float})
     long["n"] = pd.to_numeric(long["n"]).astype("Int64")
     return _sort(long, [*spec.keys, "metric"])
@@ -281,14 +326,24 @@ def write_table(df: pd.DataFrame, prefix: str | os.PathLike[str], caption: str |
     ]
 
 
+def caption(name: str, asr: str = "rounds") -> str:
+    """Table ``name``'s caption, with the definition of the ASR it shows (:data:`ASR_DEFINITIONS`)."""
+    spec = SPECS[name]
+    if asr not in ASR_DEFINITIONS:
+        raise ValueError(f"unknown ASR definition asr={asr!r}; known: {', '.join(ASR_DEFINITIONS)}")
+    has_asr = any(m == "asr" for _, m, _ in spec.metrics)
+    return spec.caption + (" " + ASR_DEFINITIONS[asr][1] if has_asr else "")
+
+
 def write_paper_table(summary: pd.DataFrame, name: str, out_dir: str | os.PathLike[str],
                       **kwargs: Any) -> list[Path]:
     """Build table ``name`` and write ``<name>.{csv,md,tex}`` (paper layout) and
-    ``<name>_long.{csv,md,tex}`` (tidy) under ``out_dir``."""
+    ``<name>_long.{csv,md,tex}`` (tidy) under ``out_dir``; ``kwargs`` go to :func:`build_table`."""
     long = build_table(summary, name, **kwargs)
-    cap = SPECS[name].caption + " Ours: mean ± std over seeds (n); paper value in brackets."
-    return [*write_table(pivot(long, name), Path(out_dir) / name, caption=cap),
-            *write_table(long, Path(out_dir) / f"{name}_long", caption=SPECS[name].caption)]
+    cap = caption(name, kwargs.get("asr", "rounds"))
+    ours = " Ours: mean ± std over seeds (n)" + ("; paper value in brackets." if SPECS[name].paper_csv else ".")
+    return [*write_table(pivot(long, name), Path(out_dir) / name, caption=cap + ours),
+            *write_table(long, Path(out_dir) / f"{name}_long", caption=cap)]
 
 
 def write_all_tables(summary: pd.DataFrame, out_dir: str | os.PathLike[str], **kwargs: Any) -> list[Path]:
@@ -296,5 +351,5 @@ def write_all_tables(summary: pd.DataFrame, out_dir: str | os.PathLike[str], **k
     return [p for name in TABLES for p in write_paper_table(summary, name, out_dir, **kwargs)]
 
 
-__all__ = ["PAPER_DIR", "SPECS", "TABLES", "TableSpec", "build_table", "display", "format_cell",
-           "load_paper", "pivot", "write_all_tables", "write_paper_table", "write_table"]
+__all__ = ["ASR_DEFINITIONS", "PAPER_DIR", "SPECS", "TABLES", "TableSpec", "build_table", "caption", "display",
+           "format_cell", "load_paper", "pivot", "write_all_tables", "write_paper_table", "write_table"]

@@ -85,7 +85,8 @@ NON_CELL_FIELDS = ("seed", "device", "checkpoint_every")
 CELL_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in NON_CELL_FIELDS)
 DEFAULT_SEEDS = (0, 1, 2)
 
-TABLES = ("table2", "table3", "table3_trojan", "table4", "table5")
+TABLES = ("table2", "table3", "table3_multiple", "table3_trojan", "table4", "table5", "aux_ablation")
+TABLE_ASR = config.get("table_asr", "rounds")  # the ASR the tables show (robustfl.tables.ASR_DEFINITIONS)
 DATASET_FIGURES = ("fig_confidence", "fig12", "fig13")  # one figure per dataset
 SNAPSHOT_FIGURES = ("fig_plr", "fig_mmd", "fig4")  # one figure per designated cell (first seed)
 CELL_FIGURES = ("fig_attack",)  # one figure per tagged cell, from the runs of all its seeds
@@ -272,7 +273,7 @@ PARTITIONS = {}  # (dataset, partition key) -> the RunConfig fields the partitio
 def partition_key(cid, seed):
     rc = _run_config(cid, seed)
     key = rx.partition_key(rc)
-    fields = json.loads(json.dumps({f: getattr(rc, f) for f in rx.PARTITION_FIELDS}, sort_keys=True))
+    fields = json.loads(json.dumps(rx.partition_fields(rc), sort_keys=True))  # aux_class resolved
     PARTITIONS.setdefault((rc.dataset, key), {f: fields[f] for f in rx.PARTITION_FIELDS})
     return key
 
@@ -421,7 +422,9 @@ def cell_runs(w):
 TABLE_TITLES = {
     "table2": "Table 2: accuracy, no attack",
     "table3": "Table 3: semantic backdoor attacks",
+    "table3_multiple": "Table 3 (20 targeted inputs): semantic backdoor attacks",
     "table3_trojan": "Table 3 (trojan): trojan backdoor attacks",
     "table4": "Table 4: untargeted attacks",
     "table5": "Table 5: non-i.i.d. backdoor ASR",
+    "aux_ablation": "FLARE's auxiliary class (ablation)",
 }

@@ -1,6 +1,7 @@
 # Stage 5: the paper's tables (robustfl.tables), one rule per table, each fed by exactly the runs of the
 # cells tagged with it (so a changed cell rebuilds only the tables it appears in). Written as
 # <name>.{csv,md,tex} (paper layout, ours beside the paper's value) and <name>_long.{csv,md,tex} (tidy).
+# ASR: config `table_asr` (rounds = the paper's, default; final = the last round's); captions say which.
 
 for _table in TABLES:
 
@@ -30,6 +31,7 @@ for _table in TABLES:
             long_tex=f"{REPORTS}/{{study}}/tables/{_table}_long.tex",
         params:
             table=_table,
+            asr=TABLE_ASR,
         log:
             f"{RESULTS}/logs/tables/{{study}}/{_table}.log",
         conda:

@@ -1,4 +1,5 @@
-"""Rules table2 ... table5: one paper table from the runs of its cells (robustfl.tables)."""
+"""Rules table2 ... aux_ablation: one table from the runs of its cells (robustfl.tables), showing the ASR
+of config `table_asr`."""
 from pathlib import Path
 
 from _pipeline import setup
@@ -11,7 +12,7 @@ from robustfl.tables import write_paper_table  # noqa: E402
 sm = snakemake  # noqa: F821
 rounds, _ = collect_runs(sm.input.runs)
 rounds["study"] = sm.wildcards.study
-written = write_paper_table(summarise(rounds), sm.params.table, Path(sm.output.csv).parent)
+written = write_paper_table(summarise(rounds), sm.params.table, Path(sm.output.csv).parent, asr=sm.params.asr)
 missing = sorted(set(map(str, sm.output)) - {str(p) for p in written})
 if missing:
     raise RuntimeError(f"robustfl.tables.write_paper_table did not write {missing}")

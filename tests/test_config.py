@@ -14,6 +14,8 @@ from robustfl.config import RunConfig
     ({"engine": "fast"}, "engine"),
     ({"lr": 0.0}, "lr"),
     ({"partition": "shards"}, "partition"),
+    ({"aux_class": -1}, "aux_class"),
+    ({"aux_class": "1"}, "aux_class"),
 ])
 def test_impossible_settings_name_the_key(kw: dict, key: str) -> None:
     with pytest.raises(ValueError, match=repr(key)):
@@ -41,3 +43,11 @@ def test_bulyan_needs_n_at_least_4f_plus_3():
     RunConfig(defense="bulyan", n_clients=7)  # no attackers: f = 1
     with pytest.raises(ValueError, match="n = 6 and f = 1"):
         RunConfig(defense="bulyan", n_clients=6)
+
+
+def test_default_backdoor_is_the_papers_single_target() -> None:
+    """The authors' code's mal_obj = single (one class-4 image relabelled 3); the aux class is resolved
+    per cell (serversets.resolve_aux_class)."""
+    c = RunConfig()
+    assert (c.backdoor, c.backdoor_mode, c.aux_class) == ("semantic", "single", None)
+    assert RunConfig(aux_class=0).aux_class == 0

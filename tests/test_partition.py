@@ -209,3 +209,30 @@ def test_manifest_rejects_overlap() -> None:
     y = balanced()
     with pytest.raises(ValueError, match="overlap"):
         P.manifest([np.array([1, 2]), np.array([2, 3])], y, 0, "iid")
+
+
+# ------------------------------------------------------------------------- partition key (experiment)
+
+
+def test_partition_key_uses_the_resolved_aux_class() -> None:
+    from robustfl import experiment as X
+    from robustfl.config import RunConfig
+
+    def cfg(**kw: object) -> RunConfig:
+        return RunConfig(dataset="cifar10", **kw)
+
+    bd = {"attack": "krum_backdoor", "n_attackers": 1}
+    free = X.partition_key(cfg())
+    assert "_aux10c1train_" in free
+    # cells whose aux class resolves to 1 share the attack-free cells' partition
+    assert X.partition_key(cfg(**bd)) == X.partition_key(cfg(**bd, backdoor="trojan", backdoor_mode="multiple")) == free
+    assert X.partition_key(cfg(attack="krum_untargeted", n_attackers=3, backdoor_mode="multiple")) == free
+    with pytest.warns(UserWarning, match="aux_class 1"):
+        assert X.partition_key(cfg(**bd, backdoor_mode="multiple", aux_class=1)) == free
+    multi = X.partition_key(cfg(**bd, backdoor_mode="multiple"))  # green cars use class 1: aux class 0
+    assert "_aux10c0train_" in multi and multi == X.partition_key(cfg(aux_class=0))
+    # the partition rule's parameters rebuild the same key without the attack fields
+    for c in (cfg(), cfg(**bd, backdoor_mode="multiple"), cfg(partition="classes", partition_params={"c_sel": 2})):
+        fields = X.partition_fields(c)
+        assert set(fields) == set(X.PARTITION_FIELDS)
+        assert X.partition_key(RunConfig.from_dict(fields)) == X.partition_key(c)

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from robustfl.results import (
-    CONFIG_COLUMNS, collect_runs, config_columns, find_run_dirs, load_run, restore_runs, summarise, summarise_runs,
+    CONFIG_COLUMNS, collect_runs, config_columns, final_metrics, find_run_dirs, load_run, restore_runs, summarise,
+    summarise_runs,
 )
 
 
@@ -140,6 +141,26 @@ def test_config_columns_flattening() -> None:
                                           "attack": "median_backdoor", "backdoor": "trojan"}})
     assert dir_keys["alpha"] == 0.5 and math.isnan(dir_keys["c_sel"]) and dir_keys["backdoor"] == "trojan"
     assert dir_keys["defense_variant"] == "default"
+    assert (keys["backdoor_mode"], keys["aux_class"]) == ("none", 1)  # no backdoor: the code's class 1
+
+
+def test_config_columns_backdoor_mode_and_resolved_aux_class() -> None:
+    def keys(**cfg: object) -> dict:
+        return config_columns({"config": {"dataset": "cifar10", "attack": "krum_backdoor",
+                                          "backdoor": "semantic", **cfg}})
+    assert (keys()["backdoor_mode"], keys()["aux_class"]) == ("single", 1)  # RunConfig's default mode
+    multi = keys(backdoor_mode="multiple", aux_class=None)  # green cars, automobile (1) -> bird (2)
+    assert (multi["backdoor_mode"], multi["aux_class"]) == ("multiple", 0)
+    assert keys(backdoor_mode="multiple", aux_class=1)["aux_class"] == 1  # explicit: as run
+    assert keys(backdoor_mode="multiple", backdoor="trojan")["aux_class"] == 1
+
+
+def test_backdoor_attacks_are_the_targeted_ones() -> None:
+    """results.BACKDOOR_ATTACKS (config columns, aux class) agrees with the attack registry."""
+    from robustfl.attacks import ATTACKS, is_targeted
+    from robustfl.results import BACKDOOR_ATTACKS
+
+    assert {a for a in ATTACKS.names() if is_targeted(a)} == set(BACKDOOR_ATTACKS)
 
 
 def test_collect_runs_puts_config_on_every_row(two_seeds: list[Path]) -> None:
@@ -171,6 +192,23 @@ def test_summarise_mean_std_count_by_hand(two_seeds: list[Path]) -> None:
     assert math.isnan(med["test_acc_std"])  # one seed: no spread
     assert math.isnan(med["asr_mean"]) and med["asr_n"] == 0  # untargeted: NaN ASR survives
     assert "seed" not in s.columns
+
+
+def test_asr_rounds_is_the_mean_over_rounds_with_an_asr(tmp_path: Path) -> None:
+    """The paper's ASR: per-round ASR averaged over the run's rounds, NaN rounds skipped (the simulator
+    measures ASR every round; NaN where a run has no targeted inputs), then the mean over seeds."""
+    nan = math.nan
+    dirs = [write_run(tmp_path, "s0", acc=[0.5] * 6, asr=[0, 1, 1, 0, 1, nan], seed=0),
+            write_run(tmp_path, "s1", acc=[0.5, nan, 0.6, nan, 0.7], asr=[1, 1, nan, 1, 0], seed=1)]
+    per_run = final_metrics(collect_runs(dirs)[0]).set_index("seed")
+    assert per_run.loc[0, "asr_rounds"] == pytest.approx(0.6) and per_run.loc[1, "asr_rounds"] == pytest.approx(0.75)
+    assert (per_run.loc[0, "asr"], per_run.loc[1, "asr"]) == (1.0, 0.0)  # the final round's, unchanged
+    s = summarise(collect_runs(dirs)[0]).iloc[0]
+    assert s["asr_rounds_mean"] == pytest.approx(0.675) and s["asr_rounds_n"] == 2
+    assert s["asr_rounds_std"] == pytest.approx(math.sqrt(2 * 0.075 ** 2))
+    untargeted = write_run(tmp_path, "u", acc=[0.5, 0.6], attack="krum_untargeted", cell_id="u")
+    u = summarise(collect_runs([untargeted])[0]).iloc[0]
+    assert math.isnan(u["asr_rounds_mean"]) and u["asr_rounds_n"] == 0
 
 
 def test_summarise_uses_last_evaluated_round(tmp_path: Path) -> None:

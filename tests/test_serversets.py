@@ -1,13 +1,16 @@
 """Auxiliary, root and backdoor sets (robustfl/serversets.py)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from robustfl import experiment as X
 from robustfl import partition as P
 from robustfl import serversets as S
+from robustfl.config import RunConfig
 from robustfl.data import DATASETS, ArrayDataset
 
 
@@ -214,3 +217,77 @@ def test_real_cifar_green_cars_if_prepared(tmp_path: Path) -> None:
     ds = load_prepared(cache)
     b = S.backdoor_set(ds, "semantic", "multiple")
     assert np.all(ds.y_train[b.train_indices] == 1) and S.green_score(b.train_x).min() > 0.2
+
+
+# ------------------------------------------------------------------------------------ auxiliary class
+
+
+def test_backdoor_classes_by_role() -> None:
+    assert S.backdoor_classes("cifar10", "semantic", "single") == {"source": 4, "target": 3}
+    assert S.backdoor_classes("cifar10", "trojan", "single") == {"source": 4, "target": 3}
+    assert S.backdoor_classes("cifar10", "semantic", "multiple") == {"source": 1, "target": 2}
+    assert S.backdoor_classes("digits", "semantic", "multiple") == {"source": 3, "target": 8}
+    assert S.backdoor_classes("cifar10", "trojan", "multiple") == {"target": 3}
+    assert S.backdoor_classes("unnamed", "semantic", "multiple") == {}  # no default rule
+    with pytest.raises(ValueError, match="mode"):
+        S.backdoor_classes("cifar10", "semantic", "many")
+
+
+@pytest.mark.parametrize("dataset,backdoor,expected", [
+    ("cifar10", ("semantic", "multiple"), 0),  # green cars: automobile (1) -> bird (2)
+    ("cifar10", ("semantic", "single"), 1),  # deer (4) -> cat (3)
+    ("cifar10", ("trojan", "multiple"), 1),
+    ("cifar10", None, 1),  # no backdoor
+    ("fmnist", ("semantic", "multiple"), 1),  # T-shirt (0) -> Pullover (2)
+    ("kather", ("semantic", "multiple"), 1),  # TUMOR (0) -> MUCOSA (5)
+    ("digits", ("semantic", "multiple"), 1),  # bold threes (3) -> 8
+])
+def test_default_aux_class_never_shares_a_backdoor_class(dataset: str, backdoor: tuple | None,
+                                                         expected: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default never warns
+        got = S.resolve_aux_class(dataset, None, backdoor)
+    assert got == expected
+    if backdoor is not None:
+        assert got not in S.backdoor_classes(dataset, *backdoor).values()
+
+
+def test_default_aux_class_takes_the_lowest_free_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    rule = S.SemanticRule("toy", 0, 1, S.ink_score, "toy rule using classes 0 and 1")
+    monkeypatch.setitem(S.SEMANTIC_RULES, "toy", rule)
+    assert S.resolve_aux_class("toy", None, ("semantic", "multiple")) == 2
+
+
+def test_explicit_aux_class_is_kept_and_a_clash_warned() -> None:
+    with pytest.warns(S.AuxClassWarning, match=r"aux_class 1 is the source class .*source 1 -> target 2"):
+        assert S.resolve_aux_class("cifar10", 1, ("semantic", "multiple")) == 1
+    with pytest.warns(S.AuxClassWarning, match=r"aux_class 4 is the source class .*source 4 -> target 3"):
+        assert S.resolve_aux_class("cifar10", 4, ("semantic", "single")) == 4
+    with pytest.warns(S.AuxClassWarning, match=r"aux_class 3 is the target class"):
+        assert S.resolve_aux_class("cifar10", 3, ("semantic", "single")) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert S.resolve_aux_class("cifar10", 1, ("semantic", "single")) == 1  # no clash: silent
+        assert S.resolve_aux_class("cifar10", 1, ("semantic", "multiple"), warn=False) == 1
+        assert S.resolve_aux_class("cifar10", 2, None) == 2
+    with pytest.raises(ValueError, match="aux_class"):
+        S.resolve_aux_class("cifar10", -1)
+
+
+def test_server_split_draws_aux_from_the_resolved_class() -> None:
+    ds = rgb_toy(n_per_class=40)  # named cifar10: the green-car rule, automobile (1) -> bird (2)
+    bd = dict(dataset="cifar10", attack="krum_backdoor", n_attackers=1, backdoor="semantic", root_size=20)
+    multi = RunConfig(**bd, backdoor_mode="multiple")
+    assert X.aux_class(multi) == 0 and set(X.server_split(ds, multi).aux.y) == {0}
+    single = RunConfig(**bd)
+    assert X.aux_class(single) == 1 and set(X.server_split(ds, single).aux.y) == {1}
+    untargeted = RunConfig(dataset="cifar10", attack="krum_untargeted", n_attackers=3, backdoor_mode="multiple")
+    assert X.aux_class(untargeted) == 1  # its attack has no backdoor set
+    forced = RunConfig(**bd, backdoor_mode="multiple", aux_class=1)
+    with pytest.warns(S.AuxClassWarning, match="aux_class 1"):
+        split = X.server_split(ds, forced)
+    assert set(split.aux.y) == {1}
+    assert not np.intersect1d(split.aux.indices, split.backdoors[("semantic", "multiple")].train_indices).size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        X.aux_class(forced, warn=False)

@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 
 from robustfl.results import summarise
-from robustfl.tables import PAPER_DIR, TABLES, build_table, format_cell, load_paper, pivot, write_table
+from robustfl.tables import (
+    PAPER_DIR, SPECS, TABLES, build_table, caption, format_cell, load_paper, pivot, write_paper_table, write_table,
+)
 
 BASE = {"study": "fixture", "cell_id": "", "dataset": "fmnist", "attack": "none", "backdoor": "none",
-        "defense": "fedavg", "defense_variant": "default", "partition": "iid", "c_sel": math.nan,
-        "alpha": math.nan, "n_clients": 10, "n_attackers": 0, "aux_size": 10}
+        "backdoor_mode": "none", "defense": "fedavg", "defense_variant": "default", "partition": "iid",
+        "c_sel": math.nan, "alpha": math.nan, "n_clients": 10, "n_attackers": 0, "aux_size": 10, "aux_class": 1}
 
 
 def fake_rounds(runs: list[dict]) -> pd.DataFrame:
@@ -32,7 +34,8 @@ def fake_rounds(runs: list[dict]) -> pd.DataFrame:
 
 @pytest.fixture
 def summary() -> pd.DataFrame:
-    bd = {"attack": "krum_backdoor", "backdoor": "semantic", "n_attackers": 1, "defense": "flare"}
+    bd = {"attack": "krum_backdoor", "backdoor": "semantic", "backdoor_mode": "single", "n_attackers": 1,
+          "defense": "flare"}
     return summarise(fake_rounds([
         {"seed": 0, "test_acc": 0.90}, {"seed": 1, "test_acc": 0.92},  # table 2 fmnist FedAvg
         {"seed": 0, "test_acc": 0.5, "n_clients": 20},  # scaling cell: must not enter table 2
@@ -171,8 +174,11 @@ def test_every_table_builds_on_empty_summary() -> None:
     empty = summarise(fake_rounds([{"seed": 0, "test_acc": 0.5}]).iloc[0:0])
     for name in TABLES:
         long = build_table(empty, name)
-        assert long["ours_mean"].isna().all() and len(long) > 0
-        assert len(pivot(long, name)) > 0
+        assert long["ours_mean"].isna().all()
+        if SPECS[name].grid_csv is not None:  # the paper's grid is laid out even with no run
+            assert len(long) > 0 and len(pivot(long, name)) > 0
+        else:  # our cells only: nothing to show, but the layout holds
+            assert long.empty and list(pivot(long, name).columns) == ["Attack", "Dataset", "aux_class"]
     assert (PAPER_DIR / "README.md").is_file()
 
 
@@ -183,3 +189,65 @@ def test_summary_csv_roundtrip_gives_same_table(summary: pd.DataFrame, tmp_path:
         a, b = build_table(summary, name), build_table(back, name)
         pd.testing.assert_series_equal(a["ours_mean"], b["ours_mean"])
         pd.testing.assert_series_equal(a["paper"], b["paper"])
+
+
+def per_round(asr_by_seed: dict[int, list[float]], **cfg: object) -> pd.DataFrame:
+    """Runs of one cell with the given per-round ASR (one run per seed), rounds 1..T."""
+    rows = []
+    for seed, asrs in asr_by_seed.items():
+        for r, a in enumerate(asrs, start=1):
+            rows.append({**BASE, "attack": "krum_backdoor", "backdoor": "semantic", "backdoor_mode": "single",
+                         "n_attackers": 1, "defense": "flare", "cell_id": "bd", "seed": seed, "round": r,
+                         "test_acc": 0.8, "test_loss": 0.3, "asr": a, "target_conf": a, "train_s": 1.0,
+                         "attack_s": 0.0, "agg_s": 0.1, "n_excluded": 0, **cfg})
+    return pd.DataFrame(rows)
+
+
+def test_asr_is_the_round_average_by_default_and_final_on_request(tmp_path: Path) -> None:
+    s = summarise(per_round({0: [0, 1, 1, 0, 1], 1: [0, 0, 0, 1, 0]}))
+    rounds = cell(build_table(s, "table3"), attack="krum_backdoor", dataset="fmnist", defense="flare",
+                  metric="asr")
+    assert rounds["ours_mean"] == pytest.approx(100 * (0.6 + 0.2) / 2) and rounds["summary_metric"] == "asr_rounds"
+    final = cell(build_table(s, "table3", asr="final"), attack="krum_backdoor", dataset="fmnist",
+                 defense="flare", metric="asr")
+    assert final["ours_mean"] == pytest.approx(100 * (1 + 0) / 2) and final["summary_metric"] == "asr"
+    t5 = build_table(summarise(per_round({0: [0, 1, 1, 0, 1]}, partition="classes", c_sel=2.0)), "table5")
+    assert cell(t5, attack="krum_backdoor", defense="flare")["ours_mean"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="asr='last'"):
+        build_table(s, "table3", asr="last")
+    # the captions say which ASR is shown
+    assert "averaged over the run's rounds" in caption("table3") and "final global model" in caption("table3", "final")
+    assert "ASR" not in caption("table2").split(":", 1)[1]
+    md = {p.name: p.read_text() for p in write_paper_table(s, "table3", tmp_path) if p.suffix == ".md"}
+    assert "averaged over the run's rounds" in md["table3.md"]
+    assert "40.0 ± 28.3 (n=2)" in md["table3.md"]
+    md_final = [p for p in write_paper_table(s, "table3", tmp_path / "f", asr="final") if p.name == "table3.md"]
+    assert "final global model" in md_final[0].read_text() and "50.0 ± 70.7 (n=2)" in md_final[0].read_text()
+
+
+def test_single_and_multiple_targets_go_to_their_own_tables() -> None:
+    s = summarise(pd.concat([per_round({0: [1, 1]}, cell_id="single"),
+                             per_round({0: [0, 0.5]}, cell_id="multi", backdoor_mode="multiple")]))
+    one = cell(build_table(s, "table3"), attack="krum_backdoor", dataset="fmnist", defense="flare", metric="asr")
+    many = cell(build_table(s, "table3_multiple"), attack="krum_backdoor", dataset="fmnist", defense="flare",
+                metric="asr")
+    assert (one["cell_id"], one["ours_mean"]) == ("single", pytest.approx(100.0))
+    assert (many["cell_id"], many["ours_mean"]) == ("multi", pytest.approx(25.0))
+    assert pd.isna(cell(build_table(s, "table3_trojan"), attack="krum_backdoor", dataset="fmnist",
+                        defense="flare", metric="asr")["ours_mean"])
+
+
+def test_aux_ablation_rows_per_aux_class() -> None:
+    cells = [per_round({0: asr, 1: asr}, cell_id=f"aux{k}", aux_class=k, dataset="cifar10")
+             for k, asr in ((4, [0, 0]), (3, [1, 0]), (1, [0, 0]))]
+    other = per_round({0: [1, 1]}, cell_id="fedavg", defense="fedavg", dataset="cifar10")  # not FLARE
+    s = summarise(pd.concat([*cells, other]))
+    long = build_table(s, "aux_ablation")
+    assert sorted(long["aux_class"].unique()) == [1, 3, 4] and long["paper"].isna().all()
+    assert cell(long, aux_class=3, metric="asr")["ours_mean"] == pytest.approx(50.0)
+    wide = pivot(long, "aux_ablation")
+    assert list(wide.columns) == ["Attack", "Dataset", "aux_class", "FLARE Acc", "FLARE ASR"]
+    assert list(wide["aux_class"]) == ["1", "3", "4"]
+    assert wide.set_index("aux_class").loc["3", "FLARE ASR"] == "50.0 ± 0.0 (n=2)"
+    with pytest.raises(ValueError, match="aux_class"):
+        build_table(s.drop(columns="aux_class"), "aux_ablation")
