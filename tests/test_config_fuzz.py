@@ -391,6 +391,8 @@ def test_cells_are_checked_by_name_and_runconfig(ov, in_grid):
         assert msg is not None and "'n_attackers'" in msg and "f < n/2" in msg, (base, msg)
     elif base.get("attack", "none") != "none" and f == 0:
         assert msg is not None and "'n_attackers'" in msg, (base, msg)
+    elif base.get("defense") == "bulyan" and n < 4 * max(f, 1) + 3:
+        assert msg is not None and "Bulyan needs n >= 4f + 3" in msg, (base, msg)
     else:
         assert msg is None, (base, msg)
 

@@ -244,7 +244,13 @@ def test_tiny_end_to_end_writes_every_table_and_figure(tiny_run):
     assert (cost["seconds"] > 0).all()
     figures = sorted((reports / "figures").rglob("*.png"))
     names = {p.relative_to(reports / "figures").parts[0].split(".")[0] for p in figures}
-    assert {"fig_confidence_digits", "fig12_digits", "fig13_digits", "fig_plr", "fig_mmd", "fig4", "cost"} <= names
+    assert {"fig_confidence_digits", "fig12_digits", "fig13_digits", "fig_plr", "fig_mmd", "fig4", "cost",
+            "fig_attack"} <= names
+    sweep = pd.read_csv(reports / "tables" / "attack_sweep.csv")
+    attacked = sweep[sweep["attack"] == "krum_backdoor"]
+    assert len(attacked) == 2 and attacked["selected_mean"].between(0, 1).all()
+    assert attacked["acc_free"].notna().all()  # each beside the attack-free cell of its rule
+    assert "| krum_backdoor |" in (reports / "tables" / "attack_sweep.md").read_text()
     for p in figures:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000, p
     # interrupted-job hygiene: no checkpoint or temp file is left behind after a clean run
