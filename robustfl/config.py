@@ -28,6 +28,7 @@ class RunConfig:
 
     dataset: str = "digits"
     model: str | None = None  # None -> the dataset's default network (models.default_model)
+    model_params: dict[str, Any] = field(default_factory=dict)  # keyword options of the model (dense_relu)
     n_clients: int = 10
     n_attackers: int = 0
     attack: str = "none"

@@ -155,7 +155,7 @@ def _setup(cfg: RunConfig, ds: ArrayDataset, partition: Path, device: torch.devi
     split = server_split(ds, cfg)
     model_name = cfg.model or default_model(cfg.dataset)
     torch.manual_seed(cfg.seed)
-    model = build_model(model_name, ds.num_classes, ds.image_shape[2])
+    model = build_model(model_name, ds.num_classes, ds.image_shape[2], **cfg.model_params)
     if "x_train" not in x_cache:  # one copy of the data on the device, shared by packed cells
         x_cache["x_train"] = torch.from_numpy(np.array(ds.x_train)).to(device)
         x_cache["y_train"] = torch.from_numpy(np.array(ds.y_train, dtype=np.int64)).to(device)
@@ -220,7 +220,8 @@ def run_cell(cfg: RunConfig, data_dir: Path, partition: Path, out_dir: Path, cel
 
 def pack_key(cfg: RunConfig) -> tuple[Any, ...]:
     """Cells with the same key can be trained together in one vectorised call (:func:`run_cells`)."""
-    return (cfg.dataset, cfg.model or default_model(cfg.dataset), cfg.local_epochs, cfg.effective_batch_size,
+    return (cfg.dataset, cfg.model or default_model(cfg.dataset), json.dumps(cfg.model_params, sort_keys=True),
+            cfg.local_epochs, cfg.effective_batch_size,
             cfg.lr, cfg.precision, cfg.conv, cfg.cuda_graph, cfg.device, cfg.rounds)
 
 

@@ -119,8 +119,13 @@ def default_model(dataset: str) -> str:
 
 
 def build_model(name: str, num_classes: int, in_channels: int, **kwargs: object) -> PLRModel:
-    """Instantiate a registered model by config name."""
-    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    """Instantiate a registered model by config name; ``kwargs`` are its options (``model_params``), an
+    option the network does not take is an error naming it."""
+    factory = MODELS.get(name)
+    try:
+        return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model {name!r} does not take the option(s) {sorted(kwargs)}: {exc}") from None
 
 
 class Conv2dMM(nn.Conv2d):

@@ -51,3 +51,16 @@ def test_default_backdoor_is_the_papers_single_target() -> None:
     c = RunConfig()
     assert (c.backdoor, c.backdoor_mode, c.aux_class) == ("semantic", "single", None)
     assert RunConfig(aux_class=0).aux_class == 0
+
+
+def test_model_params_reach_the_network_and_bad_ones_are_named() -> None:
+    """model_params: the authors' code's ReLU on CIFAR-10's dense-128 layer (Table 7 shows none)."""
+    from torch import nn
+
+    from robustfl.models import build_model
+
+    relu = build_model("cifar10_cnn", 10, 3, **RunConfig(dataset="cifar10", model_params={"dense_relu": True}).model_params)
+    plain = build_model("cifar10_cnn", 10, 3)
+    assert isinstance(relu.features[-1], nn.ReLU) and isinstance(plain.features[-1], nn.Identity)
+    with pytest.raises(ValueError, match="cifar10_cnn.*dense_rel"):
+        build_model("cifar10_cnn", 10, 3, dense_rel=True)
