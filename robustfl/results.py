@@ -25,7 +25,7 @@ from robustfl.serversets import resolve_aux_class
 #: Configuration flattened onto every row of the collected frames; all but ``seed`` identify a cell.
 CONFIG_COLUMNS: tuple[str, ...] = (
     "study", "cell_id", "dataset", "attack", "attack_variant", "backdoor", "backdoor_mode", "defense",
-    "defense_variant", "partition", "c_sel", "alpha", "n_clients", "n_attackers", "aux_size", "aux_class", "seed",
+    "defense_variant", "defense_options", "partition", "c_sel", "alpha", "n_clients", "n_attackers", "aux_size", "aux_class", "seed",
 )
 #: The columns a cell is grouped by when averaging over seeds.
 KEY_COLUMNS: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c != "seed")
@@ -142,7 +142,8 @@ def config_columns(meta: Mapping[str, Any]) -> dict[str, Any]:
 
     ``backdoor`` and ``backdoor_mode`` are ``"none"`` for attacks without a backdoor target;
     ``attack_variant`` is :func:`params_label` of ``attack_params``; ``defense_variant`` is
-    ``defense_params["variant"]`` (e.g. ``"code"`` for the authors'-code FLARE) or ``"default"``;
+    ``defense_params["variant"]`` (e.g. ``"code"`` for the authors'-code FLARE) or ``"default"``, and
+    ``defense_options`` :func:`params_label` of all of ``defense_params``;
     ``c_sel`` / ``alpha`` are NaN unless the partition is ``classes`` / ``dirichlet``;
     ``aux_class`` is FLARE's auxiliary class as the run resolved it
     (:func:`robustfl.serversets.resolve_aux_class`).
@@ -168,6 +169,7 @@ def config_columns(meta: Mapping[str, Any]) -> dict[str, Any]:
         "backdoor_mode": mode,
         "defense": str(cfg.get("defense", "")),
         "defense_variant": str(dparams.get("variant") or "default"),
+        "defense_options": params_label(dparams),
         "partition": partition,
         "c_sel": _first_param(pparams, C_SEL_KEYS) if partition == "classes" else math.nan,
         "alpha": _first_param(pparams, ("alpha",)) if partition == "dirichlet" else math.nan,

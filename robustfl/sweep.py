@@ -29,10 +29,10 @@ import pandas as pd
 TARGET_RULE = {"krum_backdoor": "krum", "median_backdoor": "median", "krum_untargeted": "krum",
                "trimmedmean_untargeted": "trimmed_mean"}
 #: what identifies a cell in a sweep (the seed is averaged over)
-SWEEP_KEYS = ("dataset", "attack", "attack_variant", "backdoor", "backdoor_mode", "defense", "defense_variant",
+SWEEP_KEYS = ("dataset", "attack", "attack_variant", "backdoor", "backdoor_mode", "defense", "defense_options",
               "partition", "n_clients", "n_attackers")
 #: the attack-free cell an attack cell is compared with shares these
-BASELINE_KEYS = ("dataset", "defense", "defense_variant", "partition", "n_clients")
+BASELINE_KEYS = ("dataset", "defense", "defense_options", "partition", "n_clients")
 RUN_METRICS = ("selected", "asr_rounds", "asr", "norm_ratio", "dist_ratio", "krum_first", "test_acc")
 
 
@@ -89,7 +89,7 @@ def sweep_markdown(table: pd.DataFrame) -> str:
             return "-"
         return f"{100 * mean:.1f}" + ("" if pd.isna(std) else f" ± {100 * std:.1f}")
 
-    cols = ["attack", "attack_variant", "backdoor_mode", "defense", "selected %", "ASR (rounds) %",
+    cols = ["attack", "attack_variant", "backdoor_mode", "defense", "defense options", "selected %", "ASR (rounds) %",
             "ASR (final) %", "acc %", "acc cost (points)", "norm ratio", "distance / spread", "Krum's first %",
             "seeds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -99,6 +99,7 @@ def sweep_markdown(table: pd.DataFrame) -> str:
         ratio, dist = ("-" if pd.isna(row[f"{m}_mean"]) else f"{row[f'{m}_mean']:.2f}"
                        for m in ("norm_ratio", "dist_ratio"))
         cells = [row["attack"], f"`{row['attack_variant']}`", row.get("backdoor_mode", ""), rule,
+                 f"`{row.get('defense_options', 'default')}`",
                  pct(row, "selected"), pct(row, "asr_rounds"), pct(row, "asr"), pct(row, "test_acc"), cost, ratio,
                  dist, pct(row, "krum_first"), str(int(row["n_seeds"]))]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

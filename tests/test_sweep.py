@@ -8,7 +8,7 @@ import pytest
 
 from robustfl import sweep
 
-KEYS = {"dataset": "cifar10", "backdoor": "semantic", "backdoor_mode": "single", "defense_variant": "default",
+KEYS = {"dataset": "cifar10", "backdoor": "semantic", "backdoor_mode": "single", "defense_options": "default",
         "partition": "iid", "n_clients": 3}
 
 
@@ -59,5 +59,5 @@ def test_sweep_table_averages_seeds_and_compares_with_the_attack_free_rule():
     assert not fed["target_rule"] and math.isnan(fed["acc_cost"])  # no attack-free FedAvg cell here
     assert math.isnan(t.loc[("none", "krum")]["asr_rounds_mean"]) and math.isnan(t.loc[("none", "krum")]["krum_first_mean"])
     md = sweep.sweep_markdown(t.reset_index())
-    assert "| krum_backdoor | `default` | single | **krum** | 75.0 ± 35.4 | 75.0 ± 35.4 |" in md
+    assert "| krum_backdoor | `default` | single | **krum** | `default` | 75.0 ± 35.4 | 75.0 ± 35.4 |" in md
     assert "| 2.00 | 1.00 | 75.0 ± 35.4 | 2 |" in md  # norm ratio, distance / spread, Krum's first, seeds
