@@ -329,6 +329,7 @@ RUNCONFIG_DOMAINS = {
     "cuda_graph": st.sampled_from([None, False]),
     "snapshot_round": st.one_of(st.none(), st.just(-1), st.integers(1, 3)),
     "attack_params": st.dictionaries(st.sampled_from(["epsilon", "boost"]), st.floats(0, 10), max_size=2),
+    "model_params": st.fixed_dictionaries({}, optional={"dropout": st.booleans()}),
     "partition_params": st.fixed_dictionaries({}, optional={"alpha": st.floats(0.01, 10), "c_sel": st.integers(1, 10)}),
 }
 
