@@ -49,7 +49,7 @@ start              "theta": the loop starts from the global model; "benign_mean"
 radius             None; r > 0: the update is projected onto the ball of radius r * s around the mean
                    benign update, s = the benign spread (:func:`benign_spread`), so that it lies inside
                    the benign updates' own scatter (the hard-constraint form of Eq. 7's rho-term)
-project_at         "step": the projection also runs after every alternation (projected gradient
+project_at         "step": the projection also runs after every step of the loop (projected gradient
                    descent); "final": once, on the returned update. Either way the returned update is
                    within r * s of the mean benign update
 =================  ============================  =====================================================
@@ -287,8 +287,9 @@ def alternating_minimisation(
     objectives have their own Adam states (two optimisers, as in the code); lr 1e-3 per Section 6.1.
     ``ben_mean_delta=None`` means a zero reference (plain ``rho ||w - theta||``).
 
-    ``project=(centre, r)``: after every iteration ``w - theta`` is projected onto the ball of radius
-    ``r`` around ``centre`` (:func:`project_rows_`; projected gradient descent on Eq. 7's constraint form).
+    ``project=(centre, r)``: after every step (stealth or boosted malicious) ``w - theta`` is projected onto
+    the ball of radius ``r`` around ``centre`` (:func:`project_rows_`; projected gradient descent on Eq. 7's
+    constraint form).
 
     ``extra_loss(plr, logits, y, idx)`` is added to the stealth loss (the adaptive attack's PLR term);
     ``idx`` are the batch's indices into ``x_own``. Deterministic for a given ``generator`` state.
@@ -344,6 +345,8 @@ def alternating_minimisation(
                 loss = loss + extra_loss(r, logits, y_own[idx], idx)
             return loss
         adam_step([w], [loss_grad(loss_fn)], [ben_state[0]], [ben_state[1]], ben_state[2], one, lr)
+        if project is not None:
+            project_rows_(w, p_centre, p_radius)
 
     def malicious() -> None:
         active = one
@@ -361,6 +364,8 @@ def alternating_minimisation(
             start = w.clone()
             adam_step([w], [g], [mal_state[0]], [mal_state[1]], mal_state[2], active, lr)
             w.copy_(start + boost * (w - start))
+            if project is not None:
+                project_rows_(w, p_centre, p_radius)
 
     def iteration(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         if order == "mal_first" and do_mal:
@@ -369,8 +374,6 @@ def alternating_minimisation(
             stealth(idx, mask)
         if order == "benign_first" and do_mal:
             malicious()
-        if project is not None:
-            project_rows_(w, p_centre, p_radius)
 
     def next_batches(pad: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []

@@ -137,7 +137,7 @@ def alternating_minimisation_many(
     ``k = len(owns)`` attackers at once; attacker i trains on its shard ``owns[i]``, pulled towards
     ``theta + ref_deltas[i]`` (``None``: theta), with its mini-batches drawn from ``generators[i]``,
     starting from ``theta + starts[i]`` (``None``: theta) and, with ``project=(centres, r)``, projected
-    after every iteration onto the ball of radius ``r`` around ``theta + centres[i]``.
+    after every step onto the ball of radius ``r`` around ``theta + centres[i]``.
     Returns the updates ``(k, d)``. ``layout``: a :data:`robustfl.stacked.LAYOUTS` name."""
     if dist not in ("norm", "sq") or order not in ("benign_first", "mal_first"):
         raise ValueError(f"bad dist {dist!r} or order {order!r}")
@@ -185,6 +185,8 @@ def alternating_minimisation_many(
         if rho > 0:  # Eq. (7)'s distance term, differentiated by hand
             g.add_(_rows_distance_grad(w - ref, dist), alpha=rho)
         adam_rows(w, g, *ben_state, s_live, lr)
+        if project is not None:
+            bd.project_rows_(w, p_centre, p_radius)
 
     def malicious() -> None:
         active = s_live
@@ -198,6 +200,8 @@ def alternating_minimisation_many(
             start = w.clone()
             adam_rows(w, g, *mal_state, active, lr)
             w.sub_(start).mul_(boost).add_(start)  # start + boost * (w - start), in place
+            if project is not None:
+                bd.project_rows_(w, p_centre, p_radius)
 
     def iteration() -> None:
         if order == "mal_first" and do_mal:
@@ -206,8 +210,6 @@ def alternating_minimisation_many(
             stealth(j)
         if order == "benign_first" and do_mal:
             malicious()
-        if project is not None:
-            bd.project_rows_(w, p_centre, p_radius)
 
     with _seed_dropout(model, generators):
         idx, mask, live = _schedule(sizes, generators, [t * ls for t in n_iter], batch_size, ls, offsets)
