@@ -55,7 +55,7 @@ __all__ = [
 # canonical sources and checksums
 # --------------------------------------------------------------------------------------------------
 
-#: torchvision's FashionMNIST resources (also listed in /work/shared/datasets/README.md)
+#: torchvision's FashionMNIST resources (also listed in ../shared/datasets/README.md)
 FMNIST_MD5 = {
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
     "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
@@ -67,7 +67,7 @@ FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
 
 CIFAR10_TGZ = "cifar-10-python.tar.gz"
 CIFAR10_TGZ_MD5 = "c58f30108f718f92721af3b95e74349a"
-#: the JPEG ImageFolder re-encoding of all 60,000 CIFAR-10 images shipped in /work/shared/datasets
+#: the JPEG ImageFolder re-encoding of all 60,000 CIFAR-10 images shipped in ../shared/datasets
 CIFAR10_JPG = "cifar10-jpg.tar.gz"
 CIFAR10_JPG_SHA256 = "d877bdec11f54282b92da36e9f045bd305d663b1223e3822baff39ca9ff6690a"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
