@@ -556,3 +556,17 @@ def test_stealth_options_are_validated(digits):
             ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, [digits["shards"][-1]], params))
     with pytest.raises(ValueError, match="alternating"):
         ATTACKS.get("median_backdoor")(_ctx(model, theta, ben, digits, [digits["shards"][-1]], {"radius": 1.0}))
+
+
+def test_the_diagnostics_see_the_projected_attacker_on_the_sphere(digits):
+    """robustfl.metrics.attack_diagnostics computes the benign spread from pairwise distances, the attack
+    from the mean (benign_spread): two computations of one definition, which must agree -- the projected
+    attacker lies at 0.5 spreads, and Krum ranks it first."""
+    from robustfl.metrics import attack_diagnostics
+
+    model, theta, ben = _stealth_setup(digits)
+    mal = ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, [digits["shards"][-1]],
+                                             {"radius": 0.5, "start": "benign_mean"}))
+    diag = attack_diagnostics(torch.cat([ben, mal]), range(N_BEN), f=1)
+    assert diag["dist_ratio"][N_BEN].item() == pytest.approx(0.5, rel=1e-4)
+    assert diag["krum_rank"][N_BEN].item() == 1
