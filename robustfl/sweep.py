@@ -21,9 +21,9 @@ Attack-Coomed-Backdoor -> coordinate-wise median).
 """
 from __future__ import annotations
 
-import math
-
 import pandas as pd
+
+from robustfl import results
 
 #: the rule each attack is designed against (FLARE Sec. 7.1.1, 7.2.1)
 TARGET_RULE = {"krum_backdoor": "krum", "median_backdoor": "median", "krum_untargeted": "krum",
@@ -37,22 +37,20 @@ RUN_METRICS = ("selected", "asr_rounds", "asr", "norm_ratio", "dist_ratio", "kru
 
 
 def run_metrics(rounds_df: pd.DataFrame, clients_df: pd.DataFrame) -> pd.DataFrame:
-    """One row per run (``run_dir``) with its :data:`SWEEP_KEYS`, ``seed`` and :data:`RUN_METRICS`."""
+    """One row per run (``run_dir``) with its :data:`SWEEP_KEYS`, ``seed`` and :data:`RUN_METRICS`: the final
+    and round-averaged metrics of :func:`robustfl.results.final_metrics`, the round means of the attacker
+    diagnostics of ``rounds.csv`` and the norm ratio from ``clients.csv``."""
     keys = [k for k in (*SWEEP_KEYS, "seed") if k in rounds_df.columns]
     if rounds_df.empty:
         return pd.DataFrame(columns=["run_dir", *keys, *RUN_METRICS])
-    r = rounds_df.sort_values(["run_dir", "round"], kind="stable")
-    g = r.groupby("run_dir", sort=True)
-    out = g[keys].first()
-    out["asr_rounds"] = g["asr"].mean()  # NaN rounds (no backdoor) are skipped; all NaN -> NaN
-    out["asr"] = g["asr"].agg(lambda s: s.dropna().iloc[-1] if s.notna().any() else math.nan)
-    out["test_acc"] = g["test_acc"].agg(lambda s: s.dropna().iloc[-1] if s.notna().any() else math.nan)
-    for col, name, fn in (("mal_dist_ratio", "dist_ratio", lambda v: v), ("mal_krum_rank", "krum_first",
-                                                                           lambda v: (v == 1).where(v.notna()))):
-        out[name] = fn(r[col]).groupby(r["run_dir"]).mean() if col in r.columns else math.nan
+    out = results.final_metrics(rounds_df).set_index("run_dir")
+    by_run = rounds_df.groupby("run_dir")
+    rank = rounds_df["mal_krum_rank"]
+    out["selected"] = by_run["mal_selected"].mean()
+    out["dist_ratio"] = by_run["mal_dist_ratio"].mean()
+    out["krum_first"] = (rank == 1).where(rank.notna()).groupby(rounds_df["run_dir"]).mean()
     c = clients_df[clients_df["run_dir"].isin(out.index)]
     mal, ben = c[c["malicious"] == 1], c[c["malicious"] == 0]
-    out["selected"] = (mal["weight"] > 0).groupby(mal["run_dir"]).mean()
     mal_norm = mal.groupby(["run_dir", "round"])["update_norm"].mean()
     ben_norm = ben.groupby(["run_dir", "round"])["update_norm"].mean()
     out["norm_ratio"] = (mal_norm / ben_norm).groupby(level="run_dir").mean()

@@ -18,7 +18,8 @@ def _run(run_dir, seed, attack, defense, asr, acc, mal_weights, mal_norm=2.0, va
             "n_attackers": int(attack != "none"), "run_dir": run_dir}
     rounds = pd.DataFrame([{**keys, "round": r + 1, "asr": a, "test_acc": acc[r],
                             "mal_dist_ratio": 0.5 + r if attack != "none" else math.nan,
-                            "mal_krum_rank": (1 if mal_weights[r] == 1 else 3) if attack != "none" else math.nan}
+                            "mal_krum_rank": (1 if mal_weights[r] == 1 else 3) if attack != "none" else math.nan,
+                            "mal_selected": float(mal_weights[r] > 0) if attack != "none" else math.nan}
                            for r, a in enumerate(asr)])
     clients = []
     for r, w in enumerate(mal_weights):
