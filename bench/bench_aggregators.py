@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from robustfl import aggregators as agg
+from robustfl.aggregation import aggregators as agg
 from robustfl.io import atomic_write_json, device_name, git_commit, versions
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
-from robustfl.train import stacked_plrs
+from robustfl.engine.train import stacked_plrs
 
 
 def _time(fn: Callable[[], object], dev: torch.device, reps: int) -> float:

@@ -62,7 +62,7 @@ def _craft(a: argparse.Namespace, model, theta, owns, xb, yb, ref, bs: int, layo
 def compare_engines(a: argparse.Namespace, dev: torch.device, res: dict) -> None:
     """Single-model vs stacked crafting for each model and attacker count (``--attackers``); the
     models with dropout off as well, where the two must give the same updates up to float rounding."""
-    from robustfl.train import resolve_kernels
+    from robustfl.engine.train import resolve_kernels
 
     for name in a.models:
         mname, c, h, w, ch, per, bs = SETTINGS[name]

@@ -6,7 +6,7 @@ server update (``agg_s``), and everything else (evaluation, metrics, checkpoints
 this script they came from the CIFAR-10 reproduction's rounds, which ran up to 10 jobs per GPU and so
 measured contention as much as work. Here every attack of the paper's grid (with FedAvg) and every
 defense (without attack) runs ``--rounds`` paper-setting rounds (10 clients, 5 local epochs, paper
-batch sizes) through :func:`robustfl.experiment.run_cell`, unpacked and alone on its GPU, on random
+batch sizes) through :func:`robustfl.fl.experiment.run_cell`, unpacked and alone on its GPU, on random
 images of each dataset's shape and size (as bench_run.py; real data where ``--data`` names it). The
 first round (kernel compilation, graph capture) is left out of the medians.
 
@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 
 from robustfl.config import RunConfig
-from robustfl.data import prepare
-from robustfl.experiment import build_partition, run_cell
+from robustfl.data.datasets import prepare
+from robustfl.fl.experiment import build_partition, run_cell
 from robustfl.io import atomic_write_json
 
 try:  # run as `python bench/bench_cells.py` from the repository root

@@ -10,9 +10,9 @@ under several variants:
     matmul+bf16      the same under bf16 autocast
     cudnn+bench+bf16 grouped convolution under bf16 autocast
     grouped, channels_last, loop, triton
-                     the forward pass written out on stacked parameters (robustfl.stacked) with the
+                     the forward pass written out on stacked parameters (robustfl.engine.stacked) with the
                      grouped convolution in NCHW, the same in channels-last memory, one ordinary
-                     convolution per client, or robustfl.triton_conv's implicit-GEMM kernels on NHWC
+                     convolution per client, or robustfl.engine.triton_conv's implicit-GEMM kernels on NHWC
                      activations; gradients by one plain backward pass
     ...+graph        that step captured once as a CUDA graph and replayed (the timed call includes the
                      capture: 2 eager warm-up steps and the capture itself)
@@ -39,7 +39,7 @@ import torch
 from robustfl.io import atomic_write_json
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
-from robustfl.train import train_sequential, train_vectorised
+from robustfl.engine.train import train_sequential, train_vectorised
 
 try:  # run as `python bench/bench_conv.py` from the repository root
     from bench_engine import SETTINGS, _sync, kernel_set, result_header, train_flops

@@ -1,5 +1,5 @@
 """Benchmark: the per-client dense layers' forward product, cuBLAS's batched GEMM (``torch.bmm``, what
-the stacked engine ran before) against robustfl.triton_dense's split-K kernel, under the tile shapes
+the stacked engine ran before) against robustfl.engine.triton_dense's split-K kernel, under the tile shapes
 and program counts of ``--sweep``, in one process on one GPU (issue 6).
 
 For each paper dense layer with a long inner dimension (fmnist 25,600 -> 128 at batch 64; Kather
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from robustfl import triton_dense
+from robustfl.engine import triton_dense
 from robustfl.io import atomic_write_json
-from robustfl.triton_conv import Tiles
+from robustfl.engine.triton_conv import Tiles
 
 try:  # run as `python bench/bench_dense.py` from the repository root
     from bench_engine import result_header
@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - imported as bench.bench_dense
 
 # (model, batch, in, out)
 LAYERS = [("fmnist_cnn", 64, 25_600, 128), ("kather_cnn", 32, 2048, 128)]
-# (tiles, programs); the first is robustfl.triton_dense's default
+# (tiles, programs); the first is robustfl.engine.triton_dense's default
 SWEEP = [(triton_dense.TILES, triton_dense.PROGRAMS), (Tiles(64, 128, 32, 8, 3), 264), (Tiles(64, 128, 16, 4, 4), 264),
          (Tiles(64, 128, 64, 4, 3), 264), (Tiles(64, 128, 32, 4, 3), 528), (Tiles(64, 128, 32, 4, 3), 1056),
          (Tiles(64, 64, 32, 4, 3), 264), (Tiles(32, 128, 32, 4, 3), 528), (Tiles(64, 128, 32, 8, 4), 528)]

@@ -5,7 +5,7 @@ real data: bench_run.py --data). ``--conv auto`` (the default) times the engine 
     python bench/bench_engine.py --models fmnist cifar10 kather --pack 9 --out bench/results/engine.json
 
 ``--dirichlet ALPHA`` instead times unequal shards (a label-skewed Dirichlet split of the same number of
-samples, ``robustfl.partition.dirichlet``): the vectorised engine skipping clients whose batches ran
+samples, ``robustfl.data.partition.dirichlet``): the vectorised engine skipping clients whose batches ran
 out (``skip_idle``, the default) vs computing them on masked batches, side by side.
 """
 from __future__ import annotations
@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from robustfl import stacked
+from robustfl.engine import stacked
 from robustfl.io import atomic_write_json, device_name, git_commit, versions
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
-from robustfl.partition import dirichlet
-from robustfl.train import (
+from robustfl.data.partition import dirichlet
+from robustfl.engine.train import (
     batch_plan,
     clear_graph_cache,
     concat_plans,
@@ -44,9 +44,9 @@ SETTINGS = {
 }
 
 
-#: fixed input-gradient tiles (robustfl.triton_conv.DGRAD_TILES) a variant's ``dgrad_tiles`` names
+#: fixed input-gradient tiles (robustfl.engine.triton_conv.DGRAD_TILES) a variant's ``dgrad_tiles`` names
 DGRAD_TILE_SETS = {"t128": (128, 64, 32, 4, 3), "t256": (256, 64, 32, 8, 3), "igemm": None}
-#: the output-tile candidates (robustfl.triton_conv.IGEMM_CANDIDATES) a variant's ``tiles`` names
+#: the output-tile candidates (robustfl.engine.triton_conv.IGEMM_CANDIDATES) a variant's ``tiles`` names
 TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8, 4), (128, 4, 3))}
 #: named kernel options (:func:`kernel_flags`' arguments) that the benchmarks' variants compare: the
 #: epilogues unfused, session 6's output tiles, session 7's larger-tile alternative, no split-K dense,
@@ -79,8 +79,8 @@ def _legacy_conv():  # noqa: ANN202
 
     path = os.environ.get("ROBUSTFL_LEGACY_TRITON_CONV")
     if not path:
-        raise SystemExit("variant needs $ROBUSTFL_LEGACY_TRITON_CONV: an earlier robustfl/triton_conv.py "
-                         "(git show 56bab5c:robustfl/triton_conv.py > FILE)")
+        raise SystemExit("variant needs $ROBUSTFL_LEGACY_TRITON_CONV: an earlier robustfl/engine/triton_conv.py "
+                         "(git show 56bab5c:robustfl/engine/triton_conv.py > FILE)")
     name = "robustfl_legacy_triton_conv"
     if name not in sys.modules:  # registered before it runs: its dataclasses look their module up
         spec = importlib.util.spec_from_file_location(name, path)
@@ -95,19 +95,20 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
                  w_kmajor: bool = True, relu_grad: bool = True, graph_cache: bool = True,
                  separable: bool = True, pad_grad: bool = True, s57: bool = True,
                  dgrad_tiles: str | None = None) -> Iterator[None]:
-    """The triton layout's kernel options, restored after: fused epilogues (robustfl.stacked.FUSE_EPILOGUES),
-    the fused ReLU - Dropout - Flatten (robustfl.stacked.FUSE_FLATTEN), the split-K dense forward (off:
+    """The triton layout's kernel options, restored after: fused epilogues (robustfl.engine.stacked.FUSE_EPILOGUES),
+    the fused ReLU - Dropout - Flatten (robustfl.engine.stacked.FUSE_FLATTEN), the split-K dense forward (off:
     triton_dense.MIN_K beyond any layer; else MIN_K ``min_k``), its fp32 precision (triton_dense.FP32_DOT),
     the convolutions' tile candidates (TILE_SETS) and weight operand's layout (triton_conv.W_KMAJOR), or an
     earlier commit's convolution kernels (:func:`_legacy_conv`), the ReLU backward handed to the next
-    convolution (robustfl.stacked.FUSE_RELU_GRAD), CUDA graphs kept between calls (robustfl.train.GRAPH_CACHE_SIZE),
+    convolution (robustfl.engine.stacked.FUSE_RELU_GRAD), CUDA graphs kept between calls (robustfl.engine.train.GRAPH_CACHE_SIZE),
     the convolutions' separable gather (triton_conv.SEPARABLE_GATHER), the flatten kernel's zero-bordered
-    gradient for the convolution before it (robustfl.stacked.PAD_CONV_GRAD), S57's weight gradient (off: one
+    gradient for the convolution before it (robustfl.engine.stacked.PAD_CONV_GRAD), S57's weight gradient (off: one
     block a program, triton_conv.WGRAD_KSUB = 1, with session 10's WGRAD_PROGRAMS and padded layers' tiles),
     the bounds-tested input gradient's tiles (triton_conv.DGRAD_TILES, DGRAD_TILE_SETS). None: the default."""
-    from robustfl import train
+    from robustfl.engine import train
     import robustfl
-    from robustfl import triton_conv, triton_dense
+    from robustfl.engine import triton_conv
+    from robustfl.engine import triton_dense
 
     saved = [(stacked, "FUSE_EPILOGUES"), (stacked, "FUSE_FLATTEN"), (stacked, "FUSE_RELU_GRAD"),
              (stacked, "PAD_CONV_GRAD"), (triton_dense, "MIN_K"), (triton_dense, "FP32_DOT"),
@@ -132,7 +133,7 @@ def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = Non
     if tiles is not None:
         triton_conv.IGEMM_CANDIDATES = TILE_SETS[tiles]
     if legacy:
-        robustfl.triton_conv = _legacy_conv()  # what `from robustfl import triton_conv` in stacked finds
+        robustfl.engine.triton_conv = _legacy_conv()  # what `from robustfl import triton_conv` in stacked finds
     try:
         yield
     finally:
@@ -178,7 +179,7 @@ def _setup(name: str, dev: torch.device, n_clients: int, frac: float):
 
 
 def _resolve(engine: dict | None, model: torch.nn.Module, dev: torch.device, precision: str) -> dict:
-    """``--conv auto`` / no ``--cuda-graph`` flag -> what a run would use (robustfl.train.resolve_kernels)."""
+    """``--conv auto`` / no ``--cuda-graph`` flag -> what a run would use (robustfl.engine.train.resolve_kernels)."""
     engine = dict(engine or {})
     if engine.get("conv") == "auto":
         engine["conv"], engine["cuda_graph"] = resolve_kernels(model, dev, "auto", engine.get("cuda_graph"), precision)
@@ -308,7 +309,7 @@ def main() -> None:
                     help="time unequal (Dirichlet) shards, skip_idle on vs off")
     ap.add_argument("--conv", default="auto", help="train_vectorised's conv: auto (what a run uses; the default "
                     "since session 10, before it cudnn), cudnn, matmul (vmap) or grouped, channels_last, loop, triton "
-                    "(robustfl.stacked)")
+                    "(robustfl.engine.stacked)")
     ap.add_argument("--cuda-graph", action="store_true", default=None,
                     help="capture the stacked step as a CUDA graph (with --conv auto: on unless --no-cuda-graph)")
     ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")

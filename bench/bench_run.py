@@ -1,10 +1,10 @@
 """Benchmark: one paper-setting FL run end to end (issue 6: "one fmnist paper run in at most 30 s, data
-load to final metrics"), through the library's own entry point :func:`robustfl.experiment.run_cell`:
+load to final metrics"), through the library's own entry point :func:`robustfl.fl.experiment.run_cell`:
 load the prepared arrays, build the partition's shards and server sets, 20 rounds of 10 clients x
 5 local epochs with FedAvg and no attack (test accuracy evaluated every round), write the run's CSVs and
 ``run.json``. The vectorised engine's kernel options are compared side by side in one process.
 
-Real data when ``--data DIR`` names a prepared dataset (``robustfl.data.prepare``); otherwise random uint8
+Real data when ``--data DIR`` names a prepared dataset (``robustfl.data.datasets.prepare``); otherwise random uint8
 images of the dataset's shape and size (fmnist: 60,000 + 10,000 of 28x28x1, 10 classes), prepared once
 into a temporary cache, so the timing covers the same code path (accuracy is then chance level).
 
@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 
 from robustfl.config import RunConfig
-from robustfl.data import DATASETS, ArrayDataset, prepare
-from robustfl.experiment import build_partition, run_cell
+from robustfl.data.datasets import DATASETS, ArrayDataset, prepare
+from robustfl.fl.experiment import build_partition, run_cell
 from robustfl.io import atomic_write_json
 
 try:  # run as `python bench/bench_run.py` from the repository root

@@ -1,5 +1,5 @@
 """Benchmark: the per-client convolution layers of the paper's networks, cuDNN against
-robustfl.triton_conv's implicit-GEMM kernels, and the Triton kernels' tile shapes (issue 6).
+robustfl.engine.triton_conv's implicit-GEMM kernels, and the Triton kernels' tile shapes (issue 6).
 
 For every convolution layer of the fmnist, CIFAR-10 and Kather networks at the paper's batch size and
 ``--clients`` clients at once, in one process on one GPU:
@@ -8,7 +8,7 @@ For every convolution layer of the fmnist, CIFAR-10 and Kather networks at the p
   the stacked engine's ``grouped`` and ``channels_last`` layouts run) and as ``conv_nhwc`` (layout
   ``triton``), with PyTorch's default TF32 setting for convolutions;
 * each Triton kernel alone (forward, input gradient, weight gradient) under every tile shape of
-  ``--sweep`` (``IGEMM`` and ``WGRAD`` below), so that robustfl.triton_conv's defaults can be picked from
+  ``--sweep`` (``IGEMM`` and ``WGRAD`` below), so that robustfl.engine.triton_conv's defaults can be picked from
   measurements. The input gradient of a network's first layer is never computed (its input is data).
 
 Times are medians of ``triton.testing.do_bench``; TFLOP/s counts 2 * M * K * N per client and kernel.
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from robustfl import triton_conv
+from robustfl.engine import triton_conv
 from robustfl.io import atomic_write_json
-from robustfl.triton_conv import Tiles
+from robustfl.engine.triton_conv import Tiles
 
 try:  # run as `python bench/bench_triton_conv.py` from the repository root
     from bench_engine import result_header

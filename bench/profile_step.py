@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from robustfl.io import atomic_write_json
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
-from robustfl.train import train_vectorised
+from robustfl.engine.train import train_vectorised
 
 try:  # run as `python bench/profile_step.py` from the repository root
     from bench_engine import KERNEL_SETS, SETTINGS, kernel_set, result_header

@@ -12,13 +12,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-#: train_vectorised's ``conv`` options (robustfl.train), ``auto`` resolved by robustfl.train.resolve_kernels
+#: train_vectorised's ``conv`` options (robustfl.engine.train), ``auto`` resolved by robustfl.engine.train.resolve_kernels
 CONV_CHOICES = ("auto", "cudnn", "matmul", "grouped", "channels_last", "loop", "triton")
 
 #: Appendix C batch sizes; everything else uses ``RunConfig.batch_size``.
 PAPER_BATCH = {"fmnist": 64, "cifar10": 32, "kather": 32}
 
-#: the run precisions (robustfl.train.precision_context says what each computes in)
+#: the run precisions (robustfl.engine.train.precision_context says what each computes in)
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -117,7 +117,7 @@ class RunConfig:
                 f"got {self.snapshot_round}")
         if self.eval_every < 1:
             bad("eval_every", f"must be >= 1, got {self.eval_every}")
-        if self.defense == "bulyan":  # El Mhamdi et al. 2018: n >= 4f + 3 (robustfl.aggregators.bulyan)
+        if self.defense == "bulyan":  # El Mhamdi et al. 2018: n >= 4f + 3 (robustfl.aggregation.aggregators.bulyan)
             f = self.defense_params.get("f", max(self.n_attackers, 1))
             if isinstance(f, int) and not isinstance(f, bool) and self.n_clients < 4 * f + 3:
                 bad("defense_params", f"Bulyan needs n >= 4f + 3, but n = {self.n_clients} and f = {f} (the cell's "

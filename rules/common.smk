@@ -3,7 +3,7 @@
 Everything here runs when Snakemake parses the workflow, i.e. before any job: a bad config stops the
 workflow with ONE line naming the offending key or value (schema, registries, empty grids, missing data
 mirrors, a GPU that is not there). Cells are expanded from `studies` once; the run rule looks a cell's
-RunConfig up by its id (robustfl.experiment.cell_id), so a run directory's path encodes its parameters.
+RunConfig up by its id (robustfl.fl.experiment.cell_id), so a run directory's path encodes its parameters.
 """
 
 import dataclasses
@@ -25,11 +25,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 try:
-    from robustfl import experiment as rx
+    from robustfl.fl import experiment as rx
     from robustfl.attacks import ATTACKS, is_targeted
     from robustfl.config import RunConfig
-    from robustfl.data import DATASETS
-    from robustfl.defenses import DEFENSES
+    from robustfl.data.datasets import DATASETS
+    from robustfl.aggregation.defenses import DEFENSES
     from robustfl.models import MODELS
 except ImportError as exc:  # the library is not importable: say so in one line
     raise WorkflowError(
@@ -86,7 +86,7 @@ CELL_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not 
 DEFAULT_SEEDS = (0, 1, 2)
 
 TABLES = ("table2", "table3", "table3_multiple", "table3_trojan", "table4", "table5", "aux_ablation")
-TABLE_ASR = config.get("table_asr", "rounds")  # the ASR the tables show (robustfl.tables.ASR_DEFINITIONS)
+TABLE_ASR = config.get("table_asr", "rounds")  # the ASR the tables show (robustfl.reporting.tables.ASR_DEFINITIONS)
 DATASET_FIGURES = ("fig_confidence", "fig12", "fig13")  # one figure per dataset
 SNAPSHOT_FIGURES = ("fig_plr", "fig_mmd", "fig4")  # one figure per designated cell (first seed)
 CELL_FIGURES = ("fig_attack",)  # one figure per tagged cell, from the runs of all its seeds
@@ -288,7 +288,7 @@ def partition_path(cid, seed, ext="npz"):
 
 
 def partition_cfg(dataset, key):
-    """Params of the partition rule: exactly robustfl.experiment.PARTITION_FIELDS (stable per key)."""
+    """Params of the partition rule: exactly robustfl.fl.experiment.PARTITION_FIELDS (stable per key)."""
     try:
         return PARTITIONS[(dataset, key)]
     except KeyError:
@@ -305,7 +305,7 @@ def run_done(cid, seed):
 
 
 def make_packs(study, size):
-    """GPU batch mode: the runs of `study` not done yet, grouped by robustfl.experiment.pack_group (same
+    """GPU batch mode: the runs of `study` not done yet, grouped by robustfl.fl.experiment.pack_group (same
     dataset, model, local-training settings, number of clients and partition) and dealt round-robin
     into jobs of at most `size` runs (so the costly attack cells spread over the jobs). A pack's id is a digest of its members; runs that
     are done are left out, so a rerun after an interruption packs only what is missing."""

@@ -1,4 +1,4 @@
-# Stage 1: decode each dataset once into the uint8 .npy cache (robustfl.data.prepare).
+# Stage 1: decode each dataset once into the uint8 .npy cache (robustfl.data.datasets.prepare).
 
 
 rule prepare_data:

@@ -1,4 +1,4 @@
-# Stage 6: the paper's figures (robustfl.figures), each fed by exactly the runs of its cells.
+# Stage 6: the paper's figures (robustfl.reporting.figures), each fed by exactly the runs of its cells.
 
 
 rule fig_confidence:

@@ -1,4 +1,4 @@
-# Stage 2: client partitions, one per (dataset, partition key); the key (robustfl.experiment.partition_key)
+# Stage 2: client partitions, one per (dataset, partition key); the key (robustfl.fl.experiment.partition_key)
 # holds exactly the fields the partition depends on, seed included, so every attack and defense of a
 # setting trains on the same client data and a change elsewhere never rebuilds a partition.
 

@@ -4,10 +4,10 @@
 # directory; --rerun-incomplete reruns it), while the library's resume checkpoint lives next to it
 # (runs/<cell>/.seed<N>.ckpt.pt) and survives to resume the rerun.
 #
-# pack: 1 (default) -- rule run_cell, one job per cell x seed (robustfl.experiment.run_cell).
+# pack: 1 (default) -- rule run_cell, one job per cell x seed (robustfl.fl.experiment.run_cell).
 # pack: N > 1       -- GPU batch mode: one rule per pack of up to N runs not done yet (rules/common.smk
 #                      make_packs), each one process training its runs' clients together
-#                      (robustfl.experiment.run_cells). Runs already done are inputs, not outputs.
+#                      (robustfl.fl.experiment.run_cells). Runs already done are inputs, not outputs.
 
 if PACK <= 1:
 

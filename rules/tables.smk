@@ -1,4 +1,4 @@
-# Stage 5: the paper's tables (robustfl.tables), one rule per table, each fed by exactly the runs of the
+# Stage 5: the paper's tables (robustfl.reporting.tables), one rule per table, each fed by exactly the runs of the
 # cells tagged with it (so a changed cell rebuilds only the tables it appears in). Written as
 # <name>.{csv,md,tex} (paper layout, ours beside the paper's value) and <name>_long.{csv,md,tex} (tidy).
 # ASR: config `table_asr` (rounds = the paper's, default; final = the last round's); captions say which.

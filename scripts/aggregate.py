@@ -1,9 +1,9 @@
-"""Rule aggregate: every run of a study -> all_rounds.csv, all_clients.csv, summary.csv (robustfl.results)."""
+"""Rule aggregate: every run of a study -> all_rounds.csv, all_clients.csv, summary.csv (robustfl.reporting.results)."""
 from _pipeline import setup
 
 log = setup(snakemake)  # noqa: F821 - injected by Snakemake
 
-from robustfl.results import collect_runs, summarise, write_csv  # noqa: E402
+from robustfl.reporting.results import collect_runs, summarise, write_csv  # noqa: E402
 
 sm = snakemake  # noqa: F821
 rounds, clients = collect_runs(sm.input.runs)

@@ -4,7 +4,7 @@ from _pipeline import setup
 
 log = setup(snakemake)  # noqa: F821 - injected by Snakemake
 
-from robustfl.results import write_csv  # noqa: E402
+from robustfl.reporting.results import write_csv  # noqa: E402
 
 sm = snakemake  # noqa: F821
 write_csv(pd.DataFrame(sm.params.cells, columns=["cell_id", "seeds", "outputs", "overrides"]), sm.output[0])

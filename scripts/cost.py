@@ -6,8 +6,8 @@ from _pipeline import setup
 
 log = setup(snakemake)  # noqa: F821 - injected by Snakemake
 
-from robustfl import figures  # noqa: E402
-from robustfl.results import collect_runs, summarise, write_csv  # noqa: E402
+from robustfl.reporting import figures  # noqa: E402
+from robustfl.reporting.results import collect_runs, summarise, write_csv  # noqa: E402
 
 sm = snakemake  # noqa: F821
 rounds, _ = collect_runs(sm.input.runs)

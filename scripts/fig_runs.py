@@ -1,10 +1,10 @@
-"""Rules fig_confidence, fig12, fig13, fig_attack: a figure from the runs of its cells (robustfl.figures)."""
+"""Rules fig_confidence, fig12, fig13, fig_attack: a figure from the runs of its cells (robustfl.reporting.figures)."""
 from _pipeline import setup
 
 log = setup(snakemake)  # noqa: F821 - injected by Snakemake
 
-from robustfl import figures  # noqa: E402
-from robustfl.results import collect_runs, summarise  # noqa: E402
+from robustfl.reporting import figures  # noqa: E402
+from robustfl.reporting.results import collect_runs, summarise  # noqa: E402
 
 sm = snakemake  # noqa: F821
 rounds, clients = collect_runs(sm.input.runs)

@@ -1,11 +1,11 @@
-"""Rules fig_plr, fig_mmd, fig4: a figure from the snapshot.npz of a designated run (robustfl.figures)."""
+"""Rules fig_plr, fig_mmd, fig4: a figure from the snapshot.npz of a designated run (robustfl.reporting.figures)."""
 from pathlib import Path
 
 from _pipeline import setup
 
 log = setup(snakemake)  # noqa: F821 - injected by Snakemake
 
-from robustfl import figures  # noqa: E402
+from robustfl.reporting import figures  # noqa: E402
 
 sm = snakemake  # noqa: F821
 snapshot = Path(sm.input.run) / "snapshot.npz"

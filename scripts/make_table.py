@@ -1,4 +1,4 @@
-"""Rules table2 ... aux_ablation: one table from the runs of its cells (robustfl.tables), showing the ASR
+"""Rules table2 ... aux_ablation: one table from the runs of its cells (robustfl.reporting.tables), showing the ASR
 of config `table_asr`."""
 from pathlib import Path
 
@@ -6,8 +6,8 @@ from _pipeline import setup
 
 log = setup(snakemake)  # noqa: F821 - injected by Snakemake
 
-from robustfl.results import collect_runs, summarise  # noqa: E402
-from robustfl.tables import write_paper_table  # noqa: E402
+from robustfl.reporting.results import collect_runs, summarise  # noqa: E402
+from robustfl.reporting.tables import write_paper_table  # noqa: E402
 
 sm = snakemake  # noqa: F821
 rounds, _ = collect_runs(sm.input.runs)
@@ -15,5 +15,5 @@ rounds["study"] = sm.wildcards.study
 written = write_paper_table(summarise(rounds), sm.params.table, Path(sm.output.csv).parent, asr=sm.params.asr)
 missing = sorted(set(map(str, sm.output)) - {str(p) for p in written})
 if missing:
-    raise RuntimeError(f"robustfl.tables.write_paper_table did not write {missing}")
+    raise RuntimeError(f"robustfl.reporting.tables.write_paper_table did not write {missing}")
 log.info("wrote %s", [str(p) for p in written])

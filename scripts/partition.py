@@ -1,4 +1,4 @@
-"""Rule partition: build one client partition (robustfl.experiment.build_partition)."""
+"""Rule partition: build one client partition (robustfl.fl.experiment.build_partition)."""
 from pathlib import Path
 
 from _pipeline import setup
@@ -6,7 +6,7 @@ from _pipeline import setup
 log = setup(snakemake)  # noqa: F821 - injected by Snakemake
 
 from robustfl.config import RunConfig  # noqa: E402
-from robustfl.experiment import build_partition, partition_key  # noqa: E402
+from robustfl.fl.experiment import build_partition, partition_key  # noqa: E402
 
 cfg = RunConfig.from_dict(snakemake.params.cfg)  # noqa: F821
 if partition_key(cfg) != snakemake.wildcards.pkey:  # noqa: F821

@@ -1,4 +1,4 @@
-"""Rule run_cell: run one cell x seed (robustfl.experiment.run_cell).
+"""Rule run_cell: run one cell x seed (robustfl.fl.experiment.run_cell).
 
 The cell's RunConfig comes from params (a change reruns the cell); seed from the path; device and
 checkpoint cadence from the top-level config (_pipeline.run_config)."""
@@ -10,7 +10,7 @@ log = setup(snakemake)  # noqa: F821 - injected by Snakemake
 
 import torch  # noqa: E402
 
-from robustfl.experiment import run_cell  # noqa: E402
+from robustfl.fl.experiment import run_cell  # noqa: E402
 
 sm = snakemake  # noqa: F821
 torch.set_num_threads(max(1, int(sm.threads)))

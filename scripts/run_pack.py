@@ -1,5 +1,5 @@
 """Dynamic rule run_pack_*: several runs (cell x seed) trained together in one process
-(robustfl.experiment.run_cells). Glue only, like run_cell.py: RunConfigs from params and the top-level
+(robustfl.fl.experiment.run_cells). Glue only, like run_cell.py: RunConfigs from params and the top-level
 config (_pipeline.run_config)."""
 from pathlib import Path
 
@@ -9,7 +9,7 @@ log = setup(snakemake)  # noqa: F821 - injected by Snakemake
 
 import torch  # noqa: E402
 
-from robustfl.experiment import run_cells  # noqa: E402
+from robustfl.fl.experiment import run_cells  # noqa: E402
 
 sm = snakemake  # noqa: F821
 torch.set_num_threads(max(1, int(sm.threads)))

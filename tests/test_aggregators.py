@@ -1,4 +1,4 @@
-"""Tests for robustfl.aggregators: known answers worked out by hand, brute-force references,
+"""Tests for robustfl.aggregation.aggregators: known answers worked out by hand, brute-force references,
 properties (permutation, identical updates, outliers), FLARE behaviour, bad input, ByzFL cross-checks."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from robustfl import aggregators as A
+from robustfl.aggregation import aggregators as A
 
 F64 = torch.float64
 

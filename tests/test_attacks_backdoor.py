@@ -328,7 +328,7 @@ def _reference_alternating(model, theta_flat, x_own, y_own, x_bd, y_bd, ben_mean
     import torch.nn.functional as F
 
     from robustfl.attacks.backdoor import _batches, _distance, _training_mode
-    from robustfl.train import ADAM_BETAS, ADAM_EPS
+    from robustfl.engine.train import ADAM_BETAS, ADAM_EPS
 
     spec = ParamSpec(model)
     theta = theta_flat.detach().float()
@@ -526,7 +526,7 @@ def test_projected_update_stays_within_the_configured_distance_of_the_benign_mea
 def test_a_projected_krum_backdoor_is_chosen_by_krum(digits):
     """What the attack is for: inside half the benign spread, Krum (f = 1) selects the attacker's update,
     which the unconstrained attack never achieves."""
-    from robustfl import aggregators as agg
+    from robustfl.aggregation import aggregators as agg
 
     model, theta, ben = _stealth_setup(digits)
     chosen = {}
@@ -559,10 +559,10 @@ def test_stealth_options_are_validated(digits):
 
 
 def test_the_diagnostics_see_the_projected_attacker_on_the_sphere(digits):
-    """robustfl.metrics.attack_diagnostics computes the benign spread from pairwise distances, the attack
+    """robustfl.fl.metrics.attack_diagnostics computes the benign spread from pairwise distances, the attack
     from the mean (benign_spread): two computations of one definition, which must agree -- the projected
     attacker lies at 0.5 spreads, and Krum ranks it first."""
-    from robustfl.metrics import attack_diagnostics
+    from robustfl.fl.metrics import attack_diagnostics
 
     model, theta, ben = _stealth_setup(digits)
     mal = ATTACKS.get("krum_backdoor")(_ctx(model, theta, ben, digits, [digits["shards"][-1]],

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustfl import aggregators as A
+from robustfl.aggregation import aggregators as A
 from robustfl.attacks import ATTACKS, AttackContext, is_targeted
 from robustfl.attacks import untargeted as U
 

@@ -10,16 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustfl import data, experiment
+from robustfl.data import datasets as data
+from robustfl.fl import experiment
 from robustfl.attacks import ATTACKS
 from robustfl.attacks import backdoor as bd
 from robustfl.attacks import vectorised as vec
 from robustfl.attacks.base import AttackContext
 from robustfl.config import RunConfig
-from robustfl.data import load_prepared
+from robustfl.data.datasets import load_prepared
 from robustfl.models import build_model
 from robustfl.params import ParamSpec, model_to_flat
-from robustfl.simulate import Simulation
+from robustfl.fl.simulate import Simulation
 
 BATCH, TARGET = 32, 3
 
@@ -86,7 +87,7 @@ def test_stacked_crafting_equals_one_attacker_at_a_time(setup, layout, name, par
 
 def test_fused_adam_rows_equal_the_stacked_adam_and_skip_inactive_rows():
     """adam_rows' fused kernel (one launch per row, an inactive row skipped through found_inf) against
-    robustfl.train.adam_step over 5 steps with rows switching off: the same weights and moments up to
+    robustfl.engine.train.adam_step over 5 steps with rows switching off: the same weights and moments up to
     float rounding, an inactive row bit-identical to before, its NaN gradient never read."""
     torch.manual_seed(0)
     k, d = 3, 257
@@ -239,7 +240,7 @@ def test_stacked_crafting_matches_single_model_on_the_gpu_in_fp32(attack, layout
     convolutions then compute in IEEE FP32 too) the stacked crafting gives the single-model loops'
     updates up to float rounding, which Adam's first steps and the boosting amplify to ~1e-3. (With
     TF32 on, two runs differ as much as any two TF32 kernels let them: bench/results/attack_probe_s9b_h100.json.)"""
-    from robustfl.train import triton_ready
+    from robustfl.engine.train import triton_ready
 
     if layout == "triton" and not triton_ready(build_model("fmnist_cnn", 10, 1)):
         pytest.skip("Triton is not installed")

@@ -146,7 +146,10 @@ def test_kernel_sets_set_their_options_and_restore_them() -> None:
     module options it names while entered, and every option is restored on exit; session 7's set is its
     dense and flatten choices."""
     be = _load("bench_engine")
-    from robustfl import stacked, train, triton_conv, triton_dense
+    from robustfl.engine import stacked
+    from robustfl.engine import train
+    from robustfl.engine import triton_conv
+    from robustfl.engine import triton_dense
 
     def state() -> tuple:
         return (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,

@@ -25,11 +25,11 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from robustfl import experiment as rx
+from robustfl.fl import experiment as rx
 from robustfl.attacks import ATTACKS
 from robustfl.config import RunConfig
-from robustfl.data import DATASETS
-from robustfl.defenses import DEFENSES
+from robustfl.data.datasets import DATASETS
+from robustfl.aggregation.defenses import DEFENSES
 from robustfl.models import MODELS
 
 REPO = Path(__file__).resolve().parents[1]

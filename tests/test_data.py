@@ -1,4 +1,4 @@
-"""Dataset sources, checksums and the prepared cache (robustfl/data.py)."""
+"""Dataset sources, checksums and the prepared cache (robustfl/data/datasets.py)."""
 from __future__ import annotations
 
 import gzip
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from robustfl import data
-from robustfl.data import (
+from robustfl.data import datasets as data
+from robustfl.data.datasets import (
     CIFAR10_CLASSES, CIFAR10_JPG_SHA256, DATASETS, KATHER_CLASSES, ArrayDataset, ChecksumError,
     DatasetSourceError, IncompleteCacheError, load_prepared, prepare, to_tensor,
 )

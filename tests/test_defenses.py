@@ -1,5 +1,5 @@
 """The registered defenses' parameters: how the trimmed mean's k and Bulyan's f are chosen
-(robustfl.defenses), by hand, and through the simulator's server context."""
+(robustfl.aggregation.defenses), by hand, and through the simulator's server context."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustfl import aggregators as A
-from robustfl import data, experiment
+from robustfl.aggregation import aggregators as A
+from robustfl.data import datasets as data
+from robustfl.fl import experiment
 from robustfl.config import RunConfig
-from robustfl.data import load_prepared
-from robustfl.defenses import DEFENSES, ServerContext, trim_k
-from robustfl.simulate import Simulation
+from robustfl.data.datasets import load_prepared
+from robustfl.aggregation.defenses import DEFENSES, ServerContext, trim_k
+from robustfl.fl.simulate import Simulation
 
 F64 = torch.float64
 

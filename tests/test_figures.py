@@ -1,4 +1,4 @@
-"""robustfl.figures: every figure writes a PNG; the derived quantities are checked by hand.
+"""robustfl.reporting.figures: every figure writes a PNG; the derived quantities are checked by hand.
 
 All frames and snapshots here are synthetic test fixtures.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from robustfl.figures import (
+from robustfl.reporting.figures import (
     adaptive_flags, cost_frame, fig_adaptive, fig_attack, fig_confidence, fig_cost, fig_mmd, fig_plr, fig_scaling,
     mean_mmd,
 )
@@ -68,7 +68,7 @@ def test_fig_scaling(tmp_path: Path) -> None:
 
 def test_fig_scaling_says_which_sweeps_were_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only panel (a) run: panels (b) and (c) hold the one point they share with (a) and say so."""
-    import robustfl.figures as figures
+    import robustfl.reporting.figures as figures
 
     rows = [{**CFG, "defense": d, "n_clients": n, "n_attackers": n // 10, "asr_mean": 0.5, "asr_std": 0.1}
             for d in ("fedavg", "flare") for n in (10, 20, 30)]

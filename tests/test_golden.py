@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from robustfl import data, experiment
+from robustfl.data import datasets as data
+from robustfl.fl import experiment
 from robustfl.config import RunConfig
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -40,7 +41,7 @@ SINGLE: dict[str, dict] = {
     "krum_backdoor_sequential": {"attack": "krum_backdoor", "n_attackers": 1, "defense": "krum",
                                  "engine": "sequential"},
 }
-# trained together in one process (robustfl.experiment.run_cells)
+# trained together in one process (robustfl.fl.experiment.run_cells)
 PACKED: dict[str, dict] = {
     "packed_fedavg": {},
     "packed_krum_backdoor_krum": {"attack": "krum_backdoor", "n_attackers": 1, "defense": "krum", "seed": 1},
@@ -94,7 +95,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_every_attack_and_defense_is_covered() -> None:
     from robustfl.attacks import ATTACKS
-    from robustfl.defenses import DEFENSES
+    from robustfl.aggregation.defenses import DEFENSES
 
     cells = [*SINGLE.values(), *PACKED.values()]
     assert set(ATTACKS.names()) <= {c.get("attack") for c in cells}

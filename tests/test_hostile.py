@@ -17,11 +17,13 @@ import pandas as pd
 import pytest
 import torch
 
-from robustfl import data, experiment, simulate
+from robustfl.data import datasets as data
+from robustfl.fl import experiment
+from robustfl.fl import simulate
 from robustfl.attacks import ATTACKS, register_attack
 from robustfl.config import RunConfig
-from robustfl.defenses import DEFENSES, ServerContext
-from robustfl.simulate import screen_updates
+from robustfl.aggregation.defenses import DEFENSES, ServerContext
+from robustfl.fl.simulate import screen_updates
 
 N, D, M, O = 10, 256, 6, 4
 ROBUST = {"krum", "median", "trimmed_mean", "bulyan", "fltrust"}  # bound the norm of the aggregate

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from robustfl import io as rio
-from robustfl import partition as part
+from robustfl.data import partition as part
 
 
 def _leftovers(directory: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""robustfl.metrics' attack diagnostics, checked on updates worked by hand."""
+"""robustfl.fl.metrics' attack diagnostics, checked on updates worked by hand."""
 from __future__ import annotations
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from robustfl import aggregators as agg
-from robustfl.metrics import attack_diagnostics, attacker_summary
+from robustfl.aggregation import aggregators as agg
+from robustfl.fl.metrics import attack_diagnostics, attacker_summary
 
 NAN = float("nan")
 

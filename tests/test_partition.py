@@ -1,4 +1,4 @@
-"""Client partitions (robustfl/partition.py)."""
+"""Client partitions (robustfl/data/partition.py)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from robustfl import partition as P
+from robustfl.data import partition as P
 
 
 def balanced(n_classes: int = 10, per_class: int = 100, seed: int = 0) -> np.ndarray:
@@ -215,7 +215,7 @@ def test_manifest_rejects_overlap() -> None:
 
 
 def test_partition_key_uses_the_resolved_aux_class() -> None:
-    from robustfl import experiment as X
+    from robustfl.fl import experiment as X
     from robustfl.config import RunConfig
 
     def cfg(**kw: object) -> RunConfig:

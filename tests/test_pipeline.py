@@ -125,7 +125,7 @@ def test_pack_mode_plans_every_run_once_in_packs_of_at_most_n(tmp_path):
     members = [d for (jobs,) in packs.values() for d in jobs.split(", ")]
     assert sorted(members) == runs  # every run exactly once
     assert all(len(jobs.split(", ")) <= 5 for (jobs,) in packs.values())
-    # one group per client count / partition (robustfl.experiment.pack_group), each in ceil(size / 5) packs
+    # one group per client count / partition (robustfl.fl.experiment.pack_group), each in ceil(size / 5) packs
     group = lambda d: tuple(sorted(t for t in d.split("/")[-2].split(",") if t.split("=")[0].startswith(("n_clients", "partition"))))
     sizes = collections.Counter(group(d) for d in runs)
     assert len(sizes) > 1  # tiny has 10- and 20-client and class-partitioned cells
@@ -135,7 +135,7 @@ def test_pack_mode_plans_every_run_once_in_packs_of_at_most_n(tmp_path):
 
 
 @pytest.mark.parametrize("grid,token", [
-    # local training differs (rounds): robustfl.experiment.pack_key
+    # local training differs (rounds): robustfl.fl.experiment.pack_key
     ([{"defense": ["fedavg", "flare", "median"]}, {"defense": ["krum", "fedavg"], "rounds": [3]}], "rounds=3"),
     # client counts (shard sizes) differ: lock-step training pads to the longest shard (pack_group)
     ([{"defense": ["fedavg", "flare"], "n_clients": [10, 20]}, {"defense": ["median"]}], "n_clients=20"),
@@ -268,7 +268,7 @@ def test_nothing_to_do_after_a_complete_run(tiny_run):
 @pytest.mark.slow
 def test_changing_one_cell_reruns_only_that_cell_and_its_outputs(tiny_run):
     from robustfl.config import RunConfig
-    from robustfl.experiment import cell_id
+    from robustfl.fl.experiment import cell_id
 
     tiny = CONFIG["studies"]["tiny"]
     grid = copy.deepcopy(tiny["grid"])

@@ -1,11 +1,11 @@
-"""robustfl.plr: the Section 4.3 projection, on synthetic data with known answers."""
+"""robustfl.reporting.plr: the Section 4.3 projection, on synthetic data with known answers."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy.spatial.distance import pdist
 
-from robustfl.plr import pca_2d, plane_basis, project, project_plrs, select_classes
+from robustfl.reporting.plr import pca_2d, plane_basis, project, project_plrs, select_classes
 
 O = 16
 

@@ -1,4 +1,4 @@
-"""robustfl.results: loading run directories, flattening config, seed aggregation.
+"""robustfl.reporting.results: loading run directories, flattening config, seed aggregation.
 
 All run directories here are synthetic test fixtures written into tmp_path.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from robustfl.results import (
+from robustfl.reporting.results import (
     CONFIG_COLUMNS, collect_runs, config_columns, final_metrics, find_run_dirs, load_run, restore_runs, summarise,
     summarise_runs,
 )
@@ -94,7 +94,7 @@ def test_update_norm_is_optional_and_survives_restore(tmp_path: Path) -> None:
 def test_attack_diagnostics_are_optional_and_survive_restore(tmp_path: Path) -> None:
     """Runs written before rounds.csv / clients.csv had the attack diagnostics read as NaN there; runs with
     them keep them through collect_runs -> restore_runs (update_norm, all NaN here, is left out)."""
-    from robustfl.results import CLIENT_OPTIONAL_COLUMNS, ROUND_OPTIONAL_COLUMNS
+    from robustfl.reporting.results import CLIENT_OPTIONAL_COLUMNS, ROUND_OPTIONAL_COLUMNS
 
     old = write_run(tmp_path, "old", acc=[0.5, 0.6])
     new = write_run(tmp_path, "new", acc=[0.5, 0.6, 0.7], diag=True, cell_id="c1")
@@ -158,7 +158,7 @@ def test_config_columns_backdoor_mode_and_resolved_aux_class() -> None:
 def test_backdoor_attacks_are_the_targeted_ones() -> None:
     """results.BACKDOOR_ATTACKS (config columns, aux class) agrees with the attack registry."""
     from robustfl.attacks import ATTACKS, is_targeted
-    from robustfl.results import BACKDOOR_ATTACKS
+    from robustfl.reporting.results import BACKDOOR_ATTACKS
 
     assert {a for a in ATTACKS.names() if is_targeted(a)} == set(BACKDOOR_ATTACKS)
 

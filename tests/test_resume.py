@@ -26,7 +26,9 @@ import pandas as pd
 import pytest
 import torch
 
-from robustfl import data, experiment, simulate
+from robustfl.data import datasets as data
+from robustfl.fl import experiment
+from robustfl.fl import simulate
 from robustfl import io as rio
 from robustfl.config import RunConfig
 
@@ -131,7 +133,8 @@ HELPER = textwrap.dedent("""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    from robustfl import experiment, simulate
+    from robustfl.fl import experiment
+    from robustfl.fl import simulate
     from robustfl.config import RunConfig
 
     cfg, data_dir, part, out = json.loads(sys.argv[1]), *sys.argv[2:5]

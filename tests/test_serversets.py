@@ -1,4 +1,4 @@
-"""Auxiliary, root and backdoor sets (robustfl/serversets.py)."""
+"""Auxiliary, root and backdoor sets (robustfl/data/serversets.py)."""
 from __future__ import annotations
 
 import warnings
@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robustfl import experiment as X
-from robustfl import partition as P
-from robustfl import serversets as S
+from robustfl.fl import experiment as X
+from robustfl.data import partition as P
+from robustfl.data import serversets as S
 from robustfl.config import RunConfig
-from robustfl.data import DATASETS, ArrayDataset
+from robustfl.data.datasets import DATASETS, ArrayDataset
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_default_rules_cover_paper_datasets() -> None:
 
 def test_real_cifar_green_cars_if_prepared(tmp_path: Path) -> None:
     """Smoke check on the real data only when a prepared cache is lying around (no decoding here)."""
-    from robustfl.data import load_prepared
+    from robustfl.data.datasets import load_prepared
 
     cache = Path(__file__).parents[1] / "data" / "cache" / "cifar10"
     if not (cache / "meta.json").is_file():

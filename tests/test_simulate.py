@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustfl import data, experiment
+from robustfl.data import datasets as data
+from robustfl.fl import experiment
 from robustfl.config import RunConfig
-from robustfl.data import load_prepared
-from robustfl.simulate import Simulation
+from robustfl.data.datasets import load_prepared
+from robustfl.fl.simulate import Simulation
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_defenses_draw_the_same_client_batches(digits: Path, tmp_path: Path) -> 
 
 
 def _train(s: Simulation) -> torch.Tensor:
-    from robustfl.train import train_sequential
+    from robustfl.engine.train import train_sequential
 
     return train_sequential(s.model, s.theta, s.data.x_train, s.data.y_train, [s.shards[i] for i in s.benign],
                             epochs=s.cfg.local_epochs, batch_size=s.bs, lr=s.cfg.lr,
@@ -86,7 +87,7 @@ def test_claim_gpu_spreads_jobs_over_cards(tmp_path: Path, monkeypatch: pytest.M
     import fcntl
     import tempfile
 
-    from robustfl import simulate
+    from robustfl.fl import simulate
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
@@ -108,7 +109,7 @@ def test_a_claimed_gpu_becomes_the_process_current_device(monkeypatch: pytest.Mo
     """resolve_device makes the run's card the current CUDA device: Triton launches its kernels on the
     current device, and a run on cuda:1 whose current device stayed cuda:0 failed ("Pointer argument
     cannot be accessed from Triton"; the session-6 pipeline run on 4 GPUs)."""
-    from robustfl import simulate
+    from robustfl.fl import simulate
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -147,7 +148,7 @@ def test_resumes_a_checkpoint_written_before_update_norm(digits: Path, tmp_path:
     import math
 
     from robustfl.io import load_checkpoint, save_checkpoint
-    from robustfl.results import CLIENT_COLUMNS
+    from robustfl.reporting.results import CLIENT_COLUMNS
 
     cfg = dict(defense="fedavg", checkpoint_every=1)
     s = _sim(digits, tmp_path, **cfg)
@@ -171,7 +172,8 @@ def test_packing_runs_of_different_client_counts(digits: Path, tmp_path: Path,
 
     import pandas as pd
 
-    from robustfl import simulate, train
+    from robustfl.fl import simulate
+    from robustfl.engine import train
 
     cfgs = [RunConfig(dataset="digits", rounds=2, local_epochs=1, batch_size=32, engine="vectorised",
                       defense="fedavg", n_clients=n, seed=s) for n, s in ((10, 0), (4, 1))]
@@ -210,7 +212,7 @@ def test_attack_diagnostics_of_a_backdoor_cell(digits: Path, tmp_path: Path) -> 
     attacker's client rows."""
     import pandas as pd
 
-    from robustfl.results import CLIENT_OPTIONAL_COLUMNS, ROUND_OPTIONAL_COLUMNS
+    from robustfl.reporting.results import CLIENT_OPTIONAL_COLUMNS, ROUND_OPTIONAL_COLUMNS
 
     s = _sim(digits, tmp_path, defense="krum", attack="krum_backdoor", n_attackers=1)
     while not s.done:
@@ -268,7 +270,7 @@ def test_diagnostics_change_no_other_column(digits: Path, tmp_path: Path, monkey
     torch's global RNG would show only in its state)."""
     import pandas as pd
 
-    from robustfl import simulate
+    from robustfl.fl import simulate
 
     new = ["dist_ratio", "krum_rank", "selected", "mal_dist_ratio", "mal_krum_rank", "mal_selected"]
 
@@ -297,7 +299,7 @@ def test_resumes_a_checkpoint_written_before_the_attack_diagnostics(digits: Path
 
     import pandas as pd
 
-    from robustfl import results
+    from robustfl.reporting import results
     from robustfl.io import load_checkpoint, save_checkpoint
 
     s = _sim(digits, tmp_path, defense="krum", attack="krum_backdoor", n_attackers=1, checkpoint_every=1)

@@ -1,4 +1,4 @@
-"""The explicit stacked forward pass (robustfl.stacked) against vmap over the per-client models, and
+"""The explicit stacked forward pass (robustfl.engine.stacked) against vmap over the per-client models, and
 the engine options built on it (``conv`` = grouped / channels_last / loop, ``cuda_graph``)."""
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from robustfl import stacked, triton_conv
+from robustfl.engine import stacked
+from robustfl.engine import triton_conv
 from robustfl.models import build_model
 from robustfl.params import ParamSpec, model_to_flat
-from robustfl.train import masked_ce, train_sequential, train_vectorised
+from robustfl.engine.train import masked_ce, train_sequential, train_vectorised
 
 MODELS = [("cifar10_cnn", (3, 32, 32)), ("kather_cnn", (3, 128, 128)), ("fmnist_cnn", (1, 28, 28)),
           ("digits_cnn", (1, 8, 8))]
@@ -153,9 +154,9 @@ def test_cuda_graph_replays_the_eager_steps(sizes: list[int], monkeypatch: pytes
     shrinking number of active clients: GRAPH_MIN_STEPS = 1 captures every one). One epoch: over more
     steps Adam amplifies even the eager path's run-to-run differences (measured 6e-4 after 8 steps of
     the vmap path against itself on an H100)."""
-    import robustfl.train
+    import robustfl.engine.train
 
-    monkeypatch.setattr(robustfl.train, "GRAPH_MIN_STEPS", 1)
+    monkeypatch.setattr(robustfl.engine.train, "GRAPH_MIN_STEPS", 1)
     run = _cuda_case(sizes)
     for conv in stacked.LAYOUTS:
         eager = run(conv=conv)
@@ -188,7 +189,7 @@ def test_layouts_agree_on_the_gpu_in_full_fp32() -> None:
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_fmnist_triton_layout_agrees_on_the_gpu_in_full_fp32() -> None:
     """The fmnist network (Table 6) in the triton layout, whose 25,600-input dense layer runs its forward
-    as robustfl.triton_dense's split-K kernel, against the vmap path with TF32 off everywhere: the same
+    as robustfl.engine.triton_dense's split-K kernel, against the vmap path with TF32 off everywhere: the same
     updates up to summation order (the bound of the test above). Without dropout, whose masks the two
     engines draw differently."""
     run = _cuda_case([64, 48], "fmnist_cnn", 28, 1, dropout=False)
@@ -204,10 +205,10 @@ def test_fmnist_triton_layout_agrees_on_the_gpu_in_full_fp32() -> None:
 
 
 def test_auto_kernels_follow_the_measured_table() -> None:
-    """``conv: auto`` (robustfl.train.resolve_kernels): the stacked layout measured fastest per model on
+    """``conv: auto`` (robustfl.engine.train.resolve_kernels): the stacked layout measured fastest per model on
     CUDA with graphs on (the Triton kernels, fp32 and bf16), the vmap path on CPU; explicit choices
     pass through; a model with a convolution the Triton kernels do not compute falls back to grouped."""
-    from robustfl.train import AUTO_CUDA_CONV, resolve_kernels
+    from robustfl.engine.train import AUTO_CUDA_CONV, resolve_kernels
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # resolving touches no device
     for name, cls in [("fmnist_cnn", "FMNISTNet"), ("cifar10_cnn", "CIFARNet"), ("kather_cnn", "KatherNet")]:
@@ -235,7 +236,7 @@ def test_auto_kernels_follow_the_measured_table() -> None:
 
 def test_run_config_kernel_fields_are_validated_and_split_packs() -> None:
     from robustfl.config import RunConfig
-    from robustfl.experiment import cell_id, pack_key
+    from robustfl.fl.experiment import cell_id, pack_key
 
     with pytest.raises(ValueError, match="'conv'"):
         RunConfig(conv="winograd")
@@ -255,7 +256,7 @@ def test_run_config_kernel_fields_are_validated_and_split_packs() -> None:
 def test_dropout_inside_a_cuda_graph_draws_new_masks_every_replay(layout: str) -> None:
     """A captured step must not freeze its dropout masks: two replays on the same inputs give different
     training-mode outputs, clients differ within a replay, and eval mode gives equal outputs."""
-    from robustfl.train import _capture
+    from robustfl.engine.train import _capture
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -277,7 +278,7 @@ def test_dropout_inside_a_cuda_graph_draws_new_masks_every_replay(layout: str) -
 
 
 def test_pool_before_relu_is_the_same_function_and_gradient_on_ties() -> None:
-    """The stacked engine pools before the ReLU (robustfl.stacked._pool_before_relu). On inputs full of
+    """The stacked engine pools before the ReLU (robustfl.engine.stacked._pool_before_relu). On inputs full of
     ties (constant and all-negative windows, repeated positive maxima), logits and gradients still equal
     the model's own ReLU-then-pool order, client by client (float64)."""
     torch.manual_seed(3)
@@ -348,7 +349,7 @@ def test_triton_layout_fuses_relu_and_2x2_pools_into_the_convolutions() -> None:
         seq = stacked._pool_before_relu(stacked.layers(model))
         return [stacked._fusable(seq[i + 1:]) for i, (_, m) in enumerate(seq) if isinstance(m, nn.Conv2d)]
 
-    # fmnist's second ReLU starts its ReLU - Dropout - Flatten run, which robustfl.triton_flatten applies
+    # fmnist's second ReLU starts its ReLU - Dropout - Flatten run, which robustfl.engine.triton_flatten applies
     assert epilogues(build_model("fmnist_cnn", 10, 1)) == ["relu", "none"]
     assert epilogues(build_model("cifar10_cnn", 10, 3)) == ["pool_relu"] * 3
     assert epilogues(build_model("kather_cnn", 8, 3)) == ["pool_relu"] * 5

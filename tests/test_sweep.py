@@ -1,4 +1,4 @@
-"""robustfl.sweep: selection share, per-round ASR and accuracy cost, on hand-made runs."""
+"""robustfl.reporting.sweep: selection share, per-round ASR and accuracy cost, on hand-made runs."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from robustfl import sweep
+from robustfl.reporting import sweep
 
 KEYS = {"dataset": "cifar10", "backdoor": "semantic", "backdoor_mode": "single", "defense_options": "default",
         "partition": "iid", "n_clients": 3}

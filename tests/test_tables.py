@@ -1,6 +1,6 @@
-"""robustfl.tables and the transcribed paper numbers in reports/paper/.
+"""robustfl.reporting.tables and the transcribed paper numbers in robustfl/reporting/paper/.
 
-Our results here are a synthetic per-round frame (test fixture) summarised by robustfl.results.
+Our results here are a synthetic per-round frame (test fixture) summarised by robustfl.reporting.results.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from robustfl.results import summarise
-from robustfl.tables import (
+from robustfl.reporting.results import summarise
+from robustfl.reporting.tables import (
     PAPER_DIR, SPECS, TABLES, build_table, caption, format_cell, load_paper, pivot, write_paper_table, write_table,
 )
 
@@ -183,7 +183,7 @@ def test_every_table_builds_on_empty_summary() -> None:
 
 
 def test_summary_csv_roundtrip_gives_same_table(summary: pd.DataFrame, tmp_path: Path) -> None:
-    from robustfl.results import write_csv
+    from robustfl.reporting.results import write_csv
     back = pd.read_csv(write_csv(summary, tmp_path / "summary.csv"))
     for name in ("table2", "table3", "table5"):
         a, b = build_table(summary, name), build_table(back, name)

@@ -6,7 +6,7 @@ import torch
 
 from robustfl.models import build_model
 from robustfl.params import ParamSpec, load_flat_, model_to_flat
-from robustfl.train import adam_step, batch_plan, stacked_plrs, train_sequential, train_vectorised
+from robustfl.engine.train import adam_step, batch_plan, stacked_plrs, train_sequential, train_vectorised
 
 
 def _data(n: int = 260, hw: int = 8, c: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +157,7 @@ def test_stacked_plrs_match_per_model_features() -> None:
 def test_uniform_adam_fast_path_equals_masked_step(fused: bool) -> None:
     """The fast path (all clients active), foreach or PyTorch's fused Adam kernel (what CUDA runs),
     computes the same Adam as the per-client masked step."""
-    from robustfl.train import adam_step_uniform
+    from robustfl.engine.train import adam_step_uniform
 
     g = torch.Generator().manual_seed(1)
     p0 = [torch.randn(4, 3, 2, generator=g), torch.randn(4, 5, generator=g)]
@@ -293,7 +293,7 @@ def test_precision_context_switches_tf32_for_cuda_steps_and_restores_it() -> Non
     """precision 'tf32' turns TF32 on for dense products (and convolutions) on CUDA inside the block and
     restores both switches after it, also after an error; 'fp32' and the CPU leave them alone; the
     backward-only form (autocast=False) keeps TF32 and drops bf16 autocast; unknown names are refused."""
-    from robustfl.train import PRECISIONS, precision_context
+    from robustfl.engine.train import PRECISIONS, precision_context
 
     assert PRECISIONS == ("fp32", "tf32", "bf16")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # no CUDA call is made for the TF32 switches
@@ -347,10 +347,12 @@ def test_tf32_steps_on_the_gpu_stay_close_to_fp32() -> None:
 
 
 def test_kernel_options_name_every_switch_the_graph_cache_depends_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """robustfl.stacked.kernel_options (part of the key of CUDA graphs kept between train_vectorised
+    """robustfl.engine.stacked.kernel_options (part of the key of CUDA graphs kept between train_vectorised
     calls) changes with each module option that changes the kernels of a step."""
     pytest.importorskip("triton")
-    from robustfl import stacked, triton_conv, triton_dense
+    from robustfl.engine import stacked
+    from robustfl.engine import triton_conv
+    from robustfl.engine import triton_dense
 
     base = stacked.kernel_options()
     for mod, name, value in [(stacked, "FUSE_EPILOGUES", False), (stacked, "FUSE_FLATTEN", False),
@@ -369,7 +371,8 @@ def test_cuda_graphs_kept_between_calls_give_each_calls_own_update(monkeypatch: 
     second call from another starting model, on other batches, replays it without a new capture and
     returns that call's own updates (those of a call with nothing kept: the same kernels, bit for
     bit); a change of kernel options captures anew."""
-    from robustfl import stacked, train
+    from robustfl.engine import stacked
+    from robustfl.engine import train
 
     captures = []
     real = train._capture

@@ -1,4 +1,4 @@
-"""robustfl.triton_conv: the per-client implicit-GEMM convolution against torch.nn.functional.conv2d,
+"""robustfl.engine.triton_conv: the per-client implicit-GEMM convolution against torch.nn.functional.conv2d,
 one client at a time. On a machine without a GPU the kernels run in Triton's interpreter (see
 conftest.py), with the GPU's tile shapes so that partial tiles, the K-loop's masking and the
 weight gradient's split reduction all run."""
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustfl import stacked, triton_conv
+from robustfl.engine import stacked
+from robustfl.engine import triton_conv
 from robustfl.models import build_model
 from robustfl.params import ParamSpec, model_to_flat
 
@@ -18,7 +19,7 @@ CUDA = torch.cuda.is_available()
 #: GPU); on a GPU machine the compiled kernels cannot take CPU tensors, and the CUDA tests below run
 on_cpu = pytest.mark.skipif(not triton_conv.INTERPRET, reason="CPU tensors need Triton's interpreter "
                             "(TRITON_INTERPRET=1, set by conftest.py where there is no GPU)")
-#: the tile shapes the GPU runs (robustfl.triton_conv.igemm_tiles, WGRAD_TILES)
+#: the tile shapes the GPU runs (robustfl.engine.triton_conv.igemm_tiles, WGRAD_TILES)
 IGEMM_GPU = [triton_conv.Tiles(bm=bm, bn=64, bk=32) for bm in (64, 128, 256, 512)]
 WGRAD_GPU = triton_conv.Tiles(bm=64, bn=64, bk=32)
 
@@ -386,7 +387,7 @@ def test_bad_shapes_and_unsupported_layers_are_named() -> None:
 
 
 def test_triton_layout_refuses_the_cpu_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    from robustfl.train import train_vectorised
+    from robustfl.engine.train import train_vectorised
 
     monkeypatch.setattr(triton_conv, "INTERPRET", False)  # as when imported without TRITON_INTERPRET
     model = build_model("digits_cnn", 10, 1)

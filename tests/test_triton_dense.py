@@ -1,4 +1,4 @@
-"""robustfl.triton_dense: the split-K per-client dense product against torch.baddbmm. On a machine
+"""robustfl.engine.triton_dense: the split-K per-client dense product against torch.baddbmm. On a machine
 without a GPU the kernel runs in Triton's interpreter (see conftest.py), in float64, with several
 split counts so that partial K blocks, partial chunks and partial output tiles all run."""
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustfl import stacked, triton_dense
+from robustfl.engine import stacked
+from robustfl.engine import triton_dense
 
 CUDA = torch.cuda.is_available()
 on_cpu = pytest.mark.skipif(not triton_dense.INTERPRET, reason="CPU tensors need Triton's interpreter "
@@ -79,7 +80,7 @@ def test_bmm_takes_operands_at_any_strides(programs: int, monkeypatch: pytest.Mo
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_dense_layer_with_splitk_equals_autograd(with_bias: bool) -> None:
     """stacked's dense layer with its forward product here (what it runs on the GPU where
-    robustfl.triton_dense.wanted says so): values and the gradients of x, W and b as autograd's baddbmm."""
+    robustfl.engine.triton_dense.wanted says so): values and the gradients of x, W and b as autograd's baddbmm."""
     x, w, b = _operands(2, 9, 20, 150)
     b = b if with_bias else None
     ins = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]

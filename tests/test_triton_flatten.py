@@ -1,4 +1,4 @@
-"""robustfl.triton_flatten: ReLU + dropout + Flatten of NHWC activations against the PyTorch composition
+"""robustfl.engine.triton_flatten: ReLU + dropout + Flatten of NHWC activations against the PyTorch composition
 (``F.relu``, the same dropout mask, ``permute`` + ``flatten``), values and gradients. On a machine
 without a GPU the kernel runs in Triton's interpreter (see conftest.py), in float64."""
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustfl import triton_conv, triton_flatten
+from robustfl.engine import triton_conv
+from robustfl.engine import triton_flatten
 
 CUDA = torch.cuda.is_available()
 on_cpu = pytest.mark.skipif(not triton_flatten.INTERPRET, reason="CPU tensors need Triton's interpreter "

@@ -70,8 +70,8 @@ from torch.func import functional_call
 from robustfl.attacks import register_attack
 from robustfl.attacks.base import AttackContext
 from robustfl.params import ParamSpec
-from robustfl.train import ADAM_BETAS, ADAM_EPS, _capture, adam_step, masked_ce
-from robustfl.train import prepare_inputs as _as_input
+from robustfl.engine.train import ADAM_BETAS, ADAM_EPS, _capture, adam_step, masked_ce
+from robustfl.engine.train import prepare_inputs as _as_input
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ GRAPH_MIN_ITERATIONS = 8
 
 def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
     """Endless stream of mini-batch indices: per epoch a fresh permutation cut into batches (the last one
-    partial), as the benign clients train (robustfl.train.batch_plan)."""
+    partial), as the benign clients train (robustfl.engine.train.batch_plan)."""
     while True:
         perm = torch.randperm(n, generator=generator)
         for b in torch.split(perm, batch_size):
@@ -312,7 +312,7 @@ def alternating_minimisation(
 
     # The loop never reads a value back to the host, so that on CUDA one iteration can be captured as a
     # CUDA graph and replayed (the attackers' crafting was as costly as the benign training, bench/README.md):
-    # Adam is robustfl.train.adam_step on w viewed as one stacked client, whose ``active`` flag skips the
+    # Adam is robustfl.engine.train.adam_step on w viewed as one stacked client, whose ``active`` flag skips the
     # malicious step on device when the backdoor loss is 0 (the code's "only if mal loss is non-zero": no
     # update, Adam state untouched, later malicious steps of the iteration skipped too), and a partial
     # mini-batch is padded to the batch size with a mask (the same mean cross-entropy).
@@ -426,7 +426,7 @@ def explicit_boosting(
 
     On CUDA (:data:`ATTACK_CUDA_GRAPH`, at least :data:`GRAPH_MIN_ITERATIONS` steps allowed) a step keeps
     the weights it started from, computes the loss and gradient there and takes the Adam step
-    (:func:`robustfl.train.adam_step`); the host then reads the loss as the loop above does, and where
+    (:func:`robustfl.engine.train.adam_step`); the host then reads the loss as the loop above does, and where
     that loss stops the loop, the step is undone. The first :data:`GRAPH_MIN_ITERATIONS` steps run
     eagerly (a backdoor set often converges within a few: capturing would cost more than it saves);
     after them the step is captured as a CUDA graph and replayed. The same
@@ -591,7 +591,7 @@ ATTACK_STACKED = True
 
 def vectorised_layout(ctx: AttackContext) -> str | None:
     """The stacked layout to craft with, or None for the single-model loops."""
-    from robustfl import stacked
+    from robustfl.engine import stacked
 
     if not ATTACK_STACKED or ctx.layout is None or not stacked.supports(ctx.model):
         return None

@@ -38,6 +38,6 @@ class AttackContext:
     params: dict[str, Any] = field(default_factory=dict)  # the attack's own config parameters
     generator: torch.Generator | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # the stacked engine's layout (robustfl.stacked.LAYOUTS) the attackers may craft with, all attackers
+    # the stacked engine's layout (robustfl.engine.stacked.LAYOUTS) the attackers may craft with, all attackers
     # at once (robustfl.attacks.vectorised); None: one model at a time through PyTorch's layers
     layout: str | None = None

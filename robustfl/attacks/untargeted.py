@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from robustfl.aggregators import check_updates, krum, pairwise_sq_dists
+from robustfl.aggregation.aggregators import check_updates, krum, pairwise_sq_dists
 from robustfl.attacks import AttackContext, register_attack
 
 __all__ = [

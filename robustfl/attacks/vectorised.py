@@ -1,11 +1,11 @@
 """Bhagoji et al.'s two crafting loops (:mod:`robustfl.attacks.backdoor`) for all attackers of a round
-at once, on the stacked engine (:mod:`robustfl.stacked`) that trains the benign clients.
+at once, on the stacked engine (:mod:`robustfl.engine.stacked`) that trains the benign clients.
 
 :func:`robustfl.attacks.backdoor.alternating_minimisation` and
 :func:`~robustfl.attacks.backdoor.explicit_boosting` optimise one model at a time through PyTorch's
 layers (cuDNN, cuBLAS). Here the k attackers' weights are the rows of one ``(k, d)`` matrix: every
 step is one stacked forward and backward pass (each attacker on its own mini-batch, or all on the
-backdoor set) and one Adam step over the matrix (:func:`robustfl.train.adam_step`, whose per-row
+backdoor set) and one Adam step over the matrix (:func:`robustfl.engine.train.adam_step`, whose per-row
 ``active`` flag leaves an attacker untouched once its own loop has ended). The arithmetic of each
 row is the single-model loop's (Eq. 7; tests/test_attacks_backdoor.py compares the two on the CPU
 with dropout off); what differs:
@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustfl import stacked
+from robustfl.engine import stacked
 from robustfl.attacks import backdoor as bd
 from robustfl.params import ParamSpec
-from robustfl.train import ADAM_BETAS, ADAM_EPS, _capture, adam_step
-from robustfl.train import prepare_inputs as _as_input
+from robustfl.engine.train import ADAM_BETAS, ADAM_EPS, _capture, adam_step
+from robustfl.engine.train import prepare_inputs as _as_input
 
 
 def rows_distance(v: torch.Tensor, form: str) -> torch.Tensor:
@@ -50,13 +50,13 @@ def _rows_distance_grad(v: torch.Tensor, form: str) -> torch.Tensor:
 
 
 #: on CUDA, :func:`adam_rows` runs PyTorch's fused Adam kernel once per attacker, skipping an inactive
-#: attacker through its ``found_inf`` flag (robustfl.train.adam_step's arithmetic in one pass)
+#: attacker through its ``found_inf`` flag (robustfl.engine.train.adam_step's arithmetic in one pass)
 FUSED_ADAM_CUDA = True
 
 
 def adam_rows(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
               active: torch.Tensor, lr: float, *, fused: bool | None = None) -> None:
-    """:func:`robustfl.train.adam_step` on the rows of ``w (k, d)``: row i steps (its own count
+    """:func:`robustfl.engine.train.adam_step` on the rows of ``w (k, d)``: row i steps (its own count
     ``step[i]``) where ``active[i]`` is 1 and is left untouched, gradient unread, where it is 0.
     ``fused`` (default: on CUDA) runs the fused kernel per row."""
     if fused is None:
@@ -85,7 +85,7 @@ def _flat_grad(spec: ParamSpec, w: torch.Tensor, loss_fn) -> torch.Tensor:  # no
 def _row_ce(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
             mask: torch.Tensor, layout: str) -> torch.Tensor:
     """Each model's mean cross-entropy over its real samples, ``(k,)``: model i (``params[.][i]``) on
-    ``x[i] (B, C, H, W)`` with labels ``y[i]`` and ``mask[i]`` (as :func:`robustfl.train.masked_ce`)."""
+    ``x[i] (B, C, H, W)`` with labels ``y[i]`` and ``mask[i]`` (as :func:`robustfl.engine.train.masked_ce`)."""
     logits = stacked.stacked_logits(model, params, x, layout=layout).float()
     ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view_as(mask)
     return (ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)
@@ -138,7 +138,7 @@ def alternating_minimisation_many(
     ``theta + ref_deltas[i]`` (``None``: theta), with its mini-batches drawn from ``generators[i]``,
     starting from ``theta + starts[i]`` (``None``: theta) and, with ``project=(centres, r)``, projected
     after every step onto the ball of radius ``r`` around ``theta + centres[i]``.
-    Returns the updates ``(k, d)``. ``layout``: a :data:`robustfl.stacked.LAYOUTS` name."""
+    Returns the updates ``(k, d)``. ``layout``: a :data:`robustfl.engine.stacked.LAYOUTS` name."""
     if dist not in ("norm", "sq") or order not in ("benign_first", "mal_first"):
         raise ValueError(f"bad dist {dist!r} or order {order!r}")
     if layout not in stacked.LAYOUTS:

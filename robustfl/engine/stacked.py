@@ -1,6 +1,6 @@
 """The forward pass of n client models at once, written out layer by layer on stacked parameters.
 
-:func:`robustfl.train.train_vectorised` can get every client's gradient from
+:func:`robustfl.engine.train.train_vectorised` can get every client's gradient from
 ``torch.func.vmap(grad(loss))``; vmap then decides how the per-client layers run (a grouped
 convolution in NCHW for ``Conv2d``). This module computes the same function explicitly, so that the
 layout and the kernels are ours to pick and the step is plain autograd (which CUDA graphs can capture):
@@ -8,7 +8,7 @@ layout and the kernels are ours to pick and the step is plain autograd (which CU
 * ``Linear``: one batched matrix product, ``baddbmm(b, x, W^T)`` over the client dimension
   (:func:`dense`, whose backward leaves the weight gradient in the weight's layout; in the
   ``"triton"`` layout a GPU layer with many inputs runs its forward as a split-K Triton kernel,
-  :mod:`robustfl.triton_dense`);
+  :mod:`robustfl.engine.triton_dense`);
 * ``Conv2d``, three ways (``layout``):
 
   - ``"grouped"``: the clients' channels side by side, ``(B, n*C, H, W)``, one grouped convolution
@@ -17,13 +17,13 @@ layout and the kernels are ours to pick and the step is plain autograd (which CU
     other kernels;
   - ``"loop"``: one ordinary convolution per client, ``(n, B, C, H, W)``;
   - ``"triton"``: the clients' activations in NHWC, ``(n, B, H, W, C)``, each convolution one
-    implicit-GEMM Triton kernel over all clients (:mod:`robustfl.triton_conv`; CUDA, or Triton's
+    implicit-GEMM Triton kernel over all clients (:mod:`robustfl.engine.triton_conv`; CUDA, or Triton's
     interpreter on the CPU; stride 1 only), with the ReLU or the 2x2 max-pool and ReLU that follow it
-    applied in the convolution kernel's epilogue (and their backward by robustfl.triton_conv);
+    applied in the convolution kernel's epilogue (and their backward by robustfl.engine.triton_conv);
 
 * ``ReLU``, ``MaxPool2d``, ``Dropout``, ``Identity``, ``Flatten``: applied to every client's activations
   (in the ``"triton"`` layout, ``[ReLU] [Dropout] Flatten`` on NHWC activations as one kernel each way,
-  :mod:`robustfl.triton_flatten`).
+  :mod:`robustfl.engine.triton_flatten`).
 
 Only ``nn.Sequential`` stacks of these layers are supported (all models of :mod:`robustfl.models`);
 :func:`supports` says whether a model qualifies. The loss is the sum over clients of each client's
@@ -105,15 +105,15 @@ def _is_pool2(m: nn.Module) -> bool:
 #: (False: as separate PyTorch operations, for benchmarks that compare the two)
 FUSE_EPILOGUES = True
 #: layout "triton" applies ``[ReLU] [Dropout] Flatten`` after the convolutions as one kernel each way
-#: (robustfl.triton_flatten; False: as PyTorch operations, for benchmarks that compare the two)
+#: (robustfl.engine.triton_flatten; False: as PyTorch operations, for benchmarks that compare the two)
 FUSE_FLATTEN = True
 #: layout "triton": in ``conv -> ReLU -> conv`` the ReLU's backward runs in the second convolution's
-#: input-gradient kernel (robustfl.triton_conv.conv_nhwc's ``relu_input`` / ``grad_masked``; False: as
+#: input-gradient kernel (robustfl.engine.triton_conv.conv_nhwc's ``relu_input`` / ``grad_masked``; False: as
 #: its own pass, for benchmarks that compare the two)
 FUSE_RELU_GRAD = True
 #: layout "triton": where a ``[ReLU] [Dropout] Flatten`` kernel follows a convolution (fmnist's second),
 #: its backward writes the gradient into a zero-bordered buffer from which the convolution's input-gradient
-#: kernel gathers without bounds tests (robustfl.triton_conv.padded_base; S56; needs
+#: kernel gathers without bounds tests (robustfl.engine.triton_conv.padded_base; S56; needs
 #: ``triton_conv.SEPARABLE_GATHER``; False: the bounds-tested gather, for benchmarks that compare the two)
 PAD_CONV_GRAD = True
 
@@ -121,7 +121,7 @@ PAD_CONV_GRAD = True
 def _flatten_run(rest: list[tuple[str, nn.Module]]) -> tuple[bool, nn.Dropout | None, int]:
     """Whether ``rest`` starts with ``[ReLU] [Dropout] Flatten``, at least one of the first two present:
     (ReLU?, the Dropout or None, layers in the run), else (False, None, 0). Layout ``"triton"`` applies such
-    a run to NHWC activations as one kernel each way (robustfl.triton_flatten), the fmnist network's
+    a run to NHWC activations as one kernel each way (robustfl.engine.triton_flatten), the fmnist network's
     ``ReLU - Dropout - Flatten``."""
     kinds = [m for _, m in rest[:3]]
     i, relu, drop = 0, False, None
@@ -135,7 +135,7 @@ def _flatten_run(rest: list[tuple[str, nn.Module]]) -> tuple[bool, nn.Dropout | 
 
 
 def _fusable(rest: list[tuple[str, nn.Module]]) -> str:
-    """The epilogue (robustfl.triton_conv.EPILOGUES) that the layers right after a convolution allow,
+    """The epilogue (robustfl.engine.triton_conv.EPILOGUES) that the layers right after a convolution allow,
     in the order :func:`_pool_before_relu` leaves them: a 2x2 max-pool then a ReLU, or a ReLU (none
     where a ReLU starts a :func:`_flatten_run`, which applies it)."""
     if not FUSE_EPILOGUES or (FUSE_FLATTEN and _flatten_run(rest)[2]):
@@ -151,11 +151,11 @@ def _fusable(rest: list[tuple[str, nn.Module]]) -> str:
 def kernel_options() -> str:
     """Every module-level option that changes the kernels a stacked step runs (this module's fusions,
     and the Triton modules' tiles, layouts and precisions where they are loaded), as one string: part of
-    :mod:`robustfl.train`'s key for CUDA graphs kept from one call to the next."""
+    :mod:`robustfl.engine.train`'s key for CUDA graphs kept from one call to the next."""
     import sys
 
     opts: list[object] = [FUSE_EPILOGUES, FUSE_FLATTEN, FUSE_RELU_GRAD, PAD_CONV_GRAD]
-    tc, td = sys.modules.get("robustfl.triton_conv"), sys.modules.get("robustfl.triton_dense")
+    tc, td = sys.modules.get("robustfl.engine.triton_conv"), sys.modules.get("robustfl.engine.triton_dense")
     import robustfl
 
     cur = getattr(robustfl, "triton_conv", None)  # an earlier commit's kernels, swapped in by a benchmark
@@ -178,7 +178,7 @@ class _Dense(torch.autograd.Function):
     """``baddbmm(b, x, W^T)`` with a backward that writes each weight gradient in its parameter's
     layout: ``dW = dY^T X`` as one batched product (autograd's ``bmm`` backward computes ``X^T dY`` and
     hands back its transpose, which the fused Adam kernel then has to copy). ``splitk``: the forward
-    product by :func:`robustfl.triton_dense.bmm_nt` (long inner dimensions on the GPU); the backward's
+    product by :func:`robustfl.engine.triton_dense.bmm_nt` (long inner dimensions on the GPU); the backward's
     products stay with cuBLAS (faster for them: bench/results/dense_products_s8_h100.json)."""
 
     @staticmethod
@@ -187,7 +187,7 @@ class _Dense(torch.autograd.Function):
         ctx.save_for_backward(x, w)
         ctx.has_bias = bias is not None
         if splitk:
-            from robustfl import triton_dense
+            from robustfl.engine import triton_dense
 
             return triton_dense.bmm_nt(x, w, bias)
         wt = w.transpose(1, 2)
@@ -203,12 +203,12 @@ class _Dense(torch.autograd.Function):
 
 
 def _use_splitk(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the forward product goes to the split-K kernel (robustfl.triton_dense.wanted; Triton
+    """Whether the forward product goes to the split-K kernel (robustfl.engine.triton_dense.wanted; Triton
     importable)."""
     if not x.is_cuda:
         return False
     try:
-        from robustfl import triton_dense
+        from robustfl.engine import triton_dense
     except ImportError:  # pragma: no cover - a CUDA build without Triton
         return False
     return triton_dense.wanted(x, w)
@@ -218,8 +218,8 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
     """Client g's dense layer ``x[g] W[g]^T + b[g]`` for every g: ``x (n, B, in)``, ``w (n, out, in)``,
     ``bias (n, out)`` -> ``(n, B, out)``. Under autocast the operands are cast to the autocast dtype
     first and the gradients come back in the parameters' dtypes, as autocast's ``baddbmm`` does.
-    ``splitk``: a layer with many inputs on the GPU runs its forward product as robustfl.triton_dense's
-    split-K kernel where that was measured faster (layout ``"triton"``; :func:`robustfl.triton_dense.wanted`)."""
+    ``splitk``: a layer with many inputs on the GPU runs its forward product as robustfl.engine.triton_dense's
+    split-K kernel where that was measured faster (layout ``"triton"``; :func:`robustfl.engine.triton_dense.wanted`)."""
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
@@ -248,7 +248,7 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
         pos += 1
         run = _flatten_run(seq[pos - 1:]) if nhwc and FUSE_FLATTEN else (False, None, 0)
         if run[2]:  # [ReLU] [Dropout] Flatten on NHWC activations: one kernel each way
-            from robustfl import triton_flatten
+            from robustfl.engine import triton_flatten
 
             relu, drop, count = run
             h = triton_flatten.relu_dropout_flatten(h, relu=relu, p=0.0 if drop is None else drop.p,
@@ -258,7 +258,7 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
             w = params[prefix + "weight"]
             bias = params.get(prefix + "bias")
             if layout == "triton":
-                from robustfl import triton_conv
+                from robustfl.engine import triton_conv
 
                 if not triton_conv.supported(m):
                     raise NotImplementedError(f"stacked engine: layout 'triton' needs a stride-1, undilated, "
@@ -322,7 +322,7 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
 def stacked_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                  mask: torch.Tensor, *, layout: str = "grouped") -> torch.Tensor:
     """Sum over the n clients of each one's mean cross-entropy over its real samples (``mask (n, B)``,
-    as :func:`robustfl.train.masked_ce`); its gradient w.r.t. ``params`` stacks the clients' gradients."""
+    as :func:`robustfl.engine.train.masked_ce`); its gradient w.r.t. ``params`` stacks the clients' gradients."""
     logits = stacked_logits(model, params, x, layout=layout).float()
     ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view_as(mask)
     return ((ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)).sum()

@@ -19,7 +19,7 @@ backward pass is two more such products:
   to 5 blocks of the output from one read of each dy tile (:data:`WGRAD_KSUB`).
 
 The ReLU, or the 2x2 max-pool and ReLU, after a convolution can run in the forward kernel's epilogue
-(``conv_nhwc(..., epilogue=...)``; robustfl.stacked does so for the paper's networks): the pool writes
+(``conv_nhwc(..., epilogue=...)``; robustfl.engine.stacked does so for the paper's networks): the pool writes
 its output and a one-byte code per output naming its window's maximum, never the full-size
 convolution output. The backward forms the gradient at the convolution's output once (from the codes
 in one pass, :func:`_unpool_kernel`, instead of PyTorch's zero-fill and scatter; the ReLU's mask from
@@ -56,7 +56,7 @@ def supported(m: nn.Conv2d) -> bool:
 
 #: what the forward kernel applies to the convolution's output before storing it (its epilogue):
 #: nothing, a ReLU, or a 2x2 stride-2 max-pool followed by a ReLU (the same function and gradient as
-#: ReLU then pool: robustfl.stacked._pool_before_relu)
+#: ReLU then pool: robustfl.engine.stacked._pool_before_relu)
 EPILOGUES = ("none", "relu", "pool_relu")
 #: the pool's code of a window whose maximum is not positive: the ReLU passes it no gradient (the
 #: kernels write and compare this value as the literal 4; tests/test_triton_conv.py checks the codes)
@@ -567,7 +567,7 @@ def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool, flip: b
 
 def padded_base(dy: torch.Tensor, q: int) -> torch.Tensor | None:
     """The contiguous ``(G, B, H + 2q, W + 2q, C)`` buffer of which ``dy (G, B, H, W, C)`` is the inside
-    (its strides and offset say so, as :func:`robustfl.triton_flatten.relu_dropout_flatten` hands back
+    (its strides and offset say so, as :func:`robustfl.engine.triton_flatten.relu_dropout_flatten` hands back
     with ``grad_pad`` q), else None. That the border holds zeros is the producer's promise
     (:func:`conv_nhwc`'s ``grad_padded``). With the border q = KH - 1 - padding, a stride-1 convolution's
     input gradient, dx[ih, iw] = sum dy[ih - kh + padding, iw - kw + padding] w[kh, kw], is the correlation
@@ -654,11 +654,11 @@ def conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     at its output is already zero where the output is not positive) and the second with
     ``relu_input=True`` (its input-gradient kernel zeroes the gradient where its input is not positive,
     in the kernel's epilogue, saving a pass over that gradient). Only valid when the first
-    convolution's output feeds the second alone, as in :func:`robustfl.stacked.stacked_logits`.
+    convolution's output feeds the second alone, as in :func:`robustfl.engine.stacked.stacked_logits`.
 
     ``grad_padded`` (epilogue ``"none"``): the consumer of the output promises to hand back its gradient
     as the inside of a buffer bordered by KH - 1 - padding zeros (:func:`padded_base`;
-    :func:`robustfl.triton_flatten.relu_dropout_flatten`'s ``grad_pad``), and the input gradient is then
+    :func:`robustfl.engine.triton_flatten.relu_dropout_flatten`'s ``grad_pad``), and the input gradient is then
     gathered from that buffer without bounds tests. A gradient that does not have that buffer's strides
     (e.g. one autograd summed from several consumers) takes the usual path."""
     if grad_masked and epilogue != "relu":

@@ -1,4 +1,4 @@
-"""Server-side and attacker-side data sets, carved out of an :class:`~robustfl.data.ArrayDataset`.
+"""Server-side and attacker-side data sets, carved out of an :class:`~robustfl.data.datasets.ArrayDataset`.
 
 * :func:`aux_set` - FLARE's auxiliary set D: ``m`` clean samples of one class (Section 3.1 / 6.1).
 * :func:`root_set` - FLTrust's root data set (Cao et al. 2021: 100 clean samples drawn uniformly from the
@@ -28,8 +28,8 @@ import warnings
 
 import numpy as np
 
-from robustfl.data import ArrayDataset
-from robustfl.partition import available_mask
+from robustfl.data.datasets import ArrayDataset
+from robustfl.data.partition import available_mask
 
 __all__ = [
     "AUX_CLASS", "AuxClassWarning", "AuxSet", "RootSet", "BackdoorSet", "SemanticRule", "SEMANTIC_RULES",

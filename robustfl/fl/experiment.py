@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustfl import partition as part
-from robustfl import serversets
+from robustfl.data import partition as part
+from robustfl.data import serversets
 from robustfl.attacks import is_targeted
 from robustfl.config import RunConfig
-from robustfl.data import ArrayDataset, load_prepared
+from robustfl.data.datasets import ArrayDataset, load_prepared
 from robustfl.io import device_name, git_commit, versions
 from robustfl.models import build_model, default_model
-from robustfl.simulate import RunData, ServerSets, Simulation, resolve_device, simulate, simulate_many, write_run_json
+from robustfl.fl.simulate import RunData, ServerSets, Simulation, resolve_device, simulate, simulate_many, write_run_json
 
 log = logging.getLogger("robustfl")
 
@@ -45,7 +45,7 @@ def _slug(v: Any) -> str:
 
 
 def aux_class(cfg: RunConfig, warn: bool = True) -> int:
-    """FLARE's auxiliary class of a cell: :func:`robustfl.serversets.resolve_aux_class` with the cell's
+    """FLARE's auxiliary class of a cell: :func:`robustfl.data.serversets.resolve_aux_class` with the cell's
     backdoor set ``(backdoor, backdoor_mode)`` when its attack is targeted, none otherwise."""
     targeted = cfg.attack != "none" and is_targeted(cfg.attack)
     return serversets.resolve_aux_class(cfg.dataset, cfg.aux_class,
@@ -228,7 +228,7 @@ def pack_key(cfg: RunConfig) -> tuple[Any, ...]:
 def pack_group(cfg: RunConfig) -> tuple[Any, ...]:
     """:func:`pack_key` plus what sets a client's shard size (number of clients, partition): the
     pipeline packs only runs of one group. Packed clients advance in lock-step, padded to the client
-    with the most batches (:func:`robustfl.train.concat_plans`): a 50-client run packed with 10-client
+    with the most batches (:func:`robustfl.engine.train.concat_plans`): a 50-client run packed with 10-client
     runs would wait through the 10-client runs' ~5x more steps per round. ``train_vectorised`` no
     longer computes clients whose batches ran out (``skip_idle``), but those tail steps would train
     only the 10-client runs' clients, a narrower batch than a pack of their own."""
@@ -239,7 +239,7 @@ def pack_group(cfg: RunConfig) -> tuple[Any, ...]:
 def run_cells(cfgs: list[RunConfig], data_dir: Path, partitions: list[Path], out_dirs: list[Path],
               cells: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Run several cells of one dataset in one process, their benign clients trained together in one
-    vectorised call per round (:func:`robustfl.simulate.simulate_many`): the GPU batch mode. Each cell
+    vectorised call per round (:func:`robustfl.fl.simulate.simulate_many`): the GPU batch mode. Each cell
     still writes its own outputs and checkpoints; a cell whose ``run.json`` exists is skipped."""
     if not cfgs:
         return []

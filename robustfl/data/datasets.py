@@ -772,7 +772,7 @@ def load_prepared(out_dir: str | os.PathLike, mmap: bool = True, verify: bool = 
     mp = out_dir / "meta.json"
     if not mp.is_file():
         raise IncompleteCacheError(f"{out_dir} is not a complete prepared dataset: {mp} is missing (never "
-                                   f"prepared, or an interrupted prepare). Run robustfl.data.prepare again.")
+                                   f"prepared, or an interrupted prepare). Run robustfl.data.datasets.prepare again.")
     meta = json.loads(mp.read_text())
     arrays = {}
     for a in ARRAY_NAMES:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from robustfl import stacked
+from robustfl.engine import stacked
 from robustfl.config import PRECISIONS
 from robustfl.params import ParamSpec
 
@@ -179,12 +179,12 @@ AUTO_CUDA_CONV_BF16 = "triton"
 
 def triton_ready(model: nn.Module) -> bool:
     """Whether the ``triton`` layout can compute ``model``: Triton is installed and every convolution
-    is one that :func:`robustfl.triton_conv.supported` accepts."""
+    is one that :func:`robustfl.engine.triton_conv.supported` accepts."""
     import importlib.util
 
     if importlib.util.find_spec("triton") is None or not stacked.supports(model):
         return False
-    from robustfl import triton_conv
+    from robustfl.engine import triton_conv
 
     return all(triton_conv.supported(m) for _, m in stacked.layers(model) if isinstance(m, nn.Conv2d))
 
@@ -194,7 +194,7 @@ def resolve_kernels(model: nn.Module, device: torch.device, conv: str = "auto", 
     """The ``conv`` and ``cuda_graph`` arguments of :func:`train_vectorised` for a run's settings.
     ``conv="auto"``: on CUDA the layout of :data:`AUTO_CUDA_CONV` for the model's class (``"grouped"``
     for others; :data:`AUTO_CUDA_CONV_BF16` in bf16; ``"grouped"`` where that is ``"triton"`` and
-    :func:`triton_ready` says no), on CPU or for a model :mod:`robustfl.stacked` cannot compute vmap's
+    :func:`triton_ready` says no), on CPU or for a model :mod:`robustfl.engine.stacked` cannot compute vmap's
     ``"cudnn"``. ``cuda_graph=None`` turns graphs on wherever they apply (CUDA and a stacked layout)."""
     if conv == "auto":
         if device.type == "cuda" and stacked.supports(model):
@@ -291,14 +291,14 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     ``delta_i = w_i - theta`` as an ``(n, d)`` tensor (Section 3.1).
 
     ``theta`` is the global model ``(d,)``, or one starting model per client ``(n, d)`` (several
-    simulations packed into one call, see :func:`robustfl.simulate.simulate_many`). ``x`` holds the
+    simulations packed into one call, see :func:`robustfl.fl.simulate.simulate_many`). ``x`` holds the
     training inputs (uint8 NHWC or float NCHW) and ``y`` the labels, on the device; ``shards[i]`` are
     client i's indices into them. ``plan`` overrides the batch plan drawn from ``generator``.
     ``conv`` picks how the vmapped convolutions compute: ``"cudnn"`` (grouped convolution, one group
     per client; the default, measured faster on an H100, bench/README.md) or ``"matmul"`` (im2col +
     batched GEMM, :class:`robustfl.models.Conv2dMM`); both give the same function (tests/test_train.py).
     ``conv`` = ``"grouped"``, ``"channels_last"`` or ``"loop"`` computes the clients' forward pass
-    explicitly instead of through vmap (:mod:`robustfl.stacked`, with that convolution layout) and takes
+    explicitly instead of through vmap (:mod:`robustfl.engine.stacked`, with that convolution layout) and takes
     the gradients with one plain backward pass; ``cuda_graph`` (CUDA only, with those three) then
     captures that forward and backward as a CUDA graph and replays it, removing the per-kernel launch
     cost (the Adam step stays eager). One graph per number of clients computed: with idle clients
@@ -384,7 +384,7 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
     if conv == "triton" and device.type != "cuda":
-        from robustfl import triton_conv  # its kernels were compiled or interpreted as decided at import
+        from robustfl.engine import triton_conv  # its kernels were compiled or interpreted as decided at import
 
         if not triton_conv.INTERPRET:
             raise ValueError(f"conv 'triton' needs a CUDA device (or TRITON_INTERPRET=1), got {device}")

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from robustfl import aggregators as agg
-from robustfl.train import prepare_inputs
+from robustfl.aggregation import aggregators as agg
+from robustfl.engine.train import prepare_inputs
 
 
 @torch.no_grad()

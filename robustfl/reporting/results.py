@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from robustfl.io import atomic_write_text
-from robustfl.serversets import resolve_aux_class
+from robustfl.data.serversets import resolve_aux_class
 
 #: Configuration flattened onto every row of the collected frames; all but ``seed`` identify a cell.
 CONFIG_COLUMNS: tuple[str, ...] = (
@@ -43,7 +43,7 @@ CLIENT_COLUMNS: tuple[str, ...] = ("round", "client", "malicious", "weight", "de
 #: (NaN/Inf if it held NaN/Inf); ``dist_ratio`` = ||delta_i - mu_B|| / s, the distance to the mean mu_B of
 #: the round's benign updates over their RMS distance s to it; ``krum_rank`` the update's place (1 = chosen)
 #: in Krum's order with f = max(attackers, 1), whatever the cell's defense; ``selected`` = 1 if the defense
-#: gave the client a positive weight (:func:`robustfl.metrics.attack_diagnostics`).
+#: gave the client a positive weight (:func:`robustfl.fl.metrics.attack_diagnostics`).
 CLIENT_OPTIONAL_COLUMNS: tuple[str, ...] = ("update_norm", "dist_ratio", "krum_rank", "selected")
 
 #: Metrics taken from a run's last evaluated round (final model quality).
@@ -146,7 +146,7 @@ def config_columns(meta: Mapping[str, Any]) -> dict[str, Any]:
     ``defense_options`` :func:`params_label` of all of ``defense_params``;
     ``c_sel`` / ``alpha`` are NaN unless the partition is ``classes`` / ``dirichlet``;
     ``aux_class`` is FLARE's auxiliary class as the run resolved it
-    (:func:`robustfl.serversets.resolve_aux_class`).
+    (:func:`robustfl.data.serversets.resolve_aux_class`).
     """
     cfg = meta.get("config", {})
     cell = meta.get("cell") or {}

@@ -1,6 +1,6 @@
 """Defense registry: config name -> ``fn(updates (n, d), ctx: ServerContext) -> AggResult``.
 
-Each entry adapts a pure rule of :mod:`robustfl.aggregators` to the server: it reads the rule's
+Each entry adapts a pure rule of :mod:`robustfl.aggregation.aggregators` to the server: it reads the rule's
 parameters from ``ctx.params`` (the cell's ``defense_params``) and, where a rule needs more than the
 updates, asks the server for it (FLARE: PLRs of every local model on the auxiliary set; FLTrust:
 the server's own update on its root set). Adding a defense is one function plus one decorator line.
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from robustfl import aggregators as agg
+from robustfl.aggregation import aggregators as agg
 from robustfl.registry import Registry
 
 

@@ -20,7 +20,7 @@ random, its distribution is the same.
 
 With ``grad_pad`` q the backward writes dz into a (H + 2q, W + 2q) grid, its border zero, and hands back
 the inside, from which the convolution before it gathers its input gradient without bounds tests
-(robustfl.triton_conv.padded_base).
+(robustfl.engine.triton_conv.padded_base).
 
 On a machine without a GPU the kernel runs in Triton's interpreter when ``TRITON_INTERPRET=1`` is set
 before import (tests/test_triton_flatten.py checks it against the PyTorch composition).
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from robustfl.triton_conv import INTERPRET, _on
+from robustfl.engine.triton_conv import INTERPRET, _on
 
 
 @triton.jit
@@ -112,7 +112,7 @@ class _ReluDropoutFlatten(torch.autograd.Function):
         q = ctx.grad_pad
         dz = torch.empty(n, b, h + 2 * q, w + 2 * q, c, dtype=dy.dtype, device=dy.device)
         _launch(dy.contiguous(), dz, keep, h, w, c, ctx.scale, relu=z is not None, z=z, backward=True, pad=q)
-        if q:  # the gradient: the inside of the zero-bordered buffer (robustfl.triton_conv.padded_base)
+        if q:  # the gradient: the inside of the zero-bordered buffer (robustfl.engine.triton_conv.padded_base)
             dz = dz[:, :, q:q + h, q:q + w]
         return dz, None, None, None, None
 
@@ -130,7 +130,7 @@ def relu_dropout_flatten(z: torch.Tensor, *, relu: bool, p: float = 0.0, trainin
     dropout only where ``training`` and ``p > 0``. ``grad_pad`` q > 0: the gradient it hands back for
     ``z`` is the inside of a zero-bordered (G, B, H + 2q, W + 2q, C) buffer, written by the same kernel
     (a view with that buffer's strides), which the convolution that produced ``z`` gathers its input
-    gradient from without bounds tests (robustfl.triton_conv.conv_nhwc's ``grad_padded``)."""
+    gradient from without bounds tests (robustfl.engine.triton_conv.conv_nhwc's ``grad_padded``)."""
     if grad_pad < 0:
         raise ValueError(f"relu_dropout_flatten: grad_pad must be >= 0, got {grad_pad}")
     if z.dim() != 5:

@@ -1,6 +1,6 @@
 """Paper tables: our seed-aggregated results (``results.summarise``) beside the published numbers.
 
-Published values live in ``reports/paper/*.csv`` (transcribed from the paper, see its README).
+Published values live in ``robustfl/reporting/paper/*.csv`` (transcribed from the paper, see its README).
 :func:`build_table` returns a long frame, one row per (cell, metric): ``ours_mean``, ``ours_std``,
 ``n`` (seeds), ``paper`` and ``diff = ours_mean - paper``, in the paper's unit (accuracy and Table 3
 ASR in %, Table 5 ASR as a fraction). Cells we did not run keep empty ``ours_*``; cells the paper does
@@ -25,7 +25,7 @@ import pandas as pd
 from robustfl.io import atomic_write_text
 
 #: Where the transcribed paper numbers live (repository checkout).
-PAPER_DIR = Path(__file__).resolve().parent.parent / "reports" / "paper"
+PAPER_DIR = Path(__file__).resolve().parent / "paper"  # package data (pyproject.toml)
 
 DATASET_NAMES = {"fmnist": "fMNIST", "cifar10": "CIFAR-10", "kather": "Kather", "digits": "Digits"}
 DEFENSE_NAMES = {
@@ -66,7 +66,7 @@ class TableSpec:
 
     name: str
     caption: str
-    grid_csv: str | None  # reports/paper file whose key rows form the expected grid (None: our cells only)
+    grid_csv: str | None  # robustfl/reporting/paper file whose key rows form the expected grid (None: our cells only)
     paper_csv: str | None  # file with the published values (None: the paper prints none)
     keys: tuple[str, ...]  # join keys between ours and the paper
     # (paper column, summary metric, scale to paper unit); summary metric "asr" stands for the ASR chosen
@@ -124,7 +124,7 @@ TABLES: tuple[str, ...] = tuple(SPECS)
 
 
 def load_paper(csv_name: str, paper_dir: str | os.PathLike[str] = PAPER_DIR) -> pd.DataFrame:
-    """Read one transcribed paper CSV (``reports/paper/<csv_name>``)."""
+    """Read one transcribed paper CSV (``robustfl/reporting/paper/<csv_name>``)."""
     return pd.read_csv(Path(paper_dir) / csv_name)
 
 
@@ -195,7 +195,7 @@ def build_table(summary: pd.DataFrame, name: str, *, study: str | None = None,
     missing = [k for k in spec.keys if k not in summary.columns]
     if missing:
         raise ValueError(f"{name}: the summary lacks column(s) {missing}; summarise the runs again with "
-                         "robustfl.results.summarise")
+                         "robustfl.reporting.results.summarise")
     paper = _paper_long(spec, paper_dir)
     ours = _select(summary, spec, paper, flt, study)
     extra = [k for k in spec.extra_keys if k in ours.columns]

@@ -1,6 +1,6 @@
 """Attack sweeps: does an attack do what it is designed to do against its own target rule?
 
-Per run, from ``rounds.csv`` and ``clients.csv`` (:func:`robustfl.results.collect_runs`):
+Per run, from ``rounds.csv`` and ``clients.csv`` (:func:`robustfl.reporting.results.collect_runs`):
 
 * ``selected`` -- the fraction of (round, attacker) pairs in which the rule gave the attacker a positive
   aggregation weight (Krum: the attacker's update is the one chosen);
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from robustfl import results
+from robustfl.reporting import results
 
 #: the rule each attack is designed against (FLARE Sec. 7.1.1, 7.2.1)
 TARGET_RULE = {"krum_backdoor": "krum", "median_backdoor": "median", "krum_untargeted": "krum",
@@ -38,7 +38,7 @@ RUN_METRICS = ("selected", "asr_rounds", "asr", "norm_ratio", "dist_ratio", "kru
 
 def run_metrics(rounds_df: pd.DataFrame, clients_df: pd.DataFrame) -> pd.DataFrame:
     """One row per run (``run_dir``) with its :data:`SWEEP_KEYS`, ``seed`` and :data:`RUN_METRICS`: the final
-    and round-averaged metrics of :func:`robustfl.results.final_metrics`, the round means of the attacker
+    and round-averaged metrics of :func:`robustfl.reporting.results.final_metrics`, the round means of the attacker
     diagnostics of ``rounds.csv`` and the norm ratio from ``clients.csv``."""
     keys = [k for k in (*SWEEP_KEYS, "seed") if k in rounds_df.columns]
     if rounds_df.empty:

@@ -1,7 +1,7 @@
 """The federated-learning loop (Section 3.1, Figure 2, Algorithm 1).
 
 One round: distribute the global model theta -> benign clients train locally (all at once, see
-:mod:`robustfl.train`) -> the colluding attackers craft their updates with white-box knowledge of
+:mod:`robustfl.engine.train`) -> the colluding attackers craft their updates with white-box knowledge of
 the benign ones (Section 3.2) -> the server screens the updates, aggregates them with the defense
 rule, and sets theta <- theta + aggregate (Eq. 6) -> metrics are logged.
 
@@ -23,16 +23,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from robustfl import aggregators as agg
-from robustfl import results, stacked
+from robustfl.aggregation import aggregators as agg
+from robustfl.reporting import results
+from robustfl.engine import stacked
 from robustfl.attacks import ATTACKS, AttackContext, is_targeted
 from robustfl.config import RunConfig
-from robustfl.defenses import DEFENSES, NEEDS_AUX, NEEDS_ROOT, ServerContext
+from robustfl.aggregation.defenses import DEFENSES, NEEDS_AUX, NEEDS_ROOT, ServerContext
 from robustfl.io import atomic_open, atomic_write_json, load_checkpoint, save_checkpoint
-from robustfl.metrics import attack_diagnostics, attacker_summary, backdoor_metrics, detected
+from robustfl.fl.metrics import attack_diagnostics, attacker_summary, backdoor_metrics, detected
 from robustfl.models import PLRModel
 from robustfl.params import ParamSpec, load_flat_, model_to_flat
-from robustfl.train import (BatchPlan, batch_plan, concat_plans, evaluate, prepare_inputs, resolve_kernels,
+from robustfl.engine.train import (BatchPlan, batch_plan, concat_plans, evaluate, prepare_inputs, resolve_kernels,
                             stacked_plrs, train_sequential, train_single, train_vectorised)
 
 log = logging.getLogger("robustfl")

@@ -1,7 +1,7 @@
 """Figures mirroring the paper's (1, 4, 6-13 and the Section 7.4 cost numbers), and per-round attack
 diagnostics, as PNG.
 
-Inputs are the frames of :mod:`robustfl.results` (``collect_runs`` / ``summarise``) or a run's
+Inputs are the frames of :mod:`robustfl.reporting.results` (``collect_runs`` / ``summarise``) or a run's
 ``snapshot.npz``. Every function writes one PNG atomically (temp file + ``os.replace``) and returns
 its path; it raises ``ValueError`` when there is nothing at all to draw (empty panels say "not run").
 """
@@ -23,9 +23,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from robustfl.plr import project_plrs, select_classes  # noqa: E402
+from robustfl.reporting.plr import project_plrs, select_classes  # noqa: E402
 from robustfl.io import atomic_write_bytes  # noqa: E402
-from robustfl.tables import DATASET_NAMES, DEFENSE_NAMES, PAPER_DIR, display, load_paper  # noqa: E402
+from robustfl.reporting.tables import DATASET_NAMES, DEFENSE_NAMES, PAPER_DIR, display, load_paper  # noqa: E402
 
 BENIGN, MALICIOUS = "tab:blue", "tab:red"
 BACKDOORS = ("krum_backdoor", "median_backdoor")
@@ -210,7 +210,7 @@ def fig_attack(rounds_df: pd.DataFrame, clients_df: pd.DataFrame, out: str | os.
     turns logarithmic above 1 when an attacker is beyond 10 spreads), (b) the
     best attacker's Krum rank (1 = Krum with f = max(attackers, 1) would select it, whatever the cell's
     defense), (c) the fraction of attackers the cell's defense gave a positive weight (bars: mean over seeds).
-    Columns of :data:`robustfl.results.ROUND_OPTIONAL_COLUMNS` and ``clients.csv``'s ``dist_ratio``."""
+    Columns of :data:`robustfl.reporting.results.ROUND_OPTIONAL_COLUMNS` and ``clients.csv``'s ``dist_ratio``."""
     if rounds_df.empty:
         raise ValueError("fig_attack: no rounds")
     cells = sorted(rounds_df["cell_id"].astype(str).unique())

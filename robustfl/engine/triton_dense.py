@@ -1,7 +1,7 @@
 """Per-client dense layers' forward product with a long inner dimension, as a split-K Triton kernel.
 
 The stacked engine computes n clients' dense layer ``y[g] = x[g] W[g]^T`` as one batched product
-(:func:`robustfl.stacked.dense`). For the fmnist network's first dense layer (Table 6: 25,600 inputs,
+(:func:`robustfl.engine.stacked.dense`). For the fmnist network's first dense layer (Table 6: 25,600 inputs,
 128 outputs, batch 64) each client's product is one 64 x 128 output tile over K = 25,600: cuBLAS's
 batched FP32 kernel ran it as 8 small tiles per client, each looping over all of K, i.e. 80 programs
 for 10 clients on a GPU with 132 multiprocessors, ~0.75 ms a step (5.6 TFLOP/s;
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from robustfl.triton_conv import INTERPRET, SMS, Tiles, _acc, _on
+from robustfl.engine.triton_conv import INTERPRET, SMS, Tiles, _acc, _on
 
 #: the stacked engine's dense layers use the split-K kernel on the GPU from this many inputs on:
 #: fmnist's 25,600-input layer (H100, 10 clients: cuBLAS 0.77 ms, FP32 FMAs 0.23, tf32x3 0.11; 90

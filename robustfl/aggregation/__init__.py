@@ -1,0 +1,1 @@
+"""Aggregation rules (pure functions on an (n, d) tensor) and the defenses that call them."""

@@ -1,0 +1,1 @@
+"""Datasets, client partitions and the server's data sets (auxiliary, root, backdoor)."""

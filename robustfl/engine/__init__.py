@@ -1,0 +1,1 @@
+"""Training many models at once: the vectorised and stacked paths, Triton kernels, CUDA graphs."""

@@ -1,0 +1,1 @@
+"""The federated-learning loop: one cell's simulation, the experiment glue, metrics."""

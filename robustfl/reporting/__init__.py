@@ -1,0 +1,1 @@
+"""Seed aggregation, paper tables, figures, sweeps."""
