@@ -1,5 +1,5 @@
-"""Golden runs: a fixed set of digits cells (every attack, every defense, the sequential engine, alone and
-packed) whose ``rounds.csv`` and ``clients.csv`` must stay byte-identical on the CPU, wall-clock columns
+"""Golden runs: a fixed set of digits cells (every attack, every defense, the sequential and vectorised
+engines, alone and packed) whose ``rounds.csv`` and ``clients.csv`` must stay byte-identical on the CPU, wall-clock columns
 (``*_s``) aside. A change that is meant to change results regenerates them on purpose:
 ``ROBUSTFL_REGEN_GOLDEN=1 pytest tests/test_golden.py`` (then review the diff of tests/golden/)."""
 from __future__ import annotations
@@ -40,6 +40,13 @@ SINGLE: dict[str, dict] = {
     "adaptive_plr_flare": {"attack": "adaptive_plr", "n_attackers": 2, "defense": "flare"},
     "krum_backdoor_sequential": {"attack": "krum_backdoor", "n_attackers": 1, "defense": "krum",
                                  "engine": "sequential"},
+    # on the CPU `engine: auto` is the sequential loop: the vectorised engine's paths explicitly
+    "fedavg_vectorised": {"engine": "vectorised"},
+    "fedavg_vectorised_grouped": {"engine": "vectorised", "conv": "grouped"},
+    "krum_backdoor_krum_vectorised": {"attack": "krum_backdoor", "n_attackers": 1, "defense": "krum",
+                                      "engine": "vectorised"},
+    "adaptive_plr_flare_vectorised": {"attack": "adaptive_plr", "n_attackers": 2, "defense": "flare",
+                                      "engine": "vectorised", "conv": "grouped"},
 }
 # trained together in one process (robustfl.fl.experiment.run_cells)
 PACKED: dict[str, dict] = {
