@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -197,9 +198,11 @@ def _ckpt(out_dir: Path, ckpt_path: Path | None) -> Path:
 
 
 def run_cell(cfg: RunConfig, data_dir: Path, partition: Path, out_dir: Path, cell: dict[str, Any] | None = None,
-             ckpt_path: Path | None = None) -> dict[str, Any]:
+             ckpt_path: Path | None = None,
+             on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run one cell and write ``rounds.csv``, ``clients.csv``, ``snapshot.npz`` and ``run.json`` into
-    ``out_dir`` (atomically; ``run.json`` last). Returns the final metrics."""
+    ``out_dir`` (atomically; ``run.json`` last). Returns the final metrics; ``on_round`` as in
+    :func:`robustfl.fl.simulate.simulate`."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     if cfg.deterministic:
@@ -212,7 +215,7 @@ def run_cell(cfg: RunConfig, data_dir: Path, partition: Path, out_dir: Path, cel
     log.info("cell %s seed %d on %s: model %s, %d clients (%d attackers), attack %s, defense %s",
              (cell or {}).get("cell_id", cell_id(cfg)), cfg.seed, device, model_name, cfg.n_clients,
              cfg.n_attackers, cfg.attack, cfg.defense)
-    final = simulate(cfg, data, out_dir, ckpt_path=_ckpt(out_dir, ckpt_path), device=device)
+    final = simulate(cfg, data, out_dir, ckpt_path=_ckpt(out_dir, ckpt_path), device=device, on_round=on_round)
     write_run_json(out_dir, _payload(cfg, cell, final, model_name, device, time.perf_counter() - t0,
                                      Path(partition), ds, data))
     return final

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -432,16 +433,29 @@ class Simulation:
                 "engine": self.engine, **{f"engine_{k}": v for k, v in self.kernels.items()}}
 
 
+def round_report(sim: Simulation) -> dict[str, Any]:
+    """The last round's row plus ``mal_weight``, the attackers' mean aggregation weight (NaN without
+    attackers): what a progress display shows."""
+    row = dict(sim.rows[-1])
+    mine = [c["weight"] for c in sim.client_rows if c["round"] == row["round"] and c["malicious"]]
+    row["mal_weight"] = sum(mine) / len(mine) if mine else float("nan")
+    return row
+
+
 def simulate(cfg: RunConfig, data: RunData, out_dir: Path, ckpt_path: Path | None = None,
-             device: torch.device | None = None) -> dict[str, Any]:
+             device: torch.device | None = None,
+             on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the FL simulation of one cell; write ``rounds.csv``, ``clients.csv`` (and ``snapshot.npz``)
-    into ``out_dir`` atomically and return the final metrics."""
+    into ``out_dir`` atomically and return the final metrics. ``on_round`` gets :func:`round_report`
+    after every round."""
     sim = Simulation(cfg, data, out_dir, ckpt_path, device)
     while not sim.done:
         t0 = time.perf_counter()
         ben = sim.train_benign()
         _sync(sim.device)
         sim.step(ben, time.perf_counter() - t0)
+        if on_round is not None:
+            on_round(round_report(sim))
     return sim.finish()
 
 
