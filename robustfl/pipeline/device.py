@@ -1,7 +1,8 @@
 """The run jobs' GPU tokens (Snakemake resource ``gpu``) and the ``device: cuda`` check.
 
-Asked when Snakemake plans the first run job (the run rules' ``gpu`` resource), not while it parses the
-workflow: linting, reports and studies with nothing left to run never initialise CUDA."""
+Asked once there are jobs (the run rules' ``gpu`` resource; ``onstart`` before the first job runs), not
+while Snakemake parses the workflow: linting, reports and studies with nothing left to run never
+initialise CUDA."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
