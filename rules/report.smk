@@ -12,7 +12,7 @@ rule cells_manifest:
             labels={"file": "cells.csv", "study": "{study}"},
         ),
     params:
-        cells=lambda w: cells_manifest(w.study),
+        cells=lambda w: manifest(study_cells(w.study)),
     log:
         f"{RESULTS}/logs/cells_manifest/{{study}}.log",
     conda:

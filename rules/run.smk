@@ -5,8 +5,8 @@
 # (runs/<cell>/.seed<N>.ckpt.pt) and survives to resume the rerun.
 #
 # pack: 1 (default) -- rule run_cell, one job per cell x seed (robustfl.fl.experiment.run_cell).
-# pack: N > 1       -- GPU batch mode: one rule per pack of up to N runs not done yet (rules/common.smk
-#                      make_packs), each one process training its runs' clients together
+# pack: N > 1       -- GPU batch mode: one rule per pack of up to N runs not done yet
+#                      (robustfl.pipeline.packs.plan_packs), each one process training its runs' clients together
 #                      (robustfl.fl.experiment.run_cells). Runs already done are inputs, not outputs.
 
 if PACK <= 1:
@@ -28,7 +28,7 @@ if PACK <= 1:
         resources:
             mem_mb=res("run", "mem_mb", 8000),
             runtime=res("run", "runtime", 240),
-            gpu=RUN_GPU,
+            gpu=lambda w: run_gpus(),
         conda:
             "../envs/robustfl.yaml"
         script:
@@ -36,34 +36,38 @@ if PACK <= 1:
 
 else:
 
-    PACKS = make_packs(STUDY, PACK)
+    PACKS = packs.plan_packs(study_cells(STUDY), PACK, RESULTS)
 
     for _pack in PACKS:
 
         rule:
             name:
-                _pack["name"]
+                _pack.name
             input:
-                data=f"{DATA_DIR}/{_pack['dataset']}",
+                data=f"{DATA_DIR}/{_pack.dataset}",
                 # one per member, in the order of the outputs (run_cells pairs them)
-                partitions=[partition_path(c, s, "npz") for c, s in _pack["members"]],
-                manifests=sorted({partition_path(c, s, "json") for c, s in _pack["members"]}),
+                partitions=[partition_path(c, s, "npz") for c, s in _pack.members],
+                manifests=sorted({partition_path(c, s, "json") for c, s in _pack.members}),
             output:
-                [directory(run_dir(c, s)) for c, s in _pack["members"]],
+                [directory(run_dir(c, s)) for c, s in _pack.members],
             params:
-                cells=[c for c, _ in _pack["members"]],
-                seeds=[s for _, s in _pack["members"]],
-                cfgs=[cell_params(c) for c, _ in _pack["members"]],
+                cells=[c for c, _ in _pack.members],
+                seeds=[s for _, s in _pack.members],
+                cfgs=[cell_params(c) for c, _ in _pack.members],
             log:
-                f"{RESULTS}/logs/run/packs/{_pack['name']}.log",
+                f"{RESULTS}/logs/run/packs/{_pack.name}.log",
             benchmark:
-                f"{RESULTS}/benchmarks/run/packs/{_pack['name']}.tsv"
+                f"{RESULTS}/benchmarks/run/packs/{_pack.name}.tsv"
             threads: res("run", "threads", 2)
             resources:
                 mem_mb=res("run", "mem_mb", 8000),
                 runtime=res("run", "runtime", 240),
-                gpu=RUN_GPU,
+                gpu=lambda w: run_gpus(),
             conda:
                 "../envs/robustfl.yaml"
             script:
                 "../scripts/run_pack.py"
+
+
+onstart:
+    run_gpus()  # the device check (rules/common.smk), before the first job runs

@@ -3,7 +3,7 @@
 # <name>.{csv,md,tex} (paper layout, ours beside the paper's value) and <name>_long.{csv,md,tex} (tidy).
 # ASR: config `table_asr` (rounds = the paper's, default; final = the last round's); captions say which.
 
-for _table in TABLES:
+for _table in outputs.TABLES:
 
     rule:
         name:
@@ -15,8 +15,8 @@ for _table in TABLES:
                 f"{REPORTS}/{{study}}/tables/{_table}.csv",
                 caption=f"../reports/captions/{_table}.rst",
                 category="Tables",
-                subcategory=TABLE_TITLES[_table],
-                labels={"table": TABLE_TITLES[_table], "layout": "paper"},
+                subcategory=outputs.TABLE_TITLES[_table],
+                labels={"table": outputs.TABLE_TITLES[_table], "layout": "paper"},
             ),
             md=f"{REPORTS}/{{study}}/tables/{_table}.md",
             tex=f"{REPORTS}/{{study}}/tables/{_table}.tex",
@@ -24,8 +24,8 @@ for _table in TABLES:
                 f"{REPORTS}/{{study}}/tables/{_table}_long.csv",
                 caption=f"../reports/captions/{_table}.rst",
                 category="Tables",
-                subcategory=TABLE_TITLES[_table],
-                labels={"table": TABLE_TITLES[_table], "layout": "long (one row per cell and metric)"},
+                subcategory=outputs.TABLE_TITLES[_table],
+                labels={"table": outputs.TABLE_TITLES[_table], "layout": "long (one row per cell and metric)"},
             ),
             long_md=f"{REPORTS}/{{study}}/tables/{_table}_long.md",
             long_tex=f"{REPORTS}/{{study}}/tables/{_table}_long.tex",

@@ -1,22 +1,16 @@
 """Config fuzz (hypothesis): every invalid config is rejected with a message naming the offending key, every
-valid one is accepted, by the pipeline's own validation code.
-
-The validation functions are taken verbatim from rules/common.smk (``schema_error``, ``check_names``,
-``make_cell``, ``expand_study`` ... are extracted with ``ast`` and executed, not copied), and applied in
-the order common.smk applies them: the JSON schema first, then the registry names and the cells' RunConfig.
+valid one is accepted, by the pipeline's own validation code (robustfl.pipeline.study, as rules/common.smk
+calls it while Snakemake parses the workflow: the JSON schema first, then the registry names, the cells'
+RunConfig and the outputs they feed).
 Configs are made by mutating config.yaml: unknown keys at every closed level, wrong types and out-of-range
 values for known keys (invalid by construction, double-checked against the key's own sub-schema), and
 in-range values (valid by construction).
 """
 from __future__ import annotations
 
-import ast
 import copy
-import dataclasses
-import itertools
 import json
 import re
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -25,12 +19,11 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from robustfl.fl import experiment as rx
 from robustfl.attacks import ATTACKS
-from robustfl.config import RunConfig
 from robustfl.data.datasets import DATASETS
 from robustfl.aggregation.defenses import DEFENSES
 from robustfl.models import MODELS
+from robustfl.pipeline.study import StudyError, check_schema, dotted, expand_studies
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
@@ -48,47 +41,13 @@ FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthChe
 
 
 # ------------------------------------------------------------------- the pipeline's validation code
-class WorkflowError(Exception):
-    pass
-
-
-def _load_common() -> dict:
-    wanted_fns = {"fail", "_where", "schema_error", "check_names", "make_cell", "add_cell", "expand_study"}
-    wanted_vars = {"NON_CELL_FIELDS", "CELL_FIELDS", "DEFAULT_SEEDS", "REGISTRY_CHECKS"}
-    tree = ast.parse((REPO / "rules" / "common.smk").read_text())
-    body = [n for n in tree.body
-            if (isinstance(n, ast.FunctionDef) and n.name in wanted_fns)
-            or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in wanted_vars for t in n.targets))]
-    got = {n.name for n in body if isinstance(n, ast.FunctionDef)}
-    assert got == wanted_fns, f"rules/common.smk no longer defines {sorted(wanted_fns - got)}"
-    ns = {"dataclasses": dataclasses, "itertools": itertools, "json": json, "jsonschema": jsonschema,
-          "yaml": yaml, "Path": Path, "sys": sys, "WorkflowError": WorkflowError, "RunConfig": RunConfig,
-          "rx": rx, "ATTACKS": ATTACKS, "DATASETS": DATASETS, "DEFENSES": DEFENSES, "MODELS": MODELS}
-    exec(compile(ast.Module(body=body, type_ignores=[]), "rules/common.smk", "exec"), ns)  # noqa: S102
-    return ns
-
-
-COMMON = _load_common()
-
-
-def pipeline_validate(cfg: dict) -> None:
-    """common.smk's checks in its order; raises WorkflowError("config error: ...") like the workflow."""
-    msg = COMMON["schema_error"](cfg, SCHEMA)
-    if msg:
-        COMMON["fail"](msg)
-    COMMON["config"] = cfg  # expand_study reads the global `config`, as in the Snakefile
-    for name in cfg["data"]["datasets"]:
-        COMMON["check_names"]("data.datasets", "dataset", [name])
-    studies = {name: COMMON["expand_study"](name) for name in cfg["studies"]}
-    if cfg["study"] not in studies:
-        COMMON["fail"](f"study {cfg['study']!r} is not defined under `studies`")
-
-
 def rejection(cfg: dict) -> str | None:
+    """The pipeline's one-line message for ``cfg``, or None if it is accepted."""
     try:
-        pipeline_validate(cfg)
-    except WorkflowError as exc:
-        assert str(exc).startswith("config error: ") and "\n" not in str(exc)  # one line
+        check_schema(cfg, SCHEMA)
+        expand_studies(cfg)
+    except StudyError as exc:
+        assert "\n" not in str(exc)  # one line
         return str(exc)
     return None
 
@@ -166,7 +125,7 @@ def last_key(path) -> str:
 def names_path(msg: str, path) -> bool:
     """The message names the key: its dotted location (with [i] for list items), or the key itself quoted
     (unknown or missing keys)."""
-    where = COMMON["_where"](list(path))
+    where = dotted(list(path))
     return where in msg or repr(last_key(path)) in msg
 
 
@@ -183,7 +142,7 @@ ANY = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(-2, 2, a
                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=1))
 
 
-@pytest.mark.parametrize("loc", KINDS, ids=[COMMON["_where"](list(p)) for p, _ in KINDS])
+@pytest.mark.parametrize("loc", KINDS, ids=[dotted(list(p)) for p, _ in KINDS])
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(key=KEY, value=ANY)
 def test_unknown_key_is_rejected_naming_it(loc, key, value):
@@ -238,7 +197,7 @@ def test_wrong_type_or_out_of_range_is_rejected_naming_the_key(mutation):
     check_rejected(*mutation)
 
 
-@pytest.mark.parametrize("path, sub", SLOTS, ids=[COMMON["_where"](list(p)) for p, _ in SLOTS])
+@pytest.mark.parametrize("path, sub", SLOTS, ids=[dotted(list(p)) for p, _ in SLOTS])
 def test_every_key_rejects_an_invalid_value(path, sub):
     """Deterministic sweep: every key the schema knows, one value invalid for it."""
     value = next(v for v in BAD_VALUES if not leaf_validator(sub).is_valid(v))

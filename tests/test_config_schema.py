@@ -3,19 +3,17 @@ keys and bad values, naming the key."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
-from robustfl.config import RunConfig
+from robustfl.pipeline.study import CELL_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
-NON_CELL_FIELDS = {"seed", "device", "checkpoint_every"}  # rules/common.smk: not part of a cell
 
 
 def errors(cfg: dict) -> list[jsonschema.ValidationError]:
@@ -61,7 +59,7 @@ def test_extra_configs_are_valid_when_merged(extra):
 
 def test_schema_fields_match_runconfig():
     """The schema lists exactly RunConfig's cell fields, for `base` and for grid blocks."""
-    fields = {f.name for f in dataclasses.fields(RunConfig)} - NON_CELL_FIELDS
+    fields = set(CELL_FIELDS)
     assert set(SCHEMA["$defs"]["cell_overrides"]["properties"]) == fields
     assert set(SCHEMA["$defs"]["grid_block"]["properties"]) == fields | {"outputs"}
 
