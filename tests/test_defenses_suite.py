@@ -70,7 +70,8 @@ def test_registry_entry_is_the_pure_rule_with_the_cells_params(name):
 
 # ------------------------------------------------------------------------------------------ bad params
 @pytest.mark.parametrize("name,params,msg", [
-    ("geomed", {"T": 3}, r"defense 'geomed': unknown params \['T'\]; allowed: \['f', 'init', 'iters', 'nu', 'pre', 'tol'\]"),
+    ("geomed", {"T": 3},
+     r"defense 'geomed': unknown params \['T'\]; allowed: \['f', 'init', 'iters', 'nu', 'pre', 'tol'\]"),
     ("geomed", {"nu": 0}, r"defense 'geomed': nu must be > 0, got 0"),
     ("geomed", {"iters": 2.5}, r"defense 'geomed': iters must be an int, got 2.5"),
     ("geomed", {"init": "median"}, r"defense 'geomed': init must be one of \['mean', 'zero'\]"),
@@ -89,7 +90,8 @@ def test_registry_entry_is_the_pure_rule_with_the_cells_params(name):
     ("flame", {"epsilon": 10.0, "delta": 2.0}, r"defense 'flame': delta must be < 1"),
     ("foolsgold", {"kappa": 0}, r"defense 'foolsgold': kappa must be > 0"),
     ("foolsgold", {"aggregate": "median"}, r"defense 'foolsgold': aggregate must be one of \['mean', 'sum'\]"),
-    ("norm_clipping", {"sigma": 0.1}, r"defense 'norm_clipping': unknown params \['sigma'\]; allowed: \['M', 'f', 'pre'\]"),
+    ("norm_clipping", {"sigma": 0.1},
+     r"defense 'norm_clipping': unknown params \['sigma'\]; allowed: \['M', 'f', 'pre'\]"),
     ("norm_clipping", {"M": float("nan")}, r"defense 'norm_clipping': M must be a finite number"),
     ("weak_dp", {"sigma": -0.1}, r"defense 'weak_dp': sigma must be >= 0"),
 ])
@@ -103,7 +105,8 @@ def test_bad_params_are_one_clear_error_naming_the_key(name, params, msg):
 @pytest.mark.parametrize("pre,msg", [
     ("median", r"defense 'krum': pre: unknown pre-aggregator 'median'; known: bucketing, nnm"),
     ([{"s": 2}], r"defense 'krum': pre: each entry must be a pre-aggregator name or a mapping with 'name'"),
-    ({"name": "bucketing", "size": 2}, r"defense 'krum': pre: unknown params \['size'\] for 'bucketing'; allowed: \['s'\]"),
+    ({"name": "bucketing", "size": 2},
+     r"defense 'krum': pre: unknown params \['size'\] for 'bucketing'; allowed: \['s'\]"),
     ({"name": "bucketing", "s": 0}, r"defense 'krum': pre: bucketing s must be an int >= 1, got 0"),
     ({"name": "nnm", "f": -1}, r"defense 'krum': pre: nnm f must be an int >= 0, got -1"),
     (3, r"defense 'krum': pre: each entry must be"),
@@ -145,7 +148,8 @@ def test_pre_nnm_then_fedavg_by_hand():
     assert r.update.item() == pytest.approx(13 / 6)
     assert torch.allclose(r.weights, torch.tensor([3 / 12, 4 / 12, 4 / 12, 1 / 12], dtype=F64))
     assert torch.allclose(r.weights @ x, r.update)
-    assert r.info["pre"] == [{"name": "nnm"}] and torch.allclose(r.info["inner_weights"], torch.full((4,), 0.25, dtype=F64))
+    assert r.info["pre"] == [{"name": "nnm"}]
+    assert torch.allclose(r.info["inner_weights"], torch.full((4,), 0.25, dtype=F64))
     # f for NNM: the server's, or the pre spec's own
     r3 = DEFENSES.get("fedavg")(x, ctx(4, 1, pre={"name": "nnm", "f": 3}))
     assert torch.allclose(r3.update, x.mean(0))  # each point alone: NNM with n - f = 1 is the identity

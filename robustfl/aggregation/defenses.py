@@ -491,7 +491,7 @@ def foolsgold(updates: torch.Tensor, ctx: ServerContext) -> agg.AggResult:
     res = suite.foolsgold(updates, prev, o["kappa"], o["aggregate"])
     new_h = res.info.pop("history")
     if rows:
-        hist[[known[ids[r]] for r in rows]] = new_h[rows].to(hist.dtype)
+        hist[[known[ids[r]] for r in rows]] = new_h[rows].to(device=hist.device, dtype=hist.dtype)
     fresh = [r for r, cid in enumerate(ids) if cid not in known]
     if fresh:
         add = new_h[fresh].detach().clone()

@@ -334,7 +334,7 @@ def _meanshift_majority(features: np.ndarray, quantile: float) -> tuple[np.ndarr
     if n < 3:
         labels = np.zeros(n, dtype=np.int64)
         return labels, labels == 0
-    bw = float(estimate_bandwidth(features, quantile=quantile))
+    bw = float(estimate_bandwidth(features, quantile=max(quantile, 1.0 / n)))  # at least one neighbour
     labels = None
     if bw > 1e-12:
         with warnings.catch_warnings():  # a tiny bandwidth: sklearn seeds from the points themselves instead
@@ -512,8 +512,8 @@ def foolsgold(updates: Tensor, history: Tensor | None = None, kappa: float = 1.0
         hist = updates
     else:
         if not isinstance(history, Tensor) or not history.is_floating_point() or tuple(history.shape) != (n, d):
-            raise ValueError(f"history must be a floating (n, d) = {(n, d)} tensor, got "
-                             f"{getattr(history, 'dtype', type(history).__name__)} {tuple(getattr(history, 'shape', ()))}")
+            got = f"{getattr(history, 'dtype', type(history).__name__)} {tuple(getattr(history, 'shape', ()))}"
+            raise ValueError(f"history must be a floating (n, d) = {(n, d)} tensor, got {got}")
         if not bool(torch.isfinite(history).all()):
             raise ValueError("history has non-finite (NaN/Inf) entries")
         hist = history.to(device=updates.device, dtype=updates.dtype) + updates
