@@ -17,7 +17,8 @@ object every round, and save/restore with its checkpoints (with ``ServerContext.
 rule). Without that wiring -- a fresh ``state`` every round -- centered clipping always centres at 0 and
 FoolsGold sees only the current round (its "no memory" form); without a generator, the randomised defenses
 use a fixed-seed generator (:func:`robustfl.aggregation.suite.fallback_generator`): the same coordinates,
-permutation and noise every round. Both degradations are recorded in ``info`` and the decisions doc.
+permutation and noise every round. The first shows in ``info`` (``history_rounds``, ``centred_at_zero``), the
+second is logged once per defense; both are described in docs/decisions/defenses-suite.md.
 """
 from __future__ import annotations
 
