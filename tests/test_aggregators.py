@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _byzfl import load_byzfl
 from robustfl.aggregation import aggregators as A
 
 F64 = torch.float64
@@ -471,33 +472,7 @@ def test_parameter_bounds_rejected():
 
 
 # ---------------------------------------------------------------------------------- ByzFL cross-checks
-def _load_byzfl_aggregators():
-    """byzfl's aggregator classes, imported without running ``byzfl/__init__`` (which pulls in torchvision
-    and the benchmark framework: ~10 s of imports). The temporary ``byzfl.*`` entries are removed from
-    ``sys.modules`` again, so a later plain ``import byzfl`` elsewhere is unaffected."""
-    import importlib
-    import importlib.util
-    import sys
-    import types
-
-    if "byzfl" in sys.modules and hasattr(sys.modules["byzfl"], "Krum"):
-        return sys.modules["byzfl"]
-    spec = importlib.util.find_spec("byzfl")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("byzfl is not installed")
-    before = set(sys.modules)
-    stub = types.ModuleType("byzfl")
-    stub.__path__ = list(spec.submodule_search_locations)
-    sys.modules["byzfl"] = stub
-    try:
-        return importlib.import_module("byzfl.aggregators.aggregators")
-    finally:
-        for name in set(sys.modules) - before:
-            if name == "byzfl" or name.startswith("byzfl."):
-                del sys.modules[name]
-
-
-byzfl = _load_byzfl_aggregators()
+byzfl = load_byzfl("aggregators.aggregators")  # tests/_byzfl.py
 
 
 @pytest.mark.parametrize("n,f,seed", [(10, 1, 0), (10, 3, 1), (15, 4, 2), (7, 2, 3)])

@@ -29,6 +29,17 @@ SINGLE: dict[str, dict] = {
     "bulyan": {"defense": "bulyan", "defense_params": {"f": 1}},
     "flare": {"defense": "flare"},
     "fltrust": {"defense": "fltrust"},
+    # the defense suite (robustfl.aggregation.suite). Recorded with a fresh ServerContext.state and no generator
+    # each round (fixed-seed fallback): regenerate these when the FL loop passes state and a generator.
+    "geomed": {"defense": "geomed"},
+    "centered_clipping": {"defense": "centered_clipping", "attack": "krum_untargeted", "n_attackers": 2},
+    "dnc": {"defense": "dnc", "attack": "trimmedmean_untargeted", "n_attackers": 2},
+    "signguard": {"defense": "signguard"},
+    "flame": {"defense": "flame", "attack": "krum_backdoor", "n_attackers": 1},
+    "foolsgold": {"defense": "foolsgold"},
+    "norm_clipping": {"defense": "norm_clipping"},
+    "weak_dp": {"defense": "weak_dp"},
+    "median_pre_nnm_bucketing": {"defense": "median", "defense_params": {"pre": ["nnm", {"name": "bucketing", "s": 2}]}},
     "krum_backdoor_krum": {"attack": "krum_backdoor", "n_attackers": 1, "defense": "krum"},
     "krum_backdoor_ball_fedavg": {"attack": "krum_backdoor", "n_attackers": 1,
                                   "attack_params": {"radius": 0.5, "start": "benign_mean"}},
