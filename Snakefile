@@ -19,6 +19,7 @@ wildcard_constraints:
     study=r"[A-Za-z0-9_-]+",
     dataset=r"[A-Za-z0-9_]+",
     cell=r"[^/]+",
+    defense=r"[A-Za-z0-9_]+",
     pkey=r"[^/]+",
     seed=r"\d+",
 
@@ -43,6 +44,9 @@ localrules:
     fig4,
     cost,
     attack_sweep,
+    card_frames,
+    card_defense,
+    card_ranking,
 
 
 rule all:
@@ -56,5 +60,6 @@ include: "rules/partition.smk"
 include: "rules/run.smk"
 include: "rules/aggregate.smk"
 include: "rules/tables.smk"
+include: "rules/report_card.smk"
 include: "rules/figures.smk"
 include: "rules/report.smk"

@@ -16,6 +16,7 @@ from scipy import stats
 from robustfl.aggregation.defenses import DEFENSES
 from robustfl.attacks import ATTACKS, is_targeted
 from robustfl.config import RunConfig
+from robustfl.pipeline import card
 from robustfl.reporting import report_card as rc
 from robustfl.reporting.results import CLIENT_COLUMNS, CONFIG_COLUMNS, ROUND_COLUMNS
 
@@ -233,7 +234,7 @@ def test_card_pipeline_from_frames() -> None:
 
 # ------------------------------------------------------------------------------------------------ grid
 def test_card_grid_counts_dedup_and_fields() -> None:
-    cells = rc.card_grid(["flare", "krum", "fedavg"], ["krum_backdoor", "krum_untargeted"], seeds=[0, 1])
+    cells = card.card_grid(["flare", "krum", "fedavg"], ["krum_backdoor", "krum_untargeted"], seeds=[0, 1])
     keys = [tuple(sorted((k, str(v)) for k, v in c.items())) for c in cells]
     assert len(keys) == len(set(keys))
     # 3 defenses (FedAvg is also the baseline: once) x (1 clean + 2 attacks x 3 fractions) x 3 partitions x 2 seeds
@@ -245,14 +246,14 @@ def test_card_grid_counts_dedup_and_fields() -> None:
         assert ("backdoor" in c) == (c["attack"] == "krum_backdoor")
     assert {(c["partition"], c["partition_params"].get("alpha")) for c in cells} == {
         ("iid", None), ("dirichlet", 1.0), ("dirichlet", 0.3)}
-    clean = rc.card_grid(["krum"], ["krum_backdoor"], seeds=[0], baseline="clean")
+    clean = card.card_grid(["krum"], ["krum_backdoor"], seeds=[0], baseline="clean")
     assert {(c["defense"], c["attack"]) for c in clean} == {("fedavg", "none"), ("krum", "none"),
                                                               ("krum", "krum_backdoor")}
     assert len(clean) == (1 + 1 + 3) * 3
 
 
 def test_card_grid_defaults_are_every_registered_name() -> None:
-    cells = rc.card_grid(seeds=[0], partitions=["iid"], fractions=[0.1])
+    cells = card.card_grid(seeds=[0], partitions=["iid"], fractions=[0.1])
     assert {c["defense"] for c in cells} == set(DEFENSES.names())
     assert {c["attack"] for c in cells} == {"none", *ATTACKS.names()}
     assert len(cells) == len(DEFENSES.names()) * (1 + len(ATTACKS.names()))
@@ -260,15 +261,15 @@ def test_card_grid_defaults_are_every_registered_name() -> None:
 
 
 def test_card_grid_fraction_rounding_base_and_bulyan() -> None:
-    assert [rc.attackers(x, 10) for x in (0.1, 0.15, 0.25, 0.3, 0.35)] == [1, 2, 3, 3, 4]
-    cells = rc.card_grid(["bulyan"], ["krum_backdoor"], fractions=[0.1, 0.14, 0.3], partitions=["iid"], seeds=[0],
+    assert [card.attackers(x, 10) for x in (0.1, 0.15, 0.25, 0.3, 0.35)] == [1, 2, 3, 3, 4]
+    cells = card.card_grid(["bulyan"], ["krum_backdoor"], fractions=[0.1, 0.14, 0.3], partitions=["iid"], seeds=[0],
                          base={"rounds": 3, "backdoor": "trojan"}, baseline="clean", dataset="digits")
     by_f = {c["n_attackers"]: c for c in cells if c["defense"] == "bulyan"}
     assert sorted(by_f) == [0, 1, 3]  # 0.1 and 0.14 of 10 both give f = 1: one cell
     assert all(c["rounds"] == 3 for c in cells)
     assert by_f[3]["backdoor"] == "trojan" and "backdoor" not in by_f[0]
     assert "defense_params" not in by_f[1] and by_f[3]["defense_params"] == {"f": 1}  # n >= 4f + 3 at n = 10
-    given = rc.card_grid(["krum"], ["krum_backdoor"], fractions=[0.1], partitions=["iid"], seeds=[0],
+    given = card.card_grid(["krum"], ["krum_backdoor"], fractions=[0.1], partitions=["iid"], seeds=[0],
                          defense_params={"krum": {"m": 2}})
     assert all(c["defense_params"] == {"m": 2} for c in given if c["defense"] == "krum")
 
@@ -300,7 +301,7 @@ def test_card_grid_fraction_rounding_base_and_bulyan() -> None:
 ])
 def test_card_grid_errors_are_one_line(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message) as exc:
-        rc.card_grid(**{"defenses": ["krum"], "attacks": ["krum_backdoor"], "seeds": [0], **kwargs})
+        card.card_grid(**{"defenses": ["krum"], "attacks": ["krum_backdoor"], "seeds": [0], **kwargs})
     assert "\n" not in str(exc.value)
 
 

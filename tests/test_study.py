@@ -147,7 +147,7 @@ def test_schema_messages_name_the_key():
      "unknown attack 'krum_backdor' at studies.s.grid[0].attack (known: none, "),
     ({"grid": [{"model": ["resnet"]}]}, "unknown model 'resnet' at studies.s.grid[0].model (known: "),
     ({"grid": [{"defense": []}]}, "studies.s.grid[0].defense is an empty list, so this grid block has zero cells"),
-    ({"grid": []}, "study 's' has zero cells: give it a non-empty `grid` or `include`"),
+    ({"grid": []}, "study 's' has zero cells: give it a non-empty `grid`, `card` or `include`"),
     ({"base": BASE, "grid": [{"attack": ["krum_untargeted"], "n_attackers": [5]}]},
      "studies.s.grid[0] cell (dataset=digits, rounds=2, attack=krum_untargeted, n_attackers=5): "),
     ({"include": ["t"]}, "unknown study 't' included by 's' (known: s)"),
@@ -275,12 +275,75 @@ def committed():
 
 
 def test_cell_ids_of_the_committed_studies_are_unchanged(committed):
-    assert sorted(committed) == sorted(FIXTURE["studies"])
-    for name, cells in committed.items():
-        assert sorted(cells) == FIXTURE["studies"][name]["cells"], name
+    assert set(FIXTURE["studies"]) <= set(committed)  # studies may be added; none may change or vanish
+    for name, fixed in FIXTURE["studies"].items():
+        assert sorted(committed[name]) == fixed["cells"], name
 
 
 def test_pack_names_of_the_committed_studies_are_unchanged(committed, tmp_path):
-    for name, cells in committed.items():
-        for size, names in FIXTURE["studies"][name]["packs"].items():
-            assert [p.name for p in plan_packs(cells.values(), int(size), str(tmp_path))] == names, (name, size)
+    for name, fixed in FIXTURE["studies"].items():
+        for size, names in fixed["packs"].items():
+            assert [p.name for p in plan_packs(committed[name].values(), int(size), str(tmp_path))] == names, (name, size)
+
+
+# ------------------------------------------------------------------------------------- report cards
+CARD = {"dataset": "digits", "defenses": ["krum", "flare"], "attacks": ["krum_backdoor", "krum_untargeted"],
+        "fractions": [0.2], "partitions": ["iid"]}
+
+
+def test_a_card_block_expands_into_report_card_cells_with_their_seeds():
+    cells = expand_study({"c": {"seeds": [0, 1], "base": {"rounds": 2}, "card": CARD}}, "c")
+    # per seed: fedavg clean + fedavg x 2 attacks + 2 defenses x (clean + 2 attacks)
+    assert len(cells) == 1 + 2 + 2 * 3
+    for c in cells.values():
+        assert c.outputs == {"report_card"} and c.seeds == {0, 1} and c.cfg["rounds"] == 2
+        assert c.where == ["studies.c.card"]
+    assert {c.cfg["defense"] for c in cells.values()} == {"fedavg", "krum", "flare"}
+    assert {c.cfg["n_attackers"] for c in cells.values() if c.cfg["attack"] != "none"} == {2}
+
+
+def test_the_top_level_defenses_replace_the_selected_cards():
+    cfg = config(c={"seeds": [0], "card": CARD}, other={"seeds": [0], "card": CARD})
+    cfg["defenses"] = ["median"]
+    studies = expand_studies(cfg)
+    assert {c.cfg["defense"] for c in studies["c"].values()} == {"fedavg", "median"}
+    assert {c.cfg["defense"] for c in studies["other"].values()} == {"fedavg", "krum", "flare"}
+    cfg["defenses"] = "[median, flare]"  # as a string from the command line
+    assert {c.cfg["defense"] for c in expand_studies(cfg)["c"].values()} == {"fedavg", "median", "flare"}
+
+
+@pytest.mark.parametrize("card, defenses, expected", [
+    ({**CARD, "defenses": ["krum", "rfa"]}, None, "unknown defense 'rfa'"),
+    ({**CARD, "attacks": ["alie_typo"]}, None, "unknown attack 'alie_typo'"),
+    ({**CARD, "fractions": [0.5]}, None, "f = 5 >= n/2"),
+    ({**CARD, "partitions": []}, None, "zero cells"),
+    (CARD, [], "zero cells"),
+])
+def test_bad_cards_stop_with_one_line_naming_the_problem(card, defenses, expected):
+    cfg = config(c={"seeds": [0], "card": card})
+    if defenses is not None:
+        cfg["defenses"] = defenses
+    assert expected in error(expand_studies, cfg)
+
+
+def test_defenses_need_a_card():
+    cfg = config(q={"seeds": [0], "base": BASE, "grid": [{"defense": ["krum"]}]})
+    cfg["defenses"] = ["flare"]
+    assert "has no `card` block" in error(expand_studies, cfg)
+
+
+def test_a_card_builds_every_defense_table_heatmap_and_the_ranking():
+    cells = expand_study({"c": {"seeds": [0], "card": CARD}}, "c").values()
+    targets = study_targets(cells, "c", "res", "rep")
+    for d in ("fedavg", "krum", "flare"):
+        assert {f"rep/c/report_card/card_{d}.{e}" for e in ("csv", "md", "tex")} <= set(targets)
+        assert f"rep/c/report_card/heatmap_{d}.png" in targets
+    assert {"rep/c/report_card/card_runs.csv", "rep/c/report_card/card_summary.csv",
+            "rep/c/report_card/ranking.png"} <= set(targets)
+
+
+def test_the_committed_cards_are_valid():
+    check_schema(CONFIG, SCHEMA)
+    studies = expand_studies({**CONFIG, "study": "report_card"})
+    assert {c.cfg["dataset"] for c in studies["report_card"].values()} == {"cifar10"}
+    assert {c.cfg["dataset"] for c in studies["report_card_quick"].values()} == {"digits"}

@@ -23,7 +23,7 @@ TABLES = tuple(TABLE_TITLES)
 DATASET_FIGURES = ("fig_confidence", "fig12", "fig13")  # one figure per dataset
 SNAPSHOT_FIGURES = ("fig_plr", "fig_mmd", "fig4")  # one figure per designated cell (first seed)
 CELL_FIGURES = ("fig_attack",)  # one figure per tagged cell, from the runs of all its seeds
-OTHER_OUTPUTS = ("cost", "attack_sweep")  # a table (and figure) of their own
+OTHER_OUTPUTS = ("cost", "attack_sweep", "report_card")  # tables (and figures) of their own
 OUTPUTS = (*TABLES, *DATASET_FIGURES, *SNAPSHOT_FIGURES, *CELL_FIGURES, *OTHER_OUTPUTS)
 
 
@@ -71,4 +71,16 @@ def study_targets(cells: Iterable[Cell], study: str, results: str, reports: str)
         targets += [f"{reports}/{study}/tables/cost.csv", f"{reports}/{study}/figures/cost.png"]
     if tagged(cells, "attack_sweep"):
         targets += [f"{reports}/{study}/tables/attack_sweep.csv", f"{reports}/{study}/tables/attack_sweep.md"]
+    card = tagged(cells, "report_card")
+    if card:
+        targets += card_files(reports, study, sorted({c.cfg["defense"] for c in card}))
     return targets
+
+
+def card_files(reports: str, study: str, defenses: Iterable[str]) -> list[str]:
+    """A report card's files: the tidy frames, each defense's table (csv, md, tex) and heatmap, the ranking."""
+    out = f"{reports}/{study}/report_card"
+    files = [f"{out}/card_runs.csv", f"{out}/card_summary.csv", f"{out}/ranking.png"]
+    for d in defenses:
+        files += [f"{out}/card_{d}.{ext}" for ext in ("csv", "md", "tex")] + [f"{out}/heatmap_{d}.png"]
+    return files

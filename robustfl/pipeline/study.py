@@ -23,6 +23,7 @@ from robustfl.config import RunConfig
 from robustfl.data.datasets import DATASETS
 from robustfl.fl import experiment as rx
 from robustfl.models import MODELS
+from robustfl.pipeline.card import card_grid
 from robustfl.pipeline.outputs import SNAPSHOT_FIGURES
 
 
@@ -139,8 +140,30 @@ def _merge(cells: dict[str, Cell], new: Cell) -> None:
     old.where += new.where
 
 
-def expand_study(studies: Mapping[str, Any], name: str, stack: Sequence[str] = ()) -> dict[str, Cell]:
-    """The cells of study ``name`` of ``studies`` (the config's ``studies``), its includes resolved, by id."""
+def card_cells(study: Mapping[str, Any], name: str, seeds: set[int], base: Mapping[str, Any],
+               defenses: Sequence[str] | None = None) -> list[Cell]:
+    """The cells of a study's ``card`` block (:func:`robustfl.pipeline.card.card_grid`), feeding output
+    ``report_card``; ``defenses`` (the top-level ``defenses`` of the config) replaces the block's."""
+    spec = dict(study["card"])
+    if defenses is not None:
+        spec["defenses"] = defenses
+    where = f"studies.{name}.card"
+    try:
+        runs = card_grid(**spec, seeds=sorted(seeds), base=base)
+    except (TypeError, ValueError) as exc:
+        raise StudyError(f"{where}: {exc}") from None
+    out: dict[str, Cell] = {}
+    for run in runs:
+        seed = int(run.pop("seed"))
+        cid, cfg = make_cell(run, where)
+        out.setdefault(cid, Cell(cid, cfg, set(), {"report_card"}, [where])).seeds.add(seed)
+    return list(out.values())
+
+
+def expand_study(studies: Mapping[str, Any], name: str, stack: Sequence[str] = (),
+                 card_defenses: Sequence[str] | None = None) -> dict[str, Cell]:
+    """The cells of study ``name`` of ``studies`` (the config's ``studies``), its includes resolved, by id;
+    ``card_defenses`` replaces the defenses of its ``card`` block."""
     if name not in studies:
         known = ", ".join(sorted(studies))
         raise StudyError(f"unknown study {name!r}" + (f" included by {stack[-1]!r}" if stack else "")
@@ -167,8 +190,11 @@ def expand_study(studies: Mapping[str, Any], name: str, stack: Sequence[str] = (
         for combo in itertools.product(*axes.values()):
             cid, cfg = make_cell({**base, **dict(zip(axes, combo))}, where)
             _merge(cells, Cell(cid, cfg, seeds, outputs, [where]))
+    if "card" in study:
+        for c in card_cells(study, name, seeds, base, card_defenses):
+            _merge(cells, c)
     if not cells:
-        raise StudyError(f"study {name!r} has zero cells: give it a non-empty `grid` or `include`")
+        raise StudyError(f"study {name!r} has zero cells: give it a non-empty `grid`, `card` or `include`")
     return cells
 
 
@@ -194,7 +220,16 @@ def expand_studies(config: Mapping[str, Any]) -> dict[str, dict[str, Cell]]:
     ``study`` must be one of them."""
     for name in config["data"]["datasets"]:
         check_names("data.datasets", "dataset", [name])
-    studies = {name: expand_study(config["studies"], name) for name in config["studies"]}
+    defenses = config.get("defenses")
+    if isinstance(defenses, str):
+        defenses = [d.strip() for d in defenses.strip("[]").split(",") if d.strip()]
+    selected = config["studies"].get(config["study"], {})
+    if defenses is not None and "card" not in selected:
+        raise StudyError(f"defenses={defenses} selects the defenses of a report card, but study {config['study']!r} "
+                         "has no `card` block")
+    studies = {name: expand_study(config["studies"], name,
+                                  card_defenses=defenses if name == config["study"] else None)
+               for name in config["studies"]}
     if config["study"] not in studies:
         raise StudyError(f"study {config['study']!r} is not defined under `studies` "
                          f"(known: {', '.join(sorted(studies))})")
