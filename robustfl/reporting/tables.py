@@ -31,6 +31,8 @@ DATASET_NAMES = {"fmnist": "fMNIST", "cifar10": "CIFAR-10", "kather": "Kather", 
 DEFENSE_NAMES = {
     "fedavg": "FedAvg", "krum": "Krum", "median": "Coomed", "trimmed_mean": "TrimmedMean",
     "bulyan": "Bulyan", "fltrust": "FLTrust", "flare": "FLARE",
+    "geomed": "GeoMed (RFA)", "centered_clipping": "CenteredClipping", "dnc": "DnC", "signguard": "SignGuard",
+    "flame": "FLAME", "foolsgold": "FoolsGold", "norm_clipping": "NormClipping", "weak_dp": "WeakDP",
 }
 ATTACK_NAMES = {
     "none": "No attack",
