@@ -185,6 +185,12 @@ BAD_CONFIGS = {
                                               "n_attackers": [1]}]),
                               "`fig_attack` draws a backdoor cell's attackers, but cell"),
     "unknown_study": ({"study": "quik"}, "study 'quik' is not defined under `studies`"),
+    "card_unknown_defense": ({"study": "report_card_quick", "defenses": ["flare", "rfa"]},
+                             "studies.report_card_quick.card: report card: unknown defense 'rfa'"),
+    "card_f_half": ({"study": "c", "studies": {"c": {"seeds": [0], "card": {"dataset": "digits", "fractions": [0.5]}}}},
+                    "f = 5 >= n/2"),
+    "card_empty": ({"study": "c", "studies": {"c": {"seeds": [0], "card": {"dataset": "digits", "attacks": []}}}},
+                   "zero cells"),
     "unknown_include": ({"studies": {"both": {"include": ["tiny", "tinny"]}}, "study": "both"},
                         "unknown study 'tinny' included by 'both'"),
 }
@@ -325,3 +331,24 @@ def test_report_holds_every_table_and_figure_with_captions(tiny_run):
                     "Mirrors <strong>Figure 13</strong>", "Figures 1a, 6, 10 and 11", "Figure 1b",
                     "Figure 4", "Section 7.4", "stands in for fMNIST"):
         assert caption in text, caption
+
+
+# ---------------------------------------------------------------------------------- a real report card
+@pytest.mark.slow
+def test_report_card_end_to_end(tmp_path):
+    card = {"dataset": "digits", "defenses": ["flare"], "attacks": ["krum_backdoor"], "fractions": [0.2],
+            "partitions": ["iid", {"partition": "dirichlet", "partition_params": {"alpha": 0.3}}]}
+    extra = write_yaml(tmp_path / "card.yaml", {"study": "card_mini", "studies": {"card_mini": {
+        "seeds": [0], "base": {"rounds": 1, "local_epochs": 1}, "card": card}}})
+    proc = snakemake(tmp_path, "--cores", "2", configfiles=(extra,), timeout=1800)
+    assert proc.returncode == 0, output(proc)[-5000:]
+    out = tmp_path / "reports" / "card_mini" / "report_card"
+    runs = pd.read_csv(out / "card_runs.csv")
+    assert len(runs) == 2 * 4  # per partition: FedAvg and FLARE, each without and under the attack
+    summary = pd.read_csv(out / "card_summary.csv")
+    assert set(summary["defense"]) == {"fedavg", "flare"} and summary["worst_acc"].between(0, 1).all()
+    assert (summary["worst_acc_attack"] == "krum_backdoor").all()
+    for d in ("fedavg", "flare"):
+        assert "| Setting" in (out / f"card_{d}.md").read_text()
+        assert (out / f"heatmap_{d}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "ranking.png").stat().st_size > 5000
