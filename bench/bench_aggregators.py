@@ -22,7 +22,7 @@ from robustfl.aggregation import aggregators as agg
 from robustfl.io import atomic_write_json, device_name, git_commit, versions
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
-from robustfl.engine.train import stacked_plrs
+from robustfl.engine import model_plrs
 
 
 def _time(fn: Callable[[], object], dev: torch.device, reps: int) -> float:
@@ -50,8 +50,8 @@ def ours(model: torch.nn.Module, theta: torch.Tensor, aux: torch.Tensor, n: int,
         "median": lambda: agg.median(u),
         "trimmed_mean": lambda: agg.trimmed_mean(u, k),
         "fltrust": lambda: agg.fltrust(u, server),
-        "flare_incl_plr": lambda: agg.flare(u, stacked_plrs(model, theta + u, aux)),
-        "flare_mmd_only": (lambda p=stacked_plrs(model, theta + u, aux): agg.flare_trust(p)),
+        "flare_incl_plr": lambda: agg.flare(u, model_plrs(model, theta + u, aux)),
+        "flare_mmd_only": (lambda p=model_plrs(model, theta + u, aux): agg.flare_trust(p)),
     }
     if n >= 4 * f + 3:
         out["bulyan"] = lambda: agg.bulyan(u, f)

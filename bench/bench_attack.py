@@ -1,7 +1,7 @@
 """Benchmark: the backdoor attackers' crafting (Bhagoji et al.'s alternating minimisation, what
 Attack-Krum-Backdoor runs for every attacker every round; or with ``--attack boosting`` the explicit
 boosting to convergence of Attack-Coomed-Backdoor), eagerly vs one iteration captured as a CUDA
-graph (``robustfl.attacks.backdoor.ATTACK_CUDA_GRAPH``), side by side in one process. Paper settings:
+graph (``robustfl.engine.EngineOptions.attack_cuda_graph``), side by side in one process. Paper settings:
 the attacker's shard (CIFAR-10: 5,000 samples, batch 32; fmnist: 6,000, batch 64), 2 benign epochs
 (the authors' ``mal_E``), rho 1e-4, boost n = 10, a backdoor set of ``--bd`` images; random inputs.
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import robustfl.attacks.backdoor as B
+from robustfl.engine import EngineOptions
 from robustfl.io import atomic_write_json
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
@@ -62,17 +63,13 @@ def _craft(a: argparse.Namespace, model, theta, owns, xb, yb, ref, bs: int, layo
 def compare_engines(a: argparse.Namespace, dev: torch.device, res: dict) -> None:
     """Single-model vs stacked crafting for each model and attacker count (``--attackers``); the
     models with dropout off as well, where the two must give the same updates up to float rounding."""
-    from robustfl.engine.train import resolve_kernels
-
     for name in a.models:
         mname, c, h, w, ch, per, bs = SETTINGS[name]
         for k in a.attackers:
             for dropout in ((True, False) if mname in HAS_DROPOUT else (None,)):
                 torch.manual_seed(0)
                 model = build_model(mname, c, ch, **({} if dropout is None else {"dropout": dropout})).to(dev)
-                layout, _ = resolve_kernels(model, dev, "auto")
-                if layout not in ("grouped", "channels_last", "loop", "triton"):
-                    layout = "grouped"
+                layout = EngineOptions(kind="vectorised").resolve(model, dev).layout or "grouped"
                 theta = model_to_flat(model)
                 owns = [(torch.randint(0, 256, (per, h, w, ch), dtype=torch.uint8, device=dev),
                          torch.randint(0, c, (per,), device=dev)) for _ in range(k)]
@@ -142,23 +139,23 @@ def main() -> None:
         times: dict[bool, list[float]] = {False: [], True: []}
         for r in range(a.repeats + 1):  # the first pass warms up
             for graph in (False, True):
-                B.ATTACK_CUDA_GRAPH = graph
+                engine = EngineOptions(attack_cuda_graph=graph)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()
                 if a.attack == "alternating":
                     d = B.alternating_minimisation(model, theta, x, y, xb, yb, ref, boost=10.0, rho=1e-4,
                                                    benign_epochs=2.0, batch_size=bs,
-                                                   generator=torch.Generator().manual_seed(0))
+                                                   generator=torch.Generator().manual_seed(0), engine=engine)
                 else:
                     d, info[graph] = B.explicit_boosting(model, theta, xb, yb, boost=10.0, max_steps=a.max_steps,
-                                                         tol=a.tol, generator=torch.Generator().manual_seed(0))
+                                                         tol=a.tol, generator=torch.Generator().manual_seed(0),
+                                                         engine=engine)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 if r:
                     times[graph].append(time.perf_counter() - t)
                 out[graph] = d
-        B.ATTACK_CUDA_GRAPH = True
         row = {"model": mname, "attack": a.attack, "shard": per, "batch": bs, "backdoor_set": a.bd,
                "eager_s": min(times[False]), "graph_s": min(times[True]),
                "rel_diff_graph_vs_eager": float((out[True] - out[False]).norm() / out[False].norm())}

@@ -28,9 +28,9 @@ from robustfl.fl.experiment import build_partition, run_cell
 from robustfl.io import atomic_write_json
 
 try:  # run as `python bench/bench_run.py` from the repository root
-    from bench_engine import kernel_set, result_header
+    from bench_engine import result_header
 except ImportError:  # pragma: no cover - imported as bench.bench_run
-    from bench.bench_engine import kernel_set, result_header
+    from bench.bench_engine import result_header
 
 # name -> (train, test, H, W, C, classes)
 SHAPES = {"fmnist": (60000, 10000, 28, 28, 1, 10), "cifar10": (50000, 10000, 32, 32, 3, 10),
@@ -44,10 +44,6 @@ VARIANTS = {
     "triton+graph+tf32": dict(conv="triton", cuda_graph=True, precision="tf32"),
     "triton+graph+bf16": dict(conv="triton", cuda_graph=True, precision="bf16"),
     "auto": dict(conv="auto", cuda_graph=None),
-    # earlier sessions' kernels (s6-s10) and single options: bench_engine.KERNEL_SETS
-    **{f"triton+graph{p}+{k}": dict(conv="triton", cuda_graph=True, kernels=k, **prec)
-       for p, prec in (("", {}), ("+tf32", {"precision": "tf32"}), ("+bf16", {"precision": "bf16"}))
-       for k in ("t256", "s6", "s7", "s8", "s9", "s10", "nocache")},
 }
 
 
@@ -98,16 +94,13 @@ def main() -> None:
     run_cell(RunConfig(**{**base, "rounds": 1}), data_dir, part, tmp / "warm")
     for r in range(a.repeats):
         for v in a.variants:
-            opts = dict(VARIANTS[v])
-            kernels = opts.pop("kernels", "default")
-            cfg = RunConfig(**{**base, **opts})  # a variant may name its own precision
+            cfg = RunConfig(**{**base, **VARIANTS[v]})  # a variant may name its own precision
             out_dir = tmp / f"run_{v}_{r}"
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            with kernel_set(kernels):
-                t = time.perf_counter()
-                final = run_cell(cfg, data_dir, part, out_dir)
-                wall = time.perf_counter() - t
+            t = time.perf_counter()
+            final = run_cell(cfg, data_dir, part, out_dir)
+            wall = time.perf_counter() - t
             run = json.loads((out_dir / "run.json").read_text())
             row = {"variant": v, "repeat": r, "precision": cfg.precision, "end_to_end_s": wall,
                    "sim_wall_s": final.get("sim_wall_s"),

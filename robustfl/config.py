@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-#: train_vectorised's ``conv`` options (robustfl.engine.train), ``auto`` resolved by robustfl.engine.train.resolve_kernels
+#: the vectorised engine's ``conv`` (robustfl.engine.options.EngineOptions; ``cudnn`` is its ``vmap``), ``auto`` resolved by EngineOptions.resolve
 CONV_CHOICES = ("auto", "cudnn", "matmul", "grouped", "channels_last", "loop", "triton")
 
 #: Appendix C batch sizes; everything else uses ``RunConfig.batch_size``.

@@ -14,6 +14,7 @@ from robustfl.attacks import adaptive, backdoor  # noqa: F401  (registers the at
 from robustfl.attacks.adaptive import d_plr
 from robustfl.attacks.backdoor import alternating_minimisation, benign_update, explicit_boosting, forward_with
 from robustfl.attacks.base import AttackContext
+from robustfl.engine import EngineOptions
 from robustfl.models import build_model
 from robustfl.params import ParamSpec, model_to_flat
 
@@ -328,7 +329,7 @@ def _reference_alternating(model, theta_flat, x_own, y_own, x_bd, y_bd, ben_mean
     import torch.nn.functional as F
 
     from robustfl.attacks.backdoor import _batches, _distance, _training_mode
-    from robustfl.engine.train import ADAM_BETAS, ADAM_EPS
+    from robustfl.engine.adam import ADAM_BETAS, ADAM_EPS
 
     spec = ParamSpec(model)
     theta = theta_flat.detach().float()
@@ -435,8 +436,7 @@ def test_graphed_alternating_minimisation_equals_eager_on_the_gpu(monkeypatch):
     kw = dict(boost=10.0, rho=1e-4, benign_epochs=1.0, batch_size=BATCH)  # 10 iterations, last batch 12
     out = {}
     for graph in (False, True):
-        monkeypatch.setattr(backdoor, "ATTACK_CUDA_GRAPH", graph)
-        out[graph] = alternating_minimisation(model, theta, x, y, xb, yb, None,
+        out[graph] = alternating_minimisation(model, theta, x, y, xb, yb, None, engine=EngineOptions(attack_cuda_graph=graph),
                                               generator=torch.Generator().manual_seed(1), **kw)
     assert out[False].norm() > 1e-3
     assert ((out[True] - out[False]).norm() / out[False].norm()).item() < 1e-3
@@ -445,7 +445,7 @@ def test_graphed_alternating_minimisation_equals_eager_on_the_gpu(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_graphed_explicit_boosting_equals_eager_on_the_gpu(monkeypatch):
     """Attack-Coomed-Backdoor's boosting to convergence with its steps replayed from a CUDA graph after
-    the first GRAPH_MIN_ITERATIONS: the same steps as the eager loop (torch.optim.Adam) on random
+    the first EngineOptions.attack_graph_min_steps: the same steps as the eager loop (torch.optim.Adam) on random
     CIFAR-10-shaped data, up to float rounding, when it runs to max_steps (tol below any loss), when it
     converges after the capture (the default tol: the replay that computed the stopping loss is undone),
     and when it stops within the eager steps (a model already certain of the backdoor label: loss 0,
@@ -465,8 +465,7 @@ def test_graphed_explicit_boosting_equals_eager_on_the_gpu(monkeypatch):
                       (certain, dict(max_steps=30, min_steps=2))]:
         out = {}
         for graph in (False, True):
-            monkeypatch.setattr(backdoor, "ATTACK_CUDA_GRAPH", graph)
-            out[graph] = explicit_boosting(model, start, xb, yb, boost=10.0,
+            out[graph] = explicit_boosting(model, start, xb, yb, boost=10.0, engine=EngineOptions(attack_cuda_graph=graph),
                                            generator=torch.Generator().manual_seed(1), **kw)
         (d0, i0), (d1, i1) = out[False], out[True]
         assert i0["steps"] == i1["steps"]
@@ -477,7 +476,7 @@ def test_graphed_explicit_boosting_equals_eager_on_the_gpu(monkeypatch):
         else:  # two Adam steps on a zero gradient: no change in either
             torch.testing.assert_close(d1, d0, rtol=0, atol=1e-6)
     # the second case ran past the eager steps: the step was captured and replayed at least once
-    assert steps[0] == 30 and backdoor.GRAPH_MIN_ITERATIONS <= steps[1] < 1000 and steps[2] == 2
+    assert steps[0] == 30 and EngineOptions().attack_graph_min_steps <= steps[1] < 1000 and steps[2] == 2
 
 
 # ------------------------------------------------------------------ stealth: start, ball, final boost

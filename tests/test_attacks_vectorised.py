@@ -18,6 +18,8 @@ from robustfl.attacks import vectorised as vec
 from robustfl.attacks.base import AttackContext
 from robustfl.config import RunConfig
 from robustfl.data.datasets import load_prepared
+from robustfl.engine import EngineOptions
+from robustfl.engine.adam import adam_rows
 from robustfl.models import build_model
 from robustfl.params import ParamSpec, model_to_flat
 from robustfl.fl.simulate import Simulation
@@ -50,12 +52,19 @@ def setup():
             "bd_x": x[src], "bd_y": torch.full((10,), TARGET), "ben": 1e-3 * torch.randn(5, theta.numel())}
 
 
-def _ctx(s, layout, params=None, n=3, seed=5):
+def _engine(layout: str | None) -> EngineOptions:
+    """The engine options of a run that trains with ``layout`` (None: the sequential engine)."""
+    if layout is None:
+        return EngineOptions(kind="sequential")
+    return EngineOptions(kind="vectorised", conv=layout, cuda_graph=False)
+
+
+def _ctx(s, layout, params=None, n=3, seed=5, **engine):
     return AttackContext(
         model=s["model"], global_flat=s["theta"], benign_updates=s["ben"], n_attackers=n, n_clients=n + 5, round=0,
         attacker_data=[(s["x"][sh], s["y"][sh]) for sh in s["shards"][:n]], backdoor_x=s["bd_x"],
         backdoor_y=s["bd_y"], batch_size=BATCH, params=dict(params or {}),
-        generator=torch.Generator().manual_seed(seed), layout=layout)
+        generator=torch.Generator().manual_seed(seed), engine=_engine(layout).replace(**engine))
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> None:
@@ -99,8 +108,8 @@ def test_fused_adam_rows_equal_the_stacked_adam_and_skip_inactive_rows():
         active = torch.tensor([1.0, float(s < 3), float(s % 2)])
         g[active == 0] = float("nan")
         before = fus[0].clone()
-        vec.adam_rows(ref[0], g, ref[1], ref[2], ref[3], active, 1e-2, fused=False)
-        vec.adam_rows(fus[0], g, fus[1], fus[2], fus[3], active, 1e-2, fused=True)
+        adam_rows(ref[0], g, ref[1], ref[2], ref[3], active, 1e-2, fused=False)
+        adam_rows(fus[0], g, fus[1], fus[2], fus[3], active, 1e-2, fused=True)
         assert torch.equal(fus[0][active == 0], before[active == 0])
         for a, b in zip(ref, fus):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # float rounding of two formulas
@@ -179,21 +188,22 @@ def test_deterministic_and_leaves_global_rng_alone(setup):
 
 def test_bad_layout_and_switch(setup, monkeypatch):
     with pytest.raises(ValueError, match="layout"):
-        ATTACKS.get("krum_backdoor")(_ctx(setup, "cudnn", {"iterations": 1}))
+        vec.alternating_minimisation_many(setup["model"], setup["theta"], [], setup["bd_x"], setup["bd_y"], None,
+                                          boost=1.0, rho=0.0, generators=[], layout="vmap")
     calls = []
     monkeypatch.setattr(vec, "alternating_minimisation_many", lambda *a, **k: calls.append(1))
-    monkeypatch.setattr(bd, "ATTACK_STACKED", False)  # the switch: single-model loops even with a layout
-    out = ATTACKS.get("krum_backdoor")(_ctx(setup, "grouped", {"iterations": 1}))
+    # the switch: single-model loops even where the run trains with a stacked layout
+    out = ATTACKS.get("krum_backdoor")(_ctx(setup, "grouped", {"iterations": 1}, stacked_attacks=False))
     assert out.shape[0] == 3 and not calls
 
 
 def test_the_simulator_crafts_on_its_engine_layout(tmp_path: Path, monkeypatch):
-    """A run on the vectorised engine with a stacked layout hands that layout to the attack; the
-    sequential engine hands none."""
+    """A run on the vectorised engine with a stacked layout hands its engine options to the attack, which
+    crafts with that layout; the sequential engine gives none."""
     prepared = data.prepare("digits", {}, tmp_path / "digits")
     seen = []
     real = bd.vectorised_layout
-    monkeypatch.setattr(bd, "vectorised_layout", lambda ctx: seen.append(ctx.layout) or real(ctx))
+    monkeypatch.setattr(bd, "vectorised_layout", lambda ctx: seen.append(real(ctx)) or seen[-1])
     for engine, conv in (("vectorised", "grouped"), ("sequential", "auto")):
         cfg = RunConfig(dataset="digits", rounds=1, local_epochs=1, batch_size=32, engine=engine, conv=conv,
                         attack="krum_backdoor", n_attackers=1, attack_params={"iterations": 2})
@@ -240,7 +250,7 @@ def test_stacked_crafting_matches_single_model_on_the_gpu_in_fp32(attack, layout
     convolutions then compute in IEEE FP32 too) the stacked crafting gives the single-model loops'
     updates up to float rounding, which Adam's first steps and the boosting amplify to ~1e-3. (With
     TF32 on, two runs differ as much as any two TF32 kernels let them: bench/results/attack_probe_s9b_h100.json.)"""
-    from robustfl.engine.train import triton_ready
+    from robustfl.engine.options import triton_ready
 
     if layout == "triton" and not triton_ready(build_model("fmnist_cnn", 10, 1)):
         pytest.skip("Triton is not installed")

@@ -195,7 +195,9 @@ def _arm_sigterm_while_writing_checkpoint_2(kill):
 
 def _arm_sigkill_mid_training_round_2(kill):
     """SIGKILL while the benign clients of round 2 are training."""
-    orig = simulate.train_sequential
+    from robustfl import engine
+
+    orig = engine.train_clients
     calls = []
 
     def hook(*a, **k):
@@ -204,7 +206,7 @@ def _arm_sigkill_mid_training_round_2(kill):
             kill(signal.SIGKILL)
         return orig(*a, **k)
 
-    simulate.train_sequential = hook
+    engine.train_clients = hook
 
 
 @pytest.mark.parametrize("arm, sig, latest, prev, resumed_after", [

@@ -168,12 +168,9 @@ def test_packing_runs_of_different_client_counts(digits: Path, tmp_path: Path,
     """A 10-client and a 4-client run packed together (unequal shards): skipping the idle clients gives
     the same runs as computing them on masked batches, and round 1 matches each run alone up to float
     summation order (later rounds drift apart through Adam, as any two float orders do)."""
-    import functools
-
     import pandas as pd
 
-    from robustfl.fl import simulate
-    from robustfl.engine import train
+    from robustfl.engine import EngineOptions
 
     cfgs = [RunConfig(dataset="digits", rounds=2, local_epochs=1, batch_size=32, engine="vectorised",
                       defense="fedavg", n_clients=n, seed=s) for n, s in ((10, 0), (4, 1))]
@@ -184,8 +181,9 @@ def test_packing_runs_of_different_client_counts(digits: Path, tmp_path: Path,
         parts.append(p)
     out = {k: [tmp_path / k / str(i) for i in range(2)] for k in ("skip", "masked", "alone")}
     experiment.run_cells(cfgs, digits, parts, out["skip"])
-    with monkeypatch.context() as m:
-        m.setattr(simulate, "train_vectorised", functools.partial(train.train_vectorised, skip_idle=False))
+    with monkeypatch.context() as m:  # the packed call's options with idle clients computed on masked batches
+        real = EngineOptions.packed
+        m.setattr(EngineOptions, "packed", lambda self: real(self).replace(skip_idle=False))
         experiment.run_cells(cfgs, digits, parts, out["masked"])
     for c, p, o in zip(cfgs, parts, out["alone"]):
         experiment.run_cell(c, digits, p, o)

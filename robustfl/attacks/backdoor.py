@@ -69,9 +69,12 @@ from torch.func import functional_call
 
 from robustfl.attacks import register_attack
 from robustfl.attacks.base import AttackContext
+from robustfl.engine.adam import ADAM_BETAS, ADAM_EPS, adam_step
+from robustfl.engine.common import masked_ce
+from robustfl.engine.common import prepare_inputs as _as_input
+from robustfl.engine.graphs import capture as _capture
+from robustfl.engine.options import EngineOptions
 from robustfl.params import ParamSpec
-from robustfl.engine.train import ADAM_BETAS, ADAM_EPS, _capture, adam_step, masked_ce
-from robustfl.engine.train import prepare_inputs as _as_input
 
 log = logging.getLogger(__name__)
 
@@ -229,11 +232,15 @@ def plr_with(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, chunk: int =
     return torch.cat(out) if out else x.new_zeros(0)
 
 
-#: capture :func:`alternating_minimisation`'s iteration (no extra loss) and :func:`explicit_boosting`'s
-#: step as CUDA graphs on CUDA devices
-ATTACK_CUDA_GRAPH = True
-#: ... when it runs at least this many iterations (capture costs about three iterations)
-GRAPH_MIN_ITERATIONS = 8
+#: the engine options of a loop called without any (crafting graphs on where they apply)
+DEFAULT_ENGINE = EngineOptions(kind="sequential")
+
+
+def _use_graph(engine: EngineOptions | None, device: torch.device, iterations: int) -> bool:
+    """Capture the loop's iteration as a CUDA graph: on CUDA, ``engine.attack_cuda_graph``, and at least
+    ``engine.attack_graph_min_steps`` iterations (capture costs about three)."""
+    engine = engine or DEFAULT_ENGINE
+    return engine.attack_cuda_graph and device.type == "cuda" and iterations >= engine.attack_graph_min_steps
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
@@ -252,12 +259,13 @@ def _distance(v: torch.Tensor, form: str) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- the cores
 def benign_update(model: nn.Module, theta_flat: torch.Tensor, x_own: torch.Tensor, y_own: torch.Tensor, *,
-                  epochs: float, lr: float, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+                  epochs: float, lr: float, batch_size: int, generator: torch.Generator,
+                  engine: EngineOptions | None = None) -> torch.Tensor:
     """An honest local update ``(d,)`` on the attacker's own shard (Adam, cross-entropy): the authors'
     ``benign_train``, used for the self-estimated stealth reference and for ``add_benign``."""
     return alternating_minimisation(model, theta_flat, x_own, y_own, x_own[:0], y_own[:0], None,
                                     boost=0.0, rho=0.0, benign_epochs=epochs, mal_steps=0, lr=lr,
-                                    batch_size=batch_size, generator=generator)
+                                    batch_size=batch_size, generator=generator, engine=engine)
 
 
 def alternating_minimisation(
@@ -268,6 +276,7 @@ def alternating_minimisation(
     generator: torch.Generator | None = None, device: torch.device | str | None = None,
     dist: str = "norm", order: str = "benign_first", extra_loss: ExtraLoss | None = None,
     start: torch.Tensor | None = None, project: tuple[torch.Tensor, float] | None = None,
+    engine: EngineOptions | None = None,
 ) -> torch.Tensor:
     """Bhagoji et al.'s alternating minimisation with explicit boosting; returns ``delta = w - theta (d,)``.
 
@@ -386,8 +395,7 @@ def alternating_minimisation(
             out.append((idx, mask))
         return out
 
-    use_graph = (ATTACK_CUDA_GRAPH and device.type == "cuda" and extra_loss is None
-                 and n_iter >= GRAPH_MIN_ITERATIONS)
+    use_graph = extra_loss is None and _use_graph(engine, device, n_iter)
     with _training_mode(model, gen):
         if not use_graph:
             for _ in range(n_iter):
@@ -416,6 +424,7 @@ def explicit_boosting(
     model: nn.Module, theta_flat: torch.Tensor, x_bd: torch.Tensor, y_bd: torch.Tensor, *,
     boost: float, min_steps: int = 2, tol: float = 1e-6, max_steps: int = 1000, check_every: int = 1,
     lr: float = 1e-3, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+    engine: EngineOptions | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Bhagoji et al.'s baseline targeted model poisoning with explicit boosting (``mal_strat=converge``):
     full-batch Adam steps on the backdoor set alone, from ``theta``, until the backdoor loss is
@@ -424,10 +433,10 @@ def explicit_boosting(
 
     Returns ``(delta (d,), info)`` with ``info = {"steps", "mal_loss"}`` (the loss before boosting).
 
-    On CUDA (:data:`ATTACK_CUDA_GRAPH`, at least :data:`GRAPH_MIN_ITERATIONS` steps allowed) a step keeps
+    On CUDA (``engine.attack_cuda_graph``, at least ``engine.attack_graph_min_steps`` steps allowed) a step keeps
     the weights it started from, computes the loss and gradient there and takes the Adam step
     (:func:`robustfl.engine.train.adam_step`); the host then reads the loss as the loop above does, and where
-    that loss stops the loop, the step is undone. The first :data:`GRAPH_MIN_ITERATIONS` steps run
+    that loss stops the loop, the step is undone. The first ``attack_graph_min_steps`` steps run
     eagerly (a backdoor set often converges within a few: capturing would cost more than it saves);
     after them the step is captured as a CUDA graph and replayed. The same
     steps up to float rounding (tests/test_attacks_backdoor.py). With dropout (fmnist's network) both
@@ -438,9 +447,10 @@ def explicit_boosting(
     spec = ParamSpec(model)
     theta = theta_flat.detach().to(device=device, dtype=torch.float32)
     x_bd, y_bd = _as_input(x_bd.to(device)), y_bd.to(device)
-    if ATTACK_CUDA_GRAPH and device.type == "cuda" and max_steps >= GRAPH_MIN_ITERATIONS:
+    if _use_graph(engine, device, max_steps):
         return _explicit_boosting_graphed(model, spec, theta, x_bd, y_bd, boost=boost, min_steps=min_steps, tol=tol,
-                                          max_steps=max_steps, check_every=check_every, lr=lr, gen=gen)
+                                          max_steps=max_steps, check_every=check_every, lr=lr, gen=gen,
+                                          graph_after=(engine or DEFAULT_ENGINE).attack_graph_min_steps)
     w = theta.clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     loss_val, step = float("inf"), 0
@@ -473,8 +483,8 @@ def _capped_loss(model: nn.Module, spec: ParamSpec, w: torch.Tensor, x_bd: torch
 
 def _explicit_boosting_graphed(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x_bd: torch.Tensor,
                                y_bd: torch.Tensor, *, boost: float, min_steps: int, tol: float, max_steps: int,
-                               check_every: int, lr: float,
-                               gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+                               check_every: int, lr: float, gen: torch.Generator,
+                               graph_after: int) -> tuple[torch.Tensor, dict[str, float]]:
     """:func:`explicit_boosting`'s loop with each step a CUDA-graph replay (see its docstring)."""
     w = theta.clone().view(1, -1)
     state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(1, device=w.device))
@@ -494,7 +504,7 @@ def _explicit_boosting_graphed(model: nn.Module, spec: ParamSpec, theta: torch.T
     loss_val, step, graph = float("inf"), 0, None
     with _training_mode(model, gen):
         while step < max_steps:
-            if graph is None and step >= GRAPH_MIN_ITERATIONS:  # not converged yet: capture the step now
+            if graph is None and step >= graph_after:  # not converged yet: capture the step now
                 saved = [t.clone() for t in (w, *state)]
                 graph, _ = _capture(step_fn)  # the warm-up calls step w and the Adam state: restore them
                 for t, v in zip((w, *state), saved):
@@ -521,7 +531,7 @@ def stealth_reference(ctx: AttackContext, opts: Mapping[str, Any], x_own: torch.
     the attacker's own honest update of ``self_epochs`` epochs (the code's ``dist_self``)."""
     if opts["stealth_ref"] == "self":
         return benign_update(ctx.model, ctx.global_flat, x_own, y_own, epochs=opts["self_epochs"],
-                             lr=opts["lr"], batch_size=opts["batch_size"], generator=gen)
+                             lr=opts["lr"], batch_size=opts["batch_size"], generator=gen, engine=ctx.engine)
     return mean_benign_delta(ctx)
 
 
@@ -578,26 +588,22 @@ def craft_alternating(ctx: AttackContext, opts: Mapping[str, Any],
             rho=opts["rho"], benign_epochs=opts["benign_epochs"], ls=opts["ls"],
             mal_steps=opts["mal_steps"], iterations=opts["iterations"], lr=opts["lr"],
             batch_size=opts["batch_size"], generator=gen, device=ctx.device, dist=opts["dist"],
-            order=opts["order"], extra_loss=extra, start=start, **loop))
+            order=opts["order"], extra_loss=extra, start=start, engine=ctx.engine, **loop))
     if not rows:
         return ctx.global_flat.new_zeros(0, ctx.global_flat.numel())
     return finish_alternating(torch.stack(rows), opts, start, ball)
 
 
-#: craft with :mod:`robustfl.attacks.vectorised` (all attackers at once on the stacked engine) where the
-#: context names a layout (the simulator passes its engine's on CUDA); False: one model at a time
-ATTACK_STACKED = True
-
-
 def vectorised_layout(ctx: AttackContext) -> str | None:
-    """The stacked layout to craft with, or None for the single-model loops."""
+    """The stacked layout to craft with (:mod:`robustfl.attacks.vectorised`, all attackers at once): the
+    one the run's engine trains with, unless ``ctx.engine.stacked_attacks`` is off; None: the
+    single-model loops."""
     from robustfl.engine import stacked
 
-    if not ATTACK_STACKED or ctx.layout is None or not stacked.supports(ctx.model):
+    engine = ctx.engine.resolve(ctx.model, torch.device(ctx.device), "fp32")
+    if not engine.stacked_attacks or engine.layout is None or not stacked.supports(ctx.model):
         return None
-    if ctx.layout not in stacked.LAYOUTS:
-        raise ValueError(f"AttackContext.layout must be None or one of {stacked.LAYOUTS}, got {ctx.layout!r}")
-    return ctx.layout
+    return engine.layout
 
 
 def _crafters(ctx: AttackContext, opts: Mapping[str, Any]) -> int:
@@ -617,7 +623,7 @@ def _benign_many(ctx: AttackContext, opts: Mapping[str, Any], gens: list[torch.G
     return alternating_minimisation_many(
         ctx.model, ctx.global_flat, ctx.attacker_data[:k], ctx.backdoor_x[:0], ctx.backdoor_y[:0], None,
         boost=0.0, rho=0.0, generators=gens, layout=vectorised_layout(ctx), benign_epochs=opts["self_epochs"],
-        mal_steps=0, lr=opts["lr"], batch_size=opts["batch_size"])
+        mal_steps=0, lr=opts["lr"], batch_size=opts["batch_size"], engine=ctx.engine)
 
 
 def _craft_alternating_many(ctx: AttackContext, opts: Mapping[str, Any], gens: list[torch.Generator],
@@ -639,7 +645,7 @@ def _craft_alternating_many(ctx: AttackContext, opts: Mapping[str, Any], gens: l
         rho=opts["rho"], generators=gens, layout=vectorised_layout(ctx),
         benign_epochs=opts["benign_epochs"], ls=opts["ls"], mal_steps=opts["mal_steps"],
         iterations=opts["iterations"], lr=opts["lr"], batch_size=opts["batch_size"], dist=opts["dist"],
-        order=opts["order"], starts=None if start is None else start.expand(k, -1), **loop)
+        order=opts["order"], starts=None if start is None else start.expand(k, -1), engine=ctx.engine, **loop)
     return _copies(rows, ctx.n_attackers)
 
 
@@ -669,7 +675,7 @@ def median_backdoor(ctx: AttackContext) -> torch.Tensor:
         deltas, infos = explicit_boosting_many(
             ctx.model, ctx.global_flat, ctx.backdoor_x, ctx.backdoor_y, boost=opts["boost"], generators=gens[:k],
             layout=vectorised_layout(ctx), min_steps=int(opts["min_steps"]), tol=float(opts["tol"]),
-            max_steps=int(opts["max_steps"]), check_every=int(opts["check_every"]), lr=opts["lr"])
+            max_steps=int(opts["max_steps"]), check_every=int(opts["check_every"]), lr=opts["lr"], engine=ctx.engine)
         if opts["add_benign"]:
             deltas = deltas + _benign_many(ctx, opts, gens[:k])
         for info in infos:
@@ -683,10 +689,11 @@ def median_backdoor(ctx: AttackContext) -> torch.Tensor:
         delta, info = explicit_boosting(
             ctx.model, ctx.global_flat, ctx.backdoor_x, ctx.backdoor_y, boost=opts["boost"],
             min_steps=int(opts["min_steps"]), tol=float(opts["tol"]), max_steps=int(opts["max_steps"]),
-            check_every=int(opts["check_every"]), lr=opts["lr"], generator=gen, device=ctx.device)
+            check_every=int(opts["check_every"]), lr=opts["lr"], generator=gen, device=ctx.device, engine=ctx.engine)
         if opts["add_benign"]:
             delta = delta + benign_update(ctx.model, ctx.global_flat, x_own, y_own, epochs=opts["self_epochs"],
-                                          lr=opts["lr"], batch_size=opts["batch_size"], generator=gen)
+                                          lr=opts["lr"], batch_size=opts["batch_size"], generator=gen,
+                                          engine=ctx.engine)
         log.debug("median_backdoor: %d steps, backdoor loss %.3g before boosting", info["steps"], info["mal_loss"])
         rows.append(delta)
     return torch.stack(rows) if rows else ctx.global_flat.new_zeros(0, ctx.global_flat.numel())

@@ -24,14 +24,16 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from robustfl.engine import stacked
 from robustfl.attacks import backdoor as bd
+from robustfl.engine import stacked
+from robustfl.engine.adam import adam_rows
+from robustfl.engine.common import masked_ce
+from robustfl.engine.common import prepare_inputs as _as_input
+from robustfl.engine.graphs import capture as _capture
+from robustfl.engine.options import LAYOUTS, EngineOptions
 from robustfl.params import ParamSpec
-from robustfl.engine.train import ADAM_BETAS, ADAM_EPS, _capture, adam_step
-from robustfl.engine.train import prepare_inputs as _as_input
 
 
 def rows_distance(v: torch.Tensor, form: str) -> torch.Tensor:
@@ -49,29 +51,6 @@ def _rows_distance_grad(v: torch.Tensor, form: str) -> torch.Tensor:
     return v * torch.rsqrt(v.pow(2).sum(1, keepdim=True) + bd._NORM_EPS)
 
 
-#: on CUDA, :func:`adam_rows` runs PyTorch's fused Adam kernel once per attacker, skipping an inactive
-#: attacker through its ``found_inf`` flag (robustfl.engine.train.adam_step's arithmetic in one pass)
-FUSED_ADAM_CUDA = True
-
-
-def adam_rows(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
-              active: torch.Tensor, lr: float, *, fused: bool | None = None) -> None:
-    """:func:`robustfl.engine.train.adam_step` on the rows of ``w (k, d)``: row i steps (its own count
-    ``step[i]``) where ``active[i]`` is 1 and is left untouched, gradient unread, where it is 0.
-    ``fused`` (default: on CUDA) runs the fused kernel per row."""
-    if fused is None:
-        fused = FUSED_ADAM_CUDA and w.is_cuda
-    if not fused:
-        adam_step([w], [torch.where(active.bool().unsqueeze(1), g, 0.0)], [m], [v], step, active, lr)
-        return
-    step += active
-    skip = 1.0 - active
-    b1, b2 = ADAM_BETAS
-    for i in range(len(w)):
-        torch._fused_adam_([w[i]], [g[i]], [m[i]], [v[i]], [], [step[i]], lr=lr, beta1=b1, beta2=b2,
-                           weight_decay=0.0, eps=ADAM_EPS, amsgrad=False, maximize=False, found_inf=skip[i])
-
-
 def _flat_grad(spec: ParamSpec, w: torch.Tensor, loss_fn) -> torch.Tensor:  # noqa: ANN001
     """The gradient ``(k, d)`` of ``loss_fn(params)`` at the weights ``w (k, d)``: one leaf per parameter
     (views of ``w``), their gradients concatenated (a gradient taken with respect to ``w`` itself would
@@ -86,9 +65,7 @@ def _row_ce(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, 
             mask: torch.Tensor, layout: str) -> torch.Tensor:
     """Each model's mean cross-entropy over its real samples, ``(k,)``: model i (``params[.][i]``) on
     ``x[i] (B, C, H, W)`` with labels ``y[i]`` and ``mask[i]`` (as :func:`robustfl.engine.train.masked_ce`)."""
-    logits = stacked.stacked_logits(model, params, x, layout=layout).float()
-    ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view_as(mask)
-    return (ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return masked_ce(stacked.stacked_logits(model, params, x, layout=layout), y, mask)
 
 
 def _seed_dropout(model: nn.Module, generators: Sequence[torch.Generator]):  # noqa: ANN202
@@ -119,9 +96,9 @@ def _schedule(sizes: Sequence[int], generators: Sequence[torch.Generator], batch
     return idx, mask, live
 
 
-def _use_graph(device: torch.device, steps: int, cuda_graph: bool | None) -> bool:
+def _use_graph(device: torch.device, steps: int, cuda_graph: bool | None, engine: EngineOptions | None) -> bool:
     if cuda_graph is None:
-        return bd.ATTACK_CUDA_GRAPH and device.type == "cuda" and steps >= bd.GRAPH_MIN_ITERATIONS
+        return bd._use_graph(engine, device, steps)
     return bool(cuda_graph)
 
 
@@ -132,6 +109,7 @@ def alternating_minimisation_many(
     mal_steps: int = 1, iterations: int | None = None, lr: float = 1e-3, batch_size: int = 64,
     dist: str = "norm", order: str = "benign_first", cuda_graph: bool | None = None,
     starts: torch.Tensor | None = None, project: tuple[torch.Tensor, float] | None = None,
+    engine: EngineOptions | None = None,
 ) -> torch.Tensor:
     """:func:`robustfl.attacks.backdoor.alternating_minimisation` (Eq. 7 with explicit boosting) for
     ``k = len(owns)`` attackers at once; attacker i trains on its shard ``owns[i]``, pulled towards
@@ -141,8 +119,8 @@ def alternating_minimisation_many(
     Returns the updates ``(k, d)``. ``layout``: a :data:`robustfl.engine.stacked.LAYOUTS` name."""
     if dist not in ("norm", "sq") or order not in ("benign_first", "mal_first"):
         raise ValueError(f"bad dist {dist!r} or order {order!r}")
-    if layout not in stacked.LAYOUTS:
-        raise ValueError(f"layout must be one of {stacked.LAYOUTS}, got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     k = len(owns)
     if len(generators) != k:
         raise ValueError(f"{len(generators)} generators for {k} attackers")
@@ -221,7 +199,7 @@ def alternating_minimisation_many(
             s_live.copy_(live[t])
 
         graph = None
-        if _use_graph(device, len(live), cuda_graph):
+        if _use_graph(device, len(live), cuda_graph, engine):
             load(0)
             saved = [t.clone() for t in (w, *ben_state, *mal_state)]
             graph, _ = _capture(iteration)  # the warm-up calls step w and the Adam states: restore them
@@ -240,14 +218,15 @@ def explicit_boosting_many(
     model: nn.Module, theta_flat: torch.Tensor, x_bd: torch.Tensor, y_bd: torch.Tensor, *, boost: float,
     generators: Sequence[torch.Generator], layout: str, min_steps: int = 2, tol: float = 1e-6,
     max_steps: int = 1000, check_every: int = 1, lr: float = 1e-3, cuda_graph: bool | None = None,
+    engine: EngineOptions | None = None,
 ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """:func:`robustfl.attacks.backdoor.explicit_boosting` for ``k = len(generators)`` attackers at once:
     every attacker takes full-batch Adam steps on the backdoor set from ``theta`` until its own loss is
     ``<= tol`` (read every ``check_every`` steps, after at least ``min_steps``) or ``max_steps``; then
     its row stops (its last step undone, as the single loop does not take it). Returns
     ``(boost * (w - theta) (k, d), [{"steps", "mal_loss"}] * k)``."""
-    if layout not in stacked.LAYOUTS:
-        raise ValueError(f"layout must be one of {stacked.LAYOUTS}, got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     k = len(generators)
     device = theta_flat.device
     spec = ParamSpec(model)
@@ -273,13 +252,13 @@ def explicit_boosting_many(
             return rows.sum()
         adam_rows(w, _flat_grad(spec, w, loss_fn), *state, running, lr)
 
-    use_graph = _use_graph(device, max_steps, cuda_graph)
+    use_graph = _use_graph(device, max_steps, cuda_graph, engine)
     loss_val, steps = [float("inf")] * k, [float(max_steps)] * k
     live = set(range(k))
     step, graph = 0, None
     with _seed_dropout(model, generators):
         while step < max_steps and live:
-            if use_graph and graph is None and step >= bd.GRAPH_MIN_ITERATIONS:
+            if use_graph and graph is None and step >= (engine or bd.DEFAULT_ENGINE).attack_graph_min_steps:
                 saved = [t.clone() for t in (w, *state)]
                 graph, _ = _capture(step_fn)
                 for t, v in zip((w, *state), saved):

@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from robustfl import engine
 from robustfl.aggregation import aggregators as agg
 from robustfl.reporting import results
-from robustfl.engine import stacked
 from robustfl.attacks import ATTACKS, AttackContext, is_targeted
 from robustfl.config import RunConfig
 from robustfl.aggregation.defenses import DEFENSES, NEEDS_AUX, NEEDS_ROOT, ServerContext
@@ -33,8 +33,7 @@ from robustfl.io import atomic_open, atomic_write_json, load_checkpoint, save_ch
 from robustfl.fl.metrics import attack_diagnostics, attacker_summary, backdoor_metrics, detected
 from robustfl.models import PLRModel
 from robustfl.params import ParamSpec, load_flat_, model_to_flat
-from robustfl.engine.train import (BatchPlan, batch_plan, concat_plans, evaluate, prepare_inputs, resolve_kernels,
-                            stacked_plrs, train_sequential, train_single, train_vectorised)
+from robustfl.engine import BatchPlan, EngineOptions
 
 log = logging.getLogger("robustfl")
 
@@ -183,13 +182,9 @@ class Simulation:
         self.targeted = cfg.attack != "none" and is_targeted(cfg.attack)
         self.attack_fn = ATTACKS.get(cfg.attack) if cfg.attack != "none" else None
         self.defense_fn = DEFENSES.get(cfg.defense)
-        engine = cfg.engine
-        if engine == "auto":
-            engine = "vectorised" if device.type == "cuda" else "sequential"
-        self.engine = engine
-        self.train_fn = train_vectorised if engine == "vectorised" else train_sequential
-        conv, graph = resolve_kernels(model, device, cfg.conv, cfg.cuda_graph, cfg.precision)
-        self.kernels = {"conv": conv, "cuda_graph": graph} if engine == "vectorised" else {}
+        self.options = EngineOptions(kind=cfg.engine, conv={"cudnn": "vmap"}.get(cfg.conv, cfg.conv),
+                                     cuda_graph=cfg.cuda_graph).resolve(model, device, cfg.precision)
+        self.engine = self.options.kind  # what run.json reports ("vectorised-packed(n)" when packed)
         self.bs = cfg.effective_batch_size
         self.shards = [s.to(device) for s in data.shards]
         snap = cfg.snapshot_round
@@ -201,8 +196,8 @@ class Simulation:
         self.theta = model_to_flat(model).to(device)
         if cfg.defense in NEEDS_AUX and cfg.defense_params.get("pretrain", True):
             # Section 5.2 point 1: the server initialises theta by training on its auxiliary set D.
-            train_single(model, data.sets.aux_x, data.sets.aux_y, epochs=cfg.local_epochs, batch_size=self.bs,
-                         lr=cfg.lr, generator=torch.Generator().manual_seed(cfg.seed + 15485863))
+            engine.train_single(model, data.sets.aux_x, data.sets.aux_y, epochs=cfg.local_epochs, batch_size=self.bs,
+                                lr=cfg.lr, generator=torch.Generator().manual_seed(cfg.seed + 15485863))
             self.theta = model_to_flat(model)
         self.rows: list[dict[str, Any]] = []
         self.client_rows: list[dict[str, Any]] = []
@@ -298,19 +293,19 @@ class Simulation:
     # -- one round ---------------------------------------------------------------------------------
     def benign_plan(self) -> BatchPlan:
         """This round's mini-batches of the benign clients (drawn from this cell's own generator)."""
-        return batch_plan([self.shards[i] for i in self.benign], self.cfg.local_epochs, self.bs, self.g)
+        return engine.batch_plan([self.shards[i] for i in self.benign], self.cfg.local_epochs, self.bs, self.g)
+
+    def train(self, clients: list[int], **how: Any) -> torch.Tensor:
+        """Local training of ``clients`` from the global model (the engine of this run's options; ``how``:
+        ``plan`` or ``generator``)."""
+        return engine.train_clients(self.model, self.theta, self.data.x_train, self.data.y_train,
+                                    [self.shards[i] for i in clients], epochs=self.cfg.local_epochs,
+                                    batch_size=self.bs, lr=self.cfg.lr, precision=self.cfg.precision,
+                                    options=self.options, **how)
 
     def train_benign(self) -> torch.Tensor:
         """Train this cell's benign clients on their own (no packing)."""
-        shards = [self.shards[i] for i in self.benign]
-        if self.engine == "vectorised":
-            return train_vectorised(self.model, self.theta, self.data.x_train, self.data.y_train, shards,
-                                    epochs=self.cfg.local_epochs, batch_size=self.bs, lr=self.cfg.lr,
-                                    generator=None, precision=self.cfg.precision, plan=self.benign_plan(),
-                                    **self.kernels)
-        return train_sequential(self.model, self.theta, self.data.x_train, self.data.y_train, shards,
-                                epochs=self.cfg.local_epochs, batch_size=self.bs, lr=self.cfg.lr,
-                                generator=self.g, precision=self.cfg.precision)
+        return self.train(self.benign, plan=self.benign_plan())
 
     def step(self, ben: torch.Tensor, train_s: float) -> dict[str, Any]:
         """Finish the round given the benign updates ``ben (n_ben, d)``; returns the round's metrics row."""
@@ -324,12 +319,11 @@ class Simulation:
             x_tr, y_tr = data.x_train, data.y_train
             ctx = AttackContext(
                 model=model, global_flat=theta, benign_updates=ben, n_attackers=len(mal), n_clients=n, round=rnd,
-                attacker_data=[(prepare_inputs(x_tr[self.shards[i]]), y_tr[self.shards[i]]) for i in mal],
-                backdoor_x=None if data.sets.bd_train_x is None else prepare_inputs(data.sets.bd_train_x),
+                attacker_data=[(engine.prepare_inputs(x_tr[self.shards[i]]), y_tr[self.shards[i]]) for i in mal],
+                backdoor_x=None if data.sets.bd_train_x is None else engine.prepare_inputs(data.sets.bd_train_x),
                 backdoor_y=data.sets.bd_train_y, lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=self.bs,
                 num_classes=data.num_classes, defense=cfg.defense, f=cfg.n_attackers,
-                params=dict(cfg.attack_params), generator=self.g_att, device=device,
-                layout=self.kernels.get("conv") if self.kernels.get("conv") in stacked.LAYOUTS else None)
+                params=dict(cfg.attack_params), generator=self.g_att, device=device, engine=self.options)
             crafted = self.attack_fn(ctx)
             if not isinstance(crafted, torch.Tensor) or not crafted.is_floating_point():
                 got = getattr(crafted, "dtype", type(crafted).__name__)
@@ -339,9 +333,7 @@ class Simulation:
             updates[mal] = crafted.to(updates.dtype)
         elif mal:
             # attackers configured but no attack: they train honestly
-            updates[mal] = self.train_fn(model, theta, data.x_train, data.y_train, [self.shards[i] for i in mal],
-                                         epochs=cfg.local_epochs, batch_size=self.bs, lr=cfg.lr, generator=self.g,
-                                         precision=cfg.precision, **self.kernels)
+            updates[mal] = self.train(mal, generator=self.g)
         _sync(device)
         t2 = time.perf_counter()
 
@@ -349,7 +341,7 @@ class Simulation:
         norms = torch.linalg.vector_norm(updates, dim=1).tolist()
         plrs = None
         if cfg.defense in NEEDS_AUX or rnd == self.snapshot_round:
-            plrs = stacked_plrs(model, theta.unsqueeze(0) + torch.nan_to_num(updates), data.sets.aux_x)
+            plrs = engine.model_plrs(model, theta.unsqueeze(0) + torch.nan_to_num(updates), data.sets.aux_x)
             finite_plr = torch.isfinite(plrs).flatten(1).all(1)
             if cfg.defense in NEEDS_AUX and not bool(finite_plr[keep].all()):
                 log.warning("excluding client(s) %s: their models give non-finite PLRs",
@@ -387,7 +379,7 @@ class Simulation:
         row: dict[str, Any] = {"round": rnd, "train_s": train_s, "attack_s": t2 - t1, "agg_s": t3 - t2,
                                "n_excluded": int(n - len(kept))}
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-            acc, loss = evaluate(model, data.x_test, data.y_test)
+            acc, loss = engine.evaluate(model, data.x_test, data.y_test)
             if not math.isfinite(loss):
                 log.warning("round %d: the global model (finite) gives a non-finite test loss (%s) after defense %r "
                             "accepted an update of norm %.3g; clients training from it produce non-finite updates, "
@@ -429,7 +421,7 @@ class Simulation:
         last = self.rows[-1]
         return {"test_acc": last["test_acc"], "test_loss": last["test_loss"], "asr": last["asr"],
                 "target_conf": last["target_conf"], "sim_wall_s": time.perf_counter() - self.wall0,
-                "engine": self.engine, **{f"engine_{k}": v for k, v in self.kernels.items()}}
+                "engine": self.engine, **self.options.report()}
 
 
 def simulate(cfg: RunConfig, data: RunData, out_dir: Path, ckpt_path: Path | None = None,
@@ -458,8 +450,8 @@ def simulate_many(sims: list[Simulation]) -> list[dict[str, Any]]:
     for s in sims:
         s.engine = f"vectorised-packed({len(sims)})"
     ref = sims[0]
-    key = lambda s: (type(s.model), s.cfg.local_epochs, s.bs, s.cfg.lr, s.cfg.precision, s.kernels.get("conv"),  # noqa: E731
-                     s.kernels.get("cuda_graph"), id(s.data.x_train))
+    key = lambda s: (type(s.model), s.cfg.local_epochs, s.bs, s.cfg.lr, s.cfg.precision, s.options,  # noqa: E731
+                     id(s.data.x_train))
     if any(key(s) != key(ref) for s in sims):
         raise ValueError("simulate_many: cells differ in model, data or local-training hyper-parameters")
     while any(not s.done for s in sims):
@@ -468,9 +460,10 @@ def simulate_many(sims: list[Simulation]) -> list[dict[str, Any]]:
         plans = [s.benign_plan() for s in active]
         thetas = torch.cat([s.theta.unsqueeze(0).expand(len(s.benign), -1) for s in active])
         shards = [s.shards[i] for s in active for i in s.benign]
-        ben_all = train_vectorised(ref.model, thetas, ref.data.x_train, ref.data.y_train, shards,
-                                   epochs=ref.cfg.local_epochs, batch_size=ref.bs, lr=ref.cfg.lr, generator=None,
-                                   precision=ref.cfg.precision, plan=concat_plans(plans), **ref.kernels)
+        ben_all = engine.train_clients(ref.model, thetas, ref.data.x_train, ref.data.y_train, shards,
+                                       epochs=ref.cfg.local_epochs, batch_size=ref.bs, lr=ref.cfg.lr,
+                                       precision=ref.cfg.precision, plan=engine.concat_plans(plans),
+                                       options=ref.options.packed())
         _sync(ref.device)
         train_s = (time.perf_counter() - t0) / len(active)
         a = 0
@@ -493,8 +486,9 @@ def _sync(device: torch.device) -> None:
 def _server_update(model: PLRModel, theta: torch.Tensor, sets: ServerSets, cfg: RunConfig, g: torch.Generator) -> torch.Tensor:
     """FLTrust's server model update g_0: train the current global model on the root set (Cao et al.)."""
     shard = torch.arange(len(sets.root_y), device=theta.device)
-    return train_sequential(model, theta, sets.root_x, sets.root_y, [shard], epochs=cfg.local_epochs,
-                            batch_size=cfg.effective_batch_size, lr=cfg.lr, generator=g)[0]
+    return engine.train_clients(model, theta, sets.root_x, sets.root_y, [shard], epochs=cfg.local_epochs,
+                                batch_size=cfg.effective_batch_size, lr=cfg.lr, generator=g,
+                                options=engine.SEQUENTIAL)[0]
 
 
 def _rows_to_state(rows: list[dict[str, Any]], client_rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -527,7 +521,7 @@ def _write_snapshot(path: Path, model: PLRModel, spec: ParamSpec, theta_prev: to
     flats = theta_prev.unsqueeze(0) + torch.nan_to_num(updates)
     out: dict[str, np.ndarray] = {"round": np.array(rnd), "malicious": np.isin(np.arange(len(flats)), mal)}
     if data.sets.probe_x is not None:
-        out["plrs"] = stacked_plrs(model, flats, data.sets.probe_x).cpu().numpy().astype(np.float32)
+        out["plrs"] = engine.model_plrs(model, flats, data.sets.probe_x).cpu().numpy().astype(np.float32)
         out["probe_y"] = data.sets.probe_y.cpu().numpy()
     head_w = [n for n in spec.names if n.startswith("head.") and n.endswith("weight")][-1]
     out["templates"] = spec.unflatten(flats)[head_w].cpu().numpy().astype(np.float32)
