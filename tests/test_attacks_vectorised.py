@@ -205,7 +205,7 @@ def test_the_simulator_crafts_on_its_engine_layout(tmp_path: Path, monkeypatch):
     real = bd.vectorised_layout
     monkeypatch.setattr(bd, "vectorised_layout", lambda ctx: seen.append(real(ctx)) or seen[-1])
     for engine, conv in (("vectorised", "grouped"), ("sequential", "auto")):
-        cfg = RunConfig(dataset="digits", rounds=1, local_epochs=1, batch_size=32, engine=engine, conv=conv,
+        cfg = RunConfig(dataset="digits", rounds=1, local_epochs=1, batch_size=32, engine={"kind": engine, "conv": conv},
                         attack="krum_backdoor", n_attackers=1, attack_params={"iterations": 2})
         part = tmp_path / f"{experiment.partition_key(cfg)}.npz"
         if not part.exists():

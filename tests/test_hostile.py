@@ -180,7 +180,7 @@ def e2e(tmp_path_factory):
 
 def run(e2e, name: str, defense: str, attack: str, **kw):
     cfg = RunConfig(dataset="digits", rounds=3, local_epochs=1, batch_size=32, checkpoint_every=1,
-                    engine="sequential", device="cpu", n_attackers=2, defense=defense,
+                    engine={"kind": "sequential"}, device="cpu", n_attackers=2, defense=defense,
                     attack=e2e["names"][attack], **kw)
     part = e2e["root"] / "part.npz"
     if not part.exists():

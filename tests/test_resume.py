@@ -37,7 +37,7 @@ ROUNDS = 3
 # every random stream of a run is used: the batch plans and FLTrust's root-set training (the cell's
 # generator), the attack's noise (its own generator: krum_untargeted with 2 attackers), torch's global RNG
 BASE = dict(dataset="digits", rounds=ROUNDS, local_epochs=1, batch_size=32, checkpoint_every=1,
-            engine="sequential", device="cpu", attack="krum_untargeted", n_attackers=2, defense="fltrust")
+            engine={"kind": "sequential"}, device="cpu", attack="krum_untargeted", n_attackers=2, defense="fltrust")
 
 
 def make_cfg(**kw) -> RunConfig:

@@ -20,7 +20,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _sim(digits: Path, tmp: Path, **kw: object) -> Simulation:
-    cfg = RunConfig(dataset="digits", rounds=2, local_epochs=1, batch_size=32, engine="sequential", **kw)
+    cfg = RunConfig(dataset="digits", rounds=2, local_epochs=1, batch_size=32, engine={"kind": "sequential"}, **kw)
     part = tmp / f"{experiment.partition_key(cfg)}.npz"
     if not part.exists():
         experiment.build_partition(digits, cfg, part)
@@ -172,7 +172,7 @@ def test_packing_runs_of_different_client_counts(digits: Path, tmp_path: Path,
 
     from robustfl.engine import EngineOptions
 
-    cfgs = [RunConfig(dataset="digits", rounds=2, local_epochs=1, batch_size=32, engine="vectorised",
+    cfgs = [RunConfig(dataset="digits", rounds=2, local_epochs=1, batch_size=32, engine={"kind": "vectorised"},
                       defense="fedavg", n_clients=n, seed=s) for n, s in ((10, 0), (4, 1))]
     parts = []
     for c in cfgs:

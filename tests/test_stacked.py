@@ -242,14 +242,14 @@ def test_run_config_kernel_fields_are_validated_and_split_packs() -> None:
     from robustfl.fl.experiment import cell_id, pack_key
 
     with pytest.raises(ValueError, match="'conv'"):
-        RunConfig(conv="winograd")
+        RunConfig(engine={"conv": "winograd"})
     with pytest.raises(ValueError, match="'cuda_graph'"):
-        RunConfig(conv="cudnn", cuda_graph=True)
+        RunConfig(engine={"conv": "vmap", "cuda_graph": True})
     with pytest.raises(ValueError, match="'cuda_graph'"):
-        RunConfig(cuda_graph="yes")  # type: ignore[arg-type]
+        RunConfig(engine={"cuda_graph": "yes"})
     base = RunConfig(dataset="cifar10")
     assert cell_id(base) == "dataset=cifar10"  # defaults leave existing cell ids (and results) alone
-    other = RunConfig(dataset="cifar10", conv="channels_last")
+    other = RunConfig(dataset="cifar10", engine={"conv": "channels_last"})
     assert cell_id(other) == "dataset=cifar10,conv=channelslast"
     assert pack_key(base) != pack_key(other)  # different kernels never share a training call
 

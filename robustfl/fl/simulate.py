@@ -33,7 +33,7 @@ from robustfl.io import atomic_open, atomic_write_json, load_checkpoint, save_ch
 from robustfl.fl.metrics import attack_diagnostics, attacker_summary, backdoor_metrics, detected
 from robustfl.models import PLRModel
 from robustfl.params import ParamSpec, load_flat_, model_to_flat
-from robustfl.engine import BatchPlan, EngineOptions
+from robustfl.engine import BatchPlan
 
 log = logging.getLogger("robustfl")
 
@@ -136,9 +136,13 @@ def screen_updates(updates: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def _config_hash(cfg: RunConfig) -> str:
+    """The configuration a checkpoint belongs to (device and checkpoint_every aside); the engine mapping's
+    keys as the flat fields they replaced, so that earlier checkpoints of the same run still match."""
     d = cfg.to_dict()
     d.pop("device", None)
     d.pop("checkpoint_every", None)
+    eng = d.pop("engine")
+    d.update(engine=eng["kind"], conv=eng["conv"], cuda_graph=eng["cuda_graph"])
     return hashlib.sha256(repr(sorted(d.items())).encode()).hexdigest()[:16]
 
 
@@ -182,8 +186,7 @@ class Simulation:
         self.targeted = cfg.attack != "none" and is_targeted(cfg.attack)
         self.attack_fn = ATTACKS.get(cfg.attack) if cfg.attack != "none" else None
         self.defense_fn = DEFENSES.get(cfg.defense)
-        self.options = EngineOptions(kind=cfg.engine, conv={"cudnn": "vmap"}.get(cfg.conv, cfg.conv),
-                                     cuda_graph=cfg.cuda_graph).resolve(model, device, cfg.precision)
+        self.options = cfg.engine_options.resolve(model, device, cfg.precision)
         self.engine = self.options.kind  # what run.json reports ("vectorised-packed(n)" when packed)
         self.bs = cfg.effective_batch_size
         self.shards = [s.to(device) for s in data.shards]
