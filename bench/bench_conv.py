@@ -5,15 +5,12 @@ under several variants:
 
     vmap             vmap over per-client weights -> grouped convolution (cuDNN), PyTorch defaults
     vmap+bench       the same with torch.backends.cudnn.benchmark = True (autotuned algorithms)
-    matmul           im2col + batched GEMM (robustfl.models.Conv2dMM), FP32 matmuls
-    matmul+tf32      the same with TF32 matmuls (what cuDNN already uses for FP32 convolutions)
-    matmul+bf16      the same under bf16 autocast
     vmap+bench+bf16  grouped convolution under bf16 autocast
-    grouped, channels_last, loop, triton
+    grouped, channels_last, triton
                      the forward pass written out on stacked parameters (robustfl.engine.stacked) with the
-                     grouped convolution in NCHW, the same in channels-last memory, one ordinary
-                     convolution per client, or robustfl.engine.triton_conv's implicit-GEMM kernels on NHWC
-                     activations; gradients by one plain backward pass
+                     grouped convolution in NCHW, the same in channels-last memory, or
+                     robustfl.engine.triton_conv's implicit-GEMM kernels on NHWC activations; gradients by
+                     one plain backward pass
     ...+graph        that step captured once as a CUDA graph and replayed (the timed call includes the
                      capture: 2 eager warm-up steps and the capture itself)
     sequential       the per-client reference loop (one model + torch.optim.Adam per client; only for
@@ -49,9 +46,6 @@ except ImportError:  # pragma: no cover - imported as bench.bench_conv
 VARIANTS = {
     "vmap": dict(conv="vmap", bench=False, tf32=False, precision="fp32"),
     "vmap+bench": dict(conv="vmap", bench=True, tf32=False, precision="fp32"),
-    "matmul": dict(conv="matmul", bench=False, tf32=False, precision="fp32"),
-    "matmul+tf32": dict(conv="matmul", bench=False, tf32=True, precision="fp32"),
-    "matmul+bf16": dict(conv="matmul", bench=False, tf32=False, precision="bf16"),
     "vmap+bench+bf16": dict(conv="vmap", bench=True, tf32=False, precision="bf16"),
     "grouped": dict(conv="grouped", bench=False, tf32=False, precision="fp32"),
     "grouped+graph": dict(conv="grouped", bench=False, tf32=False, precision="fp32", graph=True),
@@ -59,12 +53,8 @@ VARIANTS = {
     "channels_last+bench": dict(conv="channels_last", bench=True, tf32=False, precision="fp32"),
     "channels_last+graph": dict(conv="channels_last", bench=False, tf32=False, precision="fp32", graph=True),
     "channels_last+bench+graph": dict(conv="channels_last", bench=True, tf32=False, precision="fp32", graph=True),
-    "loop": dict(conv="loop", bench=False, tf32=False, precision="fp32"),
-    "loop+graph": dict(conv="loop", bench=False, tf32=False, precision="fp32", graph=True),
-    "loop+bench+graph": dict(conv="loop", bench=True, tf32=False, precision="fp32", graph=True),
     "grouped+graph+bf16": dict(conv="grouped", bench=True, tf32=False, precision="bf16", graph=True),
     "channels_last+bench+graph+bf16": dict(conv="channels_last", bench=True, tf32=False, precision="bf16", graph=True),
-    "loop+bench+graph+bf16": dict(conv="loop", bench=True, tf32=False, precision="bf16", graph=True),
     "triton": dict(conv="triton", bench=False, tf32=False, precision="fp32"),
     "triton+graph": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True),
     "triton+graph+bf16": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True),

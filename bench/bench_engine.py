@@ -76,7 +76,7 @@ def _setup(name: str, dev: torch.device, n_clients: int, frac: float):
 
 
 def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precision: str, seq: bool,
-              pack: int, frac: float, compile: bool = False, engine: EngineOptions | None = None) -> dict:
+              pack: int, frac: float, engine: EngineOptions | None = None) -> dict:
     mname, _, h, w, ch, _, _ = SETTINGS[name]
     model, theta, x, per, bs, c = _setup(name, dev, n_clients, frac)
     y = torch.randint(0, c, (len(x),), device=dev)
@@ -90,17 +90,16 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
                  "params": theta.numel()}
     engine = (engine or engine_options()).resolve(model, dev, precision)  # what a run would use
     kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision, options=engine)
-    out["compiled"] = compile
     out.update(conv=engine.conv, cuda_graph=engine.cuda_graph, graph_cache=engine.graph_cache)
     # warm-up (kernels, autotuning)
     train_vectorised(model, theta, x, y, [s[:bs * 2] for s in shards], generator=torch.Generator().manual_seed(0),
-                     compile=compile, **{**kw, "epochs": 1})
+                     **{**kw, "epochs": 1})
     _sync(dev)
     clear_graph_cache()  # a round as a run's first: its CUDA graph captured inside the timing, as before
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t = time.perf_counter()
-    train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), compile=compile, **kw)
+    train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), **kw)
     _sync(dev)
     tv = time.perf_counter() - t
     out["vectorised_s_per_round"] = tv
@@ -108,7 +107,7 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
     out["vectorised_tflops"] = total_flops / tv / 1e12
     if dev.type == "cuda":
         out["vectorised_peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    if engine.cuda_graph and not compile:
+    if engine.cuda_graph:
         # a later round of the same run: its CUDA graph kept from the round before (EngineOptions.graph_cache)
         t = time.perf_counter()
         train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(1), **kw)
@@ -131,15 +130,15 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
         gens = [torch.Generator().manual_seed(k) for k in range(pack)]
         thetas = theta.unsqueeze(0).expand(pack * n_clients, -1)
         # warm-up for the packed shape: its kernels (Triton compiles per tile shape, which depends on the
-        # number of clients) and torch.compile. Without it the first process on a machine timed the
+        # number of clients). Without it the first process on a machine timed the
         # compilation too (session 7: Kather's packed round 0.89 s cold, 0.41 s warm, same code and card)
         train_vectorised(model, thetas, x, y, [s[:bs * 2] for s in shards] * pack, generator=gens[0],
-                         compile=compile, **{**kw, "epochs": 1})
+                         **{**kw, "epochs": 1})
         _sync(dev)
         clear_graph_cache()
         t = time.perf_counter()  # the cells' batch plans are drawn inside the timing, as a packed round does
         plan = concat_plans([batch_plan(shards, epochs, bs, g) for g in gens])
-        train_vectorised(model, thetas, x, y, shards * pack, plan=plan, generator=None, compile=compile, **kw)
+        train_vectorised(model, thetas, x, y, shards * pack, plan=plan, generator=None, **kw)
         _sync(dev)
         tp = time.perf_counter() - t
         out["packed_cells"] = pack
@@ -192,11 +191,10 @@ def main() -> None:
     ap.add_argument("--no-sequential", action="store_true")
     ap.add_argument("--pack", type=int, default=1)
     ap.add_argument("--frac", type=float, default=1.0, help="fraction of each client's shard (quick checks)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the per-step gradient function")
     ap.add_argument("--dirichlet", type=float, default=None, metavar="ALPHA",
                     help="time unequal (Dirichlet) shards, skip_idle on vs off")
     ap.add_argument("--conv", default="auto", help="EngineOptions.conv: auto (what a run uses; the default "
-                    "since session 10), vmap, matmul or grouped, channels_last, loop, triton (robustfl.engine.stacked)")
+                    "since session 10), vmap, or grouped, channels_last, triton (robustfl.engine.stacked)")
     ap.add_argument("--cuda-graph", action="store_true", default=None,
                     help="capture the stacked step as a CUDA graph (with --conv auto: on unless --no-cuda-graph)")
     ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
@@ -215,7 +213,7 @@ def main() -> None:
             r = bench_unequal(m, dev, a.clients, a.epochs, a.precision, a.frac, a.dirichlet, engine=engine)
         else:
             r = bench_one(m, dev, a.clients, a.epochs, a.precision, not a.no_sequential, a.pack, a.frac,
-                          a.compile, engine=engine)
+                          engine=engine)
         r["cudnn_benchmark"] = a.cudnn_benchmark
         print(json.dumps(r), flush=True)
         res["results"].append(r)

@@ -40,7 +40,6 @@ VARIANTS = {
     "vmap": ({"conv": "vmap", "cuda_graph": False}, None),
     "grouped+graph": ({"conv": "grouped", "cuda_graph": True}, None),
     "channels_last+graph": ({"conv": "channels_last", "cuda_graph": True}, None),
-    "loop+graph": ({"conv": "loop", "cuda_graph": True}, None),
     "triton+graph": ({"conv": "triton", "cuda_graph": True}, None),
     "triton+graph+tf32": ({"conv": "triton", "cuda_graph": True}, "tf32"),
     "triton+graph+bf16": ({"conv": "triton", "cuda_graph": True}, "bf16"),

@@ -59,7 +59,7 @@ class RunConfig:
     backdoor_mode: str = "single"  # single (reference code, the paper's target) | multiple (20 targeted inputs)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # {kind: auto | vectorised | sequential, conv: auto | vmap | matmul | grouped | channels_last | loop | triton,
+    # {kind: auto | vectorised | sequential, conv: auto | vmap | grouped | channels_last | triton,
     #  cuda_graph: null | true | false}: robustfl.engine.EngineOptions
     engine: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # fp32 | tf32 (dense products in TF32 too) | bf16 (autocast on CUDA)

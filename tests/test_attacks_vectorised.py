@@ -73,7 +73,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> None:
         assert ((g - w).norm() / w.norm()).item() < tol
 
 
-@pytest.mark.parametrize("layout", ["grouped", "loop"])
+@pytest.mark.parametrize("layout", ["grouped", "channels_last"])
 @pytest.mark.parametrize("name,params", [
     ("krum_backdoor", {}),
     ("krum_backdoor", {"ls": 2, "mal_steps": 2, "order": "mal_first", "dist": "sq", "rho": 0.5, "boost": 4.0}),

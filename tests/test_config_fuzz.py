@@ -324,7 +324,7 @@ RUNCONFIG_DOMAINS = {
     "backdoor": st.sampled_from(["semantic", "trojan"]), "backdoor_mode": st.sampled_from(["single", "multiple"]),
     "engine": st.fixed_dictionaries({}, optional={
         "kind": st.sampled_from(["auto", "vectorised", "sequential"]),
-        "conv": st.sampled_from(["auto", "vmap", "matmul", "grouped", "channels_last", "loop", "triton"]),
+        "conv": st.sampled_from(["auto", "vmap", "grouped", "channels_last", "triton"]),
         # true is valid only with a stacked layout (a cross-key rule EngineOptions checks, not the schema)
         "cuda_graph": st.sampled_from([None, False])}),
     "precision": st.sampled_from(["fp32", "tf32", "bf16"]), "deterministic": st.booleans(),

@@ -1,5 +1,5 @@
 """The explicit stacked forward pass (robustfl.engine.stacked) against vmap over the per-client models, and
-the engine options built on it (``conv`` = grouped / channels_last / loop, ``cuda_graph``)."""
+the engine options built on it (``conv`` = grouped / channels_last / triton, ``cuda_graph``)."""
 from __future__ import annotations
 
 import pytest
@@ -125,8 +125,6 @@ def test_unsupported_models_and_options_are_refused() -> None:
         train_vectorised(model, theta, x, y, shards, options=EngineOptions(conv="grouped", cuda_graph=True), **kw)
     with pytest.raises(ValueError, match="'cuda_graph'"):
         EngineOptions(conv="vmap", cuda_graph=True)
-    with pytest.raises(ValueError, match="compile applies to the vmap engine"):
-        train_vectorised(model, theta, x, y, shards, options=EngineOptions(conv="loop"), compile=True, **kw)
 
 
 def _cuda_case(sizes: list[int], name: str = "cifar10_cnn", hw: int = 32, ch: int = 3,  # noqa: ANN202
@@ -225,7 +223,7 @@ def test_auto_kernels_follow_the_measured_table() -> None:
     assert resolve(strided, cuda, precision="bf16") == ("grouped", True)
     digits = build_model("digits_cnn", 10, 1)
     assert resolve(digits, cuda) == ("grouped", True)  # not in the table: grouped
-    assert resolve(digits, cuda, conv="loop", cuda_graph=False) == ("loop", False)
+    assert resolve(digits, cuda, conv="channels_last", cuda_graph=False) == ("channels_last", False)
     assert resolve(digits, cuda, conv="vmap") == ("vmap", False)  # vmap: no graphs
 
     class Odd(nn.Module):

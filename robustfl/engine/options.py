@@ -19,9 +19,17 @@ from typing import Any
 #: the engines: ``auto`` = vectorised on CUDA, sequential on the CPU
 KINDS = ("auto", "vectorised", "sequential")
 #: the stacked engine's layouts (robustfl.engine.stacked)
-LAYOUTS = ("grouped", "channels_last", "loop", "triton")
+LAYOUTS = ("grouped", "channels_last", "triton")
 #: the vectorised engine's ``conv``: ``vmap`` or a stacked layout (``auto``: :meth:`EngineOptions.resolve`)
-CONVS = ("auto", "vmap", "matmul", *LAYOUTS)
+CONVS = ("auto", "vmap", *LAYOUTS)
+#: ``conv`` values of earlier versions: why each is gone
+REMOVED_CONVS = {
+    "cudnn": "'cudnn' is now called 'vmap' (torch.func.vmap over the per-client models)",
+    "matmul": "'matmul' (im2col + batched GEMM) was removed: 2-5.5x slower than vmap's grouped convolution "
+              "(bench/README.md, session 3); use 'vmap'",
+    "loop": "'loop' (one convolution per client) was removed: slower than the grouped layouts for every model "
+            "(bench/README.md, session 4); use 'grouped'",
+}
 #: the run precisions (robustfl.engine.train.precision_context says what each computes in)
 PRECISIONS = ("fp32", "tf32", "bf16")
 #: the fields a run configuration sets (RunConfig.engine); the others keep their defaults there
@@ -43,7 +51,7 @@ class EngineOptions:
     """How many models at once are trained or crafted, and with which kernels (module docstring)."""
 
     kind: str = "auto"  # auto | vectorised | sequential
-    conv: str = "auto"  # auto | vmap | matmul | grouped | channels_last | loop | triton
+    conv: str = "auto"  # auto | vmap | grouped | channels_last | triton
     cuda_graph: bool | None = None  # capture the stacked training step as a CUDA graph (None: where it applies)
     skip_idle: bool = True  # skip clients whose batches have run out (unequal shards, packed runs)
     graph_cache: int = 2  # CUDA-graph sets kept from one training call to the next (0: none)
@@ -58,14 +66,14 @@ class EngineOptions:
 
         if self.kind not in KINDS:
             bad("kind", f"must be one of {list(KINDS)}, got {self.kind!r}")
-        if self.conv == "cudnn":
-            bad("conv", "'cudnn' is now called 'vmap' (torch.func.vmap over the per-client models)")
+        if self.conv in REMOVED_CONVS:
+            bad("conv", REMOVED_CONVS[self.conv])
         if self.conv not in CONVS:
             bad("conv", f"must be one of {list(CONVS)}, got {self.conv!r}")
         if self.cuda_graph not in (None, True, False):
             bad("cuda_graph", f"must be true, false or null (auto), got {self.cuda_graph!r}")
-        if self.cuda_graph and self.conv in ("vmap", "matmul"):
-            bad("cuda_graph", f"CUDA graphs need a stacked layout {list(LAYOUTS)} (or conv auto), not {self.conv!r}")
+        if self.cuda_graph and self.conv == "vmap":
+            bad("cuda_graph", f"CUDA graphs need a stacked layout {list(LAYOUTS)} (or conv auto), not 'vmap'")
         for key in ("skip_idle", "stacked_attacks", "attack_cuda_graph"):
             if not isinstance(getattr(self, key), bool):
                 bad(key, f"must be true or false, got {getattr(self, key)!r}")

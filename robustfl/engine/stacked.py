@@ -15,7 +15,6 @@ layout and the kernels are ours to pick and the step is plain autograd (which CU
     with ``groups = n`` (what vmap produces, without vmap's bookkeeping);
   - ``"channels_last"``: the same grouped convolution on channels-last (NHWC) memory, where cuDNN has
     other kernels;
-  - ``"loop"``: one ordinary convolution per client, ``(n, B, C, H, W)``;
   - ``"triton"``: the clients' activations in NHWC, ``(n, B, H, W, C)``, each convolution one
     implicit-GEMM Triton kernel over all clients (:mod:`robustfl.engine.triton_conv`; CUDA, or Triton's
     interpreter on the CPU; stride 1 only), with the ReLU or the 2x2 max-pool and ReLU that follow it
@@ -244,9 +243,6 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
                                           grad_masked=hand_on, **({"grad_padded": True} if grad_pad else {}))
                 relu_input = hand_on
                 pos += used
-            elif layout == "loop":
-                h = torch.stack([F.conv2d(h[i], w[i], None if bias is None else bias[i], m.stride,
-                                          m.padding, m.dilation, m.groups) for i in range(n)])
             else:
                 if not merged:
                     h, merged = _to_merged(h, layout), True

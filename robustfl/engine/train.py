@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -83,33 +82,6 @@ def concat_plans(plans: Sequence[BatchPlan]) -> BatchPlan:
     return BatchPlan(idx, mask)
 
 
-_COMPILED: dict[tuple[int, int, int], object] = {}
-
-
-def _compiled(fn, model: nn.Module, n: int, batch_size: int):  # noqa: ANN001, ANN202
-    """torch.compile the per-step gradient function once per (model, n, batch) (CUDA graphs cut the
-    launch overhead that dominates small models)."""
-    key = (id(model), n, batch_size)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=False)
-    return _COMPILED[key]
-
-
-_TWINS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
-
-
-def _conv_twin(model: nn.Module, conv: str) -> nn.Module:
-    """``model`` itself (``"vmap"``) or its cached :func:`~robustfl.models.with_matmul_convs` twin."""
-    if conv == "vmap":
-        return model
-    from robustfl.models import with_matmul_convs
-
-    twin = _TWINS.get(model)
-    if twin is None:
-        twin = _TWINS[model] = with_matmul_convs(model)
-    return twin
-
-
 @dataclass
 class _GraphSet:
     """CUDA graphs of :func:`train_vectorised`'s step per number of active clients, and the buffers
@@ -161,8 +133,7 @@ def precision_context(device: torch.device, precision: str, *, autocast: bool = 
 def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                      shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
                      generator: torch.Generator | None, precision: str = "fp32",
-                     plan: BatchPlan | None = None, options: EngineOptions | None = None,
-                     compile: bool = False) -> torch.Tensor:
+                     plan: BatchPlan | None = None, options: EngineOptions | None = None) -> torch.Tensor:
     """Train ``len(shards)`` clients from the global model at once; return their updates
     ``delta_i = w_i - theta`` as an ``(n, d)`` tensor (Section 3.1).
 
@@ -172,9 +143,8 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     client i's indices into them. ``plan`` overrides the batch plan drawn from ``generator``.
     ``options`` (:class:`~robustfl.engine.options.EngineOptions`; default: vmap, no graphs; ``auto``
     settled for the model and device) pick how the step computes: ``conv`` ``"vmap"``
-    (``vmap(grad(loss))`` over the per-client models: a grouped convolution, one group per client) or
-    ``"matmul"`` (im2col + batched GEMM, :class:`robustfl.models.Conv2dMM`); a layout of
-    :mod:`robustfl.engine.stacked` computes the clients' forward pass explicitly instead and takes the
+    (``vmap(grad(loss))`` over the per-client models, any model: a grouped convolution, one group per
+    client), or a layout of :mod:`robustfl.engine.stacked`, which computes the clients' forward pass explicitly instead and takes the
     gradients with one plain backward pass; ``cuda_graph`` (CUDA, a stacked layout) then captures that
     forward and backward as a CUDA graph and replays it, removing the per-kernel launch cost (the Adam
     step stays eager). One graph per number of clients computed: with idle clients skipped that number
@@ -187,7 +157,6 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     are not computed. Clients are ordered by their number of batches, longest first, so that the active
     ones at any step are a prefix of the stacked parameters and each step trains views of that prefix;
     the updates are the same as with every client computed on masked batches (tests/test_train.py).
-    Off under ``compile`` (a changing client count would recompile the step).
     """
     n = len(shards)
     d = theta.shape[-1]
@@ -207,7 +176,7 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     # (padding only ever trails, see batch_plan). The same for any client order.
     all_active = real.all(0).tolist()
     order = n_active = None  # n_active: clients computed at each step, the prefix that still has batches
-    if opts.skip_idle and not compile:
+    if opts.skip_idle:
         n_steps = torch.where(real.any(1), plan.steps - real.flip(1).int().argmax(1), 0)
         if bool((n_steps != n_steps[0]).any()):
             order = torch.argsort(n_steps, descending=True, stable=True)
@@ -239,10 +208,8 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
         exp_avg_sq = [torch.zeros_like(p) for p in params]
     step = torch.zeros(n, device=device)
 
+    net = model
     if conv in LAYOUTS:
-        if compile:
-            raise ValueError(f"compile applies to the vmap engine (conv 'vmap' or 'matmul'), not conv={conv!r}")
-        net = model
 
         def grad_all(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor,
                      mb: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -250,15 +217,12 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     else:
         if cuda_graph:
             raise ValueError(f"cuda_graph needs conv in {LAYOUTS}, got {conv!r}")
-        net = _conv_twin(model, conv)
 
         def loss_one(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
             out = functional_call(net, dict(zip(names, p)), (xb,))
             return masked_ce(out, yb, mb)
 
         grad_all = vmap(grad(loss_one), in_dims=(0, 0, 0, 0), randomness="different")
-        if compile:
-            grad_all = _compiled(grad_all, model, n, batch_size)
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
     if conv == "triton" and device.type != "cuda":
