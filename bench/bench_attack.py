@@ -9,8 +9,8 @@ the attacker's shard (CIFAR-10: 5,000 samples, batch 32; fmnist: 6,000, batch 64
 
 ``--attackers K [K ...]`` instead compares the two ways of crafting for K attackers (each on its own
 shard of the paper's size): one model at a time through PyTorch's layers (the single-model loops,
-CUDA-graphed), and all K at once on the stacked engine (:mod:`robustfl.attacks.vectorised`, the
-layout the engine picks for the model), side by side in one process:
+CUDA-graphed), and all K at once on the stacked engine (the loops' ``layout``, the one the engine picks
+for the model), side by side in one process:
 
     python bench/bench_attack.py --attackers 1 3 6 --attack alternating --out bench/results/attack_stacked.json
 """
@@ -41,23 +41,12 @@ HAS_DROPOUT = ("fmnist_cnn", "digits_cnn")
 
 def _craft(a: argparse.Namespace, model, theta, owns, xb, yb, ref, bs: int, layout: str | None):  # noqa: ANN001, ANN202
     """One round's crafting for ``len(owns)`` attackers: single-model loops (``layout=None``) or stacked."""
-    from robustfl.attacks.vectorised import alternating_minimisation_many, explicit_boosting_many
-
     gens = [torch.Generator().manual_seed(i) for i in range(len(owns))]
-    if layout is None:
-        if a.attack == "alternating":
-            return torch.stack([B.alternating_minimisation(model, theta, x, y, xb, yb, ref, boost=10.0, rho=1e-4,
-                                                           benign_epochs=2.0, batch_size=bs, generator=g)
-                                for (x, y), g in zip(owns, gens)]), None
-        out = [B.explicit_boosting(model, theta, xb, yb, boost=10.0, max_steps=a.max_steps, tol=a.tol, generator=g)
-               for g in gens]
-        return torch.stack([d for d, _ in out]), [i for _, i in out]
     if a.attack == "alternating":
-        refs = ref.expand(len(owns), -1)
-        return alternating_minimisation_many(model, theta, owns, xb, yb, refs, boost=10.0, rho=1e-4, generators=gens,
-                                             layout=layout, benign_epochs=2.0, batch_size=bs), None
-    return explicit_boosting_many(model, theta, xb, yb, boost=10.0, generators=gens, layout=layout,
-                                  max_steps=a.max_steps, tol=a.tol)
+        return B.alternating_minimisation(model, theta, owns, xb, yb, ref, boost=10.0, rho=1e-4, generators=gens,
+                                          layout=layout, benign_epochs=2.0, batch_size=bs), None
+    return B.explicit_boosting(model, theta, xb, yb, boost=10.0, generators=gens, layout=layout,
+                               max_steps=a.max_steps, tol=a.tol)
 
 
 def compare_engines(a: argparse.Namespace, dev: torch.device, res: dict) -> None:
@@ -144,13 +133,14 @@ def main() -> None:
                     torch.cuda.synchronize()
                 t = time.perf_counter()
                 if a.attack == "alternating":
-                    d = B.alternating_minimisation(model, theta, x, y, xb, yb, ref, boost=10.0, rho=1e-4,
+                    d = B.alternating_minimisation(model, theta, [(x, y)], xb, yb, ref, boost=10.0, rho=1e-4,
                                                    benign_epochs=2.0, batch_size=bs,
-                                                   generator=torch.Generator().manual_seed(0), engine=engine)
+                                                   generators=[torch.Generator().manual_seed(0)], engine=engine)[0]
                 else:
-                    d, info[graph] = B.explicit_boosting(model, theta, xb, yb, boost=10.0, max_steps=a.max_steps,
-                                                         tol=a.tol, generator=torch.Generator().manual_seed(0),
-                                                         engine=engine)
+                    d, infos = B.explicit_boosting(model, theta, xb, yb, boost=10.0, max_steps=a.max_steps,
+                                                   tol=a.tol, generators=[torch.Generator().manual_seed(0)],
+                                                   engine=engine)
+                    d, info[graph] = d[0], infos[0]
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 if r:

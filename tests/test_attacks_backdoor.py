@@ -12,11 +12,27 @@ import torch
 from robustfl.attacks import ATTACKS, is_targeted
 from robustfl.attacks import adaptive, backdoor  # noqa: F401  (registers the attacks)
 from robustfl.attacks.adaptive import d_plr
-from robustfl.attacks.backdoor import alternating_minimisation, benign_update, explicit_boosting, forward_with
 from robustfl.attacks.base import AttackContext
 from robustfl.engine import EngineOptions
+from robustfl.engine import model_forward as forward_with
 from robustfl.models import build_model
 from robustfl.params import ParamSpec, model_to_flat
+
+
+def alternating_minimisation(model, theta, x_own, y_own, x_bd, y_bd, ref, *, generator, **kw):
+    """One attacker's update ``(d,)``: robustfl.attacks.backdoor.alternating_minimisation with k = 1."""
+    return backdoor.alternating_minimisation(model, theta, [(x_own, y_own)], x_bd, y_bd, ref, generators=[generator],
+                                             **kw)[0]
+
+
+def benign_update(model, theta, x_own, y_own, *, generator, **kw):
+    return backdoor.benign_updates(model, theta, [(x_own, y_own)], [generator], **kw)[0]
+
+
+def explicit_boosting(model, theta, x_bd, y_bd, *, generator, **kw):
+    deltas, infos = backdoor.explicit_boosting(model, theta, x_bd, y_bd, generators=[generator], **kw)
+    return deltas[0], infos[0]
+
 
 N_BEN, N_CLIENTS, SOURCE, TARGET, BATCH = 5, 6, 4, 3, 32
 MEASURED: dict[str, float] = {}  # printed at the end (pytest -s) for the record
@@ -328,7 +344,8 @@ def _reference_alternating(model, theta_flat, x_own, y_own, x_bd, y_bd, ben_mean
 
     import torch.nn.functional as F
 
-    from robustfl.attacks.backdoor import _batches, _distance, _training_mode
+    from robustfl.attacks.backdoor import batch_stream, distance_rows
+    from robustfl.engine import ModelRows
     from robustfl.engine.adam import ADAM_BETAS, ADAM_EPS
 
     spec = ParamSpec(model)
@@ -339,7 +356,7 @@ def _reference_alternating(model, theta_flat, x_own, y_own, x_bd, y_bd, ben_mean
     w = theta.clone().requires_grad_(True)
     opt_ben = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     opt_mal = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    stream = _batches(len(y_own), batch_size, generator, torch.device("cpu"))
+    stream = batch_stream(len(y_own), batch_size, generator, torch.device("cpu"))
 
     def stealth():
         for _ in range(ls):
@@ -347,7 +364,7 @@ def _reference_alternating(model, theta_flat, x_own, y_own, x_bd, y_bd, ben_mean
             _, logits = forward_with(model, spec.unflatten(w), x_own[idx])
             loss = F.cross_entropy(logits.float(), y_own[idx])
             if rho > 0:
-                loss = loss + rho * _distance(w - ref, dist)
+                loss = loss + rho * distance_rows((w - ref)[None], dist)[0]
             opt_ben.zero_grad(set_to_none=True)
             loss.backward()
             opt_ben.step()
@@ -365,7 +382,7 @@ def _reference_alternating(model, theta_flat, x_own, y_own, x_bd, y_bd, ben_mean
             with torch.no_grad():
                 w.copy_(start + boost * (w - start))
 
-    with _training_mode(model, generator):
+    with ModelRows(model, 1, "cpu").training([generator]):
         for _ in range(n_iter):
             if order == "benign_first":
                 stealth()

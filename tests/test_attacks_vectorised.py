@@ -1,6 +1,6 @@
-"""The backdoor attackers' crafting for all attackers at once on the stacked engine
-(robustfl.attacks.vectorised) against the single-model loops of robustfl.attacks.backdoor, which
-tests/test_attacks_backdoor.py checks against the plain two-optimiser loop. CPU, scikit-learn's
+"""The backdoor attackers' crafting for all attackers at once on a stacked layout (the loops of
+robustfl.attacks.backdoor with ``layout``) against the same loops one attacker at a time through PyTorch's
+layers, which tests/test_attacks_backdoor.py checks against the plain two-optimiser loop. CPU, scikit-learn's
 digits, the digits CNN without dropout (so both draw nothing at random but the mini-batches, which
 they draw alike); on a GPU also the paper's fmnist network through the Triton layout."""
 from __future__ import annotations
@@ -14,7 +14,6 @@ from robustfl.data import datasets as data
 from robustfl.fl import experiment
 from robustfl.attacks import ATTACKS
 from robustfl.attacks import backdoor as bd
-from robustfl.attacks import vectorised as vec
 from robustfl.attacks.base import AttackContext
 from robustfl.config import RunConfig
 from robustfl.data.datasets import load_prepared
@@ -124,15 +123,15 @@ def test_explicit_boosting_many_stops_each_attacker_where_the_single_loop_does(s
     params = {k: v.clone() for k, v in spec.unflatten(s["theta"]).items()}
     params[[k for k in spec.names if k.endswith("bias")][-1]][TARGET] = 4.0  # a head start on the target
     kw = dict(boost=5.0, tol=0.02, max_steps=300, lr=1e-3)
-    want = [bd.explicit_boosting(s["model"], th, s["bd_x"], s["bd_y"], generator=torch.Generator().manual_seed(i), **kw)
-            for i, th in enumerate([s["theta"], spec.flatten(params)])]
-    assert want[0][1]["steps"] != want[1][1]["steps"]
+    want = [bd.explicit_boosting(s["model"], th, s["bd_x"], s["bd_y"], generators=[torch.Generator().manual_seed(i)],
+                                 **kw) for i, th in enumerate([s["theta"], spec.flatten(params)])]
+    assert want[0][1][0]["steps"] != want[1][1][0]["steps"]
     for i, th in enumerate([s["theta"], spec.flatten(params)]):
-        got, info = vec.explicit_boosting_many(s["model"], th, s["bd_x"], s["bd_y"], layout="grouped",
-                                               generators=[torch.Generator().manual_seed(i)], **kw)
-        _close(got, want[i][0][None])
-        assert info[0]["steps"] == want[i][1]["steps"]
-        assert info[0]["mal_loss"] == pytest.approx(want[i][1]["mal_loss"], rel=1e-4)
+        got, info = bd.explicit_boosting(s["model"], th, s["bd_x"], s["bd_y"], layout="grouped",
+                                         generators=[torch.Generator().manual_seed(i)], **kw)
+        _close(got, want[i][0])
+        assert info[0]["steps"] == want[i][1][0]["steps"]
+        assert info[0]["mal_loss"] == pytest.approx(want[i][1][0]["mal_loss"], rel=1e-4)
 
 
 def test_an_attacker_certain_of_the_backdoor_label_skips_its_malicious_steps(setup):
@@ -146,13 +145,12 @@ def test_an_attacker_certain_of_the_backdoor_label_skips_its_malicious_steps(set
     owns = [(s["x"][sh], s["y"][sh]) for sh in s["shards"][:2]]
     kw = dict(boost=50.0, rho=0.0, mal_steps=2, iterations=3, batch_size=BATCH)
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
-    got = vec.alternating_minimisation_many(s["model"], theta, owns, s["bd_x"], s["bd_y"], None, generators=gens(),
-                                            layout="grouped", **kw)
-    honest = vec.alternating_minimisation_many(s["model"], theta, owns, s["bd_x"], s["bd_y"], None,
-                                               generators=gens(), layout="grouped", **{**kw, "mal_steps": 0})
+    got = bd.alternating_minimisation(s["model"], theta, owns, s["bd_x"], s["bd_y"], None, generators=gens(),
+                                      layout="grouped", **kw)
+    honest = bd.alternating_minimisation(s["model"], theta, owns, s["bd_x"], s["bd_y"], None,
+                                         generators=gens(), layout="grouped", **{**kw, "mal_steps": 0})
     torch.testing.assert_close(got, honest, rtol=0, atol=0)
-    want = torch.stack([bd.alternating_minimisation(s["model"], theta, x, y, s["bd_x"], s["bd_y"], None, generator=g, **kw)
-                        for (x, y), g in zip(owns, gens())])
+    want = bd.alternating_minimisation(s["model"], theta, owns, s["bd_x"], s["bd_y"], None, generators=gens(), **kw)
     _close(got, want)
 
 
@@ -187,14 +185,26 @@ def test_deterministic_and_leaves_global_rng_alone(setup):
 
 
 def test_bad_layout_and_switch(setup, monkeypatch):
+    s = setup
+    owns = [(s["x"][sh], s["y"][sh]) for sh in s["shards"][:2]]
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
     with pytest.raises(ValueError, match="layout"):
-        vec.alternating_minimisation_many(setup["model"], setup["theta"], [], setup["bd_x"], setup["bd_y"], None,
-                                          boost=1.0, rho=0.0, generators=[], layout="vmap")
-    calls = []
-    monkeypatch.setattr(vec, "alternating_minimisation_many", lambda *a, **k: calls.append(1))
-    # the switch: single-model loops even where the run trains with a stacked layout
+        bd.alternating_minimisation(s["model"], s["theta"], owns, s["bd_x"], s["bd_y"], None, boost=1.0, rho=0.0,
+                                    generators=gens, layout="vmap")
+    seen = []
+
+    class Spy(bd.ModelRows):  # the layout of every ModelRows the loops build
+        def __init__(self, *a, **k) -> None:
+            seen.append(a[3])
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(bd, "ModelRows", Spy)
+    # the switch: one attacker at a time even where the run trains with a stacked layout
     out = ATTACKS.get("krum_backdoor")(_ctx(setup, "grouped", {"iterations": 1}, stacked_attacks=False))
-    assert out.shape[0] == 3 and not calls
+    assert out.shape[0] == 3 and seen == [None, None, None]
+    seen.clear()
+    ATTACKS.get("krum_backdoor")(_ctx(setup, "grouped", {"iterations": 1}))
+    assert seen == ["grouped"]
 
 
 def test_the_simulator_crafts_on_its_engine_layout(tmp_path: Path, monkeypatch):
@@ -202,8 +212,8 @@ def test_the_simulator_crafts_on_its_engine_layout(tmp_path: Path, monkeypatch):
     crafts with that layout; the sequential engine gives none."""
     prepared = data.prepare("digits", {}, tmp_path / "digits")
     seen = []
-    real = bd.vectorised_layout
-    monkeypatch.setattr(bd, "vectorised_layout", lambda ctx: seen.append(real(ctx)) or seen[-1])
+    real = bd.crafting_layout
+    monkeypatch.setattr(bd, "crafting_layout", lambda ctx, **k: seen.append(real(ctx, **k)) or seen[-1])
     for engine, conv in (("vectorised", "grouped"), ("sequential", "auto")):
         cfg = RunConfig(dataset="digits", rounds=1, local_epochs=1, batch_size=32, engine={"kind": engine, "conv": conv},
                         attack="krum_backdoor", n_attackers=1, attack_params={"iterations": 2})
@@ -232,12 +242,11 @@ def _gpu_both(attack: str, layout: str, kw: dict) -> tuple[torch.Tensor, torch.T
     model, theta, owns, xb, yb = _gpu_case()
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
     if attack == "alternating":
-        got = vec.alternating_minimisation_many(model, theta, owns, xb, yb, None, generators=gens(), layout=layout, **kw)
-        want = torch.stack([bd.alternating_minimisation(model, theta, x, y, xb, yb, None, generator=g, **kw)
-                            for (x, y), g in zip(owns, gens())])
+        got = bd.alternating_minimisation(model, theta, owns, xb, yb, None, generators=gens(), layout=layout, **kw)
+        want = bd.alternating_minimisation(model, theta, owns, xb, yb, None, generators=gens(), **kw)
     else:
-        got, _ = vec.explicit_boosting_many(model, theta, xb, yb, generators=gens(), layout=layout, **kw)
-        want = torch.stack([bd.explicit_boosting(model, theta, xb, yb, generator=g, **kw)[0] for g in gens()])
+        got, _ = bd.explicit_boosting(model, theta, xb, yb, generators=gens(), layout=layout, **kw)
+        want, _ = bd.explicit_boosting(model, theta, xb, yb, generators=gens(), **kw)
     return got, want
 
 

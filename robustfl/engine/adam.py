@@ -5,6 +5,7 @@ tensors: n independent optimisers, one per client or attacker (row).
   loop has ended, is left untouched);
 * :func:`adam_step_uniform`: every row active with the same step count (scalar bias corrections; on
   CUDA PyTorch's fused kernel; on the CPU the arithmetic of ``torch.optim.Adam``, bit for bit);
+* :func:`adam_step_counted`: :func:`adam_step_uniform` with the count in a device tensor (CUDA graphs);
 * :func:`adam_rows`: :func:`adam_step` on the rows of one ``(k, d)`` matrix, an inactive row's gradient
   never read (on CUDA the fused kernel once per row).
 """
@@ -75,3 +76,19 @@ def adam_rows(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor
     for i in range(len(w)):
         torch._fused_adam_([w[i]], [g[i]], [m[i]], [v[i]], [], [step[i]], lr=lr, beta1=b1, beta2=b2,
                            weight_decay=0.0, eps=ADAM_EPS, amsgrad=False, maximize=False, found_inf=skip[i])
+
+
+def adam_step_counted(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
+                      exp_avg_sq: list[torch.Tensor], step: torch.Tensor, lr: float) -> None:
+    """:func:`adam_step_uniform` with the shared step count kept in ``step`` (a one-element float tensor
+    on the parameters' device), incremented here: on CUDA the fused kernel reads it on the device, so the
+    step can be captured in a CUDA graph; on the CPU the foreach arithmetic (``torch.optim.Adam``'s, bit
+    for bit)."""
+    step += 1
+    if params[0].is_cuda:
+        b1, b2 = ADAM_BETAS
+        grads = [g.contiguous() for g in grads]
+        torch._fused_adam_(params, grads, exp_avg, exp_avg_sq, [], [step] * len(params), lr=lr, beta1=b1,
+                           beta2=b2, weight_decay=0.0, eps=ADAM_EPS, amsgrad=False, maximize=False)
+        return
+    adam_step_uniform(params, grads, exp_avg, exp_avg_sq, int(step.item()), lr, fused=False)

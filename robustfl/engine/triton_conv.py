@@ -387,7 +387,7 @@ def _prec(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+def acc_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     """Accumulator: float64 for float64 inputs (exact tests), else float32."""
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
@@ -395,7 +395,7 @@ def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
 _EPI = {name: i for i, name in enumerate(EPILOGUES)}
 
 
-def _on(t: torch.Tensor) -> contextlib.AbstractContextManager:
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on ``t``'s GPU: Triton launches on the current CUDA device, which need not be the one
     holding the tensors (a run on ``cuda:1`` of a multi-GPU host; found in the session-6 pipeline run)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -425,14 +425,14 @@ def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: i
     bn = _bn(cout, tiles.bn)
     grid = (triton.cdiv(m, tiles.bm), triton.cdiv(cout, bn), g)
     sep, even = _igemm_gather(m, kh * kw * cin, cout, tiles, sgn, off)
-    with _on(a):
+    with on_device(a):
         aux = relu_of if relu_of is not None else (y if code is None else code)
         if relu_of is not None and (relu_of.shape != y.shape or not relu_of.is_contiguous()):
             raise ValueError(f"_igemm: relu_of {tuple(relu_of.shape)} must be contiguous and shaped as the output {tuple(y.shape)}")
         _igemm_kernel[grid](a, wk, bias if bias is not None else wk, y, aux, m, hin, win,
                             hout, wout, ph, pw, a.stride(0), y.stride(0), *wk.stride(), CIN=cin, COUT=cout, KH=kh, KW=kw,
                             SGN=sgn, OFF=off, EPI=epi, HAS_BIAS=bias is not None, PREC=_prec(a.dtype),
-                            ACC=_acc(a.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk, SEP=sep, EVEN=even,
+                            ACC=acc_dtypes(a.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk, SEP=sep, EVEN=even,
                             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return y, code
 
@@ -448,7 +448,7 @@ def _unpool(dyp: torch.Tensor, code: torch.Tensor, hout: int, wout: int) -> torc
     total = dz.numel()
     # the interpreter's cost is per program: few, large blocks there
     block = min(max(UNPOOL_BLOCK, triton.next_power_of_2(total)), 1 << 20) if INTERPRET else UNPOOL_BLOCK
-    with _on(dyp):
+    with on_device(dyp):
         _unpool_kernel[(triton.cdiv(total, block),)](dyp, code, dz, total, hout, wout, ph, pw, C=c, BLOCK=block)
     return dz
 
@@ -527,16 +527,16 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     k = kh * kw * cin
     bn = _bn(cout, tiles.bn)
     s, chunk, sep, even = _wgrad_split(m, k, cout, g, pad, tiles, programs, ksub)
-    acc_t = _acc(x.dtype)[0]
+    acc_t = acc_dtypes(x.dtype)[0]
     fused = bias and triton.cdiv(k, tiles.bk) == 1
     part = torch.empty(s, g, cout, cin, kh, kw, dtype=acc_t, device=x.device)
     part_b = torch.empty(s, g, cout, dtype=acc_t, device=x.device) if fused else part
     ksub = _wgrad_ksub(k, tiles, m, cout, g, ksub)
     grid = (triton.cdiv(k, tiles.bk) // ksub, triton.cdiv(cout, bn), g * s)
-    with _on(x):
+    with on_device(x):
         _wgrad_kernel[grid](x, dy, part, part_b, m, hin, win, hout, wout, x.stride(0), *dy.stride()[:4], g, s, chunk,
                             CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, BIAS=fused, PREC=_prec(x.dtype),
-                            ACC=_acc(x.dtype)[1], BK=tiles.bk, BN=bn, BR=tiles.bm, SEP=sep, EVEN=even,
+                            ACC=acc_dtypes(x.dtype)[1], BK=tiles.bk, BN=bn, BR=tiles.bm, SEP=sep, EVEN=even,
                             KSUB=ksub, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     dw = part[0] if s == 1 else part.sum(0)
     if not bias:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from robustfl.engine.triton_conv import INTERPRET, SMS, Tiles, _acc, _on
+from robustfl.engine.triton_conv import INTERPRET, SMS, Tiles, acc_dtypes, on_device
 
 #: the stacked engine's dense layers use the split-K kernel on the GPU from this many inputs on:
 #: fmnist's 25,600-input layer (H100, 10 clients: cuBLAS 0.77 ms, FP32 FMAs 0.23, tf32x3 0.11; 90
@@ -119,9 +119,9 @@ def bmm(a: torch.Tensor, b: torch.Tensor, *, tiles: Tiles | None = None, program
     t = TILES if tiles is None else tiles
     grid_mn = triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn)
     s, chunk = splits(k, grid_mn * g, PROGRAMS if programs is None else programs, t.bk)
-    acc_t, acc_tl = _acc(a.dtype)
+    acc_t, acc_tl = acc_dtypes(a.dtype)
     part = torch.empty(s, g, m, n, dtype=acc_t, device=a.device)
-    with _on(a):
+    with on_device(a):
         _gemm_kernel[(grid_mn, s, g)](a, b, part, m, n, k, chunk, a.stride(0), a.stride(1), a.stride(2),
                                       b.stride(0), b.stride(1), b.stride(2), g,
                                       PREC=dot_precision(a.dtype) if precision is None else precision, ACC=acc_tl,
