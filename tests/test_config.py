@@ -107,11 +107,11 @@ KNOWN_IDS = [
 def test_cell_ids_and_checkpoint_hashes_are_unchanged(fields: dict, cid: str, chash: str) -> None:
     """Default engine settings do not enter a cell id; explicit ones enter it as before the engine mapping."""
     from robustfl.fl.experiment import cell_id
-    from robustfl.fl.simulate import _config_hash
+    from robustfl.fl.checkpoint import config_hash
 
     cfg = RunConfig.from_dict(fields)
     assert cell_id(cfg) == cid
-    assert _config_hash(cfg) == chash
+    assert config_hash(cfg) == chash
 
 
 def test_flat_engine_keys_of_earlier_configs_name_the_new_key() -> None:

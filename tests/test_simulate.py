@@ -152,12 +152,12 @@ def test_resumes_a_checkpoint_written_before_update_norm(digits: Path, tmp_path:
 
     cfg = dict(defense="fedavg", checkpoint_every=1)
     s = _sim(digits, tmp_path, **cfg)
-    s.ckpt_path = tmp_path / "run.ckpt.pt"
+    s.checkpoints.path = tmp_path / "run.ckpt.pt"
     s.step(_train(s), 0.0)
-    st = load_checkpoint(s.ckpt_path)
+    st = load_checkpoint(s.checkpoints.path)
     st["client_rows"] = st["client_rows"][:, : len(CLIENT_COLUMNS)]
-    save_checkpoint(s.ckpt_path, st)
-    r = Simulation(s.cfg, s.data, s.out_dir, s.ckpt_path, torch.device("cpu"))
+    save_checkpoint(s.checkpoints.path, st)
+    r = Simulation(s.cfg, s.data, s.out_dir, s.checkpoints.path, torch.device("cpu"))
     assert r.round == 1 and torch.equal(r.theta, s.theta)
     assert all(math.isnan(row["update_norm"]) for row in r.client_rows)
     assert [row["weight"] for row in r.client_rows] == [row["weight"] for row in s.client_rows]
@@ -301,13 +301,13 @@ def test_resumes_a_checkpoint_written_before_the_attack_diagnostics(digits: Path
     from robustfl.io import load_checkpoint, save_checkpoint
 
     s = _sim(digits, tmp_path, defense="krum", attack="krum_backdoor", n_attackers=1, checkpoint_every=1)
-    s.ckpt_path = tmp_path / "run.ckpt.pt"
+    s.checkpoints.path = tmp_path / "run.ckpt.pt"
     s.step(_train(s), 0.0)
-    st = load_checkpoint(s.ckpt_path)
+    st = load_checkpoint(s.checkpoints.path)
     st["rows"] = st["rows"][:, : len(results.ROUND_COLUMNS)]
     st["client_rows"] = st["client_rows"][:, : len(results.CLIENT_COLUMNS) + 1]
-    save_checkpoint(s.ckpt_path, st)
-    r = Simulation(s.cfg, s.data, s.out_dir, s.ckpt_path, torch.device("cpu"))
+    save_checkpoint(s.checkpoints.path, st)
+    r = Simulation(s.cfg, s.data, s.out_dir, s.checkpoints.path, torch.device("cpu"))
     assert r.round == 1 and torch.equal(r.theta, s.theta)
     assert all(math.isnan(row["selected"]) and math.isnan(row["krum_rank"]) for row in r.client_rows)
     assert [row["update_norm"] for row in r.client_rows] == [row["update_norm"] for row in s.client_rows]
@@ -318,5 +318,5 @@ def test_resumes_a_checkpoint_written_before_the_attack_diagnostics(digits: Path
     assert clients.loc[clients["round"] == 1, "selected"].isna().all()
     assert clients.loc[clients["round"] == 2, "selected"].isin([0, 1]).all()
     st["rows"] = st["rows"][:, :-1]  # a width no version wrote: not resumed
-    save_checkpoint(s.ckpt_path, st)
-    assert Simulation(s.cfg, s.data, s.out_dir, s.ckpt_path, torch.device("cpu")).round == 0
+    save_checkpoint(s.checkpoints.path, st)
+    assert Simulation(s.cfg, s.data, s.out_dir, s.checkpoints.path, torch.device("cpu")).round == 0

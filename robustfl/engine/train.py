@@ -1,11 +1,11 @@
 """Local training of the clients (Section 3.1 step 2, Section 6.1: Adam, lr 1e-3, E local epochs).
 
-Two engines that compute the same updates:
+Two engines that compute the same updates, chosen by :func:`train_clients` from ``EngineOptions.kind``:
 
-* :func:`train_vectorised` trains all clients of a round at once: the client parameters are stacked
-  into ``(n, *shape)`` tensors and one ``torch.func.vmap(grad(loss))`` call gives every client's
-  gradient for its own mini-batch; Adam is elementwise, so one Adam over the stacked tensors is n
-  independent Adams (:func:`adam_step`).
+* :func:`train_vectorised` trains all clients of a call at once on stacked ``(n, ...)`` parameters
+  (its jobs: :func:`_schedule` which clients each step computes, :func:`_step_state` the parameters and
+  Adam moments, kept CUDA graphs included, :func:`_gradient_fn` the step's gradients, :func:`_run_steps`
+  the steps);
 * :func:`train_sequential` is the plain reference: one model and one ``torch.optim.Adam`` per client.
 
 Both draw their mini-batches from the same :func:`batch_plan`, so with dropout off they agree to
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,13 +102,6 @@ def clear_graph_cache() -> None:
     _GRAPH_SETS.clear()
 
 
-# the run precisions (RunConfig.precision): ``fp32`` -- PyTorch's defaults on CUDA (convolutions in
-# TF32, as cuDNN and the Triton kernels do by default, dense products in full FP32); ``tf32`` -- dense
-# products in TF32 as well (TensorFlow's default on Ampere and later GPUs, and so the precision the
-# paper's TensorFlow code gets on such a GPU); ``bf16`` -- autocast to bfloat16. On the CPU all three
-# compute in FP32. Names: robustfl.config.PRECISIONS.
-
-
 @contextlib.contextmanager
 def precision_context(device: torch.device, precision: str, *, autocast: bool = True) -> Iterator[None]:
     """Training steps inside run in ``precision`` (:data:`PRECISIONS`); the global TF32 switches are
@@ -134,29 +127,16 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
                      shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
                      generator: torch.Generator | None, precision: str = "fp32",
                      plan: BatchPlan | None = None, options: EngineOptions | None = None) -> torch.Tensor:
-    """Train ``len(shards)`` clients from the global model at once; return their updates
-    ``delta_i = w_i - theta`` as an ``(n, d)`` tensor (Section 3.1).
-
-    ``theta`` is the global model ``(d,)``, or one starting model per client ``(n, d)`` (several
-    simulations packed into one call, see :func:`robustfl.fl.simulate.simulate_many`). ``x`` holds the
-    training inputs (uint8 NHWC or float NCHW) and ``y`` the labels, on the device; ``shards[i]`` are
-    client i's indices into them. ``plan`` overrides the batch plan drawn from ``generator``.
-    ``options`` (:class:`~robustfl.engine.options.EngineOptions`; default: vmap, no graphs; ``auto``
-    settled for the model and device) pick how the step computes: ``conv`` ``"vmap"``
-    (``vmap(grad(loss))`` over the per-client models, any model: a grouped convolution, one group per
-    client), or a layout of :mod:`robustfl.engine.stacked`, which computes the clients' forward pass explicitly instead and takes the
-    gradients with one plain backward pass; ``cuda_graph`` (CUDA, a stacked layout) then captures that
-    forward and backward as a CUDA graph and replays it, removing the per-kernel launch cost (the Adam
-    step stays eager). One graph per number of clients computed: with idle clients skipped that number
-    only falls during a call, so each graph is captured when its first step comes (if at least
-    ``options.graph_min_steps`` steps will use it; shorter stretches run eagerly) and freed when the
-    number falls; the graphs are kept for the next call of the same shapes, data and options
-    (``options.graph_cache`` sets of them).
-
-    ``options.skip_idle``: clients whose batches have run out (unequal shards, packed runs of different sizes)
-    are not computed. Clients are ordered by their number of batches, longest first, so that the active
-    ones at any step are a prefix of the stacked parameters and each step trains views of that prefix;
-    the updates are the same as with every client computed on masked batches (tests/test_train.py).
+    """Train ``len(shards)`` clients at once from ``theta (d,)`` (or client i from ``theta[i]`` of
+    ``(n, d)``: packed runs) on ``x[shards[i]]``; return the updates ``w_i - theta`` ``(n, d)`` (Section 3.1).
+    The clients' parameters are stacked ``(n, ...)``; one step computes every client's gradient on its
+    own batch -- ``vmap(grad(loss))`` (``options.conv`` "vmap", any model) or the stacked forward pass and
+    one backward (a layout of :mod:`robustfl.engine.stacked`), optionally replayed from CUDA graphs (one
+    per number of clients computed, kept for the next call: ``options.cuda_graph``, ``graph_min_steps``,
+    ``graph_cache``) -- and one Adam over the stacked tensors is n independent Adams. Clients whose
+    batches have run out are not computed (``options.skip_idle``: ordered longest first, the active ones
+    are a prefix; the same updates as masked batches). ``plan`` overrides the batches drawn from
+    ``generator``; ``options`` default to vmap without graphs, ``auto`` resolved for the model and device.
     """
     n = len(shards)
     d = theta.shape[-1]
@@ -165,125 +145,178 @@ def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
     device = theta.device
     opts = (options or EngineOptions(conv="vmap", cuda_graph=False)).replace(kind="vectorised")
     opts = opts.resolve(model, device, precision)
-    conv, cuda_graph = opts.conv, opts.cuda_graph
-    spec = ParamSpec(model)
+    _check_device(opts, device)
     if plan is None:
         plan = batch_plan(shards, epochs, batch_size, generator)
     theta_n = theta.detach().expand(n, d) if theta.dim() == 1 else theta.detach()
-    real = plan.mask.sum(2) > 0  # (n, steps): client i has a real sample at step s
-    # steps where every client has a real sample: the common case, with one shared step count, takes
-    # the foreach fast path; the masked per-client path starts at the first step where one idles
-    # (padding only ever trails, see batch_plan). The same for any client order.
-    all_active = real.all(0).tolist()
-    order = n_active = None  # n_active: clients computed at each step, the prefix that still has batches
-    if opts.skip_idle:
-        n_steps = torch.where(real.any(1), plan.steps - real.flip(1).int().argmax(1), 0)
-        if bool((n_steps != n_steps[0]).any()):
-            order = torch.argsort(n_steps, descending=True, stable=True)
-            plan = BatchPlan(plan.idx[order], plan.mask[order])
-            theta_n = theta_n[order.to(theta_n.device)]
-            steps = torch.arange(plan.steps, device=n_steps.device)
-            n_active = (n_steps[order].unsqueeze(1) > steps).sum(0).tolist()
-    unflat = spec.unflatten(theta_n.contiguous())
-    names = spec.names
-    gset = None
-    if cuda_graph and opts.graph_cache > 0 and conv in LAYOUTS and device.type == "cuda":
-        key = (id(model), opts, precision, n, batch_size, tuple(spec.shapes), x.data_ptr(), tuple(x.shape), x.dtype,
-               y.data_ptr(), tuple(y.shape), str(device), torch.backends.cuda.matmul.allow_tf32,
-               torch.backends.cudnn.allow_tf32)
-        gset = _GRAPH_SETS.take(key)
-        if gset is None:
-            gset = _GraphSet(model, [unflat[k].clone() for k in names], [torch.zeros_like(unflat[k]) for k in names],
-                             [torch.zeros_like(unflat[k]) for k in names], {})
-        else:  # the buffers the kept graphs read: this call's starting models, fresh Adam states
-            for p, k in zip(gset.params, names):
-                p.copy_(unflat[k])
-            for t in gset.exp_avg + gset.exp_avg_sq:
-                t.zero_()
-        _GRAPH_SETS.keep(key, gset, opts.graph_cache)
-        params, exp_avg, exp_avg_sq = gset.params, gset.exp_avg, gset.exp_avg_sq
-    else:
-        params = [unflat[k].clone() for k in names]
-        exp_avg = [torch.zeros_like(p) for p in params]
-        exp_avg_sq = [torch.zeros_like(p) for p in params]
-    step = torch.zeros(n, device=device)
+    sched = _schedule(plan, opts.skip_idle)
+    if sched.order is not None:
+        theta_n = theta_n[sched.order.to(theta_n.device)]
+    spec = ParamSpec(model)
+    key = (id(model), opts, precision, n, batch_size, tuple(spec.shapes), x.data_ptr(), tuple(x.shape), x.dtype,
+           y.data_ptr(), tuple(y.shape), str(device), torch.backends.cuda.matmul.allow_tf32,
+           torch.backends.cudnn.allow_tf32)
+    state = _step_state(model, spec, theta_n, opts, key)
+    grads_of = _gradient_fn(model, spec.names, x, y, batch_size, opts.conv, precision, device)
+    was_training = model.training
+    model.train()
+    try:
+        _run_steps(state, sched, grads_of, sched.plan.idx.to(device), sched.plan.mask.to(device), lr, opts)
+    finally:
+        model.train(was_training)
+    out = spec.flatten(dict(zip(spec.names, state.params))) - theta_n
+    if sched.order is not None:  # back to the callers' client order
+        out = out[torch.argsort(sched.order).to(out.device)]
+    return out
 
-    net = model
-    if conv in LAYOUTS:
 
-        def grad_all(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor,
-                     mb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return stacked.stacked_grads(net, names, p, xb, yb, mb, layout=conv)
-    else:
-        if cuda_graph:
-            raise ValueError(f"cuda_graph needs conv in {LAYOUTS}, got {conv!r}")
-
-        def loss_one(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
-            out = functional_call(net, dict(zip(names, p)), (xb,))
-            return masked_ce(out, yb, mb)
-
-        grad_all = vmap(grad(loss_one), in_dims=(0, 0, 0, 0), randomness="different")
-    if cuda_graph and device.type != "cuda":
+def _check_device(opts: EngineOptions, device: torch.device) -> None:
+    """Refuse options the device cannot run: CUDA graphs off CUDA or with vmap, Triton kernels on the CPU
+    without Triton's interpreter."""
+    if opts.cuda_graph and opts.conv not in LAYOUTS:
+        raise ValueError(f"cuda_graph needs conv in {LAYOUTS}, got {opts.conv!r}")
+    if opts.cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
-    if conv == "triton" and device.type != "cuda":
+    if opts.conv == "triton" and device.type != "cuda":
         from robustfl.engine import triton_conv  # its kernels were compiled or interpreted as decided at import
 
         if not triton_conv.INTERPRET:
             raise ValueError(f"conv 'triton' needs a CUDA device (or TRITON_INTERPRET=1), got {device}")
-    idx, mask = plan.idx.to(device), plan.mask.to(device)
+
+
+@dataclass
+class _Schedule:
+    """Which clients each step computes: the plan (reordered longest first when idle clients are
+    skipped, ``order``), the number of clients computed at each step (``n_active``, a prefix; None: all),
+    and the steps where every client has a real sample (``all_active``: the uniform Adam)."""
+
+    plan: BatchPlan
+    order: torch.Tensor | None
+    n_active: list[int] | None
+    all_active: list[bool]
+
+
+def _schedule(plan: BatchPlan, skip_idle: bool) -> _Schedule:
+    """:class:`_Schedule` of ``plan``. Steps where every client has a real sample are the common case and
+    take the foreach fast path; the masked per-client path starts at the first step where one idles
+    (padding only ever trails, see batch_plan), the same for any client order."""
+    real = plan.mask.sum(2) > 0  # (n, steps): client i has a real sample at step s
+    all_active = real.all(0).tolist()
+    if skip_idle:
+        n_steps = torch.where(real.any(1), plan.steps - real.flip(1).int().argmax(1), 0)
+        if bool((n_steps != n_steps[0]).any()):
+            order = torch.argsort(n_steps, descending=True, stable=True)
+            steps = torch.arange(plan.steps, device=n_steps.device)
+            n_active = (n_steps[order].unsqueeze(1) > steps).sum(0).tolist()
+            return _Schedule(BatchPlan(plan.idx[order], plan.mask[order]), order, n_active, all_active)
+    return _Schedule(plan, None, None, all_active)
+
+
+@dataclass
+class _StepState:
+    """The stacked parameters and Adam moments a call trains (``(n, ...)`` per parameter), and the CUDA
+    graphs kept with them (None: no graphs kept)."""
+
+    params: list[torch.Tensor]
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    kept: _GraphSet | None
+
+
+def _step_state(model: nn.Module, spec: ParamSpec, theta_n: torch.Tensor, opts: EngineOptions,
+                key: tuple) -> _StepState:
+    """The call's starting models and fresh Adam states; with CUDA graphs kept between calls
+    (``opts.graph_cache``), in the buffers of the set kept under ``key`` (which its graphs read)."""
+    unflat = spec.unflatten(theta_n.contiguous())
+    names = spec.names
+    if not (opts.cuda_graph and opts.graph_cache > 0 and theta_n.device.type == "cuda"):
+        params = [unflat[k].clone() for k in names]
+        return _StepState(params, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params], None)
+    gset = _GRAPH_SETS.take(key)
+    if gset is None:
+        gset = _GraphSet(model, [unflat[k].clone() for k in names], [torch.zeros_like(unflat[k]) for k in names],
+                         [torch.zeros_like(unflat[k]) for k in names], {})
+    else:  # the buffers the kept graphs read: this call's starting models, fresh Adam states
+        for p, k in zip(gset.params, names):
+            p.copy_(unflat[k])
+        for t in gset.exp_avg + gset.exp_avg_sq:
+            t.zero_()
+    _GRAPH_SETS.keep(key, gset, opts.graph_cache)
+    return _StepState(gset.params, gset.exp_avg, gset.exp_avg_sq, gset)
+
+
+GradsOf = Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], list[torch.Tensor]]
+
+
+def _gradient_fn(model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 conv: str, precision: str, device: torch.device) -> GradsOf:
+    """``grads_of(params, idx (m, B), mask (m, B))``: every client's gradient of its masked mean
+    cross-entropy on its batch (``x[idx]``), fp32, by ``vmap(grad(loss))`` over the per-client models
+    (``conv`` "vmap") or by the stacked forward pass and one backward (a stacked layout)."""
+    if conv in LAYOUTS:
+        def grad_all(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor,
+                     mb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return stacked.stacked_grads(model, names, p, xb, yb, mb, layout=conv)
+    else:
+        def loss_one(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+            out = functional_call(model, dict(zip(names, p)), (xb,))
+            return masked_ce(out, yb, mb)
+
+        grad_all = vmap(grad(loss_one), in_dims=(0, 0, 0, 0), randomness="different")
     shape = x_shape_nchw(x)
 
     def grads_of(p_m: list[torch.Tensor], bi: torch.Tensor, mb: torch.Tensor) -> list[torch.Tensor]:
         xb = prepare_inputs(x[bi.reshape(-1)]).reshape(len(bi), batch_size, *shape)
         with precision_context(device, precision):
             return [g.float() for g in grad_all(tuple(p_m), xb, y[bi], mb)]
+    return grads_of
 
+
+def _run_steps(state: _StepState, sched: _Schedule, grads_of: GradsOf, idx: torch.Tensor, mask: torch.Tensor,
+               lr: float, opts: EngineOptions) -> None:
+    """Every step of the plan on the first m clients (views of the stacked state, updated in place):
+    gradients (eager, or a CUDA graph per client count m, captured when m first comes if
+    ``opts.graph_min_steps`` steps use it, or kept from an earlier call), then Adam: uniform while every
+    client has a real sample, then masked per client."""
+    params, exp_avg, exp_avg_sq = state.params, state.exp_avg, state.exp_avg_sq
+    n = len(params[0])
+    steps = idx.shape[1]
+    step = torch.zeros(n, device=idx.device)
     graph = graph_m = None  # the CUDA graph in use and the number of clients it computes
-    steps_with = collections.Counter([n] * plan.steps if n_active is None else n_active)
+    steps_with = collections.Counter([n] * steps if sched.n_active is None else sched.n_active)
     k = 0
     masked_mode = False
-    was_training = net.training
-    net.train()
-    try:
-        for s in range(plan.steps):
-            m = n if n_active is None else n_active[s]
-            # the first m clients (all, unless idle ones are skipped): views, updated in place
-            p_m, a_m, v_m = ((params, exp_avg, exp_avg_sq) if m == n else
-                             ([t[:m] for t in params], [t[:m] for t in exp_avg], [t[:m] for t in exp_avg_sq]))
-            mb = mask[:m, s]
-            if cuda_graph and m != graph_m:  # the active prefix shrank (or the first step): new graph
-                graph = graph_m = static_grads = None
-                if gset is not None and m in gset.graphs:  # kept from an earlier call
-                    graph, static_bi, static_mb, static_grads = gset.graphs[m]
-                    graph_m = m
-                elif steps_with[m] >= opts.graph_min_steps:
-                    static_bi, static_mb = idx[:m, s].clone(), mb.clone()
-                    graph, static_grads = capture(
-                        lambda p_m=p_m, bi=static_bi, mbs=static_mb: grads_of(p_m, bi, mbs))
-                    graph_m = m
-                    if gset is not None:
-                        gset.graphs[m] = (graph, static_bi, static_mb, static_grads)
-            if graph is not None:
-                static_bi.copy_(idx[:m, s])
-                static_mb.copy_(mb)
-                graph.replay()
-                grads = static_grads
-            else:
-                grads = grads_of(p_m, idx[:m, s], mb)
-            if not masked_mode and all_active[s]:
-                k += 1
-                adam_step_uniform(p_m, grads, a_m, v_m, k, lr)
-            else:
-                if not masked_mode:
-                    masked_mode = True
-                    step.fill_(k)
-                adam_step(p_m, grads, a_m, v_m, step[:m], (mb.sum(1) > 0).float(), lr)
-    finally:
-        net.train(was_training)
-    out = spec.flatten(dict(zip(names, params))) - theta_n
-    if order is not None:  # back to the callers' client order
-        out = out[torch.argsort(order).to(out.device)]
-    return out
+    for s in range(steps):
+        m = n if sched.n_active is None else sched.n_active[s]
+        p_m, a_m, v_m = ((params, exp_avg, exp_avg_sq) if m == n else
+                         ([t[:m] for t in params], [t[:m] for t in exp_avg], [t[:m] for t in exp_avg_sq]))
+        mb = mask[:m, s]
+        if opts.cuda_graph and m != graph_m:  # the active prefix shrank (or the first step): new graph
+            graph = graph_m = static_grads = None
+            if state.kept is not None and m in state.kept.graphs:  # kept from an earlier call
+                graph, static_bi, static_mb, static_grads = state.kept.graphs[m]
+                graph_m = m
+            elif steps_with[m] >= opts.graph_min_steps:
+                static_bi, static_mb = idx[:m, s].clone(), mb.clone()
+                graph, static_grads = capture(lambda p_m=p_m, bi=static_bi, mbs=static_mb: grads_of(p_m, bi, mbs))
+                graph_m = m
+                if state.kept is not None:
+                    state.kept.graphs[m] = (graph, static_bi, static_mb, static_grads)
+        if graph is not None:
+            static_bi.copy_(idx[:m, s])
+            static_mb.copy_(mb)
+            graph.replay()
+            grads = static_grads
+        else:
+            grads = grads_of(p_m, idx[:m, s], mb)
+        if not masked_mode and sched.all_active[s]:
+            k += 1
+            adam_step_uniform(p_m, grads, a_m, v_m, k, lr)
+        else:
+            if not masked_mode:
+                masked_mode = True
+                step.fill_(k)
+            adam_step(p_m, grads, a_m, v_m, step[:m], (mb.sum(1) > 0).float(), lr)
 
 
 def train_sequential(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
