@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustfl.engine.options import EngineOptions
+from robustfl.engine import EngineOptions
 
 
 @dataclass
