@@ -34,7 +34,7 @@ from robustfl.aggregation import suite
 from robustfl.io import atomic_write_json, device_name, git_commit, versions
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
-from robustfl.engine.train import stacked_plrs
+from robustfl.engine import model_plrs
 
 
 def _time(fn: Callable[[], object], dev: torch.device, reps: int) -> float:
@@ -68,8 +68,8 @@ def ours(model: torch.nn.Module | None, theta: torch.Tensor, aux: torch.Tensor |
         "fltrust": lambda: agg.fltrust(u, server),
     }
     if model is not None:
-        out["flare_incl_plr"] = lambda: agg.flare(u, stacked_plrs(model, theta + u, aux))
-        out["flare_mmd_only"] = (lambda p=stacked_plrs(model, theta + u, aux): agg.flare_trust(p))
+        out["flare_incl_plr"] = lambda: agg.flare(u, model_plrs(model, theta + u, aux))
+        out["flare_mmd_only"] = (lambda p=model_plrs(model, theta + u, aux): agg.flare_trust(p))
     if n >= 4 * f + 3:
         out["bulyan"] = lambda: agg.bulyan(u, f)
     # the defense suite, with the papers' defaults; a generator on the updates' device for the random draws

@@ -1,7 +1,7 @@
 """Benchmark: the backdoor attackers' crafting (Bhagoji et al.'s alternating minimisation, what
 Attack-Krum-Backdoor runs for every attacker every round; or with ``--attack boosting`` the explicit
 boosting to convergence of Attack-Coomed-Backdoor), eagerly vs one iteration captured as a CUDA
-graph (``robustfl.attacks.backdoor.ATTACK_CUDA_GRAPH``), side by side in one process. Paper settings:
+graph (``robustfl.engine.EngineOptions.attack_cuda_graph``), side by side in one process. Paper settings:
 the attacker's shard (CIFAR-10: 5,000 samples, batch 32; fmnist: 6,000, batch 64), 2 benign epochs
 (the authors' ``mal_E``), rho 1e-4, boost n = 10, a backdoor set of ``--bd`` images; random inputs.
 
@@ -9,8 +9,8 @@ the attacker's shard (CIFAR-10: 5,000 samples, batch 32; fmnist: 6,000, batch 64
 
 ``--attackers K [K ...]`` instead compares the two ways of crafting for K attackers (each on its own
 shard of the paper's size): one model at a time through PyTorch's layers (the single-model loops,
-CUDA-graphed), and all K at once on the stacked engine (:mod:`robustfl.attacks.vectorised`, the
-layout the engine picks for the model), side by side in one process:
+CUDA-graphed), and all K at once on the stacked engine (the loops' ``layout``, the one the engine picks
+for the model), side by side in one process:
 
     python bench/bench_attack.py --attackers 1 3 6 --attack alternating --out bench/results/attack_stacked.json
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import robustfl.attacks.backdoor as B
+from robustfl.engine import EngineOptions
 from robustfl.io import atomic_write_json
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
@@ -40,39 +41,24 @@ HAS_DROPOUT = ("fmnist_cnn", "digits_cnn")
 
 def _craft(a: argparse.Namespace, model, theta, owns, xb, yb, ref, bs: int, layout: str | None):  # noqa: ANN001, ANN202
     """One round's crafting for ``len(owns)`` attackers: single-model loops (``layout=None``) or stacked."""
-    from robustfl.attacks.vectorised import alternating_minimisation_many, explicit_boosting_many
-
     gens = [torch.Generator().manual_seed(i) for i in range(len(owns))]
-    if layout is None:
-        if a.attack == "alternating":
-            return torch.stack([B.alternating_minimisation(model, theta, x, y, xb, yb, ref, boost=10.0, rho=1e-4,
-                                                           benign_epochs=2.0, batch_size=bs, generator=g)
-                                for (x, y), g in zip(owns, gens)]), None
-        out = [B.explicit_boosting(model, theta, xb, yb, boost=10.0, max_steps=a.max_steps, tol=a.tol, generator=g)
-               for g in gens]
-        return torch.stack([d for d, _ in out]), [i for _, i in out]
     if a.attack == "alternating":
-        refs = ref.expand(len(owns), -1)
-        return alternating_minimisation_many(model, theta, owns, xb, yb, refs, boost=10.0, rho=1e-4, generators=gens,
-                                             layout=layout, benign_epochs=2.0, batch_size=bs), None
-    return explicit_boosting_many(model, theta, xb, yb, boost=10.0, generators=gens, layout=layout,
-                                  max_steps=a.max_steps, tol=a.tol)
+        return B.alternating_minimisation(model, theta, owns, xb, yb, ref, boost=10.0, rho=1e-4, generators=gens,
+                                          layout=layout, benign_epochs=2.0, batch_size=bs), None
+    return B.explicit_boosting(model, theta, xb, yb, boost=10.0, generators=gens, layout=layout,
+                               max_steps=a.max_steps, tol=a.tol)
 
 
 def compare_engines(a: argparse.Namespace, dev: torch.device, res: dict) -> None:
     """Single-model vs stacked crafting for each model and attacker count (``--attackers``); the
     models with dropout off as well, where the two must give the same updates up to float rounding."""
-    from robustfl.engine.train import resolve_kernels
-
     for name in a.models:
         mname, c, h, w, ch, per, bs = SETTINGS[name]
         for k in a.attackers:
             for dropout in ((True, False) if mname in HAS_DROPOUT else (None,)):
                 torch.manual_seed(0)
                 model = build_model(mname, c, ch, **({} if dropout is None else {"dropout": dropout})).to(dev)
-                layout, _ = resolve_kernels(model, dev, "auto")
-                if layout not in ("grouped", "channels_last", "loop", "triton"):
-                    layout = "grouped"
+                layout = EngineOptions(kind="vectorised").resolve(model, dev).layout or "grouped"
                 theta = model_to_flat(model)
                 owns = [(torch.randint(0, 256, (per, h, w, ch), dtype=torch.uint8, device=dev),
                          torch.randint(0, c, (per,), device=dev)) for _ in range(k)]
@@ -142,23 +128,24 @@ def main() -> None:
         times: dict[bool, list[float]] = {False: [], True: []}
         for r in range(a.repeats + 1):  # the first pass warms up
             for graph in (False, True):
-                B.ATTACK_CUDA_GRAPH = graph
+                engine = EngineOptions(attack_cuda_graph=graph)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()
                 if a.attack == "alternating":
-                    d = B.alternating_minimisation(model, theta, x, y, xb, yb, ref, boost=10.0, rho=1e-4,
+                    d = B.alternating_minimisation(model, theta, [(x, y)], xb, yb, ref, boost=10.0, rho=1e-4,
                                                    benign_epochs=2.0, batch_size=bs,
-                                                   generator=torch.Generator().manual_seed(0))
+                                                   generators=[torch.Generator().manual_seed(0)], engine=engine)[0]
                 else:
-                    d, info[graph] = B.explicit_boosting(model, theta, xb, yb, boost=10.0, max_steps=a.max_steps,
-                                                         tol=a.tol, generator=torch.Generator().manual_seed(0))
+                    d, infos = B.explicit_boosting(model, theta, xb, yb, boost=10.0, max_steps=a.max_steps,
+                                                   tol=a.tol, generators=[torch.Generator().manual_seed(0)],
+                                                   engine=engine)
+                    d, info[graph] = d[0], infos[0]
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 if r:
                     times[graph].append(time.perf_counter() - t)
                 out[graph] = d
-        B.ATTACK_CUDA_GRAPH = True
         row = {"model": mname, "attack": a.attack, "shard": per, "batch": bs, "backdoor_set": a.bd,
                "eager_s": min(times[False]), "graph_s": min(times[True]),
                "rel_diff_graph_vs_eager": float((out[True] - out[False]).norm() / out[False].norm())}

@@ -62,7 +62,7 @@ def jobs(datasets: list[str], attacks_only: bool = False) -> list[dict]:
 
 
 def time_cell(overrides: dict, data_dir: Path, rounds: int, device: str, tmp: Path, tag: str) -> dict:
-    cfg = RunConfig(**overrides, rounds=rounds, device=device, engine="vectorised", checkpoint_every=0,
+    cfg = RunConfig(**overrides, rounds=rounds, device=device, engine={"kind": "vectorised"}, checkpoint_every=0,
                     snapshot_round=None)
     part = tmp / f"partition_{tag}.npz"
     build_partition(data_dir, cfg, part)

@@ -3,17 +3,14 @@
 clients trained at once (one cell = 10 clients; packed cells = more), times the same training steps
 under several variants:
 
-    cudnn            vmap over per-client weights -> grouped convolution (cuDNN), PyTorch defaults
-    cudnn+bench      the same with torch.backends.cudnn.benchmark = True (autotuned algorithms)
-    matmul           im2col + batched GEMM (robustfl.models.Conv2dMM), FP32 matmuls
-    matmul+tf32      the same with TF32 matmuls (what cuDNN already uses for FP32 convolutions)
-    matmul+bf16      the same under bf16 autocast
-    cudnn+bench+bf16 grouped convolution under bf16 autocast
-    grouped, channels_last, loop, triton
+    vmap             vmap over per-client weights -> grouped convolution (cuDNN), PyTorch defaults
+    vmap+bench       the same with torch.backends.cudnn.benchmark = True (autotuned algorithms)
+    vmap+bench+bf16  grouped convolution under bf16 autocast
+    grouped, channels_last, triton
                      the forward pass written out on stacked parameters (robustfl.engine.stacked) with the
-                     grouped convolution in NCHW, the same in channels-last memory, one ordinary
-                     convolution per client, or robustfl.engine.triton_conv's implicit-GEMM kernels on NHWC
-                     activations; gradients by one plain backward pass
+                     grouped convolution in NCHW, the same in channels-last memory, or
+                     robustfl.engine.triton_conv's implicit-GEMM kernels on NHWC activations; gradients by
+                     one plain backward pass
     ...+graph        that step captured once as a CUDA graph and replayed (the timed call includes the
                      capture: 2 eager warm-up steps and the capture itself)
     sequential       the per-client reference loop (one model + torch.optim.Adam per client; only for
@@ -42,68 +39,36 @@ from robustfl.params import model_to_flat
 from robustfl.engine.train import train_sequential, train_vectorised
 
 try:  # run as `python bench/bench_conv.py` from the repository root
-    from bench_engine import SETTINGS, _sync, kernel_set, result_header, train_flops
+    from bench_engine import SETTINGS, _sync, engine_options, result_header, train_flops
 except ImportError:  # pragma: no cover - imported as bench.bench_conv
-    from bench.bench_engine import (
-        SETTINGS,
-        _sync,
-        kernel_set,
-        result_header,
-        train_flops,
-    )
+    from bench.bench_engine import SETTINGS, _sync, engine_options, result_header, train_flops
 
 VARIANTS = {
-    "cudnn": dict(conv="cudnn", bench=False, tf32=False, precision="fp32"),
-    "cudnn+bench": dict(conv="cudnn", bench=True, tf32=False, precision="fp32"),
-    "matmul": dict(conv="matmul", bench=False, tf32=False, precision="fp32"),
-    "matmul+tf32": dict(conv="matmul", bench=False, tf32=True, precision="fp32"),
-    "matmul+bf16": dict(conv="matmul", bench=False, tf32=False, precision="bf16"),
-    "cudnn+bench+bf16": dict(conv="cudnn", bench=True, tf32=False, precision="bf16"),
+    "vmap": dict(conv="vmap", bench=False, tf32=False, precision="fp32"),
+    "vmap+bench": dict(conv="vmap", bench=True, tf32=False, precision="fp32"),
+    "vmap+bench+bf16": dict(conv="vmap", bench=True, tf32=False, precision="bf16"),
     "grouped": dict(conv="grouped", bench=False, tf32=False, precision="fp32"),
     "grouped+graph": dict(conv="grouped", bench=False, tf32=False, precision="fp32", graph=True),
     "channels_last": dict(conv="channels_last", bench=False, tf32=False, precision="fp32"),
     "channels_last+bench": dict(conv="channels_last", bench=True, tf32=False, precision="fp32"),
     "channels_last+graph": dict(conv="channels_last", bench=False, tf32=False, precision="fp32", graph=True),
     "channels_last+bench+graph": dict(conv="channels_last", bench=True, tf32=False, precision="fp32", graph=True),
-    "loop": dict(conv="loop", bench=False, tf32=False, precision="fp32"),
-    "loop+graph": dict(conv="loop", bench=False, tf32=False, precision="fp32", graph=True),
-    "loop+bench+graph": dict(conv="loop", bench=True, tf32=False, precision="fp32", graph=True),
     "grouped+graph+bf16": dict(conv="grouped", bench=True, tf32=False, precision="bf16", graph=True),
     "channels_last+bench+graph+bf16": dict(conv="channels_last", bench=True, tf32=False, precision="bf16", graph=True),
-    "loop+bench+graph+bf16": dict(conv="loop", bench=True, tf32=False, precision="bf16", graph=True),
     "triton": dict(conv="triton", bench=False, tf32=False, precision="fp32"),
     "triton+graph": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True),
     "triton+graph+bf16": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True),
     "triton+graph+tf32": dict(conv="triton", bench=False, tf32=False, precision="tf32", graph=True),
-    "triton+graph+nofuse": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, kernels="nofuse"),
-    "triton+graph+bf16+nofuse": dict(conv="triton", bench=False, tf32=False, precision="bf16", graph=True,
-                                     kernels="nofuse"),
-    # session 7 (bench_engine.KERNEL_SETS): session 6's output tiles in the convolutions' tile choice, a
-    # larger-tile alternative, the split-K dense forward off, and session 6's kernels
-    **{f"triton+graph{p}+{k}": dict(conv="triton", bench=False, tf32=False, precision=prec, graph=True, kernels=k)
-       for p, prec in (("", "fp32"), ("+tf32", "tf32"), ("+bf16", "bf16")) for k in ("t256", "s6")},
-    "triton+graph+t512s4": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, kernels="t512s4"),
-    "triton+graph+nosplitk": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True,
-                                  kernels="nosplitk"),
-    # session 8 (bench_engine.KERNEL_SETS): session 7's kernels, and the fused ReLU - Dropout - Flatten and
-    # the dense kernel's tf32x3 off one at a time
-    **{f"triton+graph{p}+{k}": dict(conv="triton", bench=False, tf32=False, precision=prec, graph=True, kernels=k)
-       for p, prec in (("", "fp32"), ("+bf16", "bf16")) for k in ("s7", "noflatten")},
-    "triton+graph+ieee": dict(conv="triton", bench=False, tf32=False, precision="fp32", graph=True, kernels="ieee"),
-    **{f"triton+graph{p}+wnmajor": dict(conv="triton", bench=False, tf32=False, precision=prec, graph=True,
-                                        kernels="wnmajor") for p, prec in (("", "fp32"), ("+bf16", "bf16"))},
 }
 
 
 @contextlib.contextmanager
-def cuda_flags(bench: bool, tf32: bool, kernels: str = "default") -> Iterator[None]:
-    """cuDNN autotuning, TF32 dense products and the triton layout's kernel options (a name of
-    bench_engine.KERNEL_SETS), restored after."""
+def cuda_flags(bench: bool, tf32: bool) -> Iterator[None]:
+    """cuDNN autotuning and TF32 dense products, restored after."""
     old = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = bench, tf32
     try:
-        with kernel_set(kernels):
-            yield
+        yield
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = old
 
@@ -135,12 +100,11 @@ def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, vari
                     flags = cuda_flags(True, False) if v == "sequential+bench" else contextlib.nullcontext()
                 else:
                     o = VARIANTS[v]
-                    flags = (cuda_flags(o["bench"], o["tf32"], o.get("kernels", "default")) if dev.type == "cuda"
-                             else contextlib.nullcontext())
-                    fn = lambda o=o: train_vectorised(model, theta, x, y, shards, epochs=1, batch_size=bs,  # noqa: E731
-                                                      lr=1e-3, generator=torch.Generator().manual_seed(0),
-                                                      precision=o["precision"], conv=o["conv"],
-                                                      cuda_graph=o.get("graph", False) and dev.type == "cuda")
+                    flags = cuda_flags(o["bench"], o["tf32"]) if dev.type == "cuda" else contextlib.nullcontext()
+                    opts = engine_options(conv=o["conv"], cuda_graph=o.get("graph", False) and dev.type == "cuda")
+                    fn = lambda o=o, opts=opts: train_vectorised(  # noqa: E731
+                        model, theta, x, y, shards, epochs=1, batch_size=bs, lr=1e-3,
+                        generator=torch.Generator().manual_seed(0), precision=o["precision"], options=opts)
                 with flags:
                     fn()  # warm-up: kernels, autotuning
                     _sync(dev)
@@ -161,11 +125,11 @@ def bench_model(name: str, dev: torch.device, sizes: list[int], steps: int, vari
             print(json.dumps(row), flush=True)
             rows.append(row)
         del x, y
-    base = {r["n_clients"]: r["s_per_step"] for r in rows if r["variant"] == "cudnn" and "s_per_step" in r}
+    base = {r["n_clients"]: r["s_per_step"] for r in rows if r["variant"] == "vmap" and "s_per_step" in r}
     seq = {r["n_clients"]: r["s_per_step"] for r in rows if r["variant"] == "sequential" and "s_per_step" in r}
     for r in rows:
         if "s_per_step" in r and r["n_clients"] in base:
-            r["speedup_over_cudnn"] = base[r["n_clients"]] / r["s_per_step"]
+            r["speedup_over_vmap"] = base[r["n_clients"]] / r["s_per_step"]
         if "s_per_step" in r and r["n_clients"] in seq and not r["variant"].startswith("sequential"):
             r["speedup_over_sequential"] = seq[r["n_clients"]] / r["s_per_step"]
     return rows

@@ -11,29 +11,20 @@ out (``skip_idle``, the default) vs computing them on masked batches, side by si
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from robustfl.engine import stacked
+from robustfl.data.partition import dirichlet
+from robustfl.engine import EngineOptions, clear_graph_cache
+from robustfl.engine.train import batch_plan, concat_plans, train_sequential, train_vectorised
 from robustfl.io import atomic_write_json, device_name, git_commit, versions
 from robustfl.models import build_model
 from robustfl.params import model_to_flat
-from robustfl.data.partition import dirichlet
-from robustfl.engine.train import (
-    batch_plan,
-    clear_graph_cache,
-    concat_plans,
-    resolve_kernels,
-    train_sequential,
-    train_vectorised,
-)
 
 # (model, classes, H, W, C, samples per client, batch) -- Section 6.1 / Appendix C
 SETTINGS = {
@@ -43,108 +34,14 @@ SETTINGS = {
     "digits": ("digits_cnn", 10, 8, 8, 1, 130, 32),
 }
 
-
-#: fixed input-gradient tiles (robustfl.engine.triton_conv.DGRAD_TILES) a variant's ``dgrad_tiles`` names
-DGRAD_TILE_SETS = {"t128": (128, 64, 32, 4, 3), "t256": (256, 64, 32, 8, 3), "igemm": None}
-#: the output-tile candidates (robustfl.engine.triton_conv.IGEMM_CANDIDATES) a variant's ``tiles`` names
-TILE_SETS = {"t256": ((256, 8, 3), (128, 4, 3)), "t512s4": ((512, 8, 3), (256, 8, 4), (128, 4, 3))}
-#: named kernel options (:func:`kernel_flags`' arguments) that the benchmarks' variants compare: the
-#: epilogues unfused, session 6's output tiles, session 7's larger-tile alternative, no split-K dense,
-#: session 6's kernels (its triton_conv module, cuBLAS for every dense layer), session 7's (no fused
-#: ReLU - Dropout - Flatten; the split-K dense forward in FP32 FMAs, up to 24 output tiles, from 2,048
-#: inputs; the convolution weights N-major), and session 8's changes one at a time (the fused flatten off;
-#: FP32 FMAs in the dense kernel; the weights N-major); s9 / nosep: before the separable gather (S55);
-#: s10: before the flatten kernel's zero-bordered gradient (S56, alone: nopad) and the weight gradient's
-#: sub-blocks (S57, alone: noksub) and the bounds-tested input gradient's own tiles (S59, alone: dgigemm)
-KERNEL_SETS: dict[str, dict] = {
-    "default": {}, "nofuse": {"fuse": False}, "t256": {"tiles": "t256"}, "t512s4": {"tiles": "t512s4"},
-    "nosplitk": {"splitk": False},
-    "s6": {"legacy": True, "splitk": False, "flatten": False, "relu_grad": False, "graph_cache": False},
-    "s7": {"flatten": False, "fp32_dot": "ieee", "min_k": 2048, "w_kmajor": False, "relu_grad": False,
-           "graph_cache": False, "separable": False},
-    "noflatten": {"flatten": False}, "ieee": {"fp32_dot": "ieee"}, "wnmajor": {"w_kmajor": False},
-    "s8": {"relu_grad": False, "graph_cache": False, "separable": False}, "norelugrad": {"relu_grad": False},
-    "nocache": {"graph_cache": False}, "nosep": {"separable": False},
-    "s9": {"separable": False}, "nopad": {"pad_grad": False}, "s10": {"pad_grad": False, "s57": False, "dgrad_tiles": "igemm"},
-    "noksub": {"s57": False}, "dg128": {"dgrad_tiles": "t128"}, "dg256": {"dgrad_tiles": "t256"},
-    "dgigemm": {"dgrad_tiles": "igemm"},
-}
+#: named engine options (robustfl.engine.EngineOptions fields over the defaults) that the benchmarks'
+#: variants compare: the defaults, and no CUDA graphs kept from one call to the next (S51)
+OPTION_SETS: dict[str, dict] = {"default": {}, "nocache": {"graph_cache": 0}}
 
 
-def _legacy_conv():  # noqa: ANN202
-    """The triton_conv module of an earlier commit, from the file $ROBUSTFL_LEGACY_TRITON_CONV."""
-    import importlib.util
-    import os
-    import sys
-
-    path = os.environ.get("ROBUSTFL_LEGACY_TRITON_CONV")
-    if not path:
-        raise SystemExit("variant needs $ROBUSTFL_LEGACY_TRITON_CONV: an earlier robustfl/engine/triton_conv.py "
-                         "(git show 56bab5c:robustfl/engine/triton_conv.py > FILE)")
-    name = "robustfl_legacy_triton_conv"
-    if name not in sys.modules:  # registered before it runs: its dataclasses look their module up
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-@contextlib.contextmanager
-def kernel_flags(fuse: bool = True, splitk: bool = True, tiles: str | None = None, legacy: bool = False,
-                 flatten: bool = True, fp32_dot: str | None = None, min_k: int | None = None,
-                 w_kmajor: bool = True, relu_grad: bool = True, graph_cache: bool = True,
-                 separable: bool = True, pad_grad: bool = True, s57: bool = True,
-                 dgrad_tiles: str | None = None) -> Iterator[None]:
-    """The triton layout's kernel options, restored after: fused epilogues (robustfl.engine.stacked.FUSE_EPILOGUES),
-    the fused ReLU - Dropout - Flatten (robustfl.engine.stacked.FUSE_FLATTEN), the split-K dense forward (off:
-    triton_dense.MIN_K beyond any layer; else MIN_K ``min_k``), its fp32 precision (triton_dense.FP32_DOT),
-    the convolutions' tile candidates (TILE_SETS) and weight operand's layout (triton_conv.W_KMAJOR), or an
-    earlier commit's convolution kernels (:func:`_legacy_conv`), the ReLU backward handed to the next
-    convolution (robustfl.engine.stacked.FUSE_RELU_GRAD), CUDA graphs kept between calls (robustfl.engine.train.GRAPH_CACHE_SIZE),
-    the convolutions' separable gather (triton_conv.SEPARABLE_GATHER), the flatten kernel's zero-bordered
-    gradient for the convolution before it (robustfl.engine.stacked.PAD_CONV_GRAD), S57's weight gradient (off: one
-    block a program, triton_conv.WGRAD_KSUB = 1, with session 10's WGRAD_PROGRAMS and padded layers' tiles),
-    the bounds-tested input gradient's tiles (triton_conv.DGRAD_TILES, DGRAD_TILE_SETS). None: the default."""
-    from robustfl.engine import train
-    import robustfl
-    from robustfl.engine import triton_conv
-    from robustfl.engine import triton_dense
-
-    saved = [(stacked, "FUSE_EPILOGUES"), (stacked, "FUSE_FLATTEN"), (stacked, "FUSE_RELU_GRAD"),
-             (stacked, "PAD_CONV_GRAD"), (triton_dense, "MIN_K"), (triton_dense, "FP32_DOT"),
-             (triton_conv, "IGEMM_CANDIDATES"), (triton_conv, "W_KMAJOR"), (triton_conv, "SEPARABLE_GATHER"),
-             (triton_conv, "WGRAD_KSUB"), (triton_conv, "WGRAD_PROGRAMS"), (triton_conv, "WGRAD_TILES_PADDED"),
-             (triton_conv, "DGRAD_TILES"),
-             (robustfl, "triton_conv"), (train, "GRAPH_CACHE_SIZE")]
-    old = [getattr(mod, name) for mod, name in saved]
-    triton_conv.SEPARABLE_GATHER = separable
-    train.GRAPH_CACHE_SIZE = train.GRAPH_CACHE_SIZE if graph_cache else 0
-    stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_conv.W_KMAJOR = fuse, flatten, w_kmajor
-    stacked.FUSE_RELU_GRAD, stacked.PAD_CONV_GRAD = relu_grad, pad_grad
-    if dgrad_tiles is not None:
-        t = DGRAD_TILE_SETS[dgrad_tiles]
-        triton_conv.DGRAD_TILES = None if t is None else triton_conv.Tiles(*t)
-    if not s57:
-        triton_conv.WGRAD_KSUB, triton_conv.WGRAD_PROGRAMS = 1, 1024
-        triton_conv.WGRAD_TILES_PADDED = triton_conv.WGRAD_TILES
-    clear_graph_cache()  # (its key names these options anyway; this frees the memory)
-    triton_dense.MIN_K = (min_k or triton_dense.MIN_K) if splitk else 1 << 62
-    triton_dense.FP32_DOT = fp32_dot or triton_dense.FP32_DOT
-    if tiles is not None:
-        triton_conv.IGEMM_CANDIDATES = TILE_SETS[tiles]
-    if legacy:
-        robustfl.engine.triton_conv = _legacy_conv()  # what `from robustfl import triton_conv` in stacked finds
-    try:
-        yield
-    finally:
-        for (mod, name), value in zip(saved, old):
-            setattr(mod, name, value)
-        clear_graph_cache()
-
-
-def kernel_set(name: str) -> contextlib.AbstractContextManager:
-    """:func:`kernel_flags` with the options :data:`KERNEL_SETS` names."""
-    return kernel_flags(**KERNEL_SETS[name])
+def engine_options(name: str = "default", **fields: object) -> EngineOptions:
+    """The vectorised engine's options of :data:`OPTION_SETS` ``name``, with ``fields`` on top."""
+    return EngineOptions(kind="vectorised", **{**OPTION_SETS[name], **fields})
 
 
 def result_header(dev: torch.device, **extra: object) -> dict:
@@ -178,16 +75,8 @@ def _setup(name: str, dev: torch.device, n_clients: int, frac: float):
     return model, model_to_flat(model), x, per, bs, c
 
 
-def _resolve(engine: dict | None, model: torch.nn.Module, dev: torch.device, precision: str) -> dict:
-    """``--conv auto`` / no ``--cuda-graph`` flag -> what a run would use (robustfl.engine.train.resolve_kernels)."""
-    engine = dict(engine or {})
-    if engine.get("conv") == "auto":
-        engine["conv"], engine["cuda_graph"] = resolve_kernels(model, dev, "auto", engine.get("cuda_graph"), precision)
-    return engine
-
-
 def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precision: str, seq: bool,
-              pack: int, frac: float, compile: bool = False, engine: dict | None = None) -> dict:
+              pack: int, frac: float, engine: EngineOptions | None = None) -> dict:
     mname, _, h, w, ch, _, _ = SETTINGS[name]
     model, theta, x, per, bs, c = _setup(name, dev, n_clients, frac)
     y = torch.randint(0, c, (len(x),), device=dev)
@@ -199,20 +88,18 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
     out: dict = {"model": mname, "dataset_shape": [h, w, ch], "n_clients": n_clients, "samples_per_client": per,
                  "batch": bs, "epochs": epochs, "precision": precision, "train_flops_per_round": total_flops,
                  "params": theta.numel()}
-    engine = _resolve(engine, model, dev, precision)
-    kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision)
-    out["compiled"] = compile
-    out.update(engine)
+    engine = (engine or engine_options()).resolve(model, dev, precision)  # what a run would use
+    kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision, options=engine)
+    out.update(conv=engine.conv, cuda_graph=engine.cuda_graph, graph_cache=engine.graph_cache)
     # warm-up (kernels, autotuning)
     train_vectorised(model, theta, x, y, [s[:bs * 2] for s in shards], generator=torch.Generator().manual_seed(0),
-                     compile=compile, **{**kw, "epochs": 1}, **engine)
+                     **{**kw, "epochs": 1})
     _sync(dev)
     clear_graph_cache()  # a round as a run's first: its CUDA graph captured inside the timing, as before
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t = time.perf_counter()
-    train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), compile=compile, **kw,
-                     **engine)
+    train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), **kw)
     _sync(dev)
     tv = time.perf_counter() - t
     out["vectorised_s_per_round"] = tv
@@ -220,15 +107,16 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
     out["vectorised_tflops"] = total_flops / tv / 1e12
     if dev.type == "cuda":
         out["vectorised_peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    if engine.get("cuda_graph") and not compile:
-        # a later round of the same run: its CUDA graph kept from the round before (train.GRAPH_CACHE_SIZE)
+    if engine.cuda_graph:
+        # a later round of the same run: its CUDA graph kept from the round before (EngineOptions.graph_cache)
         t = time.perf_counter()
-        train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(1), **kw, **engine)
+        train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(1), **kw)
         _sync(dev)
         out["vectorised_s_per_later_round"] = time.perf_counter() - t
     if seq:
         t = time.perf_counter()
-        train_sequential(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), **kw)
+        train_sequential(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0),
+                         **{k: v for k, v in kw.items() if k != "options"})
         _sync(dev)
         ts = time.perf_counter() - t
         out["sequential_s_per_round"] = ts
@@ -242,16 +130,15 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
         gens = [torch.Generator().manual_seed(k) for k in range(pack)]
         thetas = theta.unsqueeze(0).expand(pack * n_clients, -1)
         # warm-up for the packed shape: its kernels (Triton compiles per tile shape, which depends on the
-        # number of clients) and torch.compile. Without it the first process on a machine timed the
+        # number of clients). Without it the first process on a machine timed the
         # compilation too (session 7: Kather's packed round 0.89 s cold, 0.41 s warm, same code and card)
         train_vectorised(model, thetas, x, y, [s[:bs * 2] for s in shards] * pack, generator=gens[0],
-                         compile=compile, **{**kw, "epochs": 1}, **engine)
+                         **{**kw, "epochs": 1})
         _sync(dev)
         clear_graph_cache()
         t = time.perf_counter()  # the cells' batch plans are drawn inside the timing, as a packed round does
         plan = concat_plans([batch_plan(shards, epochs, bs, g) for g in gens])
-        train_vectorised(model, thetas, x, y, shards * pack, plan=plan, generator=None, compile=compile, **kw,
-                         **engine)
+        train_vectorised(model, thetas, x, y, shards * pack, plan=plan, generator=None, **kw)
         _sync(dev)
         tp = time.perf_counter() - t
         out["packed_cells"] = pack
@@ -264,7 +151,7 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
 
 
 def bench_unequal(name: str, dev: torch.device, n_clients: int, epochs: int, precision: str, frac: float,
-                  alpha: float, repeats: int = 3, engine: dict | None = None) -> dict:
+                  alpha: float, repeats: int = 3, engine: EngineOptions | None = None) -> dict:
     """One round on Dirichlet(alpha) shards: ``skip_idle`` on vs off (best of ``repeats``, alternating)."""
     model, theta, x, _, bs, c = _setup(name, dev, n_clients, frac)
     n_total = len(x)
@@ -276,16 +163,16 @@ def bench_unequal(name: str, dev: torch.device, n_clients: int, epochs: int, pre
                  "batch": bs, "epochs": epochs, "precision": precision, "shard_sizes": sizes,
                  "real_client_steps": sum(steps), "padded_client_steps": max(steps) * n_clients}
     out["fill"] = out["real_client_steps"] / out["padded_client_steps"]
-    engine = _resolve(engine, model, dev, precision)
-    out.update(engine)
-    kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision, **engine)
+    engine = (engine or engine_options()).resolve(model, dev, precision)
+    out.update(conv=engine.conv, cuda_graph=engine.cuda_graph)
+    kw = dict(epochs=epochs, batch_size=bs, lr=1e-3, precision=precision)
     times: dict[bool, list[float]] = {True: [], False: []}
     for r in range(repeats + 1):  # the first pass warms up
         for skip in (True, False):
             _sync(dev)
             t = time.perf_counter()
             train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0),
-                             skip_idle=skip, **kw)
+                             options=engine.replace(skip_idle=skip), **kw)
             _sync(dev)
             if r:
                 times[skip].append(time.perf_counter() - t)
@@ -304,37 +191,32 @@ def main() -> None:
     ap.add_argument("--no-sequential", action="store_true")
     ap.add_argument("--pack", type=int, default=1)
     ap.add_argument("--frac", type=float, default=1.0, help="fraction of each client's shard (quick checks)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the per-step gradient function")
     ap.add_argument("--dirichlet", type=float, default=None, metavar="ALPHA",
                     help="time unequal (Dirichlet) shards, skip_idle on vs off")
-    ap.add_argument("--conv", default="auto", help="train_vectorised's conv: auto (what a run uses; the default "
-                    "since session 10, before it cudnn), cudnn, matmul (vmap) or grouped, channels_last, loop, triton "
-                    "(robustfl.engine.stacked)")
+    ap.add_argument("--conv", default="auto", help="EngineOptions.conv: auto (what a run uses; the default "
+                    "since session 10), vmap, or grouped, channels_last, triton (robustfl.engine.stacked)")
     ap.add_argument("--cuda-graph", action="store_true", default=None,
                     help="capture the stacked step as a CUDA graph (with --conv auto: on unless --no-cuda-graph)")
     ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
-    ap.add_argument("--kernels", choices=list(KERNEL_SETS), default="default",
-                    help="the triton layout's kernel options (KERNEL_SETS; s6 = session 6's kernels, from "
-                    "$ROBUSTFL_LEGACY_TRITON_CONV, no split-K)")
+    ap.add_argument("--options", choices=list(OPTION_SETS), default="default",
+                    help="named engine options (OPTION_SETS)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
-    engine = {"conv": a.conv, "cuda_graph": a.cuda_graph}
-    if a.conv != "auto":
-        engine["cuda_graph"] = bool(a.cuda_graph)
+    graph = a.cuda_graph if a.conv == "auto" else bool(a.cuda_graph)
+    engine = engine_options(a.options, conv=a.conv, cuda_graph=graph)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res = result_header(dev, kernels=a.kernels)
-    with kernel_set(a.kernels):
-        for m in a.models:
-            if a.dirichlet is not None:
-                r = bench_unequal(m, dev, a.clients, a.epochs, a.precision, a.frac, a.dirichlet, engine=engine)
-            else:
-                r = bench_one(m, dev, a.clients, a.epochs, a.precision, not a.no_sequential, a.pack, a.frac,
-                              a.compile, engine=engine)
-            r["cudnn_benchmark"] = a.cudnn_benchmark
-            print(json.dumps(r), flush=True)
-            res["results"].append(r)
+    res = result_header(dev, options=a.options)
+    for m in a.models:
+        if a.dirichlet is not None:
+            r = bench_unequal(m, dev, a.clients, a.epochs, a.precision, a.frac, a.dirichlet, engine=engine)
+        else:
+            r = bench_one(m, dev, a.clients, a.epochs, a.precision, not a.no_sequential, a.pack, a.frac,
+                          engine=engine)
+        r["cudnn_benchmark"] = a.cudnn_benchmark
+        print(json.dumps(r), flush=True)
+        res["results"].append(r)
     if a.out:
         atomic_write_json(a.out, res)
 

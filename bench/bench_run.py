@@ -8,7 +8,7 @@ Real data when ``--data DIR`` names a prepared dataset (``robustfl.data.datasets
 images of the dataset's shape and size (fmnist: 60,000 + 10,000 of 28x28x1, 10 classes), prepared once
 into a temporary cache, so the timing covers the same code path (accuracy is then chance level).
 
-    python bench/bench_run.py --dataset fmnist --variants cudnn channels_last+graph --out bench/results/run_fmnist.json
+    python bench/bench_run.py --dataset fmnist --variants vmap auto --out bench/results/run_fmnist.json
 """
 from __future__ import annotations
 
@@ -28,26 +28,22 @@ from robustfl.fl.experiment import build_partition, run_cell
 from robustfl.io import atomic_write_json
 
 try:  # run as `python bench/bench_run.py` from the repository root
-    from bench_engine import kernel_set, result_header
+    from bench_engine import result_header
 except ImportError:  # pragma: no cover - imported as bench.bench_run
-    from bench.bench_engine import kernel_set, result_header
+    from bench.bench_engine import result_header
 
 # name -> (train, test, H, W, C, classes)
 SHAPES = {"fmnist": (60000, 10000, 28, 28, 1, 10), "cifar10": (50000, 10000, 32, 32, 3, 10),
           "kather": (4000, 1000, 128, 128, 3, 8)}
+#: variant -> (the run's engine mapping, its precision or None for --precision)
 VARIANTS = {
-    "cudnn": dict(conv="cudnn", cuda_graph=False),
-    "grouped+graph": dict(conv="grouped", cuda_graph=True),
-    "channels_last+graph": dict(conv="channels_last", cuda_graph=True),
-    "loop+graph": dict(conv="loop", cuda_graph=True),
-    "triton+graph": dict(conv="triton", cuda_graph=True),
-    "triton+graph+tf32": dict(conv="triton", cuda_graph=True, precision="tf32"),
-    "triton+graph+bf16": dict(conv="triton", cuda_graph=True, precision="bf16"),
-    "auto": dict(conv="auto", cuda_graph=None),
-    # earlier sessions' kernels (s6-s10) and single options: bench_engine.KERNEL_SETS
-    **{f"triton+graph{p}+{k}": dict(conv="triton", cuda_graph=True, kernels=k, **prec)
-       for p, prec in (("", {}), ("+tf32", {"precision": "tf32"}), ("+bf16", {"precision": "bf16"}))
-       for k in ("t256", "s6", "s7", "s8", "s9", "s10", "nocache")},
+    "vmap": ({"conv": "vmap", "cuda_graph": False}, None),
+    "grouped+graph": ({"conv": "grouped", "cuda_graph": True}, None),
+    "channels_last+graph": ({"conv": "channels_last", "cuda_graph": True}, None),
+    "triton+graph": ({"conv": "triton", "cuda_graph": True}, None),
+    "triton+graph+tf32": ({"conv": "triton", "cuda_graph": True}, "tf32"),
+    "triton+graph+bf16": ({"conv": "triton", "cuda_graph": True}, "bf16"),
+    "auto": ({"conv": "auto", "cuda_graph": None}, None),
 }
 
 
@@ -71,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dataset", default="fmnist", choices=list(SHAPES))
     ap.add_argument("--data", type=Path, default=None, help="a prepared dataset directory (real data)")
-    ap.add_argument("--variants", nargs="+", default=["cudnn", "channels_last+graph"], choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["vmap", "channels_last+graph"], choices=list(VARIANTS))
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--precision", default="fp32", help="of the variants that name none")
@@ -86,8 +82,8 @@ def main() -> None:
     else:
         data_dir, source = prepare(_register_random(a.dataset, a.scale), {}, tmp / "data"), "random"
     prep_s = time.perf_counter() - t
-    base = dict(dataset=a.dataset, rounds=a.rounds, device=str(dev), engine="vectorised", precision=a.precision,
-                checkpoint_every=0, snapshot_round=None)
+    base = dict(dataset=a.dataset, rounds=a.rounds, device=str(dev), engine={"kind": "vectorised"},
+                precision=a.precision, checkpoint_every=0, snapshot_round=None)
     cfg0 = RunConfig(**base)
     part = tmp / "partition.npz"
     t = time.perf_counter()
@@ -98,16 +94,14 @@ def main() -> None:
     run_cell(RunConfig(**{**base, "rounds": 1}), data_dir, part, tmp / "warm")
     for r in range(a.repeats):
         for v in a.variants:
-            opts = dict(VARIANTS[v])
-            kernels = opts.pop("kernels", "default")
-            cfg = RunConfig(**{**base, **opts})  # a variant may name its own precision
+            engine, precision = VARIANTS[v]  # a variant may name its own precision
+            cfg = RunConfig(**{**base, "engine": {"kind": "vectorised", **engine}, "precision": precision or a.precision})
             out_dir = tmp / f"run_{v}_{r}"
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            with kernel_set(kernels):
-                t = time.perf_counter()
-                final = run_cell(cfg, data_dir, part, out_dir)
-                wall = time.perf_counter() - t
+            t = time.perf_counter()
+            final = run_cell(cfg, data_dir, part, out_dir)
+            wall = time.perf_counter() - t
             run = json.loads((out_dir / "run.json").read_text())
             row = {"variant": v, "repeat": r, "precision": cfg.precision, "end_to_end_s": wall,
                    "sim_wall_s": final.get("sim_wall_s"),

@@ -123,24 +123,14 @@ def bench_layer(spec: tuple, g: int, sweep: list[str] | None) -> list[dict]:
                      ("bias_by_torch", lambda: dy.sum((1, 2, 3)))]:
         add(path="triton", kernel_pass=name, tiles=_tiles(wt_tiles), ms=do_bench(fn),
             flops=flops["wgrad"] if name != "bias_by_torch" else 0)
-    # the forward and input-gradient kernels alone, at their chosen tiles, with the weight operand stored
-    # K-major (triton_conv.W_KMAJOR, session 8) and N-major (session 7)
-    old = triton_conv.W_KMAJOR
-    try:
-        for kmajor in (True, False):
-            triton_conv.W_KMAJOR = kmajor
-            wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False)
-            wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True)
-            tag = "w_kmajor" if kmajor else "w_nmajor"
-            add(path="triton", kernel_pass="fwd", weight=tag, tiles=_tiles(triton_conv.igemm_tiles(m_out, co, g)),
-                ms=do_bench(lambda wk=wk: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad)),
-                flops=flops["fwd"])
-            if not first:  # (the bounds-tested input gradient, over an unbordered gradient)
-                add(path="triton", kernel_pass="dgrad", weight=tag, tiles=_tiles(triton_conv.igemm_tiles(m_in, ci, g)),
-                    ms=do_bench(lambda wd=wd: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad)),
-                    flops=flops["dgrad"])
-    finally:
-        triton_conv.W_KMAJOR = old
+    # the forward and input-gradient kernels alone, at their chosen tiles
+    wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False)
+    wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True)
+    add(path="triton", kernel_pass="fwd", tiles=_tiles(triton_conv.igemm_tiles(m_out, co, g)),
+        ms=do_bench(lambda: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad)), flops=flops["fwd"])
+    if not first:  # (the bounds-tested input gradient, over an unbordered gradient)
+        add(path="triton", kernel_pass="dgrad", tiles=_tiles(triton_conv.igemm_tiles(m_in, ci, g)),
+            ms=do_bench(lambda: triton_conv._igemm(dy, wd, None, h, w, ci, k, k, -1, pad)), flops=flops["dgrad"])
     for which in sweep or []:
         _sweep(add, xd, wt, bias, dy, spec, oh, ow, flops, which)
     return rows
@@ -176,20 +166,17 @@ def _sweep(add, xd, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, wh
         except Exception as exc:  # noqa: BLE001 - a tile shape the compiler refuses is a result
             add(path="triton", kernel_pass="fwd/dgrad", tiles=_tiles(t),
                 error=str(exc).splitlines()[0][:200])
-    old = triton_conv.WGRAD_PROGRAMS, triton_conv.WGRAD_KSUB
     wgrad = {"all": [(t, p, 1) for t, p in WGRAD], "wgrad": WGRAD_KSUB}.get(which, [])
     for t, programs, ksub in wgrad:
-        triton_conv.WGRAD_PROGRAMS, triton_conv.WGRAD_KSUB = programs, ksub
         name = f"{_tiles(t)}_p{programs}_ksub{ksub}"
         try:
-            ms = do_bench(lambda t=t: triton_conv._wgrad(xd, dy, k, k, pad, t))
-            split = triton_conv._wgrad_split(dy.shape[1] * oh * ow, k * k * xd.shape[-1], co, xd.shape[0], pad, t)
+            ms = do_bench(lambda t=t, p=programs, q=ksub: triton_conv._wgrad(xd, dy, k, k, pad, t, programs=p, ksub=q))
+            split = triton_conv._wgrad_split(dy.shape[1] * oh * ow, k * k * xd.shape[-1], co, xd.shape[0], pad, t,
+                                             programs, ksub)
             add(path="triton", kernel_pass="wgrad", tiles=name, ms=ms, flops=flops["wgrad"],
-                ksub=triton_conv._wgrad_ksub(k * k * xd.shape[-1], t), chunks=split[0])
+                ksub=triton_conv._wgrad_ksub(k * k * xd.shape[-1], t, most=ksub), chunks=split[0])
         except Exception as exc:  # noqa: BLE001
             add(path="triton", kernel_pass="wgrad", tiles=name, error=str(exc).splitlines()[0][:200])
-        finally:
-            triton_conv.WGRAD_PROGRAMS, triton_conv.WGRAD_KSUB = old
 
 
 def main() -> None:

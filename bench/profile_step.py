@@ -9,7 +9,6 @@ torch.profiler, and writes the kernels' total CUDA time, grouped by name, larges
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -21,9 +20,9 @@ from robustfl.params import model_to_flat
 from robustfl.engine.train import train_vectorised
 
 try:  # run as `python bench/profile_step.py` from the repository root
-    from bench_engine import KERNEL_SETS, SETTINGS, kernel_set, result_header
+    from bench_engine import SETTINGS, engine_options, result_header
 except ImportError:  # pragma: no cover - imported as bench.profile_step
-    from bench.bench_engine import KERNEL_SETS, SETTINGS, kernel_set, result_header
+    from bench.bench_engine import SETTINGS, engine_options, result_header
 
 
 def main() -> None:
@@ -34,8 +33,6 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--kernels", choices=list(KERNEL_SETS), default="default",
-                    help="the triton layout's kernel options (bench_engine.KERNEL_SETS)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -48,16 +45,17 @@ def main() -> None:
     y = torch.randint(0, c, (a.clients * per,), device=dev)
     shards = [torch.arange(i * per, (i + 1) * per, device=dev) for i in range(a.clients)]
 
+    opts = engine_options(conv=a.conv, cuda_graph=False)  # eager: the profiler sees each kernel
+
     def run() -> None:
         train_vectorised(model, theta, x, y, shards, epochs=1, batch_size=bs, lr=1e-3,
-                         generator=torch.Generator().manual_seed(0), precision=a.precision, conv=a.conv)
+                         generator=torch.Generator().manual_seed(0), precision=a.precision, options=opts)
 
-    with kernel_set(a.kernels):
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run()
-            torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
@@ -65,7 +63,7 @@ def main() -> None:
             rows.append({"kernel": e.key[:160], "calls": e.count, "ms_per_step": t / 1e3 / a.steps})
     rows.sort(key=lambda r: -r["ms_per_step"])
     total = sum(r["ms_per_step"] for r in rows)
-    res = result_header(dev, model=mname, conv=a.conv, kernels=a.kernels, precision=a.precision, clients=a.clients, batch=bs,
+    res = result_header(dev, model=mname, conv=a.conv, precision=a.precision, clients=a.clients, batch=bs,
                         steps=a.steps, kernels_ms_per_step=total)
     res["results"] = rows[: a.top]
     for r in res["results"]:

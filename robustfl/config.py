@@ -9,22 +9,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: train_vectorised's ``conv`` options (robustfl.engine.train), ``auto`` resolved by robustfl.engine.train.resolve_kernels
-CONV_CHOICES = ("auto", "cudnn", "matmul", "grouped", "channels_last", "loop", "triton")
+from robustfl.engine.options import CONFIG_KEYS, PRECISIONS, EngineOptions
 
 #: Appendix C batch sizes; everything else uses ``RunConfig.batch_size``.
 PAPER_BATCH = {"fmnist": 64, "cifar10": 32, "kather": 32}
 
-#: the run precisions (robustfl.engine.train.precision_context says what each computes in)
-PRECISIONS = ("fp32", "tf32", "bf16")
+#: the flat keys of earlier configurations that the ``engine`` mapping replaced: old key -> its key there
+MOVED_TO_ENGINE = {"conv": "conv", "cuda_graph": "cuda_graph"}
+
+__all__ = ["PAPER_BATCH", "PRECISIONS", "RunConfig"]
 
 
 @dataclass
 class RunConfig:
-    """All parameters of one FL run (one cell of a study grid, one seed)."""
+    """All parameters of one FL run (one cell of a study grid, one seed).
+
+    The scientific fields set what is computed; ``engine`` (a mapping with the keys ``kind``, ``conv``,
+    ``cuda_graph``; missing keys take their defaults ``auto``, ``auto``, null: robustfl.engine.EngineOptions)
+    sets how. ``precision`` stays a field of its own: it changes the arithmetic (bf16). Cell ids
+    (robustfl.fl.experiment.cell_id) name an engine key only where it differs from its default, as
+    ``engine=<kind>``, ``conv=<conv>``, ``cuda_graph=<value>`` (the flat fields it replaced), so a cell
+    with the default engine keeps its id.
+    """
 
     dataset: str = "digits"
     model: str | None = None  # None -> the dataset's default network (models.default_model)
@@ -49,21 +59,31 @@ class RunConfig:
     backdoor_mode: str = "single"  # single (reference code, the paper's target) | multiple (20 targeted inputs)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    engine: str = "auto"  # auto (vectorised on CUDA, sequential on CPU) | vectorised | sequential
+    # {kind: auto | vectorised | sequential, conv: auto | vmap | grouped | channels_last | triton,
+    #  cuda_graph: null | true | false}: robustfl.engine.EngineOptions
+    engine: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # fp32 | tf32 (dense products in TF32 too) | bf16 (autocast on CUDA)
-    conv: str = "auto"  # vectorised engine's layers: auto | cudnn | matmul (vmap) | grouped | channels_last | loop | triton
-    cuda_graph: bool | None = None  # capture the vectorised step as a CUDA graph (None: auto)
     deterministic: bool = False
     checkpoint_every: int = 5
     snapshot_round: int | None = -1  # round whose PLRs are dumped for the figures (-1: last, None: off)
     eval_every: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.engine, Mapping):  # every key, defaults filled in (equal configs compare equal)
+            try:
+                self.engine = EngineOptions.from_config(self.engine).config()
+            except ValueError as exc:
+                raise ValueError(f"config key 'engine': {exc}") from None
         self.validate()
 
     @property
     def effective_batch_size(self) -> int:
         return self.batch_size if self.batch_size is not None else PAPER_BATCH.get(self.dataset, 64)
+
+    @property
+    def engine_options(self) -> EngineOptions:
+        """The engine options this run asks for (``auto`` not yet resolved for a model and device)."""
+        return EngineOptions.from_config(self.engine)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field for impossible settings."""
@@ -100,14 +120,9 @@ class RunConfig:
             bad("backdoor_mode", f"must be 'single' or 'multiple', got {self.backdoor_mode!r}")
         if self.partition not in ("iid", "classes", "dirichlet"):
             bad("partition", f"must be iid, classes or dirichlet, got {self.partition!r}")
-        if self.engine not in ("auto", "vectorised", "sequential"):
-            bad("engine", f"must be auto, vectorised or sequential, got {self.engine!r}")
-        if self.conv not in CONV_CHOICES:
-            bad("conv", f"must be one of {list(CONV_CHOICES)}, got {self.conv!r}")
-        if self.cuda_graph not in (None, True, False):
-            bad("cuda_graph", f"must be true, false or null (auto), got {self.cuda_graph!r}")
-        if self.cuda_graph and self.conv in ("cudnn", "matmul"):
-            bad("cuda_graph", f"CUDA graphs need conv grouped, channels_last, loop or triton (or auto), not {self.conv!r}")
+        if not isinstance(self.engine, Mapping):
+            bad("engine", f"must be a mapping with the keys {list(CONFIG_KEYS)} (e.g. engine: {{kind: {self.engine}}}), "
+                f"got {self.engine!r}")
         if self.precision not in PRECISIONS:
             bad("precision", f"must be 'fp32', 'tf32' or 'bf16', got {self.precision!r}")
         if self.checkpoint_every < 0:
@@ -131,6 +146,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        moved = sorted(set(d) & set(MOVED_TO_ENGINE))
+        if moved:
+            raise ValueError(f"config key(s) {moved} moved into the engine mapping: write engine: "
+                             + "{" + ", ".join(f"{MOVED_TO_ENGINE[k]}: {json.dumps(d[k])}" for k in moved) + "}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

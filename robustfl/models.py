@@ -126,39 +126,3 @@ def build_model(name: str, num_classes: int, in_channels: int, **kwargs: object)
         return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as exc:
         raise ValueError(f"model {name!r} does not take the option(s) {sorted(kwargs)}: {exc}") from None
-
-
-class Conv2dMM(nn.Conv2d):
-    """``nn.Conv2d`` computed as im2col + matrix product (``F.unfold``, then ``x_col @ W^T``).
-
-    Same parameters and the same function as the parent class (tested against ``F.conv2d``). Under
-    ``torch.func.vmap`` over per-client weights, cuDNN's path becomes a grouped convolution with one
-    group per client, which is slow for the paper's small layers; this one becomes one batched GEMM
-    per layer (``bmm``: clients x (B*L, C*k*k) @ (C*k*k, O)), which the GPU's matrix units run well.
-    Only ``groups = 1`` and zero padding; anything else falls back to the parent's forward.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return super().forward(x)
-        b, _, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        cols = torch.nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        out = cols.transpose(1, 2).reshape(b * ho * wo, -1) @ self.weight.reshape(self.out_channels, -1).t()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(b, ho * wo, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, ho, wo)
-
-
-def with_matmul_convs(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose ``nn.Conv2d`` layers compute as :class:`Conv2dMM` (same names and
-    shapes of parameters, so ``functional_call`` with the original's parameters works unchanged)."""
-    import copy
-
-    twin = copy.deepcopy(model)
-    for m in twin.modules():
-        if type(m) is nn.Conv2d:
-            m.__class__ = Conv2dMM
-    return twin

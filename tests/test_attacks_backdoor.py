@@ -12,10 +12,27 @@ import torch
 from robustfl.attacks import ATTACKS, is_targeted
 from robustfl.attacks import adaptive, backdoor  # noqa: F401  (registers the attacks)
 from robustfl.attacks.adaptive import d_plr
-from robustfl.attacks.backdoor import alternating_minimisation, benign_update, explicit_boosting, forward_with
 from robustfl.attacks.base import AttackContext
+from robustfl.engine import EngineOptions
+from robustfl.engine import model_forward as forward_with
 from robustfl.models import build_model
 from robustfl.params import ParamSpec, model_to_flat
+
+
+def alternating_minimisation(model, theta, x_own, y_own, x_bd, y_bd, ref, *, generator, **kw):
+    """One attacker's update ``(d,)``: robustfl.attacks.backdoor.alternating_minimisation with k = 1."""
+    return backdoor.alternating_minimisation(model, theta, [(x_own, y_own)], x_bd, y_bd, ref, generators=[generator],
+                                             **kw)[0]
+
+
+def benign_update(model, theta, x_own, y_own, *, generator, **kw):
+    return backdoor.benign_updates(model, theta, [(x_own, y_own)], [generator], **kw)[0]
+
+
+def explicit_boosting(model, theta, x_bd, y_bd, *, generator, **kw):
+    deltas, infos = backdoor.explicit_boosting(model, theta, x_bd, y_bd, generators=[generator], **kw)
+    return deltas[0], infos[0]
+
 
 N_BEN, N_CLIENTS, SOURCE, TARGET, BATCH = 5, 6, 4, 3, 32
 MEASURED: dict[str, float] = {}  # printed at the end (pytest -s) for the record
@@ -327,8 +344,9 @@ def _reference_alternating(model, theta_flat, x_own, y_own, x_bd, y_bd, ben_mean
 
     import torch.nn.functional as F
 
-    from robustfl.attacks.backdoor import _batches, _distance, _training_mode
-    from robustfl.engine.train import ADAM_BETAS, ADAM_EPS
+    from robustfl.attacks.backdoor import batch_stream, distance_rows
+    from robustfl.engine import ModelRows
+    from robustfl.engine.adam import ADAM_BETAS, ADAM_EPS
 
     spec = ParamSpec(model)
     theta = theta_flat.detach().float()
@@ -338,7 +356,7 @@ def _reference_alternating(model, theta_flat, x_own, y_own, x_bd, y_bd, ben_mean
     w = theta.clone().requires_grad_(True)
     opt_ben = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     opt_mal = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    stream = _batches(len(y_own), batch_size, generator, torch.device("cpu"))
+    stream = batch_stream(len(y_own), batch_size, generator, torch.device("cpu"))
 
     def stealth():
         for _ in range(ls):
@@ -346,7 +364,7 @@ def _reference_alternating(model, theta_flat, x_own, y_own, x_bd, y_bd, ben_mean
             _, logits = forward_with(model, spec.unflatten(w), x_own[idx])
             loss = F.cross_entropy(logits.float(), y_own[idx])
             if rho > 0:
-                loss = loss + rho * _distance(w - ref, dist)
+                loss = loss + rho * distance_rows((w - ref)[None], dist)[0]
             opt_ben.zero_grad(set_to_none=True)
             loss.backward()
             opt_ben.step()
@@ -364,7 +382,7 @@ def _reference_alternating(model, theta_flat, x_own, y_own, x_bd, y_bd, ben_mean
             with torch.no_grad():
                 w.copy_(start + boost * (w - start))
 
-    with _training_mode(model, generator):
+    with ModelRows(model, 1, "cpu").training([generator]):
         for _ in range(n_iter):
             if order == "benign_first":
                 stealth()
@@ -435,8 +453,7 @@ def test_graphed_alternating_minimisation_equals_eager_on_the_gpu(monkeypatch):
     kw = dict(boost=10.0, rho=1e-4, benign_epochs=1.0, batch_size=BATCH)  # 10 iterations, last batch 12
     out = {}
     for graph in (False, True):
-        monkeypatch.setattr(backdoor, "ATTACK_CUDA_GRAPH", graph)
-        out[graph] = alternating_minimisation(model, theta, x, y, xb, yb, None,
+        out[graph] = alternating_minimisation(model, theta, x, y, xb, yb, None, engine=EngineOptions(attack_cuda_graph=graph),
                                               generator=torch.Generator().manual_seed(1), **kw)
     assert out[False].norm() > 1e-3
     assert ((out[True] - out[False]).norm() / out[False].norm()).item() < 1e-3
@@ -445,7 +462,7 @@ def test_graphed_alternating_minimisation_equals_eager_on_the_gpu(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_graphed_explicit_boosting_equals_eager_on_the_gpu(monkeypatch):
     """Attack-Coomed-Backdoor's boosting to convergence with its steps replayed from a CUDA graph after
-    the first GRAPH_MIN_ITERATIONS: the same steps as the eager loop (torch.optim.Adam) on random
+    the first EngineOptions.attack_graph_min_steps: the same steps as the eager loop (torch.optim.Adam) on random
     CIFAR-10-shaped data, up to float rounding, when it runs to max_steps (tol below any loss), when it
     converges after the capture (the default tol: the replay that computed the stopping loss is undone),
     and when it stops within the eager steps (a model already certain of the backdoor label: loss 0,
@@ -465,8 +482,7 @@ def test_graphed_explicit_boosting_equals_eager_on_the_gpu(monkeypatch):
                       (certain, dict(max_steps=30, min_steps=2))]:
         out = {}
         for graph in (False, True):
-            monkeypatch.setattr(backdoor, "ATTACK_CUDA_GRAPH", graph)
-            out[graph] = explicit_boosting(model, start, xb, yb, boost=10.0,
+            out[graph] = explicit_boosting(model, start, xb, yb, boost=10.0, engine=EngineOptions(attack_cuda_graph=graph),
                                            generator=torch.Generator().manual_seed(1), **kw)
         (d0, i0), (d1, i1) = out[False], out[True]
         assert i0["steps"] == i1["steps"]
@@ -477,7 +493,7 @@ def test_graphed_explicit_boosting_equals_eager_on_the_gpu(monkeypatch):
         else:  # two Adam steps on a zero gradient: no change in either
             torch.testing.assert_close(d1, d0, rtol=0, atol=1e-6)
     # the second case ran past the eager steps: the step was captured and replayed at least once
-    assert steps[0] == 30 and backdoor.GRAPH_MIN_ITERATIONS <= steps[1] < 1000 and steps[2] == 2
+    assert steps[0] == 30 and EngineOptions().attack_graph_min_steps <= steps[1] < 1000 and steps[2] == 2
 
 
 # ------------------------------------------------------------------ stealth: start, ball, final boost

@@ -1,6 +1,6 @@
-"""The backdoor attackers' crafting for all attackers at once on the stacked engine
-(robustfl.attacks.vectorised) against the single-model loops of robustfl.attacks.backdoor, which
-tests/test_attacks_backdoor.py checks against the plain two-optimiser loop. CPU, scikit-learn's
+"""The backdoor attackers' crafting for all attackers at once on a stacked layout (the loops of
+robustfl.attacks.backdoor with ``layout``) against the same loops one attacker at a time through PyTorch's
+layers, which tests/test_attacks_backdoor.py checks against the plain two-optimiser loop. CPU, scikit-learn's
 digits, the digits CNN without dropout (so both draw nothing at random but the mini-batches, which
 they draw alike); on a GPU also the paper's fmnist network through the Triton layout."""
 from __future__ import annotations
@@ -14,10 +14,11 @@ from robustfl.data import datasets as data
 from robustfl.fl import experiment
 from robustfl.attacks import ATTACKS
 from robustfl.attacks import backdoor as bd
-from robustfl.attacks import vectorised as vec
 from robustfl.attacks.base import AttackContext
 from robustfl.config import RunConfig
 from robustfl.data.datasets import load_prepared
+from robustfl.engine import EngineOptions
+from robustfl.engine.adam import adam_rows
 from robustfl.models import build_model
 from robustfl.params import ParamSpec, model_to_flat
 from robustfl.fl.simulate import Simulation
@@ -50,12 +51,19 @@ def setup():
             "bd_x": x[src], "bd_y": torch.full((10,), TARGET), "ben": 1e-3 * torch.randn(5, theta.numel())}
 
 
-def _ctx(s, layout, params=None, n=3, seed=5):
+def _engine(layout: str | None) -> EngineOptions:
+    """The engine options of a run that trains with ``layout`` (None: the sequential engine)."""
+    if layout is None:
+        return EngineOptions(kind="sequential")
+    return EngineOptions(kind="vectorised", conv=layout, cuda_graph=False)
+
+
+def _ctx(s, layout, params=None, n=3, seed=5, **engine):
     return AttackContext(
         model=s["model"], global_flat=s["theta"], benign_updates=s["ben"], n_attackers=n, n_clients=n + 5, round=0,
         attacker_data=[(s["x"][sh], s["y"][sh]) for sh in s["shards"][:n]], backdoor_x=s["bd_x"],
         backdoor_y=s["bd_y"], batch_size=BATCH, params=dict(params or {}),
-        generator=torch.Generator().manual_seed(seed), layout=layout)
+        generator=torch.Generator().manual_seed(seed), engine=_engine(layout).replace(**engine))
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> None:
@@ -64,7 +72,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> None:
         assert ((g - w).norm() / w.norm()).item() < tol
 
 
-@pytest.mark.parametrize("layout", ["grouped", "loop"])
+@pytest.mark.parametrize("layout", ["grouped", "channels_last"])
 @pytest.mark.parametrize("name,params", [
     ("krum_backdoor", {}),
     ("krum_backdoor", {"ls": 2, "mal_steps": 2, "order": "mal_first", "dist": "sq", "rho": 0.5, "boost": 4.0}),
@@ -99,8 +107,8 @@ def test_fused_adam_rows_equal_the_stacked_adam_and_skip_inactive_rows():
         active = torch.tensor([1.0, float(s < 3), float(s % 2)])
         g[active == 0] = float("nan")
         before = fus[0].clone()
-        vec.adam_rows(ref[0], g, ref[1], ref[2], ref[3], active, 1e-2, fused=False)
-        vec.adam_rows(fus[0], g, fus[1], fus[2], fus[3], active, 1e-2, fused=True)
+        adam_rows(ref[0], g, ref[1], ref[2], ref[3], active, 1e-2, fused=False)
+        adam_rows(fus[0], g, fus[1], fus[2], fus[3], active, 1e-2, fused=True)
         assert torch.equal(fus[0][active == 0], before[active == 0])
         for a, b in zip(ref, fus):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # float rounding of two formulas
@@ -115,15 +123,15 @@ def test_explicit_boosting_many_stops_each_attacker_where_the_single_loop_does(s
     params = {k: v.clone() for k, v in spec.unflatten(s["theta"]).items()}
     params[[k for k in spec.names if k.endswith("bias")][-1]][TARGET] = 4.0  # a head start on the target
     kw = dict(boost=5.0, tol=0.02, max_steps=300, lr=1e-3)
-    want = [bd.explicit_boosting(s["model"], th, s["bd_x"], s["bd_y"], generator=torch.Generator().manual_seed(i), **kw)
-            for i, th in enumerate([s["theta"], spec.flatten(params)])]
-    assert want[0][1]["steps"] != want[1][1]["steps"]
+    want = [bd.explicit_boosting(s["model"], th, s["bd_x"], s["bd_y"], generators=[torch.Generator().manual_seed(i)],
+                                 **kw) for i, th in enumerate([s["theta"], spec.flatten(params)])]
+    assert want[0][1][0]["steps"] != want[1][1][0]["steps"]
     for i, th in enumerate([s["theta"], spec.flatten(params)]):
-        got, info = vec.explicit_boosting_many(s["model"], th, s["bd_x"], s["bd_y"], layout="grouped",
-                                               generators=[torch.Generator().manual_seed(i)], **kw)
-        _close(got, want[i][0][None])
-        assert info[0]["steps"] == want[i][1]["steps"]
-        assert info[0]["mal_loss"] == pytest.approx(want[i][1]["mal_loss"], rel=1e-4)
+        got, info = bd.explicit_boosting(s["model"], th, s["bd_x"], s["bd_y"], layout="grouped",
+                                         generators=[torch.Generator().manual_seed(i)], **kw)
+        _close(got, want[i][0])
+        assert info[0]["steps"] == want[i][1][0]["steps"]
+        assert info[0]["mal_loss"] == pytest.approx(want[i][1][0]["mal_loss"], rel=1e-4)
 
 
 def test_an_attacker_certain_of_the_backdoor_label_skips_its_malicious_steps(setup):
@@ -137,13 +145,12 @@ def test_an_attacker_certain_of_the_backdoor_label_skips_its_malicious_steps(set
     owns = [(s["x"][sh], s["y"][sh]) for sh in s["shards"][:2]]
     kw = dict(boost=50.0, rho=0.0, mal_steps=2, iterations=3, batch_size=BATCH)
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
-    got = vec.alternating_minimisation_many(s["model"], theta, owns, s["bd_x"], s["bd_y"], None, generators=gens(),
-                                            layout="grouped", **kw)
-    honest = vec.alternating_minimisation_many(s["model"], theta, owns, s["bd_x"], s["bd_y"], None,
-                                               generators=gens(), layout="grouped", **{**kw, "mal_steps": 0})
+    got = bd.alternating_minimisation(s["model"], theta, owns, s["bd_x"], s["bd_y"], None, generators=gens(),
+                                      layout="grouped", **kw)
+    honest = bd.alternating_minimisation(s["model"], theta, owns, s["bd_x"], s["bd_y"], None,
+                                         generators=gens(), layout="grouped", **{**kw, "mal_steps": 0})
     torch.testing.assert_close(got, honest, rtol=0, atol=0)
-    want = torch.stack([bd.alternating_minimisation(s["model"], theta, x, y, s["bd_x"], s["bd_y"], None, generator=g, **kw)
-                        for (x, y), g in zip(owns, gens())])
+    want = bd.alternating_minimisation(s["model"], theta, owns, s["bd_x"], s["bd_y"], None, generators=gens(), **kw)
     _close(got, want)
 
 
@@ -178,24 +185,37 @@ def test_deterministic_and_leaves_global_rng_alone(setup):
 
 
 def test_bad_layout_and_switch(setup, monkeypatch):
+    s = setup
+    owns = [(s["x"][sh], s["y"][sh]) for sh in s["shards"][:2]]
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
     with pytest.raises(ValueError, match="layout"):
-        ATTACKS.get("krum_backdoor")(_ctx(setup, "cudnn", {"iterations": 1}))
-    calls = []
-    monkeypatch.setattr(vec, "alternating_minimisation_many", lambda *a, **k: calls.append(1))
-    monkeypatch.setattr(bd, "ATTACK_STACKED", False)  # the switch: single-model loops even with a layout
-    out = ATTACKS.get("krum_backdoor")(_ctx(setup, "grouped", {"iterations": 1}))
-    assert out.shape[0] == 3 and not calls
+        bd.alternating_minimisation(s["model"], s["theta"], owns, s["bd_x"], s["bd_y"], None, boost=1.0, rho=0.0,
+                                    generators=gens, layout="vmap")
+    seen = []
+
+    class Spy(bd.ModelRows):  # the layout of every ModelRows the loops build
+        def __init__(self, *a, **k) -> None:
+            seen.append(a[3])
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(bd, "ModelRows", Spy)
+    # the switch: one attacker at a time even where the run trains with a stacked layout
+    out = ATTACKS.get("krum_backdoor")(_ctx(setup, "grouped", {"iterations": 1}, stacked_attacks=False))
+    assert out.shape[0] == 3 and seen == [None, None, None]
+    seen.clear()
+    ATTACKS.get("krum_backdoor")(_ctx(setup, "grouped", {"iterations": 1}))
+    assert seen == ["grouped"]
 
 
 def test_the_simulator_crafts_on_its_engine_layout(tmp_path: Path, monkeypatch):
-    """A run on the vectorised engine with a stacked layout hands that layout to the attack; the
-    sequential engine hands none."""
+    """A run on the vectorised engine with a stacked layout hands its engine options to the attack, which
+    crafts with that layout; the sequential engine gives none."""
     prepared = data.prepare("digits", {}, tmp_path / "digits")
     seen = []
-    real = bd.vectorised_layout
-    monkeypatch.setattr(bd, "vectorised_layout", lambda ctx: seen.append(ctx.layout) or real(ctx))
+    real = bd.crafting_layout
+    monkeypatch.setattr(bd, "crafting_layout", lambda ctx, **k: seen.append(real(ctx, **k)) or seen[-1])
     for engine, conv in (("vectorised", "grouped"), ("sequential", "auto")):
-        cfg = RunConfig(dataset="digits", rounds=1, local_epochs=1, batch_size=32, engine=engine, conv=conv,
+        cfg = RunConfig(dataset="digits", rounds=1, local_epochs=1, batch_size=32, engine={"kind": engine, "conv": conv},
                         attack="krum_backdoor", n_attackers=1, attack_params={"iterations": 2})
         part = tmp_path / f"{experiment.partition_key(cfg)}.npz"
         if not part.exists():
@@ -222,12 +242,11 @@ def _gpu_both(attack: str, layout: str, kw: dict) -> tuple[torch.Tensor, torch.T
     model, theta, owns, xb, yb = _gpu_case()
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
     if attack == "alternating":
-        got = vec.alternating_minimisation_many(model, theta, owns, xb, yb, None, generators=gens(), layout=layout, **kw)
-        want = torch.stack([bd.alternating_minimisation(model, theta, x, y, xb, yb, None, generator=g, **kw)
-                            for (x, y), g in zip(owns, gens())])
+        got = bd.alternating_minimisation(model, theta, owns, xb, yb, None, generators=gens(), layout=layout, **kw)
+        want = bd.alternating_minimisation(model, theta, owns, xb, yb, None, generators=gens(), **kw)
     else:
-        got, _ = vec.explicit_boosting_many(model, theta, xb, yb, generators=gens(), layout=layout, **kw)
-        want = torch.stack([bd.explicit_boosting(model, theta, xb, yb, generator=g, **kw)[0] for g in gens()])
+        got, _ = bd.explicit_boosting(model, theta, xb, yb, generators=gens(), layout=layout, **kw)
+        want, _ = bd.explicit_boosting(model, theta, xb, yb, generators=gens(), **kw)
     return got, want
 
 
@@ -240,7 +259,7 @@ def test_stacked_crafting_matches_single_model_on_the_gpu_in_fp32(attack, layout
     convolutions then compute in IEEE FP32 too) the stacked crafting gives the single-model loops'
     updates up to float rounding, which Adam's first steps and the boosting amplify to ~1e-3. (With
     TF32 on, two runs differ as much as any two TF32 kernels let them: bench/results/attack_probe_s9b_h100.json.)"""
-    from robustfl.engine.train import triton_ready
+    from robustfl.engine.options import triton_ready
 
     if layout == "triton" and not triton_ready(build_model("fmnist_cnn", 10, 1)):
         pytest.skip("Triton is not installed")

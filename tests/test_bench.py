@@ -141,42 +141,22 @@ def test_bench_cells_times_every_attack_and_defense_of_the_grid() -> None:
     assert sum(len(s) for s in shards) == len(jobs)
 
 
-def test_kernel_sets_set_their_options_and_restore_them() -> None:
-    """bench_engine.KERNEL_SETS: each named set (but s6, which loads an older module from a file) sets the
-    module options it names while entered, and every option is restored on exit; session 7's set is its
-    dense and flatten choices."""
+def test_benchmarks_build_engine_options_instead_of_patching_modules() -> None:
+    """bench_engine.OPTION_SETS: each named set is a valid EngineOptions of the vectorised engine; the
+    benchmark scripts import (they run on a GPU) and name no module-level switch of the engine."""
+    import re
+
+    from robustfl.engine import EngineOptions
+
     be = _load("bench_engine")
-    from robustfl.engine import stacked
-    from robustfl.engine import train
-    from robustfl.engine import triton_conv
-    from robustfl.engine import triton_dense
-
-    def state() -> tuple:
-        return (stacked.FUSE_EPILOGUES, stacked.FUSE_FLATTEN, triton_dense.MIN_K, triton_dense.FP32_DOT,
-                triton_conv.W_KMAJOR, triton_conv.IGEMM_CANDIDATES, stacked.FUSE_RELU_GRAD, train.GRAPH_CACHE_SIZE,
-                triton_conv.SEPARABLE_GATHER, stacked.PAD_CONV_GRAD, triton_conv.WGRAD_KSUB,
-                triton_conv.WGRAD_PROGRAMS, triton_conv.WGRAD_TILES_PADDED, triton_conv.DGRAD_TILES)
-
-    before = state()
-    for name in be.KERNEL_SETS:
-        if name == "s6":
-            continue
-        with be.kernel_set(name):
-            if name == "s7":
-                assert (stacked.FUSE_FLATTEN, triton_dense.FP32_DOT, triton_dense.MIN_K, triton_conv.W_KMAJOR) == (
-                    False, "ieee", 2048, False)
-            if name == "nosplitk":
-                assert triton_dense.MIN_K > 10**12
-            if name in ("s7", "s8", "norelugrad"):
-                assert stacked.FUSE_RELU_GRAD is False
-            if name in ("s7", "s8", "nocache"):
-                assert train.GRAPH_CACHE_SIZE == 0
-            assert triton_conv.SEPARABLE_GATHER is (name not in ("s7", "s8", "s9", "nosep"))
-            assert stacked.PAD_CONV_GRAD is (name not in ("s10", "nopad"))
-            assert (triton_conv.WGRAD_KSUB == 1) is (name in ("s10", "noksub"))
-            dg = {"s10": None, "dgigemm": None, "dg128": triton_conv.Tiles(128, 64, 32, 4, 3),
-                  "dg256": triton_conv.Tiles(256, 64, 32, 8, 3)}
-            assert triton_conv.DGRAD_TILES == dg.get(name, before[-1])
-            if name in ("s10", "noksub"):
-                assert (triton_conv.WGRAD_PROGRAMS, triton_conv.WGRAD_TILES_PADDED) == (1024, triton_conv.WGRAD_TILES)
-        assert state() == before, name
+    for name in be.OPTION_SETS:
+        opts = be.engine_options(name)
+        assert isinstance(opts, EngineOptions) and opts.kind == "vectorised"
+    assert be.engine_options("nocache").graph_cache == 0
+    assert be.engine_options(conv="triton", cuda_graph=True).conv == "triton"
+    for name in ("bench_conv", "bench_run", "bench_attack", "profile_step", "bench_cells", "bench_aggregators",
+                 "bench_triton_conv", "bench_dense"):
+        _load(name)
+    for path in (ROOT / "bench").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"\b(stacked|triton_conv|triton_dense|train|backdoor|B)\.[A-Z_]{4,} = ", text), path

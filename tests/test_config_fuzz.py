@@ -281,11 +281,12 @@ RUNCONFIG_DOMAINS = {
     "aux_class": st.integers(0, 9), "root_size": st.integers(1, 1000), "eval_every": st.integers(1, 10),
     "partition": st.sampled_from(["iid", "classes", "dirichlet"]), "aux_source": st.sampled_from(["train", "test"]),
     "backdoor": st.sampled_from(["semantic", "trojan"]), "backdoor_mode": st.sampled_from(["single", "multiple"]),
-    "engine": st.sampled_from(["auto", "vectorised", "sequential"]),
+    "engine": st.fixed_dictionaries({}, optional={
+        "kind": st.sampled_from(["auto", "vectorised", "sequential"]),
+        "conv": st.sampled_from(["auto", "vmap", "grouped", "channels_last", "triton"]),
+        # true is valid only with a stacked layout (a cross-key rule EngineOptions checks, not the schema)
+        "cuda_graph": st.sampled_from([None, False])}),
     "precision": st.sampled_from(["fp32", "tf32", "bf16"]), "deterministic": st.booleans(),
-    "conv": st.sampled_from(["auto", "cudnn", "matmul", "grouped", "channels_last", "loop", "triton"]),
-    # true is valid only with a stacked layout (a cross-field rule RunConfig checks, not the schema)
-    "cuda_graph": st.sampled_from([None, False]),
     "snapshot_round": st.one_of(st.none(), st.just(-1), st.integers(1, 3)),
     "attack_params": st.dictionaries(st.sampled_from(["epsilon", "boost"]), st.floats(0, 10), max_size=2),
     "model_params": st.fixed_dictionaries({}, optional={"dropout": st.booleans()}),

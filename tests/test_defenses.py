@@ -119,7 +119,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _one_round(digits: Path, tmp: Path, **kw: object) -> None:
-    cfg = RunConfig(dataset="digits", rounds=1, local_epochs=1, batch_size=32, engine="sequential",
+    cfg = RunConfig(dataset="digits", rounds=1, local_epochs=1, batch_size=32, engine={"kind": "sequential"},
                     attack="trimmedmean_untargeted", n_attackers=3, **kw)
     part = tmp / f"{experiment.partition_key(cfg)}.npz"
     if not part.exists():

@@ -22,7 +22,7 @@ BASE = {"dataset": "digits", "rounds": 2, "local_epochs": 1, "batch_size": 32, "
 # name -> cell fields (on top of BASE). Every registered attack and defense appears at least once.
 SINGLE: dict[str, dict] = {
     "fedavg": {},
-    "fedavg_sequential": {"engine": "sequential"},
+    "fedavg_sequential": {"engine": {"kind": "sequential"}},
     "krum": {"defense": "krum"},
     "median": {"defense": "median"},
     "trimmed_mean": {"defense": "trimmed_mean"},
@@ -50,14 +50,14 @@ SINGLE: dict[str, dict] = {
     "trimmedmean_untargeted_tm": {"attack": "trimmedmean_untargeted", "n_attackers": 2, "defense": "trimmed_mean"},
     "adaptive_plr_flare": {"attack": "adaptive_plr", "n_attackers": 2, "defense": "flare"},
     "krum_backdoor_sequential": {"attack": "krum_backdoor", "n_attackers": 1, "defense": "krum",
-                                 "engine": "sequential"},
+                                 "engine": {"kind": "sequential"}},
     # on the CPU `engine: auto` is the sequential loop: the vectorised engine's paths explicitly
-    "fedavg_vectorised": {"engine": "vectorised"},
-    "fedavg_vectorised_grouped": {"engine": "vectorised", "conv": "grouped"},
+    "fedavg_vectorised": {"engine": {"kind": "vectorised"}},
+    "fedavg_vectorised_grouped": {"engine": {"kind": "vectorised", "conv": "grouped"}},
     "krum_backdoor_krum_vectorised": {"attack": "krum_backdoor", "n_attackers": 1, "defense": "krum",
-                                      "engine": "vectorised"},
+                                      "engine": {"kind": "vectorised"}},
     "adaptive_plr_flare_vectorised": {"attack": "adaptive_plr", "n_attackers": 2, "defense": "flare",
-                                      "engine": "vectorised", "conv": "grouped"},
+                                      "engine": {"kind": "vectorised", "conv": "grouped"}},
 }
 # trained together in one process (robustfl.fl.experiment.run_cells)
 PACKED: dict[str, dict] = {

@@ -1,7 +1,7 @@
 """Hostile client updates at the server (README "Guarantees", docs/decisions/reliability.md).
 
 Policy: an update matrix of the wrong shape or a non-float dtype is a ValueError; a client update holding
-NaN/Inf is excluded by the server (simulate.screen_updates) with a logged warning, and every rule raises
+NaN/Inf is excluded by the server (robustfl.fl.screening.screen_updates) with a logged warning, and every rule raises
 ValueError if it is handed one anyway; a finite update of huge norm (1e30) never makes an aggregate
 non-finite, and the robust rules (Krum, median, trimmed mean, Bulyan, FLTrust) keep the aggregate at the
 scale of the benign updates; FedAvg (and FLARE, whose softmax trust is never exactly 0) pass a scaled
@@ -23,7 +23,7 @@ from robustfl.fl import simulate
 from robustfl.attacks import ATTACKS, register_attack
 from robustfl.config import RunConfig
 from robustfl.aggregation.defenses import DEFENSES, ServerContext
-from robustfl.fl.simulate import screen_updates
+from robustfl.fl.screening import screen_updates
 
 N, D, M, O = 10, 256, 6, 4
 ROBUST = {"krum", "median", "trimmed_mean", "bulyan", "fltrust"}  # bound the norm of the aggregate
@@ -180,7 +180,7 @@ def e2e(tmp_path_factory):
 
 def run(e2e, name: str, defense: str, attack: str, **kw):
     cfg = RunConfig(dataset="digits", rounds=3, local_epochs=1, batch_size=32, checkpoint_every=1,
-                    engine="sequential", device="cpu", n_attackers=2, defense=defense,
+                    engine={"kind": "sequential"}, device="cpu", n_attackers=2, defense=defense,
                     attack=e2e["names"][attack], **kw)
     part = e2e["root"] / "part.npz"
     if not part.exists():

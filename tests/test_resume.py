@@ -37,7 +37,7 @@ ROUNDS = 3
 # every random stream of a run is used: the batch plans and FLTrust's root-set training (the cell's
 # generator), the attack's noise (its own generator: krum_untargeted with 2 attackers), torch's global RNG
 BASE = dict(dataset="digits", rounds=ROUNDS, local_epochs=1, batch_size=32, checkpoint_every=1,
-            engine="sequential", device="cpu", attack="krum_untargeted", n_attackers=2, defense="fltrust")
+            engine={"kind": "sequential"}, device="cpu", attack="krum_untargeted", n_attackers=2, defense="fltrust")
 
 
 def make_cfg(**kw) -> RunConfig:
@@ -195,7 +195,9 @@ def _arm_sigterm_while_writing_checkpoint_2(kill):
 
 def _arm_sigkill_mid_training_round_2(kill):
     """SIGKILL while the benign clients of round 2 are training."""
-    orig = simulate.train_sequential
+    from robustfl import engine
+
+    orig = engine.train_clients
     calls = []
 
     def hook(*a, **k):
@@ -204,7 +206,7 @@ def _arm_sigkill_mid_training_round_2(kill):
             kill(signal.SIGKILL)
         return orig(*a, **k)
 
-    simulate.train_sequential = hook
+    engine.train_clients = hook
 
 
 @pytest.mark.parametrize("arm, sig, latest, prev, resumed_after", [

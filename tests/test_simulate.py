@@ -20,7 +20,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _sim(digits: Path, tmp: Path, **kw: object) -> Simulation:
-    cfg = RunConfig(dataset="digits", rounds=2, local_epochs=1, batch_size=32, engine="sequential", **kw)
+    cfg = RunConfig(dataset="digits", rounds=2, local_epochs=1, batch_size=32, engine={"kind": "sequential"}, **kw)
     part = tmp / f"{experiment.partition_key(cfg)}.npz"
     if not part.exists():
         experiment.build_partition(digits, cfg, part)
@@ -152,12 +152,12 @@ def test_resumes_a_checkpoint_written_before_update_norm(digits: Path, tmp_path:
 
     cfg = dict(defense="fedavg", checkpoint_every=1)
     s = _sim(digits, tmp_path, **cfg)
-    s.ckpt_path = tmp_path / "run.ckpt.pt"
+    s.checkpoints.path = tmp_path / "run.ckpt.pt"
     s.step(_train(s), 0.0)
-    st = load_checkpoint(s.ckpt_path)
+    st = load_checkpoint(s.checkpoints.path)
     st["client_rows"] = st["client_rows"][:, : len(CLIENT_COLUMNS)]
-    save_checkpoint(s.ckpt_path, st)
-    r = Simulation(s.cfg, s.data, s.out_dir, s.ckpt_path, torch.device("cpu"))
+    save_checkpoint(s.checkpoints.path, st)
+    r = Simulation(s.cfg, s.data, s.out_dir, s.checkpoints.path, torch.device("cpu"))
     assert r.round == 1 and torch.equal(r.theta, s.theta)
     assert all(math.isnan(row["update_norm"]) for row in r.client_rows)
     assert [row["weight"] for row in r.client_rows] == [row["weight"] for row in s.client_rows]
@@ -168,14 +168,11 @@ def test_packing_runs_of_different_client_counts(digits: Path, tmp_path: Path,
     """A 10-client and a 4-client run packed together (unequal shards): skipping the idle clients gives
     the same runs as computing them on masked batches, and round 1 matches each run alone up to float
     summation order (later rounds drift apart through Adam, as any two float orders do)."""
-    import functools
-
     import pandas as pd
 
-    from robustfl.fl import simulate
-    from robustfl.engine import train
+    from robustfl.engine import EngineOptions
 
-    cfgs = [RunConfig(dataset="digits", rounds=2, local_epochs=1, batch_size=32, engine="vectorised",
+    cfgs = [RunConfig(dataset="digits", rounds=2, local_epochs=1, batch_size=32, engine={"kind": "vectorised"},
                       defense="fedavg", n_clients=n, seed=s) for n, s in ((10, 0), (4, 1))]
     parts = []
     for c in cfgs:
@@ -184,8 +181,9 @@ def test_packing_runs_of_different_client_counts(digits: Path, tmp_path: Path,
         parts.append(p)
     out = {k: [tmp_path / k / str(i) for i in range(2)] for k in ("skip", "masked", "alone")}
     experiment.run_cells(cfgs, digits, parts, out["skip"])
-    with monkeypatch.context() as m:
-        m.setattr(simulate, "train_vectorised", functools.partial(train.train_vectorised, skip_idle=False))
+    with monkeypatch.context() as m:  # the packed call's options with idle clients computed on masked batches
+        real = EngineOptions.packed
+        m.setattr(EngineOptions, "packed", lambda self: real(self).replace(skip_idle=False))
         experiment.run_cells(cfgs, digits, parts, out["masked"])
     for c, p, o in zip(cfgs, parts, out["alone"]):
         experiment.run_cell(c, digits, p, o)
@@ -303,13 +301,13 @@ def test_resumes_a_checkpoint_written_before_the_attack_diagnostics(digits: Path
     from robustfl.io import load_checkpoint, save_checkpoint
 
     s = _sim(digits, tmp_path, defense="krum", attack="krum_backdoor", n_attackers=1, checkpoint_every=1)
-    s.ckpt_path = tmp_path / "run.ckpt.pt"
+    s.checkpoints.path = tmp_path / "run.ckpt.pt"
     s.step(_train(s), 0.0)
-    st = load_checkpoint(s.ckpt_path)
+    st = load_checkpoint(s.checkpoints.path)
     st["rows"] = st["rows"][:, : len(results.ROUND_COLUMNS)]
     st["client_rows"] = st["client_rows"][:, : len(results.CLIENT_COLUMNS) + 1]
-    save_checkpoint(s.ckpt_path, st)
-    r = Simulation(s.cfg, s.data, s.out_dir, s.ckpt_path, torch.device("cpu"))
+    save_checkpoint(s.checkpoints.path, st)
+    r = Simulation(s.cfg, s.data, s.out_dir, s.checkpoints.path, torch.device("cpu"))
     assert r.round == 1 and torch.equal(r.theta, s.theta)
     assert all(math.isnan(row["selected"]) and math.isnan(row["krum_rank"]) for row in r.client_rows)
     assert [row["update_norm"] for row in r.client_rows] == [row["update_norm"] for row in s.client_rows]
@@ -320,5 +318,5 @@ def test_resumes_a_checkpoint_written_before_the_attack_diagnostics(digits: Path
     assert clients.loc[clients["round"] == 1, "selected"].isna().all()
     assert clients.loc[clients["round"] == 2, "selected"].isin([0, 1]).all()
     st["rows"] = st["rows"][:, :-1]  # a width no version wrote: not resumed
-    save_checkpoint(s.ckpt_path, st)
-    assert Simulation(s.cfg, s.data, s.out_dir, s.ckpt_path, torch.device("cpu")).round == 0
+    save_checkpoint(s.checkpoints.path, st)
+    assert Simulation(s.cfg, s.data, s.out_dir, s.checkpoints.path, torch.device("cpu")).round == 0

@@ -1,5 +1,5 @@
 """The explicit stacked forward pass (robustfl.engine.stacked) against vmap over the per-client models, and
-the engine options built on it (``conv`` = grouped / channels_last / loop, ``cuda_graph``)."""
+the engine options built on it (``conv`` = grouped / channels_last / triton, ``cuda_graph``)."""
 from __future__ import annotations
 
 import pytest
@@ -7,11 +7,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from robustfl.engine import stacked
-from robustfl.engine import triton_conv
+from robustfl.engine import EngineOptions, masked_ce, stacked, triton_conv
+from robustfl.engine.train import train_sequential, train_vectorised
 from robustfl.models import build_model
 from robustfl.params import ParamSpec, model_to_flat
-from robustfl.engine.train import masked_ce, train_sequential, train_vectorised
 
 MODELS = [("cifar10_cnn", (3, 32, 32)), ("kather_cnn", (3, 128, 128)), ("fmnist_cnn", (1, 28, 28)),
           ("digits_cnn", (1, 8, 8))]
@@ -74,7 +73,8 @@ def test_stacked_engine_equals_sequential(conv: str, sizes: list[int]) -> None:
     starts = torch.tensor([0] + sizes).cumsum(0)
     shards = [torch.arange(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
     kw = dict(epochs=2, batch_size=16, lr=1e-3)
-    dv = train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3), conv=conv, **kw)
+    dv = train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3),
+                          options=EngineOptions(conv=conv), **kw)
     ds = train_sequential(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3), **kw)
     assert ds.abs().max() > 1e-3
     torch.testing.assert_close(dv, ds, rtol=1e-3, atol=2e-5)
@@ -122,11 +122,9 @@ def test_unsupported_models_and_options_are_refused() -> None:
     shards = [torch.arange(0, 10), torch.arange(10, 20)]
     kw = dict(epochs=1, batch_size=5, lr=1e-3, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
-        train_vectorised(model, theta, x, y, shards, conv="grouped", cuda_graph=True, **kw)
-    with pytest.raises(ValueError, match="cuda_graph needs conv in"):
-        train_vectorised(model, theta, x, y, shards, conv="cudnn", cuda_graph=True, **kw)
-    with pytest.raises(ValueError, match="compile applies to the vmap engine"):
-        train_vectorised(model, theta, x, y, shards, conv="loop", compile=True, **kw)
+        train_vectorised(model, theta, x, y, shards, options=EngineOptions(conv="grouped", cuda_graph=True), **kw)
+    with pytest.raises(ValueError, match="'cuda_graph'"):
+        EngineOptions(conv="vmap", cuda_graph=True)
 
 
 def _cuda_case(sizes: list[int], name: str = "cifar10_cnn", hw: int = 32, ch: int = 3,  # noqa: ANN202
@@ -142,7 +140,7 @@ def _cuda_case(sizes: list[int], name: str = "cifar10_cnn", hw: int = 32, ch: in
 
     def run(**kw: object) -> torch.Tensor:
         return train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(1), epochs=1,
-                                batch_size=16, lr=1e-3, **kw)
+                                batch_size=16, lr=1e-3, options=EngineOptions(**{"cuda_graph": False, **kw}))
     return run
 
 
@@ -151,16 +149,13 @@ def _cuda_case(sizes: list[int], name: str = "cifar10_cnn", hw: int = 32, ch: in
 def test_cuda_graph_replays_the_eager_steps(sizes: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     """On the GPU, dropout off: the captured-and-replayed step gives the eager step's updates (the same
     kernels; cuDNN's run-to-run nondeterminism aside), for equal and unequal shards (there one graph per
-    shrinking number of active clients: GRAPH_MIN_STEPS = 1 captures every one). One epoch: over more
+    shrinking number of active clients: graph_min_steps = 1 captures every one). One epoch: over more
     steps Adam amplifies even the eager path's run-to-run differences (measured 6e-4 after 8 steps of
     the vmap path against itself on an H100)."""
-    import robustfl.engine.train
-
-    monkeypatch.setattr(robustfl.engine.train, "GRAPH_MIN_STEPS", 1)
     run = _cuda_case(sizes)
     for conv in stacked.LAYOUTS:
         eager = run(conv=conv)
-        graphed = run(conv=conv, cuda_graph=True)
+        graphed = run(conv=conv, cuda_graph=True, graph_min_steps=1)
         assert eager.abs().max() > 1e-3
         rel = ((graphed - eager).norm() / eager.norm()).item()
         assert rel < 1e-4, (conv, rel)
@@ -177,7 +172,7 @@ def test_layouts_agree_on_the_gpu_in_full_fp32() -> None:
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
-        ref = run(conv="cudnn")
+        ref = run(conv="vmap")
         for conv in stacked.LAYOUTS:
             got = run(conv=conv, cuda_graph=True)
             rel = ((got - ref).norm() / ref.norm()).item()
@@ -196,7 +191,7 @@ def test_fmnist_triton_layout_agrees_on_the_gpu_in_full_fp32() -> None:
     old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        ref = run(conv="cudnn")
+        ref = run(conv="vmap")
         got = run(conv="triton", cuda_graph=True)
         rel = ((got - ref).norm() / ref.norm()).item()
         assert rel < 1e-3, rel
@@ -205,25 +200,31 @@ def test_fmnist_triton_layout_agrees_on_the_gpu_in_full_fp32() -> None:
 
 
 def test_auto_kernels_follow_the_measured_table() -> None:
-    """``conv: auto`` (robustfl.engine.train.resolve_kernels): the stacked layout measured fastest per model on
-    CUDA with graphs on (the Triton kernels, fp32 and bf16), the vmap path on CPU; explicit choices
-    pass through; a model with a convolution the Triton kernels do not compute falls back to grouped."""
-    from robustfl.engine.train import AUTO_CUDA_CONV, resolve_kernels
+    """``conv: auto`` (EngineOptions.resolve): the stacked layout measured fastest per model on CUDA with
+    graphs on (the Triton kernels, fp32 and bf16), the vmap path on CPU; explicit choices pass through;
+    a model with a convolution the Triton kernels do not compute falls back to grouped."""
+    from robustfl.engine.options import AUTO_CUDA_CONV
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # resolving touches no device
+
+    def resolve(model: nn.Module, device: torch.device, **kw: object) -> tuple[str, bool]:
+        precision = kw.pop("precision", "fp32")
+        o = EngineOptions(**kw).resolve(model, device, precision)
+        return o.conv, o.cuda_graph
+
     for name, cls in [("fmnist_cnn", "FMNISTNet"), ("cifar10_cnn", "CIFARNet"), ("kather_cnn", "KatherNet")]:
         model = build_model(name, 10, 3)
-        assert resolve_kernels(model, cuda) == (AUTO_CUDA_CONV[cls], True)
-        assert resolve_kernels(model, cuda, precision="bf16") == ("triton", True)
-        assert resolve_kernels(model, cpu) == ("cudnn", False)
+        assert resolve(model, cuda) == (AUTO_CUDA_CONV[cls], True)
+        assert resolve(model, cuda, precision="bf16") == ("triton", True)
+        assert resolve(model, cpu) == ("vmap", False)
     assert AUTO_CUDA_CONV == {"FMNISTNet": "triton", "CIFARNet": "triton", "KatherNet": "triton"}
     strided = build_model("cifar10_cnn", 10, 3)
     strided.features[0].stride = (2, 2)
-    assert resolve_kernels(strided, cuda, precision="bf16") == ("grouped", True)
+    assert resolve(strided, cuda, precision="bf16") == ("grouped", True)
     digits = build_model("digits_cnn", 10, 1)
-    assert resolve_kernels(digits, cuda) == ("grouped", True)  # not in the table: grouped
-    assert resolve_kernels(digits, cuda, "loop", False) == ("loop", False)
-    assert resolve_kernels(digits, cuda, "cudnn") == ("cudnn", False)  # vmap: no graphs
+    assert resolve(digits, cuda) == ("grouped", True)  # not in the table: grouped
+    assert resolve(digits, cuda, conv="channels_last", cuda_graph=False) == ("channels_last", False)
+    assert resolve(digits, cuda, conv="vmap") == ("vmap", False)  # vmap: no graphs
 
     class Odd(nn.Module):
         def __init__(self) -> None:
@@ -231,7 +232,7 @@ def test_auto_kernels_follow_the_measured_table() -> None:
             self.features = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten())
             self.head = nn.Linear(2 * 6 * 6, 10)
 
-    assert resolve_kernels(Odd(), cuda) == ("cudnn", False)  # unsupported by the stacked engine
+    assert resolve(Odd(), cuda) == ("vmap", False)  # unsupported by the stacked engine
 
 
 def test_run_config_kernel_fields_are_validated_and_split_packs() -> None:
@@ -239,14 +240,14 @@ def test_run_config_kernel_fields_are_validated_and_split_packs() -> None:
     from robustfl.fl.experiment import cell_id, pack_key
 
     with pytest.raises(ValueError, match="'conv'"):
-        RunConfig(conv="winograd")
+        RunConfig(engine={"conv": "winograd"})
     with pytest.raises(ValueError, match="'cuda_graph'"):
-        RunConfig(conv="cudnn", cuda_graph=True)
+        RunConfig(engine={"conv": "vmap", "cuda_graph": True})
     with pytest.raises(ValueError, match="'cuda_graph'"):
-        RunConfig(cuda_graph="yes")  # type: ignore[arg-type]
+        RunConfig(engine={"cuda_graph": "yes"})
     base = RunConfig(dataset="cifar10")
     assert cell_id(base) == "dataset=cifar10"  # defaults leave existing cell ids (and results) alone
-    other = RunConfig(dataset="cifar10", conv="channels_last")
+    other = RunConfig(dataset="cifar10", engine={"conv": "channels_last"})
     assert cell_id(other) == "dataset=cifar10,conv=channelslast"
     assert pack_key(base) != pack_key(other)  # different kernels never share a training call
 
@@ -256,7 +257,7 @@ def test_run_config_kernel_fields_are_validated_and_split_packs() -> None:
 def test_dropout_inside_a_cuda_graph_draws_new_masks_every_replay(layout: str) -> None:
     """A captured step must not freeze its dropout masks: two replays on the same inputs give different
     training-mode outputs, clients differ within a replay, and eval mode gives equal outputs."""
-    from robustfl.engine.train import _capture
+    from robustfl.engine.graphs import capture as _capture
 
     torch.manual_seed(0)
     dev = torch.device("cuda")

@@ -4,9 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from robustfl.engine import EngineOptions, model_plrs
+from robustfl.engine.adam import adam_step
+from robustfl.engine.train import batch_plan, train_sequential, train_vectorised
 from robustfl.models import build_model
 from robustfl.params import ParamSpec, load_flat_, model_to_flat
-from robustfl.engine.train import adam_step, batch_plan, stacked_plrs, train_sequential, train_vectorised
+
+NO_SKIP = EngineOptions(skip_idle=False)
 
 
 def _data(n: int = 260, hw: int = 8, c: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,13 +141,13 @@ def test_batch_plan_equals_the_batch_at_a_time_plan(sizes: list[int], epochs: in
     assert torch.equal(g1.get_state(), g2.get_state())
 
 
-def test_stacked_plrs_match_per_model_features() -> None:
+def test_model_plrs_match_per_model_features() -> None:
     torch.manual_seed(0)
     model = build_model("digits_cnn", 10, 1)
     theta = model_to_flat(model)
     flats = theta + 0.05 * torch.randn(3, theta.numel())
     x, _ = _data(n=7)
-    plrs = stacked_plrs(model, flats, x)
+    plrs = model_plrs(model, flats, x)
     assert plrs.shape == (3, 7, model.plr_dim)
     for i in range(3):
         load_flat_(model, flats[i])
@@ -157,7 +161,7 @@ def test_stacked_plrs_match_per_model_features() -> None:
 def test_uniform_adam_fast_path_equals_masked_step(fused: bool) -> None:
     """The fast path (all clients active), foreach or PyTorch's fused Adam kernel (what CUDA runs),
     computes the same Adam as the per-client masked step."""
-    from robustfl.engine.train import adam_step_uniform
+    from robustfl.engine.adam import adam_step_uniform
 
     g = torch.Generator().manual_seed(1)
     p0 = [torch.randn(4, 3, 2, generator=g), torch.randn(4, 5, generator=g)]
@@ -178,73 +182,6 @@ def test_uniform_adam_fast_path_equals_masked_step(fused: bool) -> None:
     assert not torch.allclose(pa[0], p0[0])
 
 
-@pytest.mark.parametrize("padding,stride", [(0, 1), (1, 1), (2, 2)])
-def test_matmul_conv_equals_conv2d(padding: int, stride: int) -> None:
-    from robustfl.models import Conv2dMM
-
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 8, 3, padding=padding, stride=stride)
-    mm = Conv2dMM(3, 8, 3, padding=padding, stride=stride)
-    mm.load_state_dict(conv.state_dict())
-    x = torch.randn(5, 3, 11, 9, dtype=torch.float64)
-    conv, mm = conv.double(), mm.double()
-    torch.testing.assert_close(mm(x), conv(x), rtol=1e-12, atol=1e-12)
-    # gradients too (the engine differentiates through it)
-    g1 = torch.autograd.grad(conv(x).square().sum(), [conv.weight, conv.bias])
-    g2 = torch.autograd.grad(mm(x).square().sum(), [mm.weight, mm.bias])
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("name,shape", [("cifar10_cnn", (32, 32, 3)), ("digits_cnn", (8, 8, 1))])
-def test_vectorised_matmul_convs_give_the_same_updates(name: str, shape: tuple[int, int, int]) -> None:
-    torch.manual_seed(1)
-    h, w, c = shape
-    model = build_model(name, 10, c)
-    theta = model_to_flat(model)
-    x = torch.randint(0, 256, (60, h, w, c), dtype=torch.uint8)
-    y = torch.randint(0, 10, (60,))
-    shards = [torch.arange(0, 20), torch.arange(20, 45), torch.arange(45, 60)]  # unequal: masked steps too
-    kw = dict(epochs=2, batch_size=8, lr=1e-3)
-    a = train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3), conv="cudnn", **kw)
-    b = train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3), conv="matmul", **kw)
-    # float32 summation order differs; Adam turns noise-level gradients into ~lr steps (see above), so
-    # compare in norm and bound the fraction of coordinates that differ by more than 1e-5
-    assert a.norm() > 1e-2
-    assert ((b - a).norm() / a.norm()).item() < 1e-3
-    assert ((b - a).abs() > 1e-5).float().mean().item() < 1e-3
-    with pytest.raises(ValueError, match="conv must be"):
-        train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3), conv="winograd", **kw)
-
-
-@pytest.mark.parametrize("name,shape", [("cifar10_cnn", (3, 32, 32)), ("kather_cnn", (3, 128, 128)),
-                                        ("fmnist_cnn", (1, 28, 28))])
-def test_vmapped_per_client_gradients_agree_between_conv_paths(name: str, shape: tuple[int, int, int]) -> None:
-    """float64, per-client weights under vmap (what the engine runs): identical gradients. (Whole training
-    trajectories of the deeper Kather net diverge at float32 noise through max-pool near-ties.)"""
-    from torch.func import functional_call, grad, vmap
-
-    from robustfl.models import with_matmul_convs
-
-    torch.manual_seed(2)
-    model = build_model(name, 10, shape[0]).double().eval()  # eval: no dropout
-    twin = with_matmul_convs(model)
-    spec = ParamSpec(model)
-    flats = model_to_flat(model).unsqueeze(0) + 0.01 * torch.randn(3, spec.dim, dtype=torch.float64)
-    params = tuple(spec.unflatten(flats)[k] for k in spec.names)
-    x = torch.rand(3, 4, *shape, dtype=torch.float64)
-    y = torch.randint(0, 10, (3, 4))
-
-    def grads(net: torch.nn.Module) -> list[torch.Tensor]:
-        def loss(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            out = functional_call(net, dict(zip(spec.names, p)), (xb,))
-            return torch.nn.functional.cross_entropy(out, yb)
-        return list(vmap(grad(loss))(params, x, y))
-
-    for a, b in zip(grads(model), grads(twin)):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-
-
 @pytest.mark.parametrize("sizes", [[17, 60, 35, 50], [20, 80, 20, 20]])
 def test_skipping_idle_clients_gives_the_same_updates(sizes: list[int]) -> None:
     """Unequal shards: training only the clients that still have batches (longest first, a prefix of
@@ -257,14 +194,14 @@ def test_skipping_idle_clients_gives_the_same_updates(sizes: list[int]) -> None:
     kw = dict(epochs=2, batch_size=10, lr=1e-3)
     skip = train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3), **kw)
     full = train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3),
-                            skip_idle=False, **kw)
+                            options=NO_SKIP, **kw)
     assert full.abs().max() > 1e-3
     torch.testing.assert_close(skip, full, rtol=1e-5, atol=1e-7)
     # per-client starting models (packed simulations) are permuted with their clients
     thetas = theta + 0.01 * torch.randn(len(shards), theta.numel())
     skip = train_vectorised(model, thetas, x, y, shards, generator=torch.Generator().manual_seed(3), **kw)
     full = train_vectorised(model, thetas, x, y, shards, generator=torch.Generator().manual_seed(3),
-                            skip_idle=False, **kw)
+                            options=NO_SKIP, **kw)
     torch.testing.assert_close(skip, full, rtol=1e-5, atol=1e-7)
 
 
@@ -283,7 +220,7 @@ def test_idle_clients_cost_no_flops() -> None:
     for skip in (True, False):
         with FlopCounterMode(display=False) as fc:
             train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(3),
-                             skip_idle=skip, **kw)
+                             options=EngineOptions(skip_idle=skip), **kw)
         flops[skip] = fc.get_total_flops()
     assert flops[False] > 0
     assert flops[True] <= (28 / 64 + 0.02) * flops[False]
@@ -293,7 +230,8 @@ def test_precision_context_switches_tf32_for_cuda_steps_and_restores_it() -> Non
     """precision 'tf32' turns TF32 on for dense products (and convolutions) on CUDA inside the block and
     restores both switches after it, also after an error; 'fp32' and the CPU leave them alone; the
     backward-only form (autocast=False) keeps TF32 and drops bf16 autocast; unknown names are refused."""
-    from robustfl.engine.train import PRECISIONS, precision_context
+    from robustfl.engine.options import PRECISIONS
+    from robustfl.engine.train import precision_context
 
     assert PRECISIONS == ("fp32", "tf32", "bf16")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # no CUDA call is made for the TF32 switches
@@ -338,7 +276,7 @@ def test_tf32_steps_on_the_gpu_stay_close_to_fp32() -> None:
         torch.manual_seed(2)  # the same dropout masks
         return train_vectorised(model, theta, x, y, shards, epochs=1, batch_size=32, lr=1e-3,
                                 generator=torch.Generator().manual_seed(1), precision=precision,
-                                conv="triton", cuda_graph=False)
+                                options=EngineOptions(conv="triton", cuda_graph=False))
 
     a, b, c = run("fp32"), run("fp32"), run("tf32")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -346,37 +284,54 @@ def test_tf32_steps_on_the_gpu_stay_close_to_fp32() -> None:
     assert 0 < rel < 5e-2, rel
 
 
-def test_kernel_options_name_every_switch_the_graph_cache_depends_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """robustfl.engine.stacked.kernel_options (part of the key of CUDA graphs kept between train_vectorised
-    calls) changes with each module option that changes the kernels of a step."""
-    pytest.importorskip("triton")
-    from robustfl.engine import stacked
-    from robustfl.engine import triton_conv
-    from robustfl.engine import triton_dense
+def test_engine_options_are_immutable_validated_and_resolved() -> None:
+    """EngineOptions: frozen and hashable (the key of CUDA graphs kept between calls), invalid values
+    refused naming the option, ``auto`` resolved per device; train_clients picks the engine by kind."""
+    import dataclasses
 
-    base = stacked.kernel_options()
-    for mod, name, value in [(stacked, "FUSE_EPILOGUES", False), (stacked, "FUSE_FLATTEN", False),
-                             (stacked, "FUSE_RELU_GRAD", False), (triton_conv, "W_KMAJOR", False),
-                             (triton_conv, "IGEMM_CANDIDATES", ((128, 4, 3),)), (triton_dense, "FP32_DOT", "ieee"),
-                             (triton_dense, "MIN_K", 1 << 62)]:
-        with monkeypatch.context() as m:
-            m.setattr(mod, name, value)
-            assert stacked.kernel_options() != base, name
-    assert stacked.kernel_options() == base
+    from robustfl.engine import train_clients
+
+    opts = EngineOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.conv = "grouped"  # type: ignore[misc]
+    assert hash(opts) == hash(EngineOptions()) and opts != opts.replace(graph_cache=0)
+    for bad, key in (({"kind": "fast"}, "kind"), ({"conv": "cudnn"}, "conv"), ({"conv": "matmul"}, "conv"),
+                     ({"conv": "loop"}, "conv"), ({"cuda_graph": "yes"}, "cuda_graph"),
+                     ({"conv": "vmap", "cuda_graph": True}, "cuda_graph"), ({"graph_cache": -1}, "graph_cache"),
+                     ({"skip_idle": 1}, "skip_idle")):
+        with pytest.raises(ValueError, match=repr(key)):
+            EngineOptions(**bad)
+    model = build_model("digits_cnn", 10, 1)
+    cpu = opts.resolve(model, torch.device("cpu"))
+    assert (cpu.kind, cpu.conv, cpu.cuda_graph, cpu.layout) == ("sequential", "vmap", False, None)
+    gpu = opts.resolve(model, torch.device("cuda"))  # resolving touches no device
+    assert (gpu.kind, gpu.conv, gpu.cuda_graph, gpu.layout) == ("vectorised", "grouped", True, "grouped")
+    assert EngineOptions(kind="vectorised", conv="grouped").resolve(model, torch.device("cpu")).layout == "grouped"
+    theta = model_to_flat(model)
+    x, y = _data(n=40)
+    shards = [torch.arange(0, 20), torch.arange(20, 40)]
+    kw = dict(epochs=1, batch_size=8, lr=1e-3)
+    seq = train_clients(model, theta, x, y, shards, options=EngineOptions(), generator=torch.Generator().manual_seed(0),
+                        **kw)
+    want = train_sequential(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(seq, want)
+    vec = train_clients(model, theta, x, y, shards, options=EngineOptions(kind="vectorised"),
+                        generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(vec, train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0),
+                                             **kw))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_kept_between_calls_give_each_calls_own_update(monkeypatch: pytest.MonkeyPatch) -> None:
-    """train_vectorised keeps its CUDA graph for the next call of the same shapes (GRAPH_CACHE_SIZE): a
-    second call from another starting model, on other batches, replays it without a new capture and
-    returns that call's own updates (those of a call with nothing kept: the same kernels, bit for
-    bit); a change of kernel options captures anew."""
-    from robustfl.engine import stacked
+    """train_vectorised keeps its CUDA graph for the next call of the same shapes and options
+    (EngineOptions.graph_cache): a second call from another starting model, on other batches, replays it
+    without a new capture and returns that call's own updates (those of a call with nothing kept: the
+    same kernels, bit for bit); other options capture anew."""
     from robustfl.engine import train
 
     captures = []
-    real = train._capture
-    monkeypatch.setattr(train, "_capture", lambda fn, *a, **k: captures.append(1) or real(fn, *a, **k))
+    real = train.capture
+    monkeypatch.setattr(train, "capture", lambda fn, *a, **k: captures.append(1) or real(fn, *a, **k))
     train.clear_graph_cache()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -385,20 +340,19 @@ def test_cuda_graphs_kept_between_calls_give_each_calls_own_update(monkeypatch: 
     x = torch.randint(0, 256, (3 * 640, 28, 28, 1), dtype=torch.uint8, device=dev)
     y = torch.randint(0, 10, (3 * 640,), device=dev)
     shards = [torch.arange(i * 640, (i + 1) * 640, device=dev) for i in range(3)]
-    kw = dict(epochs=1, batch_size=64, lr=1e-3, conv="triton", cuda_graph=True)
+    opts = EngineOptions(conv="triton", cuda_graph=True)
+    kw = dict(epochs=1, batch_size=64, lr=1e-3)
     thetas = [theta, theta + 0.01 * torch.randn_like(theta)]
-    kept = [train_vectorised(model, th, x, y, shards, generator=torch.Generator().manual_seed(i), **kw)
+    kept = [train_vectorised(model, th, x, y, shards, generator=torch.Generator().manual_seed(i), options=opts, **kw)
             for i, th in enumerate(thetas)]
     assert len(captures) == 1 and len(train._GRAPH_SETS) == 1
-    monkeypatch.setattr(train, "GRAPH_CACHE_SIZE", 0)
-    fresh = [train_vectorised(model, th, x, y, shards, generator=torch.Generator().manual_seed(i), **kw)
-             for i, th in enumerate(thetas)]
+    fresh = [train_vectorised(model, th, x, y, shards, generator=torch.Generator().manual_seed(i),
+                              options=opts.replace(graph_cache=0), **kw) for i, th in enumerate(thetas)]
     assert len(captures) == 3
     for a, b in zip(kept, fresh):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(kept[0], kept[1])
-    monkeypatch.setattr(train, "GRAPH_CACHE_SIZE", 2)
-    monkeypatch.setattr(stacked, "FUSE_RELU_GRAD", False)
-    train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0), **kw)
+    train_vectorised(model, theta, x, y, shards, generator=torch.Generator().manual_seed(0),
+                     options=opts.replace(graph_min_steps=4), **kw)  # other options: another key
     assert len(captures) == 4 and len(train._GRAPH_SETS) == 2
     train.clear_graph_cache()

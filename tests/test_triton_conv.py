@@ -94,21 +94,16 @@ def test_conv_and_its_gradients_equal_conv2d_per_client(shape: tuple[int, ...], 
 
 @on_cpu
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[7]])
-def test_weight_operand_layouts_give_the_same_convolution(shape: tuple[int, ...],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """_gemm_weight's two layouts (K-major, session 8's default; N-major) hold the same (G, K, N) operand,
-    and the kernels read either at its strides: the convolution and its gradients equal conv2d's."""
+def test_weight_operand_is_k_major_and_gives_conv2d(shape: tuple[int, ...]) -> None:
+    """_gemm_weight: the (G, K, N) operand stored K-major (S45), forward K = (kh, kw, ci), input gradient
+    K = (kh, kw, co); the kernels read it at its strides: the convolution and its gradients equal conv2d's."""
     w = torch.randn(2, 6, 5, 3, 3, dtype=torch.float64)
-    for backward in (False, True):
-        monkeypatch.setattr(triton_conv, "W_KMAJOR", True)
-        a = triton_conv._gemm_weight(w, torch.float64, backward=backward)
-        monkeypatch.setattr(triton_conv, "W_KMAJOR", False)
-        b = triton_conv._gemm_weight(w, torch.float64, backward=backward)
-        assert torch.equal(a, b) and a.stride(1) == 1 and b.stride(2) == 1
-    assert torch.equal(a[1, :, 2].view(3, 3, 6), w[1, :, 2].permute(1, 2, 0))  # K = (kh, kw, co), N = ci
-    for kmajor in (True, False):
-        monkeypatch.setattr(triton_conv, "W_KMAJOR", kmajor)
-        _check(shape, bias=True)
+    fwd = triton_conv._gemm_weight(w, torch.float64, backward=False)
+    bwd = triton_conv._gemm_weight(w, torch.float64, backward=True)
+    assert fwd.shape == (2, 45, 6) and bwd.shape == (2, 54, 5) and fwd.stride(1) == bwd.stride(1) == 1
+    assert torch.equal(fwd[1, :, 2].view(3, 3, 5), w[1, 2].permute(1, 2, 0))  # K = (kh, kw, ci), N = co
+    assert torch.equal(bwd[1, :, 2].view(3, 3, 6), w[1, :, 2].permute(1, 2, 0))  # K = (kh, kw, co), N = ci
+    _check(shape, bias=True)
 
 
 #: shapes for the fused epilogues: even and odd convolution outputs (an odd one leaves its last row and
@@ -223,13 +218,8 @@ def test_separable_gather_flags_for_the_paper_layers_and_the_test_shapes(monkeyp
         assert triton_conv._igemm_gather(mm, kk * kk * ci, co, IGEMM_GPU[0], 1, 0) == (True, True)
         assert triton_conv._wgrad_split(mm, kk * kk * ci, co, g, 0, WGRAD_GPU)[2:] == (True, True)
     assert triton_conv._wgrad_split(24 * 64, 9 * 32, 16, 2, 0, WGRAD_GPU)[:2] == (3, 512)
-    monkeypatch.setattr(triton_conv, "SEPARABLE_GATHER", False)
-    assert triton_conv._igemm_gather(m, k, 64, t512, 1, 0) == (False, False)
-    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (6, 4288, False, False)
-    monkeypatch.setattr(triton_conv, "SEPARABLE_GATHER", True)
-    monkeypatch.setattr(triton_conv, "WGRAD_KSUB", 1)  # session 10's split: 50 x 10 programs a chunk
-    monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 1024)
-    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (4, 6400, True, True)
+    # session 10's split (one K block a program, 1024 programs): 50 x 10 programs a chunk
+    assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU, programs=1024, ksub=1) == (4, 6400, True, True)
 
 
 @on_cpu
@@ -256,13 +246,11 @@ def test_weight_gradient_sub_blocks_equal_conv2d(shape: tuple[int, ...], most: i
 
 
 @on_cpu
-@pytest.mark.parametrize("separable", [True, False])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[7]] + EVEN_SHAPES)
-def test_separable_gather_and_the_bounds_tested_one_equal_conv2d(shape: tuple[int, ...], separable: bool,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both gathers of unpadded layers (partial tiles masked, and the unmasked EVEN path) give conv2d's
-    convolution and gradients (float64, the GPU's tiles, a split weight-gradient reduction)."""
-    monkeypatch.setattr(triton_conv, "SEPARABLE_GATHER", separable)
+def test_separable_gather_equals_conv2d(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The separable gather of unpadded layers (partial tiles masked, and the unmasked EVEN path) gives
+    conv2d's convolution and gradients (float64, the GPU's tiles, a split weight-gradient reduction); the
+    input gradient takes the bounds-tested gather."""
     monkeypatch.setattr(triton_conv, "IGEMM_TILES", IGEMM_GPU[0])
     monkeypatch.setattr(triton_conv, "WGRAD_TILES", WGRAD_GPU)
     monkeypatch.setattr(triton_conv, "WGRAD_PROGRAMS", 1024)
@@ -387,6 +375,7 @@ def test_bad_shapes_and_unsupported_layers_are_named() -> None:
 
 
 def test_triton_layout_refuses_the_cpu_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from robustfl.engine import EngineOptions
     from robustfl.engine.train import train_vectorised
 
     monkeypatch.setattr(triton_conv, "INTERPRET", False)  # as when imported without TRITON_INTERPRET
@@ -394,7 +383,8 @@ def test_triton_layout_refuses_the_cpu_without_the_interpreter(monkeypatch: pyte
     x = torch.zeros(8, 8, 8, 1, dtype=torch.uint8)
     with pytest.raises(ValueError, match="conv 'triton' needs a CUDA device"):
         train_vectorised(model, model_to_flat(model), x, torch.zeros(8, dtype=torch.long), [torch.arange(8)],
-                         epochs=1, batch_size=4, lr=1e-3, generator=torch.Generator(), conv="triton")
+                         epochs=1, batch_size=4, lr=1e-3, generator=torch.Generator(),
+                         options=EngineOptions(conv="triton"))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -468,7 +458,7 @@ def _relu_pair(device: str, dtype: torch.dtype, hand_on: bool, ties: bool) -> li
 @pytest.mark.parametrize("ties", [False, True])
 def test_relu_backward_handed_to_the_next_convolution_gives_the_same_gradients(ties: bool) -> None:
     """conv -> ReLU -> conv with the ReLU's backward in the second convolution's input-gradient
-    kernel (stacked.FUSE_RELU_GRAD) against the ReLU's own backward pass: the same output and
+    kernel (what the stacked engine does for conv -> ReLU -> conv) against the ReLU's own backward pass: the same output and
     gradients (float64, interpreter), also where the first convolution's output is exactly 0."""
     for a, b in zip(_relu_pair("cpu", torch.float64, True, ties), _relu_pair("cpu", torch.float64, False, ties)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -493,10 +483,14 @@ def test_cuda_relu_backward_handed_to_the_next_convolution() -> None:
 @on_cpu
 def test_stacked_hands_the_relu_backward_on_only_between_two_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
     """stacked_logits flags exactly fmnist's conv -> ReLU -> conv pair (not a convolution followed by a
-    pool or a flatten), and the step's gradients are those without the hand-on (float64)."""
+    pool or a flatten), borders the second convolution's gradient with zeros where the ReLU - Dropout -
+    Flatten kernel follows it (S56), and the step's gradients are the grouped layout's (float64)."""
     calls = []
     real = triton_conv.conv_nhwc
     monkeypatch.setattr(triton_conv, "conv_nhwc", lambda *a, **k: calls.append(k) or real(*a, **k))
+    found = []
+    real_base = triton_conv.padded_base
+    monkeypatch.setattr(triton_conv, "padded_base", lambda *a: found.append(real_base(*a) is not None) or real_base(*a))
     torch.manual_seed(0)
     model = build_model("fmnist_cnn", 10, 1, dropout=False).double()
     spec = ParamSpec(model)
@@ -505,33 +499,12 @@ def test_stacked_hands_the_relu_backward_on_only_between_two_convolutions(monkey
     y = torch.randint(0, 10, (2, 3))
     mask = torch.ones(2, 3, dtype=torch.float64)
     params = [flats[:, a:b].reshape(2, *s) for s, (a, b) in zip(spec.shapes, spec.slices)]
-
-    def step() -> list[torch.Tensor]:
-        calls.clear()
-        return stacked.stacked_grads(model, spec.names, params, x, y, mask, layout="triton")
-
-    grads = {}
-    for on in (True, False):
-        monkeypatch.setattr(stacked, "FUSE_RELU_GRAD", on)
-        grads[on] = step()
-        flags = [(k["relu_input"], k["grad_masked"]) for k in calls]
-        assert flags == ([(False, True), (True, False)] if on else [(False, False), (False, False)])
-    for a, b in zip(grads[True], grads[False]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    # S56: the second convolution, followed by the ReLU - Dropout - Flatten kernel, has its gradient handed
-    # back bordered with 4 zeros (the first, whose input needs no gradient, does not), and the step's
-    # gradients are those of the bounds-tested path
-    monkeypatch.setattr(stacked, "FUSE_RELU_GRAD", True)
-    found = []
-    real_base = triton_conv.padded_base
-    monkeypatch.setattr(triton_conv, "padded_base", lambda *a: found.append(real_base(*a) is not None) or real_base(*a))
-    padded = {}
-    for on in (True, False):
-        monkeypatch.setattr(stacked, "PAD_CONV_GRAD", on)
-        padded[on] = step()
-        assert [k.get("grad_padded", False) for k in calls] == [False, on]
-    assert found == [True]  # the backward found the bordered buffer (and was only asked when on)
-    for a, b in zip(padded[True], padded[False]):
+    got = stacked.stacked_grads(model, spec.names, params, x, y, mask, layout="triton")
+    assert [(k["relu_input"], k["grad_masked"], k.get("grad_padded", False)) for k in calls] == [
+        (False, True, False), (True, False, True)]
+    assert found == [True]  # the backward found the bordered buffer
+    want = stacked.stacked_grads(model, spec.names, params, x, y, mask, layout="grouped")
+    for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     calls.clear()  # CIFAR-10's convolutions are followed by pools: nothing to hand on
     cifar = build_model("cifar10_cnn", 10, 3).double()

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from robustfl.attacks import register_attack
-from robustfl.attacks.backdoor import ExtraLoss, _NORM_EPS, craft_alternating, plr_with, resolve_options
+from robustfl.attacks.backdoor import NORM_EPS, ExtraLoss, craft_alternating, plr_with, resolve_options
 from robustfl.attacks.base import AttackContext
 
 ETA_DEFAULT = 0.1
@@ -48,7 +48,7 @@ def plr_distance(plr_a: torch.Tensor, plr_b: torch.Tensor, y: torch.Tensor, num_
     present in ``y`` (both PLR sets on the same inputs)."""
     ma, counts = class_means(plr_a, y, num_classes)
     mb, _ = class_means(plr_b, y, num_classes)
-    norms = torch.sqrt((ma - mb).pow(2).sum(1) + _NORM_EPS)
+    norms = torch.sqrt((ma - mb).pow(2).sum(1) + NORM_EPS)
     return (norms * (counts > 0).to(norms.dtype)).sum()
 
 

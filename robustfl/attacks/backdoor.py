@@ -56,26 +56,22 @@ project_at         "step": the projection also runs after every step of the loop
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from robustfl.attacks import register_attack
 from robustfl.attacks.base import AttackContext
+from robustfl.engine import EngineOptions, ModelRows, masked_ce, model_forward, prepare_inputs
 from robustfl.params import ParamSpec
-from robustfl.engine.train import ADAM_BETAS, ADAM_EPS, _capture, adam_step, masked_ce
-from robustfl.engine.train import prepare_inputs as _as_input
 
 log = logging.getLogger(__name__)
 
-_NORM_EPS = 1e-12  # inside sqrt: keeps the gradient of ||v|| finite at v = 0
+NORM_EPS = 1e-12  # inside sqrt: keeps the gradient of ||v|| finite at v = 0
 
 # extra_loss(plr (B, o) or None, logits (B, c), y (B,), idx (B,) indices into x_own) -> scalar
 ExtraLoss = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -177,40 +173,9 @@ def project_rows_(w: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor) -
     ``||w - c|| > r``; rows inside the ball are left bit for bit. Reads nothing back to the host (it runs
     inside captured CUDA graphs)."""
     v = w - centre
-    scale = radius / torch.sqrt(v.pow(2).sum(-1, keepdim=True) + _NORM_EPS)
+    scale = radius / torch.sqrt(v.pow(2).sum(-1, keepdim=True) + NORM_EPS)
     w.copy_(torch.where(scale < 1.0, centre + v * scale, w))
     return w
-
-
-@contextlib.contextmanager
-def _training_mode(model: nn.Module, generator: torch.Generator, on: bool = True) -> Iterator[None]:
-    """Set the template's train/eval mode and make dropout draw from a stream seeded by ``generator``,
-    leaving the global RNG and the template's mode as they were."""
-    was = model.training
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        model.train(on)
-        try:
-            yield
-        finally:
-            model.train(was)
-
-
-def _sub_params(params: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in params.items() if k.startswith(prefix + ".")}
-
-
-def forward_with(model: nn.Module, params: Mapping[str, torch.Tensor],
-                 x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``(plr, logits)`` of the template run with ``params``; the PLR is ``model.features(x)`` (None for a
-    model without the features/head split). One forward pass either way."""
-    if isinstance(getattr(model, "features", None), nn.Module) and isinstance(getattr(model, "head", None), nn.Module):
-        r = functional_call(model.features, _sub_params(params, "features"), (x,))
-        return r, functional_call(model.head, _sub_params(params, "head"), (r,))
-    return None, functional_call(model, dict(params), (x,))
 
 
 @torch.no_grad()
@@ -221,7 +186,7 @@ def plr_with(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, chunk: int =
     was = model.training
     model.eval()
     try:
-        out = [forward_with(model, params, _as_input(x[i:i + chunk]))[0] for i in range(0, len(x), chunk)]
+        out = [model_forward(model, params, prepare_inputs(x[i:i + chunk]))[0] for i in range(0, len(x), chunk)]
     finally:
         model.train(was)
     if out and out[0] is None:
@@ -229,52 +194,89 @@ def plr_with(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, chunk: int =
     return torch.cat(out) if out else x.new_zeros(0)
 
 
-#: capture :func:`alternating_minimisation`'s iteration (no extra loss) and :func:`explicit_boosting`'s
-#: step as CUDA graphs on CUDA devices
-ATTACK_CUDA_GRAPH = True
-#: ... when it runs at least this many iterations (capture costs about three iterations)
-GRAPH_MIN_ITERATIONS = 8
-
-
-def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+def batch_stream(n: int, batch_size: int, generator: torch.Generator,
+                 device: torch.device) -> Iterator[torch.Tensor]:
     """Endless stream of mini-batch indices: per epoch a fresh permutation cut into batches (the last one
-    partial), as the benign clients train (robustfl.engine.train.batch_plan)."""
+    partial), as the benign clients train (robustfl.engine.batch_plan)."""
     while True:
         perm = torch.randperm(n, generator=generator)
         for b in torch.split(perm, batch_size):
             yield b.to(device)
 
 
-def _distance(v: torch.Tensor, form: str) -> torch.Tensor:
-    sq = v.pow(2).sum()
-    return torch.sqrt(sq + _NORM_EPS) if form == "norm" else 0.5 * sq
+def distance_rows(v: torch.Tensor, form: str) -> torch.Tensor:
+    """Eq. (7)'s distance of every row of ``v (k, d)``: ``||v_i||_2`` (``"norm"``) or ``0.5 ||v_i||_2^2``
+    (``"sq"``, the authors' ``tf.nn.l2_loss``)."""
+    sq = v.pow(2).sum(-1)
+    return torch.sqrt(sq + NORM_EPS) if form == "norm" else 0.5 * sq
+
+
+def _schedule(sizes: Sequence[int], generators: Sequence[torch.Generator], iterations: Sequence[int],
+              batch_size: int, ls: int, offsets: Sequence[int], pad: bool,
+              device: torch.device) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]:
+    """Every iteration's ``ls`` mini-batches of the k rows, drawn up front from each row's generator in
+    the order its own loop would draw them (:func:`batch_stream`): per iteration a list of ``(idx (k, b),
+    mask (k, b))`` into the rows' concatenated shards (row i's from ``offsets[i]``), and ``live (T, k)``
+    (row i iterates ``iterations[i]`` times). ``pad``: every batch padded to ``batch_size`` with mask 0
+    (reading the row's own first sample; the same masked mean), as stacked rows and CUDA graphs need;
+    else (one row only) the batches as drawn, the last of an epoch partial."""
+    k, t_max = len(sizes), max(iterations)
+    if not pad and k != 1:
+        raise ValueError("unpadded batches are for one row")
+    idx = torch.zeros(t_max, ls, k, batch_size, dtype=torch.long)
+    mask = torch.zeros(t_max, ls, k, batch_size)
+    live = torch.zeros(t_max, k)
+    drawn: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    for i, (n, g, its) in enumerate(zip(sizes, generators, iterations)):
+        stream = batch_stream(n, batch_size, g, torch.device("cpu"))
+        for s in range(its * ls):
+            b = next(stream)
+            if not pad:
+                if s % ls == 0:
+                    drawn.append([])
+                bi = b.to(device).unsqueeze(0)
+                drawn[-1].append((bi, torch.ones(bi.shape, device=device)))
+                continue
+            idx[s // ls, s % ls, i, : len(b)] = b + offsets[i]
+            idx[s // ls, s % ls, i, len(b):] = offsets[i]
+            mask[s // ls, s % ls, i, : len(b)] = 1.0
+        live[:its, i] = 1.0
+    live = live.to(device)
+    if pad:
+        idx, mask = idx.to(device), mask.to(device)
+        drawn = [[(idx[t, j], mask[t, j]) for j in range(ls)] for t in range(t_max)]
+    return drawn, live
+
+
+def _groups(k: int, layout: str | None) -> list[list[int]]:
+    """The rows computed together: all k on a stacked layout, else one at a time."""
+    return [list(range(k))] if layout is not None else [[i] for i in range(k)]
+
+
+def _rows_of(v: torch.Tensor | None, theta: torch.Tensor, k: int) -> torch.Tensor | None:
+    """``theta + v`` for k rows (``v`` ``(d,)`` or ``(k, d)``); None stays None."""
+    return None if v is None else theta + v.detach().to(theta).expand(k, -1)
 
 
 # ------------------------------------------------------------------------------------------- the cores
-def benign_update(model: nn.Module, theta_flat: torch.Tensor, x_own: torch.Tensor, y_own: torch.Tensor, *,
-                  epochs: float, lr: float, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """An honest local update ``(d,)`` on the attacker's own shard (Adam, cross-entropy): the authors'
-    ``benign_train``, used for the self-estimated stealth reference and for ``add_benign``."""
-    return alternating_minimisation(model, theta_flat, x_own, y_own, x_own[:0], y_own[:0], None,
-                                    boost=0.0, rho=0.0, benign_epochs=epochs, mal_steps=0, lr=lr,
-                                    batch_size=batch_size, generator=generator)
-
-
 def alternating_minimisation(
-    model: nn.Module, theta_flat: torch.Tensor, x_own: torch.Tensor, y_own: torch.Tensor,
-    x_bd: torch.Tensor, y_bd: torch.Tensor, ben_mean_delta: torch.Tensor | None, *,
-    boost: float, rho: float, benign_epochs: float = 2.0, ls: int = 1, mal_steps: int = 1,
-    iterations: int | None = None, lr: float = 1e-3, batch_size: int = 64,
-    generator: torch.Generator | None = None, device: torch.device | str | None = None,
-    dist: str = "norm", order: str = "benign_first", extra_loss: ExtraLoss | None = None,
-    start: torch.Tensor | None = None, project: tuple[torch.Tensor, float] | None = None,
+    model: nn.Module, theta_flat: torch.Tensor, owns: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    x_bd: torch.Tensor, y_bd: torch.Tensor, ref_deltas: torch.Tensor | None, *,
+    boost: float, rho: float, generators: Sequence[torch.Generator], layout: str | None = None,
+    engine: EngineOptions | None = None, benign_epochs: float = 2.0, ls: int = 1, mal_steps: int = 1,
+    iterations: int | None = None, lr: float = 1e-3, batch_size: int = 64, dist: str = "norm",
+    order: str = "benign_first", extra_losses: Sequence[ExtraLoss | None] | None = None,
+    starts: torch.Tensor | None = None, project: tuple[torch.Tensor, float] | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Bhagoji et al.'s alternating minimisation with explicit boosting; returns ``delta = w - theta (d,)``.
+    """Bhagoji et al.'s alternating minimisation with explicit boosting for ``k = len(owns)`` attackers;
+    returns their updates ``delta_i = w_i - theta`` ``(k, d)``.
 
-    Starting from ``w = theta`` (``theta + start`` where ``start`` is given), each *iteration* does
+    Attacker i starts from ``w = theta`` (``theta + starts[i]`` where ``starts`` is given) and each
+    *iteration* does
 
-    (a) stealth step(s): ``ls`` Adam mini-batch steps on the attacker's shard minimising
-        ``CE(w; batch) + rho * D(w - theta - ben_mean_delta) [+ extra_loss]`` with ``D = ||.||_2``
+    (a) stealth step(s): ``ls`` Adam mini-batch steps on its shard ``owns[i]`` minimising
+        ``CE(w; batch) + rho * D(w - theta - ref_deltas[i]) [+ extra_losses[i]]`` with ``D = ||.||_2``
         (``dist="norm"``, Eq. 7) or ``0.5 ||.||_2^2`` (``dist="sq"``, the authors' ``tf.nn.l2_loss``);
     (b) malicious step(s): ``mal_steps`` times, one full-batch Adam step on the backdoor set from the
         current weights ``w_b`` gives ``w'``; the weights become ``w_b + boost * (w' - w_b)`` (explicit
@@ -282,247 +284,272 @@ def alternating_minimisation(
         the authors' code.
 
     ``order="mal_first"`` runs (b) before (a). The number of iterations is ``iterations`` or, by default,
-    ``ceil(S / ls)`` where ``S = round(benign_epochs * ceil(N / batch_size))`` mini-batch steps, i.e. the
-    stealth objective sees ``benign_epochs`` epochs of the shard in total (the code's ``mal_E``). The two
-    objectives have their own Adam states (two optimisers, as in the code); lr 1e-3 per Section 6.1.
-    ``ben_mean_delta=None`` means a zero reference (plain ``rho ||w - theta||``).
+    ``ceil(S / ls)`` where ``S = round(benign_epochs * ceil(N_i / batch_size))`` mini-batch steps, i.e. the
+    stealth objective sees ``benign_epochs`` epochs of the shard in total (the code's ``mal_E``); an
+    attacker whose iterations have run out stays as it is. The two objectives have their own Adam states
+    (two optimisers, as in the code); lr 1e-3 per Section 6.1. ``ref_deltas`` None means a zero reference
+    (plain ``rho ||w - theta||``). ``project=(centres, r)``: after every step ``w - theta`` is projected onto
+    the ball of radius ``r`` around ``centres[i]`` (:func:`project_rows_`; projected gradient descent on
+    Eq. 7's constraint form). ``extra_losses[i](plr, logits, y, idx)`` is added to attacker i's stealth
+    loss (the adaptive attack's PLR term; ``idx``: the batch's indices into its shard; one attacker at a
+    time). ``ref_deltas``, ``starts``, ``project``'s centres: ``(d,)`` for every attacker or ``(k, d)``.
 
-    ``project=(centre, r)``: after every step (stealth or boosted malicious) ``w - theta`` is projected onto
-    the ball of radius ``r`` around ``centre`` (:func:`project_rows_`; projected gradient descent on Eq. 7's
-    constraint form).
-
-    ``extra_loss(plr, logits, y, idx)`` is added to the stealth loss (the adaptive attack's PLR term);
-    ``idx`` are the batch's indices into ``x_own``. Deterministic for a given ``generator`` state.
+    Attacker i's mini-batches come from ``generators[i]``. The execution (``layout``): None, one attacker
+    at a time through PyTorch's layers; a stacked layout (robustfl.engine.stacked), all at once (the
+    dropout masks then come from one stream, seeded by the first attacker's generator; another mask, the
+    same distribution). The loop never reads a value back to the host, so that on CUDA one iteration is
+    captured as a CUDA graph and replayed (``engine``'s ``attack_cuda_graph``); a skipped malicious step is
+    skipped on the device (Adam's ``active`` flag), and partial batches are then padded with a mask (the
+    same mean cross-entropy). Deterministic for given generator states.
     """
     if dist not in ("norm", "sq") or order not in ("benign_first", "mal_first"):
         raise ValueError(f"bad dist {dist!r} or order {order!r}")
+    k = len(owns)
+    if len(generators) != k:
+        raise ValueError(f"{len(generators)} generators for {k} attackers")
     device = torch.device(device) if device is not None else theta_flat.device
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    spec = ParamSpec(model)
     theta = theta_flat.detach().to(device=device, dtype=torch.float32)
-    x_own, y_own = _as_input(x_own.to(device)), y_own.to(device)
-    x_bd, y_bd = _as_input(x_bd.to(device)), y_bd.to(device)
-    ref = theta if ben_mean_delta is None else theta + ben_mean_delta.detach().to(theta)
-    n_own = len(y_own)
-    if n_own == 0:
+    if k == 0:
+        return theta.new_zeros(0, theta.numel())
+    if extra_losses is not None and layout is not None:
+        raise ValueError("extra losses are computed one attacker at a time (layout None)")
+    refs, w0 = _rows_of(ref_deltas, theta, k), _rows_of(starts, theta, k)
+    centres = None if project is None else _rows_of(project[0], theta, k)
+    out = []
+    for g in _groups(k, layout):
+        rows = ModelRows(model, len(g), device, layout, engine)
+        out.append(_alternate(
+            rows, theta, [owns[i] for i in g], x_bd, y_bd, None if refs is None else refs[g],
+            None if w0 is None else w0[g], [generators[i] for i in g],
+            None if extra_losses is None else extra_losses[g[0]],
+            None if project is None else (centres[g], float(project[1])), boost=boost, rho=rho,
+            benign_epochs=benign_epochs, ls=ls, mal_steps=mal_steps, iterations=iterations, lr=lr,
+            batch_size=batch_size, dist=dist, order=order))
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _alternate(rows: ModelRows, theta: torch.Tensor, owns: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               x_bd: torch.Tensor, y_bd: torch.Tensor, ref: torch.Tensor | None, w0: torch.Tensor | None,
+               generators: Sequence[torch.Generator], extra: ExtraLoss | None,
+               project: tuple[torch.Tensor, float] | None, *, boost: float, rho: float, benign_epochs: float,
+               ls: int, mal_steps: int, iterations: int | None, lr: float, batch_size: int, dist: str,
+               order: str) -> torch.Tensor:
+    """:func:`alternating_minimisation`'s loop for the rows ``rows`` (``ref``, ``w0``, ``project``'s
+    centres: ``(k, d)`` absolute weights)."""
+    k, device = rows.k, rows.device
+    d = theta.numel()
+    xs = [prepare_inputs(x.to(device)) for x, _ in owns]
+    sizes = [len(y) for _, y in owns]
+    if min(sizes) == 0:
         raise ValueError("the attacker's shard is empty")
-    steps = max(1, round(benign_epochs * math.ceil(n_own / batch_size)))
-    n_iter = math.ceil(steps / ls) if iterations is None else int(iterations)
+    x_all = xs[0] if k == 1 else torch.cat(xs)
+    y_all = owns[0][1].to(device) if k == 1 else torch.cat([y.to(device) for _, y in owns])
+    offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]
+    shape = x_all.shape[1:]
+    x_bd, y_bd = prepare_inputs(x_bd.to(device)), y_bd.to(device)
+    xb_bd = x_bd.unsqueeze(0).expand(k, *x_bd.shape).contiguous()
+    yb_bd, mb_bd = y_bd.expand(k, -1), torch.ones(k, len(y_bd), device=device)
+    ref = theta.expand(k, d) if ref is None else ref
+    steps = [max(1, round(benign_epochs * math.ceil(n / batch_size))) for n in sizes]
+    n_iter = [math.ceil(s / ls) if iterations is None else int(iterations) for s in steps]
     do_mal = mal_steps > 0 and len(y_bd) > 0
-
-    # The loop never reads a value back to the host, so that on CUDA one iteration can be captured as a
-    # CUDA graph and replayed (the attackers' crafting was as costly as the benign training, bench/README.md):
-    # Adam is robustfl.engine.train.adam_step on w viewed as one stacked client, whose ``active`` flag skips the
-    # malicious step on device when the backdoor loss is 0 (the code's "only if mal loss is non-zero": no
-    # update, Adam state untouched, later malicious steps of the iteration skipped too), and a partial
-    # mini-batch is padded to the batch size with a mask (the same mean cross-entropy).
-    w = (theta if start is None else theta + start.detach().to(theta)).clone().view(1, -1)
-    ben_state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(1, device=device))
-    mal_state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(1, device=device))
-    one = torch.ones(1, device=device)
-    stream = _batches(n_own, batch_size, gen, device)
+    w = (theta.expand(k, d) if w0 is None else w0).clone()
+    ben_state, mal_state = rows.adam_state(w), rows.adam_state(w)
     if project is not None:
-        p_centre = theta + project[0].detach().to(theta)
-        p_radius = torch.full((1, 1), float(project[1]), device=device)
+        p_centre, p_radius = project[0], torch.full((k, 1), project[1], device=device)
+    flag = torch.empty(k, device=device)
 
-    def loss_grad(loss_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
-        # the current weights, as constants: one leaf per parameter (a gradient taken with respect to the
-        # flat vector would reach it through a zero-filled full-size tensor per parameter), and the flat
-        # vector for the distance term rebuilt from them
-        views = spec.unflatten(w.detach().view(-1))
-        leaves = [views[n].requires_grad_() for n in spec.names]
-        flat = torch.cat([t.reshape(-1) for t in leaves])
-        grads = torch.autograd.grad(loss_fn(flat, dict(zip(spec.names, leaves))), leaves)
-        return torch.cat([g.reshape(-1) for g in grads]).view(1, -1)
-
-    def stealth(idx: torch.Tensor, mask: torch.Tensor) -> None:
+    def stealth(idx: torch.Tensor, mask: torch.Tensor, live: torch.Tensor) -> None:
         def loss_fn(flat: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-            r, logits = forward_with(model, params, x_own[idx])
-            loss = masked_ce(logits, y_own[idx], mask)
+            yb = y_all[idx]
+            plr, logits = rows.forward(params, x_all[idx.reshape(-1)].view(*idx.shape, *shape))
+            loss = masked_ce(logits, yb, mask)
             if rho > 0:
-                loss = loss + rho * _distance(flat - ref, dist)
-            if extra_loss is not None:
-                loss = loss + extra_loss(r, logits, y_own[idx], idx)
-            return loss
-        adam_step([w], [loss_grad(loss_fn)], [ben_state[0]], [ben_state[1]], ben_state[2], one, lr)
+                loss = loss + rho * distance_rows(flat - ref, dist)
+            if extra is not None:
+                loss = loss + extra(None if plr is None else plr[0], logits[0], yb[0], idx[0])
+            return loss.sum()
+        rows.adam(w, rows.grad(w, loss_fn), ben_state, live, lr)
         if project is not None:
             project_rows_(w, p_centre, p_radius)
 
-    def malicious() -> None:
-        active = one
+    def malicious(live: torch.Tensor) -> None:
+        active = live
         for _ in range(mal_steps):
-            flag = torch.empty(1, device=device)
-
             def loss_fn(flat: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-                _, logits = forward_with(model, params, x_bd)
-                mal_loss = F.cross_entropy(logits.float(), y_bd)
-                flag.copy_((mal_loss > 0.0).float().view(1))  # NaN or 0 -> skip
-                return mal_loss
-            g = loss_grad(loss_fn)
+                mal = masked_ce(rows.forward(params, xb_bd)[1], yb_bd, mb_bd)
+                flag.copy_((mal > 0.0).float())  # NaN or 0 -> skip, per row
+                return mal.sum()
+            g = rows.grad(w, loss_fn)
             active = active * flag
-            g = torch.where(active.bool(), g, 0.0)  # a skipped step's NaN gradient must not reach Adam's state
             start = w.clone()
-            adam_step([w], [g], [mal_state[0]], [mal_state[1]], mal_state[2], active, lr)
+            rows.adam(w, g, mal_state, active, lr)
             w.copy_(start + boost * (w - start))
             if project is not None:
                 project_rows_(w, p_centre, p_radius)
 
-    def iteration(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def iteration(batches: list[tuple[torch.Tensor, torch.Tensor]], live: torch.Tensor) -> None:
         if order == "mal_first" and do_mal:
-            malicious()
+            malicious(live)
         for idx, mask in batches:
-            stealth(idx, mask)
+            stealth(idx, mask, live)
         if order == "benign_first" and do_mal:
-            malicious()
+            malicious(live)
 
-    def next_batches(pad: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
-        for _ in range(ls):
-            idx = next(stream)
-            mask = torch.ones(len(idx), device=device)
-            if pad and len(idx) < batch_size:
-                idx = F.pad(idx, (0, batch_size - len(idx)))
-                mask = F.pad(mask, (0, batch_size - len(mask)))
-            out.append((idx, mask))
-        return out
-
-    use_graph = (ATTACK_CUDA_GRAPH and device.type == "cuda" and extra_loss is None
-                 and n_iter >= GRAPH_MIN_ITERATIONS)
-    with _training_mode(model, gen):
+    use_graph = extra is None and rows.use_graph(max(n_iter))
+    with rows.training(generators):
+        batches, live = _schedule(sizes, generators, n_iter, batch_size, ls, offsets, k > 1 or use_graph, device)
         if not use_graph:
-            for _ in range(n_iter):
-                iteration(next_batches(pad=False))
-        else:
-            static = [(torch.zeros(batch_size, dtype=torch.long, device=device), torch.zeros(batch_size, device=device))
-                      for _ in range(ls)]
-            def load(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-                for (si, sm), (i0, m0) in zip(static, batches):
-                    si.copy_(i0)
-                    sm.copy_(m0)
-
-            load(next_batches(pad=True))  # the first iteration's batches, for the capture and the first replay
-            saved = [t.clone() for t in (w, *ben_state, *mal_state)]
-            graph, _ = _capture(lambda: iteration(static))  # warm-up calls update w and the Adam states:
-            for t, v in zip((w, *ben_state, *mal_state), saved):  # restore them before the first replay
-                t.copy_(v)
-            for it in range(n_iter):
-                if it:
-                    load(next_batches(pad=True))
+            for t in range(len(batches)):
+                iteration(batches[t], live[t])
+        else:  # the iteration as a CUDA graph over static inputs, loaded before each replay
+            static = [(i.clone(), m.clone()) for i, m in batches[0]]
+            static_live = live[0].clone()
+            graph = rows.capture(lambda: iteration(static, static_live), [w, *ben_state, *mal_state])
+            for t in range(len(batches)):
+                for (si, sm), (i, m) in zip(static, batches[t]):
+                    si.copy_(i)
+                    sm.copy_(m)
+                static_live.copy_(live[t])
                 graph.replay()
-    return w.view(-1) - theta
+    return w - theta
 
 
 def explicit_boosting(
-    model: nn.Module, theta_flat: torch.Tensor, x_bd: torch.Tensor, y_bd: torch.Tensor, *,
-    boost: float, min_steps: int = 2, tol: float = 1e-6, max_steps: int = 1000, check_every: int = 1,
-    lr: float = 1e-3, generator: torch.Generator | None = None, device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Bhagoji et al.'s baseline targeted model poisoning with explicit boosting (``mal_strat=converge``):
-    full-batch Adam steps on the backdoor set alone, from ``theta``, until the backdoor loss is
-    ``<= tol`` (read every ``check_every`` steps) and at least ``min_steps`` steps were taken, or
-    ``max_steps`` is reached; the update is then boosted: ``delta = boost * (w - theta)``.
+    model: nn.Module, theta_flat: torch.Tensor, x_bd: torch.Tensor, y_bd: torch.Tensor, *, boost: float,
+    generators: Sequence[torch.Generator], layout: str | None = None, engine: EngineOptions | None = None,
+    min_steps: int = 2, tol: float = 1e-6, max_steps: int = 1000, check_every: int = 1, lr: float = 1e-3,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Bhagoji et al.'s baseline targeted model poisoning with explicit boosting (``mal_strat=converge``)
+    for ``k = len(generators)`` attackers: full-batch Adam steps on the backdoor set alone, from ``theta``,
+    until the attacker's backdoor loss is ``<= tol`` (read every ``check_every`` steps) and at least
+    ``min_steps`` steps were taken, or ``max_steps`` is reached; the update is then boosted:
+    ``delta = boost * (w - theta)``. Returns ``(delta (k, d), [{"steps", "mal_loss"}] * k)`` (the loss
+    before boosting).
 
-    Returns ``(delta (d,), info)`` with ``info = {"steps", "mal_loss"}`` (the loss before boosting).
-
-    On CUDA (:data:`ATTACK_CUDA_GRAPH`, at least :data:`GRAPH_MIN_ITERATIONS` steps allowed) a step keeps
-    the weights it started from, computes the loss and gradient there and takes the Adam step
-    (:func:`robustfl.engine.train.adam_step`); the host then reads the loss as the loop above does, and where
-    that loss stops the loop, the step is undone. The first :data:`GRAPH_MIN_ITERATIONS` steps run
-    eagerly (a backdoor set often converges within a few: capturing would cost more than it saves);
-    after them the step is captured as a CUDA graph and replayed. The same
-    steps up to float rounding (tests/test_attacks_backdoor.py). With dropout (fmnist's network) both
-    draw their masks from the same seeded CUDA generator at other offsets: other masks, the same
-    distribution."""
+    A step keeps the weights it started from, computes the loss and gradient there and takes the Adam step
+    (on the CPU torch.optim.Adam's arithmetic); the host then reads the losses, and an attacker whose loss
+    stops it gets the weights before that step. ``layout``: one attacker at a time (None) or all at once on
+    a stacked layout (their dropout masks from one stream seeded by the first one's generator, the only
+    thing each generator gives). On CUDA (``engine``'s ``attack_cuda_graph``) the first
+    ``attack_graph_min_steps`` steps run eagerly (a backdoor set often converges within a few: capturing
+    would cost more than it saves); after them the step is captured as a CUDA graph and replayed.
+    """
+    k = len(generators)
     device = torch.device(device) if device is not None else theta_flat.device
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    spec = ParamSpec(model)
     theta = theta_flat.detach().to(device=device, dtype=torch.float32)
-    x_bd, y_bd = _as_input(x_bd.to(device)), y_bd.to(device)
-    if ATTACK_CUDA_GRAPH and device.type == "cuda" and max_steps >= GRAPH_MIN_ITERATIONS:
-        return _explicit_boosting_graphed(model, spec, theta, x_bd, y_bd, boost=boost, min_steps=min_steps, tol=tol,
-                                          max_steps=max_steps, check_every=check_every, lr=lr, gen=gen)
-    w = theta.clone().requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    loss_val, step = float("inf"), 0
-    with _training_mode(model, gen):
-        while step < max_steps:
-            _, logits = forward_with(model, spec.unflatten(w), x_bd)
-            loss = F.cross_entropy(logits.float(), y_bd)
-            if step % check_every == 0:
-                loss_val = loss.item()
-            if step >= min_steps and loss_val <= tol:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-        if step >= max_steps:
-            loss_val = _capped_loss(model, spec, w.detach(), x_bd, y_bd, max_steps)
-    return boost * (w.detach() - theta), {"steps": float(step), "mal_loss": loss_val}
+    if k == 0:
+        return theta.new_zeros(0, theta.numel()), []
+    x_bd, y_bd = prepare_inputs(x_bd.to(device)), y_bd.to(device)
+    deltas, infos = [], []
+    for g in _groups(k, layout):
+        rows = ModelRows(model, len(g), device, layout, engine)
+        d, info = _boost(rows, theta, x_bd, y_bd, [generators[i] for i in g], boost=boost, min_steps=min_steps,
+                         tol=tol, max_steps=max_steps, check_every=check_every, lr=lr)
+        deltas.append(d)
+        infos += info
+    return (deltas[0] if len(deltas) == 1 else torch.cat(deltas)), infos
 
 
-@torch.no_grad()
-def _capped_loss(model: nn.Module, spec: ParamSpec, w: torch.Tensor, x_bd: torch.Tensor, y_bd: torch.Tensor,
-                 max_steps: int) -> float:
-    """The backdoor loss of the weights :func:`explicit_boosting` stopped at when it reached ``max_steps``
-    (logged: the loop did not converge)."""
-    loss = F.cross_entropy(forward_with(model, spec.unflatten(w), x_bd)[1].float(), y_bd).item()
-    log.debug("explicit_boosting: stopped at max_steps=%d with backdoor loss %.3g", max_steps, loss)
-    return loss
-
-
-def _explicit_boosting_graphed(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x_bd: torch.Tensor,
-                               y_bd: torch.Tensor, *, boost: float, min_steps: int, tol: float, max_steps: int,
-                               check_every: int, lr: float,
-                               gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    """:func:`explicit_boosting`'s loop with each step a CUDA-graph replay (see its docstring)."""
-    w = theta.clone().view(1, -1)
-    state = (torch.zeros_like(w), torch.zeros_like(w), torch.zeros(1, device=w.device))
-    one = torch.ones(1, device=w.device)
-    w_prev = torch.empty_like(w)
-    loss_t = torch.zeros(1, device=w.device)
+def _boost(rows: ModelRows, theta: torch.Tensor, x_bd: torch.Tensor, y_bd: torch.Tensor,
+           generators: Sequence[torch.Generator], *, boost: float, min_steps: int, tol: float, max_steps: int,
+           check_every: int, lr: float) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """:func:`explicit_boosting`'s loop for the rows ``rows``."""
+    k = rows.k
+    xb = x_bd.unsqueeze(0).expand(k, *x_bd.shape).contiguous()
+    yb, mb = y_bd.expand(k, -1), torch.ones(k, len(y_bd), device=rows.device)
+    w = theta.expand(k, -1).clone()
+    state = rows.adam_state(w, per_row=False)  # the rows still running all took the same number of steps
+    w_prev, done = torch.empty_like(w), torch.empty_like(w)
+    loss_t = torch.zeros(k, device=rows.device)
 
     def step_fn() -> None:
         w_prev.copy_(w)
-        views = spec.unflatten(w.detach().view(-1))  # one leaf per parameter, as in alternating_minimisation
-        leaves = [views[n].requires_grad_() for n in spec.names]
-        loss = F.cross_entropy(forward_with(model, dict(zip(spec.names, leaves)), x_bd)[1].float(), y_bd)
-        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, leaves)])
-        loss_t.copy_(loss.detach().view(1))
-        adam_step([w], [g.view(1, -1)], [state[0]], [state[1]], state[2], one, lr)
 
-    loss_val, step, graph = float("inf"), 0, None
-    with _training_mode(model, gen):
-        while step < max_steps:
-            if graph is None and step >= GRAPH_MIN_ITERATIONS:  # not converged yet: capture the step now
-                saved = [t.clone() for t in (w, *state)]
-                graph, _ = _capture(step_fn)  # the warm-up calls step w and the Adam state: restore them
-                for t, v in zip((w, *state), saved):
-                    t.copy_(v)
-            if graph is None:  # the first steps run eagerly: a backdoor set often converges within a few
+        def loss_fn(flat: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+            rl = masked_ce(rows.forward(params, xb)[1], yb, mb)
+            loss_t.copy_(rl.detach())
+            return rl.sum()
+        rows.adam_all(w, rows.grad(w, loss_fn), state, lr)
+
+    use_graph = rows.use_graph(max_steps)
+    loss_val, steps = [float("inf")] * k, [float(max_steps)] * k
+    live = set(range(k))
+    step, graph = 0, None
+    with rows.training(generators):
+        while step < max_steps and live:
+            if use_graph and graph is None and step >= rows.graph_after:  # not converged yet: capture now
+                graph = rows.capture(step_fn, [w, *state])
+            if graph is None:
                 step_fn()
             else:
                 graph.replay()
             if step % check_every == 0:
-                loss_val = loss_t.item()
-            if step >= min_steps and loss_val <= tol:
-                w.copy_(w_prev)  # the loop stops before this step's update
-                break
+                vals = loss_t.tolist()
+                for i in live:
+                    loss_val[i] = vals[i]
+            stop = sorted(i for i in live if step >= min_steps and loss_val[i] <= tol)
+            if stop:  # these rows stop before this step's update (the others step on)
+                at = torch.tensor(stop, device=rows.device)
+                done[at] = w_prev[at]
+                for i in stop:
+                    steps[i] = float(step)
+                live -= set(stop)
             step += 1
-        if step >= max_steps:
-            loss_val = _capped_loss(model, spec, w.view(-1), x_bd, y_bd, max_steps)
-    return boost * (w.view(-1) - theta), {"steps": float(step), "mal_loss": loss_val}
+        if live:  # max_steps reached: the loss of the weights they stopped at (logged: not converged)
+            at = torch.tensor(sorted(live), device=rows.device)
+            done[at] = w[at]
+            with torch.no_grad():
+                vals = masked_ce(rows.forward(rows.params(w), xb)[1], yb, mb).tolist()
+            for i in sorted(live):
+                loss_val[i] = vals[i]
+                log.debug("explicit_boosting: stopped at max_steps=%d with backdoor loss %.3g", max_steps, vals[i])
+    return boost * (done - theta), [{"steps": s, "mal_loss": v} for s, v in zip(steps, loss_val)]
+
+
+def benign_updates(model: nn.Module, theta_flat: torch.Tensor, owns: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                   generators: Sequence[torch.Generator], *, epochs: float, lr: float, batch_size: int,
+                   layout: str | None = None, engine: EngineOptions | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Honest local updates ``(k, d)`` of the attackers on their own shards (Adam, cross-entropy): the
+    authors' ``benign_train``, for the self-estimated stealth reference and ``add_benign``; the alternating
+    loop without its malicious steps."""
+    if not owns:
+        return theta_flat.new_zeros(0, theta_flat.numel())
+    x0, y0 = owns[0]
+    return alternating_minimisation(model, theta_flat, owns, x0[:0], y0[:0], None, boost=0.0, rho=0.0,
+                                    generators=generators, layout=layout, engine=engine, benign_epochs=epochs,
+                                    mal_steps=0, lr=lr, batch_size=batch_size, device=device)
 
 
 # ------------------------------------------------------------------------------------ registered attacks
-def stealth_reference(ctx: AttackContext, opts: Mapping[str, Any], x_own: torch.Tensor, y_own: torch.Tensor,
-                      gen: torch.Generator) -> torch.Tensor:
-    """The update the stealth term pulls towards: the round's mean benign update (white-box, default) or
-    the attacker's own honest update of ``self_epochs`` epochs (the code's ``dist_self``)."""
+def crafting_layout(ctx: AttackContext, stackable: bool = True) -> str | None:
+    """How the attackers craft: all at once on the stacked layout the run's engine trains with (unless
+    ``ctx.engine.stacked_attacks`` is off, or the loop is not ``stackable``), else one at a time (None)."""
+    return ModelRows.layout_for(ctx.model, ctx.engine, ctx.device) if stackable else None
+
+
+def _crafters(ctx: AttackContext, opts: Mapping[str, Any]) -> int:
+    """How many attackers craft: all, or with ``share`` attacker 0 alone (the others send copies)."""
+    return min(1, ctx.n_attackers) if opts["share"] else ctx.n_attackers
+
+
+def _copies(rows: torch.Tensor, n: int) -> torch.Tensor:
+    return rows if len(rows) == n else rows[:1].expand(n, -1).clone()
+
+
+def stealth_references(ctx: AttackContext, opts: Mapping[str, Any], generators: Sequence[torch.Generator],
+                       layout: str | None) -> torch.Tensor:
+    """The updates the stealth term pulls the first ``len(generators)`` attackers towards, ``(k, d)``: the
+    round's mean benign update (white-box, default) or each attacker's own honest update of
+    ``self_epochs`` epochs (the code's ``dist_self``)."""
+    k = len(generators)
     if opts["stealth_ref"] == "self":
-        return benign_update(ctx.model, ctx.global_flat, x_own, y_own, epochs=opts["self_epochs"],
-                             lr=opts["lr"], batch_size=opts["batch_size"], generator=gen)
-    return mean_benign_delta(ctx)
+        return benign_updates(ctx.model, ctx.global_flat, ctx.attacker_data[:k], generators,
+                              epochs=opts["self_epochs"], lr=opts["lr"], batch_size=opts["batch_size"],
+                              layout=layout, engine=ctx.engine, device=ctx.device)
+    return mean_benign_delta(ctx).expand(k, -1)
 
 
 def crafting_geometry(ctx: AttackContext, opts: Mapping[str, Any]) -> tuple[torch.Tensor | None,
@@ -549,98 +576,31 @@ def finish_alternating(rows: torch.Tensor, opts: Mapping[str, Any], start: torch
     return rows
 
 
-def _loop_settings(opts: Mapping[str, Any], ball: tuple[torch.Tensor, float] | None) -> dict[str, Any]:
-    """The boost and per-iteration projection the loop itself runs with."""
-    return {"boost": opts["boost"] if opts["boost_at"] == "step" else 1.0,
-            "project": ball if opts["project_at"] == "step" else None}
-
-
 def craft_alternating(ctx: AttackContext, opts: Mapping[str, Any],
                       extra_loss_for: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator],
                                                ExtraLoss | None] | None = None) -> torch.Tensor:
-    """Run :func:`alternating_minimisation` for every attacker on its own shard; ``(n_attackers, d)``.
-    ``extra_loss_for(i, x_own, y_own, ref_delta, gen)`` may supply an extra stealth loss per attacker."""
+    """:func:`alternating_minimisation` for every attacker on its own shard; ``(n_attackers, d)``.
+    ``extra_loss_for(i, x_own, y_own, ref_delta, gen)`` may supply an extra stealth loss per attacker
+    (then the attackers craft one at a time)."""
     check_context(ctx)
     gens = attacker_generators(ctx)
     start, ball = crafting_geometry(ctx, opts)
-    if vectorised_layout(ctx) is not None and extra_loss_for is None:
-        return finish_alternating(_craft_alternating_many(ctx, opts, gens, start, ball), opts, start, ball)
-    loop = _loop_settings(opts, ball)
-    rows: list[torch.Tensor] = []
-    for i, ((x_own, y_own), gen) in enumerate(zip(ctx.attacker_data, gens)):
-        if opts["share"] and rows:  # the code's mal_agent_copy: all attackers send attacker 0's update
-            rows.append(rows[0])
-            continue
-        ref = stealth_reference(ctx, opts, x_own, y_own, gen)
-        extra = extra_loss_for(i, x_own, y_own, ref, gen) if extra_loss_for is not None else None
-        rows.append(alternating_minimisation(
-            ctx.model, ctx.global_flat, x_own, y_own, ctx.backdoor_x, ctx.backdoor_y, ref,
-            rho=opts["rho"], benign_epochs=opts["benign_epochs"], ls=opts["ls"],
-            mal_steps=opts["mal_steps"], iterations=opts["iterations"], lr=opts["lr"],
-            batch_size=opts["batch_size"], generator=gen, device=ctx.device, dist=opts["dist"],
-            order=opts["order"], extra_loss=extra, start=start, **loop))
-    if not rows:
-        return ctx.global_flat.new_zeros(0, ctx.global_flat.numel())
-    return finish_alternating(torch.stack(rows), opts, start, ball)
-
-
-#: craft with :mod:`robustfl.attacks.vectorised` (all attackers at once on the stacked engine) where the
-#: context names a layout (the simulator passes its engine's on CUDA); False: one model at a time
-ATTACK_STACKED = True
-
-
-def vectorised_layout(ctx: AttackContext) -> str | None:
-    """The stacked layout to craft with, or None for the single-model loops."""
-    from robustfl.engine import stacked
-
-    if not ATTACK_STACKED or ctx.layout is None or not stacked.supports(ctx.model):
-        return None
-    if ctx.layout not in stacked.LAYOUTS:
-        raise ValueError(f"AttackContext.layout must be None or one of {stacked.LAYOUTS}, got {ctx.layout!r}")
-    return ctx.layout
-
-
-def _crafters(ctx: AttackContext, opts: Mapping[str, Any]) -> int:
-    """How many attackers craft: all, or with ``share`` attacker 0 alone (the others send copies)."""
-    return min(1, ctx.n_attackers) if opts["share"] else ctx.n_attackers
-
-
-def _copies(rows: torch.Tensor, n: int) -> torch.Tensor:
-    return rows if len(rows) == n else rows[:1].expand(n, -1).clone()
-
-
-def _benign_many(ctx: AttackContext, opts: Mapping[str, Any], gens: list[torch.Generator]) -> torch.Tensor:
-    """:func:`benign_update` of the first ``len(gens)`` attackers at once (the stacked engine)."""
-    from robustfl.attacks.vectorised import alternating_minimisation_many
-
-    k = len(gens)
-    return alternating_minimisation_many(
-        ctx.model, ctx.global_flat, ctx.attacker_data[:k], ctx.backdoor_x[:0], ctx.backdoor_y[:0], None,
-        boost=0.0, rho=0.0, generators=gens, layout=vectorised_layout(ctx), benign_epochs=opts["self_epochs"],
-        mal_steps=0, lr=opts["lr"], batch_size=opts["batch_size"])
-
-
-def _craft_alternating_many(ctx: AttackContext, opts: Mapping[str, Any], gens: list[torch.Generator],
-                            start: torch.Tensor | None, ball: tuple[torch.Tensor, float] | None) -> torch.Tensor:
-    """:func:`craft_alternating`'s loops without an extra loss, all crafting attackers at once."""
-    from robustfl.attacks.vectorised import alternating_minimisation_many
-
     k = _crafters(ctx, opts)
-    gens = gens[:k]
-    if opts["stealth_ref"] == "self":
-        refs = _benign_many(ctx, opts, gens)
-    else:
-        refs = mean_benign_delta(ctx).expand(k, -1)
-    loop = _loop_settings(opts, ball)
-    if loop["project"] is not None:
-        loop["project"] = (loop["project"][0].expand(k, -1), loop["project"][1])
-    rows = alternating_minimisation_many(
-        ctx.model, ctx.global_flat, ctx.attacker_data[:k], ctx.backdoor_x, ctx.backdoor_y, refs,
-        rho=opts["rho"], generators=gens, layout=vectorised_layout(ctx),
-        benign_epochs=opts["benign_epochs"], ls=opts["ls"], mal_steps=opts["mal_steps"],
-        iterations=opts["iterations"], lr=opts["lr"], batch_size=opts["batch_size"], dist=opts["dist"],
-        order=opts["order"], starts=None if start is None else start.expand(k, -1), **loop)
-    return _copies(rows, ctx.n_attackers)
+    if k == 0:
+        return ctx.global_flat.new_zeros(0, ctx.global_flat.numel())
+    owns, gens = ctx.attacker_data[:k], gens[:k]
+    layout = crafting_layout(ctx, stackable=extra_loss_for is None)
+    refs = stealth_references(ctx, opts, gens, layout)
+    extras = (None if extra_loss_for is None else
+              [extra_loss_for(i, x, y, refs[i], g) for i, ((x, y), g) in enumerate(zip(owns, gens))])
+    rows = alternating_minimisation(
+        ctx.model, ctx.global_flat, owns, ctx.backdoor_x, ctx.backdoor_y, refs, generators=gens, layout=layout,
+        engine=ctx.engine, device=ctx.device, rho=opts["rho"], benign_epochs=opts["benign_epochs"], ls=opts["ls"],
+        mal_steps=opts["mal_steps"], iterations=opts["iterations"], lr=opts["lr"], batch_size=opts["batch_size"],
+        dist=opts["dist"], order=opts["order"], extra_losses=extras, starts=start,
+        boost=opts["boost"] if opts["boost_at"] == "step" else 1.0,
+        project=ball if opts["project_at"] == "step" else None)
+    return finish_alternating(_copies(rows, ctx.n_attackers), opts, start, ball)
 
 
 @register_attack("krum_backdoor", targeted=True)
@@ -661,32 +621,16 @@ def median_backdoor(ctx: AttackContext) -> torch.Tensor:
     if alternating_only:
         raise ValueError(f"median_backdoor: option(s) {sorted(alternating_only)} belong to the alternating "
                          "attacks (krum_backdoor, adaptive_plr)")
-    gens = attacker_generators(ctx)
-    if vectorised_layout(ctx) is not None:
-        from robustfl.attacks.vectorised import explicit_boosting_many
-
-        k = _crafters(ctx, opts)
-        deltas, infos = explicit_boosting_many(
-            ctx.model, ctx.global_flat, ctx.backdoor_x, ctx.backdoor_y, boost=opts["boost"], generators=gens[:k],
-            layout=vectorised_layout(ctx), min_steps=int(opts["min_steps"]), tol=float(opts["tol"]),
-            max_steps=int(opts["max_steps"]), check_every=int(opts["check_every"]), lr=opts["lr"])
-        if opts["add_benign"]:
-            deltas = deltas + _benign_many(ctx, opts, gens[:k])
-        for info in infos:
-            log.debug("median_backdoor: %d steps, backdoor loss %.3g before boosting", info["steps"], info["mal_loss"])
-        return _copies(deltas, ctx.n_attackers)
-    rows: list[torch.Tensor] = []
-    for (x_own, y_own), gen in zip(ctx.attacker_data, gens):
-        if opts["share"] and rows:
-            rows.append(rows[0])
-            continue
-        delta, info = explicit_boosting(
-            ctx.model, ctx.global_flat, ctx.backdoor_x, ctx.backdoor_y, boost=opts["boost"],
-            min_steps=int(opts["min_steps"]), tol=float(opts["tol"]), max_steps=int(opts["max_steps"]),
-            check_every=int(opts["check_every"]), lr=opts["lr"], generator=gen, device=ctx.device)
-        if opts["add_benign"]:
-            delta = delta + benign_update(ctx.model, ctx.global_flat, x_own, y_own, epochs=opts["self_epochs"],
-                                          lr=opts["lr"], batch_size=opts["batch_size"], generator=gen)
+    gens = attacker_generators(ctx)[:_crafters(ctx, opts)]
+    layout = crafting_layout(ctx)
+    deltas, infos = explicit_boosting(
+        ctx.model, ctx.global_flat, ctx.backdoor_x, ctx.backdoor_y, boost=opts["boost"], generators=gens,
+        layout=layout, engine=ctx.engine, device=ctx.device, min_steps=int(opts["min_steps"]), tol=float(opts["tol"]),
+        max_steps=int(opts["max_steps"]), check_every=int(opts["check_every"]), lr=opts["lr"])
+    if opts["add_benign"]:
+        deltas = deltas + benign_updates(ctx.model, ctx.global_flat, ctx.attacker_data[:len(gens)], gens,
+                                         epochs=opts["self_epochs"], lr=opts["lr"], batch_size=opts["batch_size"],
+                                         layout=layout, engine=ctx.engine, device=ctx.device)
+    for info in infos:
         log.debug("median_backdoor: %d steps, backdoor loss %.3g before boosting", info["steps"], info["mal_loss"])
-        rows.append(delta)
-    return torch.stack(rows) if rows else ctx.global_flat.new_zeros(0, ctx.global_flat.numel())
+    return _copies(deltas, ctx.n_attackers)

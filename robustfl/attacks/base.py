@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustfl.engine import EngineOptions
+
 
 @dataclass
 class AttackContext:
@@ -38,6 +40,6 @@ class AttackContext:
     params: dict[str, Any] = field(default_factory=dict)  # the attack's own config parameters
     generator: torch.Generator | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # the stacked engine's layout (robustfl.engine.stacked.LAYOUTS) the attackers may craft with, all attackers
-    # at once (robustfl.attacks.vectorised); None: one model at a time through PyTorch's layers
-    layout: str | None = None
+    # how the engine computes (the run's): all attackers crafted at once where it trains with a stacked
+    # layout (robustfl.engine.options.EngineOptions.layout), else one model at a time
+    engine: EngineOptions = field(default_factory=lambda: EngineOptions(kind="sequential"))

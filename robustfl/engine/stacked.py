@@ -15,7 +15,6 @@ layout and the kernels are ours to pick and the step is plain autograd (which CU
     with ``groups = n`` (what vmap produces, without vmap's bookkeeping);
   - ``"channels_last"``: the same grouped convolution on channels-last (NHWC) memory, where cuDNN has
     other kernels;
-  - ``"loop"``: one ordinary convolution per client, ``(n, B, C, H, W)``;
   - ``"triton"``: the clients' activations in NHWC, ``(n, B, H, W, C)``, each convolution one
     implicit-GEMM Triton kernel over all clients (:mod:`robustfl.engine.triton_conv`; CUDA, or Triton's
     interpreter on the CPU; stride 1 only), with the ReLU or the 2x2 max-pool and ReLU that follow it
@@ -38,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYOUTS = ("grouped", "channels_last", "loop", "triton")
+from robustfl.engine.common import masked_ce
+from robustfl.engine.options import LAYOUTS
 _ELEMENTWISE = (nn.ReLU, nn.Identity, nn.Dropout)
 _LEAVES = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.Flatten) + _ELEMENTWISE
 
@@ -101,23 +101,6 @@ def _is_pool2(m: nn.Module) -> bool:
             and not m.return_indices)
 
 
-#: layout "triton" applies the ReLU / 2x2 max-pool + ReLU after a convolution inside its kernels
-#: (False: as separate PyTorch operations, for benchmarks that compare the two)
-FUSE_EPILOGUES = True
-#: layout "triton" applies ``[ReLU] [Dropout] Flatten`` after the convolutions as one kernel each way
-#: (robustfl.engine.triton_flatten; False: as PyTorch operations, for benchmarks that compare the two)
-FUSE_FLATTEN = True
-#: layout "triton": in ``conv -> ReLU -> conv`` the ReLU's backward runs in the second convolution's
-#: input-gradient kernel (robustfl.engine.triton_conv.conv_nhwc's ``relu_input`` / ``grad_masked``; False: as
-#: its own pass, for benchmarks that compare the two)
-FUSE_RELU_GRAD = True
-#: layout "triton": where a ``[ReLU] [Dropout] Flatten`` kernel follows a convolution (fmnist's second),
-#: its backward writes the gradient into a zero-bordered buffer from which the convolution's input-gradient
-#: kernel gathers without bounds tests (robustfl.engine.triton_conv.padded_base; S56; needs
-#: ``triton_conv.SEPARABLE_GATHER``; False: the bounds-tested gather, for benchmarks that compare the two)
-PAD_CONV_GRAD = True
-
-
 def _flatten_run(rest: list[tuple[str, nn.Module]]) -> tuple[bool, nn.Dropout | None, int]:
     """Whether ``rest`` starts with ``[ReLU] [Dropout] Flatten``, at least one of the first two present:
     (ReLU?, the Dropout or None, layers in the run), else (False, None, 0). Layout ``"triton"`` applies such
@@ -138,7 +121,7 @@ def _fusable(rest: list[tuple[str, nn.Module]]) -> str:
     """The epilogue (robustfl.engine.triton_conv.EPILOGUES) that the layers right after a convolution allow,
     in the order :func:`_pool_before_relu` leaves them: a 2x2 max-pool then a ReLU, or a ReLU (none
     where a ReLU starts a :func:`_flatten_run`, which applies it)."""
-    if not FUSE_EPILOGUES or (FUSE_FLATTEN and _flatten_run(rest)[2]):
+    if _flatten_run(rest)[2]:
         return "none"
     kinds = [m for _, m in rest[:2]]
     if len(kinds) == 2 and _is_pool2(kinds[0]) and type(kinds[1]) is nn.ReLU:
@@ -146,25 +129,6 @@ def _fusable(rest: list[tuple[str, nn.Module]]) -> str:
     if kinds and type(kinds[0]) is nn.ReLU:
         return "relu"
     return "none"
-
-
-def kernel_options() -> str:
-    """Every module-level option that changes the kernels a stacked step runs (this module's fusions,
-    and the Triton modules' tiles, layouts and precisions where they are loaded), as one string: part of
-    :mod:`robustfl.engine.train`'s key for CUDA graphs kept from one call to the next."""
-    import sys
-
-    opts: list[object] = [FUSE_EPILOGUES, FUSE_FLATTEN, FUSE_RELU_GRAD, PAD_CONV_GRAD]
-    tc, td = sys.modules.get("robustfl.engine.triton_conv"), sys.modules.get("robustfl.engine.triton_dense")
-    import robustfl
-
-    cur = getattr(robustfl, "triton_conv", None)  # an earlier commit's kernels, swapped in by a benchmark
-    conv = ("IGEMM_TILES", "WGRAD_TILES", "WGRAD_PROGRAMS", "IGEMM_CANDIDATES", "W_KMAJOR", "SEPARABLE_GATHER",
-            "WGRAD_KSUB", "WGRAD_TILES_PADDED", "DGRAD_TILES")
-    for mod, names in ((tc, conv), (cur, conv), (td, ("MIN_K", "MAX_TILES", "TILES", "PROGRAMS", "FP32_DOT"))):
-        if mod is not None:
-            opts += [id(mod)] + [getattr(mod, n, None) for n in names]
-    return repr(tuple(opts))
 
 
 def _to_merged(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -246,7 +210,7 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
     while pos < len(seq):
         prefix, m = seq[pos]
         pos += 1
-        run = _flatten_run(seq[pos - 1:]) if nhwc and FUSE_FLATTEN else (False, None, 0)
+        run = _flatten_run(seq[pos - 1:]) if nhwc else (False, None, 0)
         if run[2]:  # [ReLU] [Dropout] Flatten on NHWC activations: one kernel each way
             from robustfl.engine import triton_flatten
 
@@ -268,21 +232,17 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
                 epilogue = _fusable(seq[pos:])
                 used = {"none": 0, "relu": 1, "pool_relu": 2}[epilogue]  # the layers the kernels apply
                 nxt = seq[pos + used][1] if pos + used < len(seq) else None
-                hand_on = (FUSE_RELU_GRAD and epilogue == "relu" and isinstance(nxt, nn.Conv2d)
-                           and triton_conv.supported(nxt))
-                # a flatten kernel next, and an input gradient wanted: it borders its gradient with zeros
+                # conv -> ReLU -> conv: the ReLU's backward runs in the second's input-gradient kernel
+                hand_on = epilogue == "relu" and isinstance(nxt, nn.Conv2d) and triton_conv.supported(nxt)
+                # a flatten kernel next, and an input gradient wanted: it borders its gradient with zeros,
+                # which this convolution's input-gradient kernel gathers without bounds tests (S56)
                 border = m.kernel_size[0] - 1 - m.padding[0]
-                grad_pad = border if (PAD_CONV_GRAD and getattr(triton_conv, "SEPARABLE_GATHER", False)
-                                      and epilogue == "none" and FUSE_FLATTEN and _flatten_run(seq[pos:])[2]
-                                      and h.requires_grad and m.kernel_size[0] == m.kernel_size[1]
-                                      and border > 0) else 0
+                grad_pad = border if (epilogue == "none" and _flatten_run(seq[pos:])[2] and h.requires_grad
+                                      and m.kernel_size[0] == m.kernel_size[1] and border > 0) else 0
                 h = triton_conv.conv_nhwc(h, w, bias, m.padding[0], epilogue, relu_input=relu_input,
                                           grad_masked=hand_on, **({"grad_padded": True} if grad_pad else {}))
                 relu_input = hand_on
                 pos += used
-            elif layout == "loop":
-                h = torch.stack([F.conv2d(h[i], w[i], None if bias is None else bias[i], m.stride,
-                                          m.padding, m.dilation, m.groups) for i in range(n)])
             else:
                 if not merged:
                     h, merged = _to_merged(h, layout), True
@@ -322,10 +282,8 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
 def stacked_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                  mask: torch.Tensor, *, layout: str = "grouped") -> torch.Tensor:
     """Sum over the n clients of each one's mean cross-entropy over its real samples (``mask (n, B)``,
-    as :func:`robustfl.engine.train.masked_ce`); its gradient w.r.t. ``params`` stacks the clients' gradients."""
-    logits = stacked_logits(model, params, x, layout=layout).float()
-    ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view_as(mask)
-    return ((ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)).sum()
+    :func:`robustfl.engine.common.masked_ce`); its gradient w.r.t. ``params`` stacks the clients' gradients."""
+    return masked_ce(stacked_logits(model, params, x, layout=layout), y, mask).sum()
 
 
 def stacked_grads(model: nn.Module, names: Sequence[str], params: Sequence[torch.Tensor], x: torch.Tensor,

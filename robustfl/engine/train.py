@@ -1,11 +1,11 @@
 """Local training of the clients (Section 3.1 step 2, Section 6.1: Adam, lr 1e-3, E local epochs).
 
-Two engines that compute the same updates:
+Two engines that compute the same updates, chosen by :func:`train_clients` from ``EngineOptions.kind``:
 
-* :func:`train_vectorised` trains all clients of a round at once: the client parameters are stacked
-  into ``(n, *shape)`` tensors and one ``torch.func.vmap(grad(loss))`` call gives every client's
-  gradient for its own mini-batch; Adam is elementwise, so one Adam over the stacked tensors is n
-  independent Adams (:func:`adam_step`).
+* :func:`train_vectorised` trains all clients of a call at once on stacked ``(n, ...)`` parameters
+  (its jobs: :func:`_schedule` which clients each step computes, :func:`_step_state` the parameters and
+  Adam moments, kept CUDA graphs included, :func:`_gradient_fn` the step's gradients, :func:`_run_steps`
+  the steps);
 * :func:`train_sequential` is the plain reference: one model and one ``torch.optim.Adam`` per client.
 
 Both draw their mini-batches from the same :func:`batch_plan`, so with dropout off they agree to
@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import math
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +24,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from robustfl.engine import stacked
-from robustfl.config import PRECISIONS
-from robustfl.params import ParamSpec
-
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
+from robustfl.engine.adam import ADAM_BETAS, ADAM_EPS, adam_step, adam_step_uniform
+from robustfl.engine.common import masked_ce, prepare_inputs, x_shape_nchw
+from robustfl.engine.graphs import GraphCache, capture
+from robustfl.engine.options import LAYOUTS, PRECISIONS, EngineOptions
+from robustfl.params import ParamSpec, load_flat_, model_to_flat
 
 
 @dataclass
@@ -84,140 +82,6 @@ def concat_plans(plans: Sequence[BatchPlan]) -> BatchPlan:
     return BatchPlan(idx, mask)
 
 
-def masked_ce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the real (mask = 1) samples of a batch."""
-    ce = F.cross_entropy(logits.float(), y, reduction="none")
-    return (ce * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
-              exp_avg_sq: list[torch.Tensor], step: torch.Tensor, active: torch.Tensor, lr: float) -> None:
-    """One Adam step (Kingma & Ba 2015, as ``torch.optim.Adam`` computes it) on stacked ``(n, ...)``
-    tensors, in place. ``step (n,)`` counts each client's own steps; clients with ``active = 0`` (no real
-    sample in this batch) are left untouched, so unequal shards still give independent Adams."""
-    b1, b2 = ADAM_BETAS
-    step += active
-    bc1 = 1 - b1 ** step.clamp_min(1)
-    bc2_sqrt = torch.sqrt(1 - b2 ** step.clamp_min(1))
-    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
-        shape = (-1,) + (1,) * (p.dim() - 1)
-        a = active.view(shape).to(p.dtype)
-        m.mul_(1 - a * (1 - b1)).add_(a * (1 - b1) * g)
-        v.mul_(1 - a * (1 - b2)).add_(a * (1 - b2) * g * g)
-        denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(ADAM_EPS)
-        p.sub_(a * (lr / bc1.view(shape)) * m / denom)
-
-
-#: on CUDA, :func:`adam_step_uniform` runs PyTorch's fused Adam kernel (``torch.optim.Adam(fused=True)``'s
-#: arithmetic: one pass over parameters, gradients and moments instead of seven foreach passes)
-FUSED_ADAM_CUDA = True
-
-
-def adam_step_uniform(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
-                      exp_avg_sq: list[torch.Tensor], step: int, lr: float, *, fused: bool | None = None) -> None:
-    """:func:`adam_step` when every client is active and all have taken ``step`` steps: the same
-    arithmetic with scalar bias corrections, in a handful of foreach launches, or (``fused``; by default
-    on CUDA) in one launch of ``torch._fused_adam_``, the kernel behind ``torch.optim.Adam(fused=True)``
-    (the same update up to float rounding: tests/test_train.py)."""
-    b1, b2 = ADAM_BETAS
-    if fused is None:
-        fused = FUSED_ADAM_CUDA and params[0].is_cuda
-    if fused:  # the step count as a device scalar (a fill kernel, no host-device copy)
-        step_t = torch.full((), float(step), dtype=torch.float32, device=params[0].device)
-        grads = [g.contiguous() for g in grads]  # the kernel needs each gradient laid out as its parameter
-        torch._fused_adam_(params, grads, exp_avg, exp_avg_sq, [], [step_t] * len(params), lr=lr, beta1=b1,
-                           beta2=b2, weight_decay=0.0, eps=ADAM_EPS, amsgrad=False, maximize=False)
-        return
-    torch._foreach_lerp_(exp_avg, grads, 1 - b1)
-    torch._foreach_mul_(exp_avg_sq, b2)
-    torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - b2)
-    denom = torch._foreach_sqrt(exp_avg_sq)
-    torch._foreach_div_(denom, math.sqrt(1 - b2 ** step))
-    torch._foreach_add_(denom, ADAM_EPS)
-    torch._foreach_addcdiv_(params, exp_avg, denom, value=-lr / (1 - b1 ** step))
-
-
-_COMPILED: dict[tuple[int, int, int], object] = {}
-
-
-def _compiled(fn, model: nn.Module, n: int, batch_size: int):  # noqa: ANN001, ANN202
-    """torch.compile the per-step gradient function once per (model, n, batch) (CUDA graphs cut the
-    launch overhead that dominates small models)."""
-    key = (id(model), n, batch_size)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=False)
-    return _COMPILED[key]
-
-
-_TWINS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
-
-
-def _conv_twin(model: nn.Module, conv: str) -> nn.Module:
-    """``model`` itself (``"cudnn"``) or its cached :func:`~robustfl.models.with_matmul_convs` twin."""
-    if conv == "cudnn":
-        return model
-    if conv != "matmul":
-        raise ValueError(f"conv must be 'cudnn', 'matmul' or one of {stacked.LAYOUTS}, got {conv!r}")
-    from robustfl.models import with_matmul_convs
-
-    twin = _TWINS.get(model)
-    if twin is None:
-        twin = _TWINS[model] = with_matmul_convs(model)
-    return twin
-
-
-#: what ``conv="auto"`` means on a CUDA device, per model class, in fp32: the fastest layout with CUDA
-#: graphs for the paper's models. Session 4 measured grouped (fmnist) and channels-last (CIFAR-10,
-#: Kather) fastest among cuDNN's layouts (bench/results/kern_*_h100.json); session 5's implicit-GEMM
-#: Triton kernels, with their chosen tiles, beat both for every model at 10 and at 90/30 clients
-#: (kern_triton_*_h200.json; with the first tiles fmnist at 10 clients had lost, kern_triton_tiles1_*).
-AUTO_CUDA_CONV = {"FMNISTNet": "triton", "CIFARNet": "triton", "KatherNet": "triton"}
-#: in bf16 (session 4: channels-last the fastest cuDNN layout; session 5: Triton faster still, except
-#: CIFAR-10 at 10 clients, within 6%)
-AUTO_CUDA_CONV_BF16 = "triton"
-
-
-def triton_ready(model: nn.Module) -> bool:
-    """Whether the ``triton`` layout can compute ``model``: Triton is installed and every convolution
-    is one that :func:`robustfl.engine.triton_conv.supported` accepts."""
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None or not stacked.supports(model):
-        return False
-    from robustfl.engine import triton_conv
-
-    return all(triton_conv.supported(m) for _, m in stacked.layers(model) if isinstance(m, nn.Conv2d))
-
-
-def resolve_kernels(model: nn.Module, device: torch.device, conv: str = "auto", cuda_graph: bool | None = None,
-                    precision: str = "fp32") -> tuple[str, bool]:
-    """The ``conv`` and ``cuda_graph`` arguments of :func:`train_vectorised` for a run's settings.
-    ``conv="auto"``: on CUDA the layout of :data:`AUTO_CUDA_CONV` for the model's class (``"grouped"``
-    for others; :data:`AUTO_CUDA_CONV_BF16` in bf16; ``"grouped"`` where that is ``"triton"`` and
-    :func:`triton_ready` says no), on CPU or for a model :mod:`robustfl.engine.stacked` cannot compute vmap's
-    ``"cudnn"``. ``cuda_graph=None`` turns graphs on wherever they apply (CUDA and a stacked layout)."""
-    if conv == "auto":
-        if device.type == "cuda" and stacked.supports(model):
-            conv = AUTO_CUDA_CONV_BF16 if precision == "bf16" else AUTO_CUDA_CONV.get(type(model).__name__, "grouped")
-            if conv == "triton" and not triton_ready(model):
-                conv = "grouped"
-        else:
-            conv = "cudnn"
-    if cuda_graph is None:
-        cuda_graph = device.type == "cuda" and conv in stacked.LAYOUTS
-    return conv, bool(cuda_graph)
-
-
-#: a CUDA graph is captured only for a client count that at least this many steps of the call use
-#: (capture costs about three eager steps: two warm-up calls and the capture)
-GRAPH_MIN_STEPS = 8
-#: keep a call's CUDA graphs, with the parameter and Adam-state buffers and the static inputs they were
-#: captured on, for the next call of the same shapes, model, data tensors and kernel options (the next
-#: round of a run): that call copies its starting models in and replays, without warm-up steps or
-#: captures. At most this many sets are kept (least recently used dropped); 0 turns it off
-GRAPH_CACHE_SIZE = 2
-
-
 @dataclass
 class _GraphSet:
     """CUDA graphs of :func:`train_vectorised`'s step per number of active clients, and the buffers
@@ -230,35 +94,12 @@ class _GraphSet:
     graphs: dict[int, tuple]  # m -> (graph, static batch indices, static mask, static gradients)
 
 
-_GRAPH_SETS: "collections.OrderedDict[tuple, _GraphSet]" = collections.OrderedDict()
+_GRAPH_SETS = GraphCache()
 
 
 def clear_graph_cache() -> None:
     """Drop the CUDA graphs kept between :func:`train_vectorised` calls (and their memory)."""
     _GRAPH_SETS.clear()
-
-
-def _capture(fn, warmup: int = 2):  # noqa: ANN001, ANN202
-    """Capture ``fn()`` (no host synchronisation, fixed shapes, inputs in static tensors) as a CUDA
-    graph after ``warmup`` eager calls on a side stream (as torch.cuda.graph's documentation asks);
-    returns the graph and the outputs that every ``graph.replay()`` rewrites."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
-# the run precisions (RunConfig.precision): ``fp32`` -- PyTorch's defaults on CUDA (convolutions in
-# TF32, as cuDNN and the Triton kernels do by default, dense products in full FP32); ``tf32`` -- dense
-# products in TF32 as well (TensorFlow's default on Ampere and later GPUs, and so the precision the
-# paper's TensorFlow code gets on such a GPU); ``bf16`` -- autocast to bfloat16. On the CPU all three
-# compute in FP32. Names: robustfl.config.PRECISIONS.
 
 
 @contextlib.contextmanager
@@ -285,178 +126,214 @@ def precision_context(device: torch.device, precision: str, *, autocast: bool = 
 def train_vectorised(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                      shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
                      generator: torch.Generator | None, precision: str = "fp32",
-                     plan: BatchPlan | None = None, compile: bool = False, conv: str = "cudnn",
-                     skip_idle: bool = True, cuda_graph: bool = False) -> torch.Tensor:
-    """Train ``len(shards)`` clients from the global model at once; return their updates
-    ``delta_i = w_i - theta`` as an ``(n, d)`` tensor (Section 3.1).
-
-    ``theta`` is the global model ``(d,)``, or one starting model per client ``(n, d)`` (several
-    simulations packed into one call, see :func:`robustfl.fl.simulate.simulate_many`). ``x`` holds the
-    training inputs (uint8 NHWC or float NCHW) and ``y`` the labels, on the device; ``shards[i]`` are
-    client i's indices into them. ``plan`` overrides the batch plan drawn from ``generator``.
-    ``conv`` picks how the vmapped convolutions compute: ``"cudnn"`` (grouped convolution, one group
-    per client; the default, measured faster on an H100, bench/README.md) or ``"matmul"`` (im2col +
-    batched GEMM, :class:`robustfl.models.Conv2dMM`); both give the same function (tests/test_train.py).
-    ``conv`` = ``"grouped"``, ``"channels_last"`` or ``"loop"`` computes the clients' forward pass
-    explicitly instead of through vmap (:mod:`robustfl.engine.stacked`, with that convolution layout) and takes
-    the gradients with one plain backward pass; ``cuda_graph`` (CUDA only, with those three) then
-    captures that forward and backward as a CUDA graph and replays it, removing the per-kernel launch
-    cost (the Adam step stays eager). One graph per number of clients computed: with idle clients
-    skipped that number only falls during a call, so each graph is captured when its first step comes
-    (if at least :data:`GRAPH_MIN_STEPS` steps will use it; shorter stretches run eagerly) and freed
-    when the number falls.
-
-    ``skip_idle``: clients whose batches have run out (unequal shards, packed runs of different sizes)
-    are not computed. Clients are ordered by their number of batches, longest first, so that the active
-    ones at any step are a prefix of the stacked parameters and each step trains views of that prefix;
-    the updates are the same as with every client computed on masked batches (tests/test_train.py).
-    Off under ``compile`` (a changing client count would recompile the step).
+                     plan: BatchPlan | None = None, options: EngineOptions | None = None) -> torch.Tensor:
+    """Train ``len(shards)`` clients at once from ``theta (d,)`` (or client i from ``theta[i]`` of
+    ``(n, d)``: packed runs) on ``x[shards[i]]``; return the updates ``w_i - theta`` ``(n, d)`` (Section 3.1).
+    The clients' parameters are stacked ``(n, ...)``; one step computes every client's gradient on its
+    own batch -- ``vmap(grad(loss))`` (``options.conv`` "vmap", any model) or the stacked forward pass and
+    one backward (a layout of :mod:`robustfl.engine.stacked`), optionally replayed from CUDA graphs (one
+    per number of clients computed, kept for the next call: ``options.cuda_graph``, ``graph_min_steps``,
+    ``graph_cache``) -- and one Adam over the stacked tensors is n independent Adams. Clients whose
+    batches have run out are not computed (``options.skip_idle``: ordered longest first, the active ones
+    are a prefix; the same updates as masked batches). ``plan`` overrides the batches drawn from
+    ``generator``; ``options`` default to vmap without graphs, ``auto`` resolved for the model and device.
     """
     n = len(shards)
     d = theta.shape[-1]
     if n == 0:
         return theta.new_zeros(0, d)
     device = theta.device
-    spec = ParamSpec(model)
+    opts = (options or EngineOptions(conv="vmap", cuda_graph=False)).replace(kind="vectorised")
+    opts = opts.resolve(model, device, precision)
+    _check_device(opts, device)
     if plan is None:
         plan = batch_plan(shards, epochs, batch_size, generator)
     theta_n = theta.detach().expand(n, d) if theta.dim() == 1 else theta.detach()
-    real = plan.mask.sum(2) > 0  # (n, steps): client i has a real sample at step s
-    # steps where every client has a real sample: the common case, with one shared step count, takes
-    # the foreach fast path; the masked per-client path starts at the first step where one idles
-    # (padding only ever trails, see batch_plan). The same for any client order.
-    all_active = real.all(0).tolist()
-    order = n_active = None  # n_active: clients computed at each step, the prefix that still has batches
-    if skip_idle and not compile:
-        n_steps = torch.where(real.any(1), plan.steps - real.flip(1).int().argmax(1), 0)
-        if bool((n_steps != n_steps[0]).any()):
-            order = torch.argsort(n_steps, descending=True, stable=True)
-            plan = BatchPlan(plan.idx[order], plan.mask[order])
-            theta_n = theta_n[order.to(theta_n.device)]
-            steps = torch.arange(plan.steps, device=n_steps.device)
-            n_active = (n_steps[order].unsqueeze(1) > steps).sum(0).tolist()
-    unflat = spec.unflatten(theta_n.contiguous())
-    names = spec.names
-    gset = None
-    if cuda_graph and GRAPH_CACHE_SIZE > 0 and conv in stacked.LAYOUTS and device.type == "cuda":
-        key = (id(model), conv, precision, n, batch_size, tuple(spec.shapes), x.data_ptr(), tuple(x.shape), x.dtype,
-               y.data_ptr(), tuple(y.shape), str(device), torch.backends.cuda.matmul.allow_tf32,
-               torch.backends.cudnn.allow_tf32, stacked.kernel_options())
-        gset = _GRAPH_SETS.pop(key, None)
-        if gset is None:
-            gset = _GraphSet(model, [unflat[k].clone() for k in names], [torch.zeros_like(unflat[k]) for k in names],
-                             [torch.zeros_like(unflat[k]) for k in names], {})
-        else:  # the buffers the kept graphs read: this call's starting models, fresh Adam states
-            for p, k in zip(gset.params, names):
-                p.copy_(unflat[k])
-            for t in gset.exp_avg + gset.exp_avg_sq:
-                t.zero_()
-        _GRAPH_SETS[key] = gset  # most recently used last
-        while len(_GRAPH_SETS) > GRAPH_CACHE_SIZE:
-            _GRAPH_SETS.popitem(last=False)
-        params, exp_avg, exp_avg_sq = gset.params, gset.exp_avg, gset.exp_avg_sq
-    else:
-        params = [unflat[k].clone() for k in names]
-        exp_avg = [torch.zeros_like(p) for p in params]
-        exp_avg_sq = [torch.zeros_like(p) for p in params]
-    step = torch.zeros(n, device=device)
+    sched = _schedule(plan, opts.skip_idle)
+    if sched.order is not None:
+        theta_n = theta_n[sched.order.to(theta_n.device)]
+    spec = ParamSpec(model)
+    key = (id(model), opts, precision, n, batch_size, tuple(spec.shapes), x.data_ptr(), tuple(x.shape), x.dtype,
+           y.data_ptr(), tuple(y.shape), str(device), torch.backends.cuda.matmul.allow_tf32,
+           torch.backends.cudnn.allow_tf32)
+    state = _step_state(model, spec, theta_n, opts, key)
+    grads_of = _gradient_fn(model, spec.names, x, y, batch_size, opts.conv, precision, device)
+    was_training = model.training
+    model.train()
+    try:
+        _run_steps(state, sched, grads_of, sched.plan.idx.to(device), sched.plan.mask.to(device), lr, opts)
+    finally:
+        model.train(was_training)
+    out = spec.flatten(dict(zip(spec.names, state.params))) - theta_n
+    if sched.order is not None:  # back to the callers' client order
+        out = out[torch.argsort(sched.order).to(out.device)]
+    return out
 
-    if conv in stacked.LAYOUTS:
-        if compile:
-            raise ValueError(f"compile applies to the vmap engine (conv 'cudnn' or 'matmul'), not conv={conv!r}")
-        net = model
 
-        def grad_all(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor,
-                     mb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return stacked.stacked_grads(net, names, p, xb, yb, mb, layout=conv)
-    else:
-        if cuda_graph:
-            raise ValueError(f"cuda_graph needs conv in {stacked.LAYOUTS}, got {conv!r}")
-        net = _conv_twin(model, conv)
-
-        def loss_one(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
-            out = functional_call(net, dict(zip(names, p)), (xb,))
-            return masked_ce(out, yb, mb)
-
-        grad_all = vmap(grad(loss_one), in_dims=(0, 0, 0, 0), randomness="different")
-        if compile:
-            grad_all = _compiled(grad_all, model, n, batch_size)
-    if cuda_graph and device.type != "cuda":
+def _check_device(opts: EngineOptions, device: torch.device) -> None:
+    """Refuse options the device cannot run: CUDA graphs off CUDA or with vmap, Triton kernels on the CPU
+    without Triton's interpreter."""
+    if opts.cuda_graph and opts.conv not in LAYOUTS:
+        raise ValueError(f"cuda_graph needs conv in {LAYOUTS}, got {opts.conv!r}")
+    if opts.cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
-    if conv == "triton" and device.type != "cuda":
+    if opts.conv == "triton" and device.type != "cuda":
         from robustfl.engine import triton_conv  # its kernels were compiled or interpreted as decided at import
 
         if not triton_conv.INTERPRET:
             raise ValueError(f"conv 'triton' needs a CUDA device (or TRITON_INTERPRET=1), got {device}")
-    idx, mask = plan.idx.to(device), plan.mask.to(device)
+
+
+@dataclass
+class _Schedule:
+    """Which clients each step computes: the plan (reordered longest first when idle clients are
+    skipped, ``order``), the number of clients computed at each step (``n_active``, a prefix; None: all),
+    and the steps where every client has a real sample (``all_active``: the uniform Adam)."""
+
+    plan: BatchPlan
+    order: torch.Tensor | None
+    n_active: list[int] | None
+    all_active: list[bool]
+
+
+def _schedule(plan: BatchPlan, skip_idle: bool) -> _Schedule:
+    """:class:`_Schedule` of ``plan``. Steps where every client has a real sample are the common case and
+    take the foreach fast path; the masked per-client path starts at the first step where one idles
+    (padding only ever trails, see batch_plan), the same for any client order."""
+    real = plan.mask.sum(2) > 0  # (n, steps): client i has a real sample at step s
+    all_active = real.all(0).tolist()
+    if skip_idle:
+        n_steps = torch.where(real.any(1), plan.steps - real.flip(1).int().argmax(1), 0)
+        if bool((n_steps != n_steps[0]).any()):
+            order = torch.argsort(n_steps, descending=True, stable=True)
+            steps = torch.arange(plan.steps, device=n_steps.device)
+            n_active = (n_steps[order].unsqueeze(1) > steps).sum(0).tolist()
+            return _Schedule(BatchPlan(plan.idx[order], plan.mask[order]), order, n_active, all_active)
+    return _Schedule(plan, None, None, all_active)
+
+
+@dataclass
+class _StepState:
+    """The stacked parameters and Adam moments a call trains (``(n, ...)`` per parameter), and the CUDA
+    graphs kept with them (None: no graphs kept)."""
+
+    params: list[torch.Tensor]
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    kept: _GraphSet | None
+
+
+def _step_state(model: nn.Module, spec: ParamSpec, theta_n: torch.Tensor, opts: EngineOptions,
+                key: tuple) -> _StepState:
+    """The call's starting models and fresh Adam states; with CUDA graphs kept between calls
+    (``opts.graph_cache``), in the buffers of the set kept under ``key`` (which its graphs read)."""
+    unflat = spec.unflatten(theta_n.contiguous())
+    names = spec.names
+    if not (opts.cuda_graph and opts.graph_cache > 0 and theta_n.device.type == "cuda"):
+        params = [unflat[k].clone() for k in names]
+        return _StepState(params, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params], None)
+    gset = _GRAPH_SETS.take(key)
+    if gset is None:
+        gset = _GraphSet(model, [unflat[k].clone() for k in names], [torch.zeros_like(unflat[k]) for k in names],
+                         [torch.zeros_like(unflat[k]) for k in names], {})
+    else:  # the buffers the kept graphs read: this call's starting models, fresh Adam states
+        for p, k in zip(gset.params, names):
+            p.copy_(unflat[k])
+        for t in gset.exp_avg + gset.exp_avg_sq:
+            t.zero_()
+    _GRAPH_SETS.keep(key, gset, opts.graph_cache)
+    return _StepState(gset.params, gset.exp_avg, gset.exp_avg_sq, gset)
+
+
+GradsOf = Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], list[torch.Tensor]]
+
+
+def _gradient_fn(model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 conv: str, precision: str, device: torch.device) -> GradsOf:
+    """``grads_of(params, idx (m, B), mask (m, B))``: every client's gradient of its masked mean
+    cross-entropy on its batch (``x[idx]``), fp32, by ``vmap(grad(loss))`` over the per-client models
+    (``conv`` "vmap") or by the stacked forward pass and one backward (a stacked layout)."""
+    if conv in LAYOUTS:
+        def grad_all(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor,
+                     mb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return stacked.stacked_grads(model, names, p, xb, yb, mb, layout=conv)
+    else:
+        def loss_one(p: tuple[torch.Tensor, ...], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+            out = functional_call(model, dict(zip(names, p)), (xb,))
+            return masked_ce(out, yb, mb)
+
+        grad_all = vmap(grad(loss_one), in_dims=(0, 0, 0, 0), randomness="different")
     shape = x_shape_nchw(x)
 
     def grads_of(p_m: list[torch.Tensor], bi: torch.Tensor, mb: torch.Tensor) -> list[torch.Tensor]:
         xb = prepare_inputs(x[bi.reshape(-1)]).reshape(len(bi), batch_size, *shape)
         with precision_context(device, precision):
             return [g.float() for g in grad_all(tuple(p_m), xb, y[bi], mb)]
+    return grads_of
 
+
+def _run_steps(state: _StepState, sched: _Schedule, grads_of: GradsOf, idx: torch.Tensor, mask: torch.Tensor,
+               lr: float, opts: EngineOptions) -> None:
+    """Every step of the plan on the first m clients (views of the stacked state, updated in place):
+    gradients (eager, or a CUDA graph per client count m, captured when m first comes if
+    ``opts.graph_min_steps`` steps use it, or kept from an earlier call), then Adam: uniform while every
+    client has a real sample, then masked per client."""
+    params, exp_avg, exp_avg_sq = state.params, state.exp_avg, state.exp_avg_sq
+    n = len(params[0])
+    steps = idx.shape[1]
+    step = torch.zeros(n, device=idx.device)
     graph = graph_m = None  # the CUDA graph in use and the number of clients it computes
-    steps_with = collections.Counter([n] * plan.steps if n_active is None else n_active)
+    steps_with = collections.Counter([n] * steps if sched.n_active is None else sched.n_active)
     k = 0
     masked_mode = False
-    was_training = net.training
-    net.train()
-    try:
-        for s in range(plan.steps):
-            m = n if n_active is None else n_active[s]
-            # the first m clients (all, unless idle ones are skipped): views, updated in place
-            p_m, a_m, v_m = ((params, exp_avg, exp_avg_sq) if m == n else
-                             ([t[:m] for t in params], [t[:m] for t in exp_avg], [t[:m] for t in exp_avg_sq]))
-            mb = mask[:m, s]
-            if cuda_graph and m != graph_m:  # the active prefix shrank (or the first step): new graph
-                graph = graph_m = static_grads = None
-                if gset is not None and m in gset.graphs:  # kept from an earlier call
-                    graph, static_bi, static_mb, static_grads = gset.graphs[m]
-                    graph_m = m
-                elif steps_with[m] >= GRAPH_MIN_STEPS:
-                    static_bi, static_mb = idx[:m, s].clone(), mb.clone()
-                    graph, static_grads = _capture(
-                        lambda p_m=p_m, bi=static_bi, mbs=static_mb: grads_of(p_m, bi, mbs))
-                    graph_m = m
-                    if gset is not None:
-                        gset.graphs[m] = (graph, static_bi, static_mb, static_grads)
-            if graph is not None:
-                static_bi.copy_(idx[:m, s])
-                static_mb.copy_(mb)
-                graph.replay()
-                grads = static_grads
-            else:
-                grads = grads_of(p_m, idx[:m, s], mb)
-            if not masked_mode and all_active[s]:
-                k += 1
-                adam_step_uniform(p_m, grads, a_m, v_m, k, lr)
-            else:
-                if not masked_mode:
-                    masked_mode = True
-                    step.fill_(k)
-                adam_step(p_m, grads, a_m, v_m, step[:m], (mb.sum(1) > 0).float(), lr)
-    finally:
-        net.train(was_training)
-    out = spec.flatten(dict(zip(names, params))) - theta_n
-    if order is not None:  # back to the callers' client order
-        out = out[torch.argsort(order).to(out.device)]
-    return out
+    for s in range(steps):
+        m = n if sched.n_active is None else sched.n_active[s]
+        p_m, a_m, v_m = ((params, exp_avg, exp_avg_sq) if m == n else
+                         ([t[:m] for t in params], [t[:m] for t in exp_avg], [t[:m] for t in exp_avg_sq]))
+        mb = mask[:m, s]
+        if opts.cuda_graph and m != graph_m:  # the active prefix shrank (or the first step): new graph
+            graph = graph_m = static_grads = None
+            if state.kept is not None and m in state.kept.graphs:  # kept from an earlier call
+                graph, static_bi, static_mb, static_grads = state.kept.graphs[m]
+                graph_m = m
+            elif steps_with[m] >= opts.graph_min_steps:
+                static_bi, static_mb = idx[:m, s].clone(), mb.clone()
+                graph, static_grads = capture(lambda p_m=p_m, bi=static_bi, mbs=static_mb: grads_of(p_m, bi, mbs))
+                graph_m = m
+                if state.kept is not None:
+                    state.kept.graphs[m] = (graph, static_bi, static_mb, static_grads)
+        if graph is not None:
+            static_bi.copy_(idx[:m, s])
+            static_mb.copy_(mb)
+            graph.replay()
+            grads = static_grads
+        else:
+            grads = grads_of(p_m, idx[:m, s], mb)
+        if not masked_mode and sched.all_active[s]:
+            k += 1
+            adam_step_uniform(p_m, grads, a_m, v_m, k, lr)
+        else:
+            if not masked_mode:
+                masked_mode = True
+                step.fill_(k)
+            adam_step(p_m, grads, a_m, v_m, step[:m], (mb.sum(1) > 0).float(), lr)
 
 
 def train_sequential(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                      shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
-                     generator: torch.Generator, precision: str = "fp32") -> torch.Tensor:
-    """Reference engine: clients one after the other, each with its own ``torch.optim.Adam``.
-    Same batches as :func:`train_vectorised` (same ``generator`` state -> same :func:`batch_plan`)."""
-    from robustfl.params import load_flat_, model_to_flat
-
+                     generator: torch.Generator | None, precision: str = "fp32",
+                     plan: BatchPlan | None = None) -> torch.Tensor:
+    """Reference engine: clients one after the other, each with its own ``torch.optim.Adam``, from
+    ``theta (d,)`` or client i from ``theta[i]`` of ``(n, d)``. Same batches as :func:`train_vectorised`
+    (same ``generator`` state -> same :func:`batch_plan`; or the given ``plan``)."""
     device = theta.device
-    plan = batch_plan(shards, epochs, batch_size, generator)
+    if plan is None:
+        plan = batch_plan(shards, epochs, batch_size, generator)
     out = []
     was_training = model.training
     for i in range(len(shards)):
-        load_flat_(model, theta)
+        start = theta if theta.dim() == 1 else theta[i]
+        load_flat_(model, start)
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
         for s in range(plan.steps):
@@ -471,31 +348,31 @@ def train_sequential(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: 
             with precision_context(device, precision, autocast=False):
                 loss.backward()
             opt.step()
-        out.append(model_to_flat(model) - theta)
+        out.append(model_to_flat(model) - start)
     model.train(was_training)
-    return torch.stack(out) if out else theta.new_zeros(0, theta.numel())
+    return torch.stack(out) if out else theta.new_zeros(0, theta.shape[-1])
 
 
-def x_shape_nchw(x: torch.Tensor) -> tuple[int, int, int]:
-    """(C, H, W) of a batch of images stored as uint8 NHWC or float NCHW."""
-    if x.dtype == torch.uint8:
-        return (x.shape[3], x.shape[1], x.shape[2])
-    return tuple(x.shape[1:])  # type: ignore[return-value]
-
-
-def prepare_inputs(xb: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW in [0, 1]; float inputs pass through."""
-    if xb.dtype == torch.uint8:
-        return xb.permute(0, 3, 1, 2).float().div_(255.0)
-    return xb
+def train_clients(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                  shards: Sequence[torch.Tensor], *, epochs: int, batch_size: int, lr: float,
+                  options: EngineOptions, precision: str = "fp32", generator: torch.Generator | None = None,
+                  plan: BatchPlan | None = None) -> torch.Tensor:
+    """Local training of ``len(shards)`` clients (Section 3.1 step 2: E epochs of Adam mini-batch steps
+    on client i's shard, the indices ``shards[i]`` into ``x``, ``y``) from ``theta (d,)``, or client i from
+    ``theta[i]`` of ``(n, d)`` (several runs packed into one call); returns the updates ``w_i - theta``
+    ``(n, d)``. The mini-batches are ``plan``, else drawn from ``generator`` (:func:`batch_plan`);
+    ``options.kind`` picks the engine (resolved for the model and ``theta``'s device)."""
+    opts = options.resolve(model, theta.device, precision)
+    kw = dict(epochs=epochs, batch_size=batch_size, lr=lr, generator=generator, precision=precision, plan=plan)
+    if opts.kind == "sequential":
+        return train_sequential(model, theta, x, y, shards, **kw)
+    return train_vectorised(model, theta, x, y, shards, options=opts, **kw)
 
 
 def train_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
                  lr: float, generator: torch.Generator) -> None:
     """Train ``model`` in place on (x, y) with Adam: the server's own training (FLARE's pre-training on
     the auxiliary set, Section 5.2; FLTrust's root-set update, Cao et al. 2021)."""
-    from robustfl.params import load_flat_, model_to_flat
-
     theta = model_to_flat(model)
     shard = torch.arange(len(y))
     delta = train_sequential(model, theta, x, y, [shard], epochs=epochs, batch_size=batch_size, lr=lr,
@@ -518,7 +395,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 
 @torch.no_grad()
-def stacked_plrs(model: nn.Module, flats: torch.Tensor, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def model_plrs(model: nn.Module, flats: torch.Tensor, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """PLRs of n models (rows of ``flats (n, d)``) on the same inputs: ``(n, m, o)`` (Alg. 1 lines 4-5).
     Models run in eval mode (no dropout); ``chunk`` bounds memory for large n."""
     spec = ParamSpec(model)

@@ -102,7 +102,7 @@ def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT,
                   PREC: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   SEP: tl.constexpr = False, EVEN: tl.constexpr = False):
     """y[g, m, n] = epilogue(sum_k A[g, m, k] w[g, k, n] (+ b[g, n])), w at strides (w_sg, w_sk, w_sn) (K-major,
-    w_sk = 1, or N-major, w_sn = 1: :data:`W_KMAJOR`); A gathered from a (G, B, HIN, WIN,
+    w_sk = 1, as :func:`_gemm_weight` lays it out, or N-major, w_sn = 1); A gathered from a (G, B, HIN, WIN,
     CIN): row m = (b, oh, ow) of the output grid (:func:`_rows`; 2x2 windows for EPI 2), column
     k = (kh, kw, ci), A = a[g, b, oh + SGN*kh + OFF, ow + SGN*kw + OFF, ci] (0 outside). EPI 0: y as is;
     1: max(y, 0); 2: each window's maximum, then max(., 0), stored pooled with the window position of
@@ -348,10 +348,6 @@ WGRAD_TILES_PADDED = Tiles(bm=32, bn=64, bk=32)
 #: the weight-gradient reduction is split until about this many programs run (a few per multiprocessor;
 #: 1024 before S57's sub-blocks, whose partial sums are 5x fewer programs' worth of work each)
 WGRAD_PROGRAMS = 512
-#: where a convolution window never leaves its input (the forward pass of an unpadded layer, and its
-#: weight gradient), gather through a separable address (row part + column part) without per-element
-#: bounds tests, and without masks where the tiles divide the shapes (S55)
-SEPARABLE_GATHER = True
 #: the most BK-row blocks of the weight gradient one program computes from one read of each dy tile
 #: (the kernel's KSUB, 1 to 5; :func:`_wgrad_ksub`): every program re-reads all of dy for its rows, so
 #: dy is read cdiv(K, BK * KSUB) times (S57)
@@ -391,7 +387,7 @@ def _prec(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+def acc_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     """Accumulator: float64 for float64 inputs (exact tests), else float32."""
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
@@ -399,7 +395,7 @@ def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
 _EPI = {name: i for i, name in enumerate(EPILOGUES)}
 
 
-def _on(t: torch.Tensor) -> contextlib.AbstractContextManager:
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on ``t``'s GPU: Triton launches on the current CUDA device, which need not be the one
     holding the tensors (a run on ``cuda:1`` of a multi-GPU host; found in the session-6 pipeline run)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -429,14 +425,14 @@ def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: i
     bn = _bn(cout, tiles.bn)
     grid = (triton.cdiv(m, tiles.bm), triton.cdiv(cout, bn), g)
     sep, even = _igemm_gather(m, kh * kw * cin, cout, tiles, sgn, off)
-    with _on(a):
+    with on_device(a):
         aux = relu_of if relu_of is not None else (y if code is None else code)
         if relu_of is not None and (relu_of.shape != y.shape or not relu_of.is_contiguous()):
             raise ValueError(f"_igemm: relu_of {tuple(relu_of.shape)} must be contiguous and shaped as the output {tuple(y.shape)}")
         _igemm_kernel[grid](a, wk, bias if bias is not None else wk, y, aux, m, hin, win,
                             hout, wout, ph, pw, a.stride(0), y.stride(0), *wk.stride(), CIN=cin, COUT=cout, KH=kh, KW=kw,
                             SGN=sgn, OFF=off, EPI=epi, HAS_BIAS=bias is not None, PREC=_prec(a.dtype),
-                            ACC=_acc(a.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk, SEP=sep, EVEN=even,
+                            ACC=acc_dtypes(a.dtype)[1], BM=tiles.bm, BN=bn, BK=tiles.bk, SEP=sep, EVEN=even,
                             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return y, code
 
@@ -452,7 +448,7 @@ def _unpool(dyp: torch.Tensor, code: torch.Tensor, hout: int, wout: int) -> torc
     total = dz.numel()
     # the interpreter's cost is per program: few, large blocks there
     block = min(max(UNPOOL_BLOCK, triton.next_power_of_2(total)), 1 << 20) if INTERPRET else UNPOOL_BLOCK
-    with _on(dyp):
+    with on_device(dyp):
         _unpool_kernel[(triton.cdiv(total, block),)](dyp, code, dz, total, hout, wout, ph, pw, C=c, BLOCK=block)
     return dz
 
@@ -465,7 +461,7 @@ def _kn_divide(k: int, cout: int, tiles: Tiles) -> bool:
 
 def _igemm_gather(m: int, k: int, cout: int, tiles: Tiles, sgn: int, off: int) -> tuple[bool, bool]:
     """:func:`_igemm_kernel`'s SEP and EVEN for ``m`` rows, ``k`` = KH*KW*CIN and ``cout`` columns."""
-    sep = SEPARABLE_GATHER and sgn == 1 and off == 0
+    sep = sgn == 1 and off == 0  # the window never leaves the input: separable gather (S55)
     return sep, sep and m % tiles.bm == 0 and _kn_divide(k, cout, tiles)
 
 
@@ -473,31 +469,37 @@ def wgrad_tiles(pad: int, k: int) -> Tiles:
     """The weight-gradient kernel's tiles for a layer with zero padding ``pad`` and K = ``k``:
     :data:`WGRAD_TILES_PADDED` where it takes the bounds-tested gather over more than one K block (where
     it was measured), else :data:`WGRAD_TILES`."""
-    padded = not (SEPARABLE_GATHER and pad == 0) and k > WGRAD_TILES.bk
+    padded = pad != 0 and k > WGRAD_TILES.bk
     return WGRAD_TILES_PADDED if padded else WGRAD_TILES
 
 
-def _wgrad_ksub(k: int, tiles: Tiles, m: int | None = None, cout: int = 0, g: int = 1) -> int:
-    """:func:`_wgrad_kernel`'s KSUB for K = ``k``: the largest count up to :data:`WGRAD_KSUB` that divides
+def _wgrad_ksub(k: int, tiles: Tiles, m: int | None = None, cout: int = 0, g: int = 1,
+                most: int | None = None) -> int:
+    """:func:`_wgrad_kernel`'s KSUB for K = ``k``: the largest count up to ``most`` (:data:`WGRAD_KSUB`) that divides
     the BK-row blocks (fmnist's 5x5x64 layer: 50 blocks, 5 a program; a 3x3x64 layer: 18 blocks, 3) and,
     given the layer's ``m`` rows, ``cout`` and ``g`` clients, still leaves :data:`SMS` programs at the
     most chunks the split allows (CIFAR-10's 4x4-output layer, 10 clients: one chunk, 18 blocks; KSUB 3
     left 60 programs, 0.31 ms against 0.11 ms with KSUB 1: bench/results/wgrad_sweep_s11_h100.json)."""
     blocks = triton.cdiv(k, tiles.bk)
-    most = 1 if m is None else triton.cdiv(m, 8 * tiles.bm) * triton.cdiv(cout, _bn(cout, tiles.bn)) * g
-    return max(j for j in range(1, max(1, min(WGRAD_KSUB, 5)) + 1)
-               if blocks % j == 0 and (j == 1 or m is None or blocks // j * most >= SMS))
+    chunks = 1 if m is None else triton.cdiv(m, 8 * tiles.bm) * triton.cdiv(cout, _bn(cout, tiles.bn)) * g
+    most = WGRAD_KSUB if most is None else most
+    return max(j for j in range(1, max(1, min(most, 5)) + 1)
+               if blocks % j == 0 and (j == 1 or m is None or blocks // j * chunks >= SMS))
 
 
-def _wgrad_split(m: int, k: int, cout: int, g: int, pad: int, tiles: Tiles) -> tuple[int, int, bool, bool]:
+def _wgrad_split(m: int, k: int, cout: int, g: int, pad: int, tiles: Tiles, programs: int | None = None,
+                 ksub: int | None = None) -> tuple[int, int, bool, bool]:
     """How :func:`_wgrad_kernel` splits its reduction over ``m`` rows: ``(chunks S, rows per chunk, SEP,
-    EVEN)``. S is what makes about :data:`WGRAD_PROGRAMS` programs (at least 8 row blocks a chunk); with
+    EVEN)``. S is what makes about ``programs`` (:data:`WGRAD_PROGRAMS`) programs (at least 8 row blocks a chunk); with
     the separable gather and whole row blocks, the nearest S up to twice as many that divides the blocks
     (fmnist's 5x5x64 layer: 400 blocks of 64 rows in 8 chunks, not 6; with session 10's KSUB 1 and 1024
-    programs, 4, not 3), so that no chunk needs masks. The programs of a chunk: K blocks / KSUB (:func:`_wgrad_ksub`) x output-channel tiles."""
-    tiles_kn = triton.cdiv(k, tiles.bk) // _wgrad_ksub(k, tiles, m, cout, g) * triton.cdiv(cout, _bn(cout, tiles.bn))
-    s = max(1, min(triton.cdiv(m, 8 * tiles.bm), triton.cdiv(WGRAD_PROGRAMS, tiles_kn * g)))
-    sep = SEPARABLE_GATHER and pad == 0
+    programs, 4, not 3), so that no chunk needs masks. The programs of a chunk: K blocks / KSUB
+    (:func:`_wgrad_ksub`, at most ``ksub``) x output-channel tiles."""
+    programs = WGRAD_PROGRAMS if programs is None else programs
+    tiles_kn = (triton.cdiv(k, tiles.bk) // _wgrad_ksub(k, tiles, m, cout, g, ksub)
+                * triton.cdiv(cout, _bn(cout, tiles.bn)))
+    s = max(1, min(triton.cdiv(m, 8 * tiles.bm), triton.cdiv(programs, tiles_kn * g)))
+    sep = pad == 0
     if sep and m % tiles.bm == 0:
         blocks = m // tiles.bm
         s = next((c for c in range(s, 2 * s + 1) if blocks % c == 0), s)
@@ -507,14 +509,16 @@ def _wgrad_split(m: int, k: int, cout: int, g: int, pad: int, tiles: Tiles) -> t
 
 
 def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles: Tiles, *,
-           bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+           bias: bool = False, programs: int | None = None,
+           ksub: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight gradient ``(G, COUT, CIN, KH, KW)`` (the weight's own layout) and, with ``bias``, the bias
     gradient ``(G, COUT)``, both fp32 (fp64 for fp64 inputs); ``dy`` contiguous along its channels (any
     other strides: the inside of :func:`padded_base`'s buffer). The bias gradient is summed inside the
     kernel only where K is one block (a first layer); elsewhere by ``torch.sum``: summing it in the
     kernel, even in the first K block's programs only, slowed the whole kernel (fmnist's 5x5x64 layer
     0.78 -> 1.03 ms, Kather's second 1.48 -> 1.96 ms; the separate sum 0.06 / 0.17 ms:
-    bench/results/triton_conv_large_s7_h100.json, H100)."""
+    bench/results/triton_conv_large_s7_h100.json, H100). ``programs``, ``ksub``: :func:`_wgrad_split`'s
+    (benchmarks' sweeps; by default :data:`WGRAD_PROGRAMS`, :data:`WGRAD_KSUB`)."""
     g, b, hin, win, cin = x.shape
     _, _, hout, wout, cout = dy.shape
     if dy.stride(4) != 1:
@@ -522,17 +526,17 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     m = b * hout * wout
     k = kh * kw * cin
     bn = _bn(cout, tiles.bn)
-    s, chunk, sep, even = _wgrad_split(m, k, cout, g, pad, tiles)
-    acc_t = _acc(x.dtype)[0]
+    s, chunk, sep, even = _wgrad_split(m, k, cout, g, pad, tiles, programs, ksub)
+    acc_t = acc_dtypes(x.dtype)[0]
     fused = bias and triton.cdiv(k, tiles.bk) == 1
     part = torch.empty(s, g, cout, cin, kh, kw, dtype=acc_t, device=x.device)
     part_b = torch.empty(s, g, cout, dtype=acc_t, device=x.device) if fused else part
-    ksub = _wgrad_ksub(k, tiles, m, cout, g)
+    ksub = _wgrad_ksub(k, tiles, m, cout, g, ksub)
     grid = (triton.cdiv(k, tiles.bk) // ksub, triton.cdiv(cout, bn), g * s)
-    with _on(x):
+    with on_device(x):
         _wgrad_kernel[grid](x, dy, part, part_b, m, hin, win, hout, wout, x.stride(0), *dy.stride()[:4], g, s, chunk,
                             CIN=cin, COUT=cout, KH=kh, KW=kw, OFF=-pad, BIAS=fused, PREC=_prec(x.dtype),
-                            ACC=_acc(x.dtype)[1], BK=tiles.bk, BN=bn, BR=tiles.bm, SEP=sep, EVEN=even,
+                            ACC=acc_dtypes(x.dtype)[1], BK=tiles.bk, BN=bn, BR=tiles.bm, SEP=sep, EVEN=even,
                             KSUB=ksub, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     dw = part[0] if s == 1 else part.sum(0)
     if not bias:
@@ -542,27 +546,19 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     return dw, part_b[0] if s == 1 else part_b.sum(0)
 
 
-#: the forward and input-gradient kernels read the weight as the GEMM's (K, N) operand stored K-major
-#: (each output channel's K = (kh, kw, ci) inputs contiguous, the layout Hopper's TF32 matrix
-#: instructions read) instead of N-major (session 7's)
-W_KMAJOR = True
-
-
 def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool, flip: bool = False) -> torch.Tensor:
     """The weight ``w (G, Cout, Cin, KH, KW)`` as the (G, K, N) operand of :func:`_igemm_kernel`: forward,
     K = (kh, kw, ci) and N = co; input gradient (``backward``), K = (kh, kw, co) and N = ci; a contiguous
-    copy in ``dtype``, K-major or N-major (:data:`W_KMAJOR`), returned as a (G, K, N) view. ``flip``: the
+    copy in ``dtype`` stored K-major (each output channel's K = (kh, kw, ci) inputs contiguous, the
+    layout Hopper's TF32 matrix instructions read; S45), returned as a (G, K, N) view. ``flip``: the
     kernel's window turned by 180 degrees (kh -> KH-1-kh, kw -> KW-1-kw; the input gradient as a
     correlation over a zero-bordered gradient, :func:`padded_base`)."""
     if flip:
         w = w.flip(3, 4)
     g, cout, cin, kh, kw = w.shape
     n, k = (cin, kh * kw * cout) if backward else (cout, kh * kw * cin)
-    if W_KMAJOR:  # (G, N, KH, KW, C) contiguous, viewed (G, K, N)
-        t = w.permute(0, 2, 3, 4, 1) if backward else w.permute(0, 1, 3, 4, 2)
-        return t.reshape(g, n, k).to(dtype).contiguous().transpose(1, 2)
-    t = w.permute(0, 3, 4, 1, 2) if backward else w.permute(0, 3, 4, 2, 1)
-    return t.reshape(g, k, n).to(dtype).contiguous()
+    t = w.permute(0, 2, 3, 4, 1) if backward else w.permute(0, 1, 3, 4, 2)  # (G, N, KH, KW, C) contiguous
+    return t.reshape(g, n, k).to(dtype).contiguous().transpose(1, 2)
 
 
 def padded_base(dy: torch.Tensor, q: int) -> torch.Tensor | None:
@@ -610,7 +606,7 @@ class _ConvNHWC(torch.autograd.Function):
         kh, kw = w.shape[3:]
         # the gradient as the inside of a zero-bordered buffer (grad_padded, epilogue none): the input
         # gradient gathers it separably; anything else (e.g. gradients summed by autograd): contiguous
-        dyq = padded_base(dy, kh - 1 - pad) if ctx.grad_padded and kh == kw and SEPARABLE_GATHER else None
+        dyq = padded_base(dy, kh - 1 - pad) if ctx.grad_padded and kh == kw else None
         if dyq is None:
             dy = dy.contiguous()
         if epi == 1 and not ctx.grad_masked:  # through the ReLU: 0 where the output is not positive, in one

@@ -16,13 +16,12 @@ was faster for them: bench/results/dense_products_s8_h100.json).
 
 Precision. bf16 inputs accumulate in fp32. fp32 inputs use one-pass TF32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is on (what cuBLAS would do; the engine's ``precision:
-tf32``). With it off (the engine's ``precision: fp32``, PyTorch's default) they use :data:`FP32_DOT`:
-``"tf32x3"`` by default, the three-product split of each operand into a TF32 part and a TF32
+tf32``). With it off (the engine's ``precision: fp32``, PyTorch's default) they use ``"tf32x3"``,
+the three-product split of each operand into a TF32 part and a TF32
 remainder, ``a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi`` (the 3xTF32 of NVIDIA's CUTLASS), whose error
 against the float64 product was smaller than cuBLAS's FP32 kernel's on every product measured
 (fmnist's layer: 2.2e-7 against 7.0e-6 of the largest output, the split sums being shorter; one-pass
-TF32: 8.3e-4), at 2.1x the speed of the kernel's FP32 FMAs (``"ieee"``, session 7's choice, a named
-option). On a machine without a GPU the kernel runs in Triton's interpreter when ``TRITON_INTERPRET=1``
+TF32: 8.3e-4), at 2.1x the speed of the kernel's FP32 FMAs (``"ieee"``, session 7's choice; S43). On a machine without a GPU the kernel runs in Triton's interpreter when ``TRITON_INTERPRET=1``
 is set before import (tests/test_triton_dense.py).
 """
 from __future__ import annotations
@@ -31,44 +30,33 @@ import torch
 import triton
 import triton.language as tl
 
-from robustfl.engine.triton_conv import INTERPRET, SMS, Tiles, _acc, _on
+from robustfl.engine.triton_conv import INTERPRET, SMS, Tiles, acc_dtypes, on_device
 
 #: the stacked engine's dense layers use the split-K kernel on the GPU from this many inputs on:
 #: fmnist's 25,600-input layer (H100, 10 clients: cuBLAS 0.77 ms, FP32 FMAs 0.23, tf32x3 0.11; 90
 #: clients 1.42 / 2.22 / 0.84); Kather's 2,048 were as fast by cuBLAS (10 clients 0.068 / 0.072 /
 #: 0.079 ms, 90: 0.090 / 0.196 / 0.088) and CIFAR-10's 256 faster (bench/results/dense_products_s8_h100.json)
 MIN_K = 8192
-#: ... and with FP32 FMAs (FP32_DOT "ieee") up to this many output tiles (clients x tiles per client):
-#: with many clients cuBLAS's own grid fills the GPU and its FP32 kernel is as fast or faster (fmnist's
-#: layer, 24 clients 0.80 -> 0.50 ms, 32 the same, 90: 1.47 against 2.21 ms;
-#: bench/results/dense_clients_s7_h100.json); tf32x3 was faster at 90 clients too
-MAX_TILES = 24
 #: output tile, K block and launch settings of one program (one 64 x 128 tile covers a paper client's
 #: whole output)
 TILES = Tiles(bm=64, bn=128, bk=32, num_warps=4, num_stages=3)
 #: split K until about this many programs run (four per multiprocessor, the sweep's best at 10 clients;
 #: one chunk in the interpreter, whose cost is per program)
 PROGRAMS = 1 if INTERPRET else 4 * SMS
-#: ``tl.dot``'s precision for fp32 operands with TF32 off (:func:`dot_precision`): "tf32x3" (three TF32
-#: matrix products per block, each operand split into a TF32 part and a TF32 remainder; module
-#: docstring) or "ieee" (FP32 FMAs, session 7's)
-FP32_DOT = "tf32x3"
 
 
-def pays(g: int, m: int, n: int, k: int, dtype: torch.dtype, tf32: bool) -> bool:
-    """Whether split-K was measured faster than cuBLAS for G clients' (M x K) @ (K x N) products: full
+def pays(k: int, dtype: torch.dtype, tf32: bool) -> bool:
+    """Whether split-K was measured faster than cuBLAS for a stack of (M x K) @ (K x N) products: full
     fp32 (TF32 off for matrix products, the default: there cuBLAS's FP32 kernel was the slow one; with
-    TF32 or bf16 cuBLAS was as fast or faster), K >= :data:`MIN_K` and, with FP32 FMAs, at most
-    :data:`MAX_TILES` output tiles."""
-    tiles = g * triton.cdiv(m, TILES.bm) * triton.cdiv(n, TILES.bn)
-    return dtype == torch.float32 and not tf32 and k >= MIN_K and (FP32_DOT == "tf32x3" or tiles <= MAX_TILES)
+    TF32 or bf16 cuBLAS was as fast or faster) and K >= :data:`MIN_K` (at any client count: tf32x3 was
+    faster at 90 clients too)."""
+    return dtype == torch.float32 and not tf32 and k >= MIN_K
 
 
 def wanted(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the stacked engine's dense layer ``x (G, M, K) @ w (G, N, K)^T`` runs its forward product
     here: a GPU layer where :func:`pays`."""
-    return x.is_cuda and pays(x.shape[0], x.shape[1], w.shape[1], w.shape[2], x.dtype,
-                              torch.backends.cuda.matmul.allow_tf32)
+    return x.is_cuda and pays(w.shape[2], x.dtype, torch.backends.cuda.matmul.allow_tf32)
 
 
 @triton.jit
@@ -110,10 +98,10 @@ def splits(k: int, tiles: int, programs: int, bk: int) -> tuple[int, int]:
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision for operands of ``dtype``: for fp32, TF32 where
     ``torch.backends.cuda.matmul.allow_tf32`` is on (what cuBLAS would do; the engine's ``precision:
-    tf32``), else :data:`FP32_DOT`; IEEE (exact products, fp32 accumulation) for other dtypes."""
+    tf32``), else ``"tf32x3"`` (module docstring); IEEE (exact products, fp32 accumulation) for other dtypes."""
     if dtype != torch.float32:
         return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else FP32_DOT
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor, *, tiles: Tiles | None = None, programs: int | None = None,
@@ -131,9 +119,9 @@ def bmm(a: torch.Tensor, b: torch.Tensor, *, tiles: Tiles | None = None, program
     t = TILES if tiles is None else tiles
     grid_mn = triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn)
     s, chunk = splits(k, grid_mn * g, PROGRAMS if programs is None else programs, t.bk)
-    acc_t, acc_tl = _acc(a.dtype)
+    acc_t, acc_tl = acc_dtypes(a.dtype)
     part = torch.empty(s, g, m, n, dtype=acc_t, device=a.device)
-    with _on(a):
+    with on_device(a):
         _gemm_kernel[(grid_mn, s, g)](a, b, part, m, n, k, chunk, a.stride(0), a.stride(1), a.stride(2),
                                       b.stride(0), b.stride(1), b.stride(2), g,
                                       PREC=dot_precision(a.dtype) if precision is None else precision, ACC=acc_tl,

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from robustfl.engine.triton_conv import INTERPRET, _on
+from robustfl.engine.triton_conv import INTERPRET, on_device
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor | None, h: 
     bp = min(BLOCK_P, triton.next_power_of_2(pixels)) if INTERPRET else BLOCK_P
     bc = min(BLOCK_C, max(16, triton.next_power_of_2(c))) if INTERPRET else BLOCK_C
     grid = (triton.cdiv(pixels, bp), triton.cdiv(c, bc), samples)
-    with _on(src):
+    with on_device(src):
         _flatten_kernel[grid](src, src if z is None else z, src if keep is None else keep, dst, h * w, w, scale,
                               C=c, BACKWARD=backward, RELU=relu, DROP=keep is not None, BP=bp, BC=bc, PAD=pad)
 

@@ -69,16 +69,26 @@ def partition_key(cfg: RunConfig) -> str:
             f"_root{cfg.root_size}_seed{cfg.seed}")
 
 
-def cell_id(cfg: RunConfig) -> str:
-    """A readable, path-safe, unique encoding of every non-seed field that differs from the defaults."""
-    default = RunConfig()
-    parts = []
+def id_fields(cfg: RunConfig) -> list[tuple[str, Any]]:
+    """``(name, value)`` of every field that names a cell, in the order cell ids list them: the RunConfig
+    fields but ``seed`` and ``device``, with the ``engine`` mapping's keys under the names and at the
+    places of the flat fields they replaced (``engine`` = its kind before ``precision``, ``conv`` and
+    ``cuda_graph`` after it), so that ids of earlier runs stay what they were."""
+    items: list[tuple[str, Any]] = []
     for f in dataclasses.fields(RunConfig):
         if f.name in ("seed", "device"):
             continue
         v = getattr(cfg, f.name)
-        if v != getattr(default, f.name):
-            parts.append(f"{f.name}={_slug(v)}")
+        items.append(("engine", v["kind"]) if f.name == "engine" else (f.name, v))
+        if f.name == "precision":
+            items += [("conv", cfg.engine["conv"]), ("cuda_graph", cfg.engine["cuda_graph"])]
+    return items
+
+
+def cell_id(cfg: RunConfig) -> str:
+    """A readable, path-safe, unique encoding of every non-seed field that differs from the defaults
+    (:func:`id_fields`; the engine's keys only where they differ from theirs)."""
+    parts = [f"{name}={_slug(v)}" for (name, v), (_, d) in zip(id_fields(cfg), id_fields(RunConfig())) if v != d]
     return ",".join(parts) or "default"
 
 
@@ -225,7 +235,7 @@ def pack_key(cfg: RunConfig) -> tuple[Any, ...]:
     """Cells with the same key can be trained together in one vectorised call (:func:`run_cells`)."""
     return (cfg.dataset, cfg.model or default_model(cfg.dataset), json.dumps(cfg.model_params, sort_keys=True),
             cfg.local_epochs, cfg.effective_batch_size,
-            cfg.lr, cfg.precision, cfg.conv, cfg.cuda_graph, cfg.device, cfg.rounds)
+            cfg.lr, cfg.precision, cfg.engine["conv"], cfg.engine["cuda_graph"], cfg.device, cfg.rounds)
 
 
 def pack_group(cfg: RunConfig) -> tuple[Any, ...]:

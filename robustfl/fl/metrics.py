@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from robustfl.aggregation import aggregators as agg
-from robustfl.engine.train import prepare_inputs
+from robustfl.engine import prepare_inputs
 
 
 @torch.no_grad()
