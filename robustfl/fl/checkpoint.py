@@ -12,7 +12,7 @@ import glob
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,18 @@ def _widths(required: tuple[str, ...], optional: tuple[str, ...]) -> tuple[int, 
     return tuple(len(required) + k for k in range(len(optional), -1, -1))
 
 
+def tensors_to(obj: Any, device: torch.device | str) -> Any:
+    """A nested dict/list of tensors with every tensor on ``device`` (saved on the CPU, restored on the
+    run's device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, dict):
+        return {k: tensors_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tensors_to(v, device) for v in obj)
+    return obj
+
+
 def _rows_to_tensor(rows: list[dict[str, Any]], cols: list[str]) -> torch.Tensor:
     return torch.tensor([[float(r[c]) for c in cols] for r in rows], dtype=torch.float64)
 
@@ -82,6 +94,7 @@ class RunState:
     rng: dict[str, torch.Tensor]
     rows: list[dict[str, Any]]
     client_rows: list[dict[str, Any]]
+    defense_state: dict[str, Any] = field(default_factory=dict)  # ServerContext.state across rounds
 
 
 class Checkpoints:
@@ -102,7 +115,8 @@ class Checkpoints:
             self.path.replace(self.prev)
         save_checkpoint(self.path, {"round": state.round, "theta": state.theta.cpu(), "config_hash": self.chash,
                                     "rng": state.rng, "rows": _rows_to_tensor(state.rows, ROUND_COLUMNS),
-                                    "client_rows": _rows_to_tensor(state.client_rows, CLIENT_COLUMNS)})
+                                    "client_rows": _rows_to_tensor(state.client_rows, CLIENT_COLUMNS),
+                                    "defense_state": tensors_to(state.defense_state, "cpu")})
 
     def restore(self, theta: torch.Tensor, rng: dict[str, torch.Tensor]) -> RunState | None:
         """The last good state: the latest, else the previous one; a corrupt, foreign (another
@@ -128,7 +142,7 @@ class Checkpoints:
                 continue
             log.info("resumed from checkpoint %s after round %d", path, int(st["round"]))
             return RunState(int(st["round"]), st["theta"], st["rng"], _rows_from_tensor(st["rows"], ROUND_COLUMNS),
-                            _rows_from_tensor(st["client_rows"], CLIENT_COLUMNS))
+                            _rows_from_tensor(st["client_rows"], CLIENT_COLUMNS), st.get("defense_state", {}))
         log.warning("no usable checkpoint; starting from round 1")
         return None
 

@@ -30,7 +30,7 @@ from robustfl.attacks import ATTACKS, AttackContext, is_targeted
 from robustfl.config import RunConfig
 from robustfl.engine import BatchPlan
 from robustfl.fl.checkpoint import (CLIENT_COLUMNS, ROUND_COLUMNS, Checkpoints, RunState, remove_checkpoints,
-                                    rng_state, set_rng_state)
+                                    rng_state, set_rng_state, tensors_to)
 from robustfl.fl.metrics import attack_diagnostics, attacker_summary, backdoor_metrics, detected
 from robustfl.fl.screening import apply_aggregate, check_crafted, screen_plrs, screen_updates
 from robustfl.io import atomic_open, atomic_write_json
@@ -172,6 +172,10 @@ class Simulation:
         torch.manual_seed(cfg.seed)
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.g_att = torch.Generator().manual_seed(cfg.seed + 7919)
+        # the server's own random stream and the defense's memory across rounds (FoolsGold's history,
+        # centered clipping's centre): robustfl.aggregation.defenses.ServerContext
+        self.g_def = torch.Generator().manual_seed(cfg.seed + 104729)
+        self.defense_state: dict[str, Any] = {}
         self.theta = model_to_flat(model).to(device)
         if cfg.defense in NEEDS_AUX and cfg.defense_params.get("pretrain", True):
             # Section 5.2 point 1: the server initialises theta by training on its auxiliary set D.
@@ -186,12 +190,13 @@ class Simulation:
         if st is not None:
             self.theta = st.theta.to(device)
             self.rows, self.client_rows, self.round = st.rows, st.client_rows, st.round
+            self.defense_state = tensors_to(st.defense_state, device)
             set_rng_state(st.rng, self._generators(), device)
         self.wall0 = time.perf_counter()
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _generators(self) -> dict[str, torch.Generator]:
-        return {"gen": self.g, "gen_attack": self.g_att}
+        return {"gen": self.g, "gen_attack": self.g_att, "gen_defense": self.g_def}
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         return rng_state(self._generators(), self.device)
@@ -201,7 +206,8 @@ class Simulation:
         every = self.cfg.checkpoint_every
         if self.checkpoints.path is None or not every or self.round % every or self.done:
             return
-        self.checkpoints.save(RunState(self.round, self.theta, self._rng_state(), self.rows, self.client_rows))
+        self.checkpoints.save(RunState(self.round, self.theta, self._rng_state(), self.rows, self.client_rows,
+                                       self.defense_state))
 
     @property
     def done(self) -> bool:
@@ -286,7 +292,8 @@ class Simulation:
                 plr_fn=(lambda u, _p=plrs, _k=kept: _p[_k]) if plrs is not None else None,
                 server_update_fn=((lambda: _server_update(model, theta, data.sets, cfg,
                                                           torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd)))
-                                  if cfg.defense in NEEDS_ROOT else None))
+                                  if cfg.defense in NEEDS_ROOT else None),
+                state=self.defense_state, generator=self.g_def, client_ids=kept.tolist())
             res = self.defense_fn(updates[kept], sctx)
             update = res.update
             weights[kept] = res.weights.to(weights.dtype)
