@@ -341,3 +341,33 @@ def test_same_config_and_seed_give_identical_metrics_and_provenance(env):
     assert isinstance(run["git_commit"], str) and run["git_commit"]
     last = pd.read_csv(out / "rounds.csv").iloc[-1]
     assert run["final"]["test_acc"] == pytest.approx(float(last["test_acc"]), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------- the defenses' state
+@pytest.mark.parametrize("defense", ["foolsgold", "centered_clipping", "signguard"])
+def test_a_defense_with_state_or_randomness_resumes_to_identical_metrics(env, caplog, defense):
+    """FoolsGold's history, centered clipping's centre and the server's random stream (SignGuard's
+    coordinates) are part of the checkpoint: a run stopped after round 2 ends as the uninterrupted one."""
+    kw = {"defense": defense, "attack": "krum_backdoor", "n_attackers": 1, "defense_params":
+          {"tau": 0.05} if defense == "centered_clipping" else {}}
+    ref = env["root"] / "runs" / f"{defense}-ref"
+    experiment.run_cell(make_cfg(**kw), env["data"], env["part"], ref)
+    out = env["root"] / "runs" / f"{defense}-resumed"
+    orig = simulate.Simulation._checkpoint
+
+    def hook(self):
+        orig(self)
+        if self.round == 2:
+            raise Interrupted
+
+    simulate.Simulation._checkpoint = hook
+    try:
+        with pytest.raises(Interrupted):
+            experiment.run_cell(make_cfg(**kw), env["data"], env["part"], out)
+    finally:
+        simulate.Simulation._checkpoint = orig
+    state = rio.load_checkpoint(ckpt_of(out))["defense_state"]
+    if defense != "signguard":
+        assert state, "the defense's memory is in the checkpoint"
+    assert "after round 2" in resume(env, out, caplog, **kw)
+    assert_same_metrics(ref, out)
