@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from robustfl.aggregation import aggregators as agg
-from robustfl.fl.metrics import attack_diagnostics, attacker_summary
+from robustfl.fl.metrics import attack_diagnostics, attacker_summary, detected
 
 NAN = float("nan")
 
@@ -100,3 +100,16 @@ def test_attacker_summary() -> None:
     assert attacker_summary(diag, sel, [1, 2]) == {"mal_dist_ratio": 0.5, "mal_krum_rank": 3.0, "mal_selected": 0.5}
     assert all(math.isnan(v) for v in attacker_summary(diag, sel, []).values())
     assert math.isnan(attacker_summary(diag, sel, [3])["mal_krum_rank"])
+
+
+@pytest.mark.parametrize("n", [3, 10, 11, 20, 30, 100])
+def test_equal_weights_detect_nobody(n: int) -> None:
+    # float32 1/n averages to slightly more than 1/n for n = 10, 11, 20, 30: a plain `w < w.mean()` flags all
+    assert not detected(torch.full((n,), 1.0 / n)).any()
+    assert not detected(torch.softmax(torch.zeros(n), 0)).any()
+
+
+def test_detected_by_hand() -> None:
+    # mean 0.25: the two below it are detected, the one at it is not
+    assert detected(torch.tensor([0.1, 0.25, 0.5, 0.15])).tolist() == [True, False, False, True]
+    assert detected(torch.tensor([0.0, 0.0, 0.5, 0.5])).tolist() == [True, True, False, False]

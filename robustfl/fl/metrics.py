@@ -29,8 +29,14 @@ def backdoor_metrics(model: nn.Module, x: torch.Tensor, target: torch.Tensor) ->
 
 
 def detected(weights: torch.Tensor) -> torch.Tensor:
-    """Section 7.4: a client counts as detected when its aggregation weight is below the mean weight."""
-    return weights < weights.mean()
+    """Section 7.4: a client counts as detected when its aggregation weight is below the mean weight.
+
+    Compared in float64 with a relative tolerance of 1e-5 of the largest weight, so that equal weights (FedAvg's
+    1/n, whose float32 mean rounds above 1/n for n = 10) detect nobody.
+    """
+    w = weights.to(torch.float64)
+    tol = 1e-5 * w.abs().max() if w.numel() else 0.0
+    return w < w.mean() - tol
 
 
 def attack_diagnostics(updates: torch.Tensor, benign_idx: Sequence[int], f: int) -> dict[str, torch.Tensor]:
