@@ -26,7 +26,11 @@ from robustfl.aggregation.defenses import DEFENSES, ServerContext
 from robustfl.fl.screening import screen_updates
 
 N, D, M, O = 10, 256, 6, 4
-ROBUST = {"krum", "median", "trimmed_mean", "bulyan", "fltrust"}  # bound the norm of the aggregate
+# bound the norm of the aggregate. Not here, by design: centered_clipping (a 1e30 update moves the centre by
+# tau / n = 10 with the default tau = 100), foolsgold (weights from cosine similarity, norms unbounded) and
+# geomed (RFA's 3 smoothed Weiszfeld steps started at the mean do not reach the median from a 1e30 start)
+ROBUST = {"krum", "median", "trimmed_mean", "bulyan", "fltrust", "dnc", "signguard", "flame", "norm_clipping",
+          "weak_dp"}
 KINDS = ["nan", "inf", "neg_inf", "huge", "wrong_length", "int_dtype"]
 
 
