@@ -148,7 +148,7 @@ def main() -> None:
     build_partition(data_dir, cfg0, part)
     shards, _ = load_partition(part)
     ds = load_prepared(data_dir)
-    res = result_header(dev, note=a.note, torch_threads=torch.get_num_threads(), clients=a.clients,
+    res = result_header(dev, note=a.note, load_average_at_start=os.getloadavg(), torch_threads=torch.get_num_threads(), clients=a.clients,
                         samples_per_client=[len(s) for s in shards], rounds=a.rounds, local_epochs=a.epochs,
                         batch_size=BATCH, lr=LR, test_images=TEST_IMAGES, model="fmnist_cnn",
                         d=int(model_to_flat(_model()).numel()), data="random uint8 28x28x1, 10 classes")
@@ -178,6 +178,7 @@ def main() -> None:
     import ray
 
     res["versions"]["ray"] = ray.__version__
+    res["load_average_at_end"] = os.getloadavg()
     if a.out:
         atomic_write_json(a.out, res)
 
