@@ -90,9 +90,16 @@ def run_flower(x: np.ndarray, y: np.ndarray, shards: list[np.ndarray], x_test: n
             delta = engine.train_clients(model, theta, xs, ys, [torch.arange(len(ys))], epochs=epochs,
                                          batch_size=BATCH, lr=LR, options=engine.SEQUENTIAL,
                                          generator=torch.Generator().manual_seed(self.pid))[0]
-            return unflatten_arrays(theta + delta, flatten_arrays(parameters)[1]), len(ys), {}
+            return (unflatten_arrays(theta + delta, flatten_arrays(parameters)[1]), len(ys),
+                    {"torch_threads": torch.get_num_threads()})
 
     evals: list[tuple[int, float, float]] = []
+    threads: set[int] = set()
+
+    def fit_metrics(metrics):  # noqa: ANN001, ANN202
+        threads.update(int(m["torch_threads"]) for _, m in metrics)
+        return {}
+
     xt, yt = torch.tensor(x_test), torch.tensor(y_test)
     eval_model = _model()
 
@@ -107,7 +114,7 @@ def run_flower(x: np.ndarray, y: np.ndarray, shards: list[np.ndarray], x_test: n
 
     def server_fn(context: Context) -> ServerAppComponents:
         strategy = FedAvg(fraction_evaluate=0.0, min_fit_clients=len(shards), min_available_clients=len(shards),
-                          evaluate_fn=evaluate_fn, initial_parameters=ndarrays_to_parameters(model_arrays(_model())))
+                          evaluate_fn=evaluate_fn, fit_metrics_aggregation_fn=fit_metrics, initial_parameters=ndarrays_to_parameters(model_arrays(_model())))
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
 
     t0 = time.perf_counter()
@@ -120,7 +127,7 @@ def run_flower(x: np.ndarray, y: np.ndarray, shards: list[np.ndarray], x_test: n
     return {"impl": "flower", "engine": f"flwr.simulation.run_simulation (ray, {cpus} CPUs, 1 per client)",
             "flwr": flwr.__version__, "end_to_end_s": wall, "startup_s": t_init - t0,
             "rounds_s": evals[-1][1] - t_init, "per_round_s": [b[1] - a[1] for a, b in zip(evals, evals[1:])],
-            "test_acc": evals[-1][2]}
+            "test_acc": evals[-1][2], "client_torch_threads": sorted(threads)}
 
 
 def main() -> None:
@@ -130,9 +137,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs Ray may use (clients in parallel)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of this process (robustfl's runs); default torch's. Flower's actors run "
+                         "one thread each (Ray sets OMP_NUM_THREADS to an actor's CPUs)")
     ap.add_argument("--note", default="", help="recorded in the result (e.g. what else the machine ran)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     dev = torch.device("cpu")  # the comparison is CPU-only (Flower's clients here train on the CPU)
     tmp = Path(tempfile.mkdtemp(prefix="bench_flower-"))
     base = dict(dataset="fmnist", n_clients=a.clients, n_attackers=0, attack="none", defense="fedavg",
