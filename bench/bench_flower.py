@@ -10,7 +10,8 @@ global model evaluated on 200 test images after every round.
 * Flower: ``flwr.simulation.run_simulation`` (its Ray engine, one actor per CPU, one CPU per client) with
   Flower's own ``FedAvg`` strategy; each ``NumPyClient`` trains with robustfl's sequential loop on its shard
   (the same per-client Adam steps as the robustfl sequential run), the server evaluates with
-  ``evaluate_fn``. ``startup_s`` is the time to the first (round-0) evaluation: Ray and the actors starting.
+  ``evaluate_fn``. ``startup_s`` is the time to the first (round-0) evaluation (Ray started); the actors start
+  within round 1.
 
     python bench/bench_flower.py --out bench/results/flower_vs_robustfl_cpu.json
 """
