@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -115,7 +116,8 @@ def run_flower(x: np.ndarray, y: np.ndarray, shards: list[np.ndarray], x_test: n
 
     def server_fn(context: Context) -> ServerAppComponents:
         strategy = FedAvg(fraction_evaluate=0.0, min_fit_clients=len(shards), min_available_clients=len(shards),
-                          evaluate_fn=evaluate_fn, fit_metrics_aggregation_fn=fit_metrics, initial_parameters=ndarrays_to_parameters(model_arrays(_model())))
+                          evaluate_fn=evaluate_fn, fit_metrics_aggregation_fn=fit_metrics,
+                          initial_parameters=ndarrays_to_parameters(model_arrays(_model())))
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
 
     t0 = time.perf_counter()
@@ -161,7 +163,8 @@ def main() -> None:
     build_partition(data_dir, cfg0, part)
     shards, _ = load_partition(part)
     ds = load_prepared(data_dir)
-    res = result_header(dev, note=a.note, load_average_at_start=os.getloadavg(), torch_threads=torch.get_num_threads(), clients=a.clients,
+    res = result_header(dev, note=a.note, load_average_at_start=os.getloadavg(), torch_threads=torch.get_num_threads(),
+                        clients=a.clients,
                         samples_per_client=[len(s) for s in shards], rounds=a.rounds, local_epochs=a.epochs,
                         batch_size=BATCH, lr=LR, test_images=TEST_IMAGES, model="fmnist_cnn",
                         d=int(model_to_flat(_model()).numel()), data="random uint8 28x28x1, 10 classes")
@@ -176,7 +179,8 @@ def main() -> None:
         cfg = RunConfig(**base, engine={"kind": kind})
         ends: list[float] = []
         t = time.perf_counter()
-        final = run_cell(cfg, data_dir, part, tmp / f"run_{kind}", on_round=lambda _row: ends.append(time.perf_counter()))
+        final = run_cell(cfg, data_dir, part, tmp / f"run_{kind}",
+                         on_round=lambda _row: ends.append(time.perf_counter()))
         wall = time.perf_counter() - t
         row = {"impl": "robustfl", "engine": final["engine"], "end_to_end_s": wall, "sim_wall_s": final["sim_wall_s"],
                "per_round_s": [b - a for a, b in zip([t + wall - final["sim_wall_s"], *ends], ends)],
@@ -194,6 +198,7 @@ def main() -> None:
     res["load_average_at_end"] = os.getloadavg()
     if a.out:
         atomic_write_json(a.out, res)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -286,7 +286,8 @@ class DefenseStrategy(FedAvg):
             ctx = ServerContext(
                 n_clients=len(kept), f=self.f, params=dict(self.params),
                 plr_fn=(lambda u, _p=plrs, _k=kept: _p[_k]) if plrs is not None else None,
-                server_update_fn=(lambda: self._root_update(theta, server_round)) if self.defense in NEEDS_ROOT else None,
+                server_update_fn=((lambda: self._root_update(theta, server_round)) if self.defense in NEEDS_ROOT
+                                  else None),
                 state=self.state, generator=self.generator,
                 client_ids=[self.client_index.setdefault(cids[i], len(self.client_index)) for i in kept.tolist()])
             res = self.defense_fn(updates[kept], ctx)

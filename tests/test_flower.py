@@ -18,7 +18,6 @@ from flwr.client import NumPyClient  # noqa: E402
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 
 from robustfl import engine  # noqa: E402
-from robustfl.aggregation import aggregators as agg  # noqa: E402
 from robustfl.aggregation.defenses import DEFENSES, ServerContext  # noqa: E402
 from robustfl.data.datasets import load_digits  # noqa: E402
 from robustfl.data.serversets import aux_set, root_set  # noqa: E402
@@ -208,7 +207,8 @@ def test_aggregate_is_the_registered_rule(name: str, digits) -> None:
 def test_flare_pretrains_the_initial_model_on_the_aux_set(digits) -> None:
     aux = aux_set(digits, m=10)
     init = model_arrays(_digits_model())
-    s = DefenseStrategy("flare", model_fn=_digits_model, aux=(aux.x, aux.y), initial_parameters=ndarrays_to_parameters(init))
+    s = DefenseStrategy("flare", model_fn=_digits_model, aux=(aux.x, aux.y),
+                        initial_parameters=ndarrays_to_parameters(init))
     got = flatten_arrays(parameters_to_ndarrays(s.initialize_parameters(None)))[0]
     model = _digits_model()
     engine.train_single(model, torch.as_tensor(aux.x), torch.as_tensor(aux.y), epochs=1, batch_size=32, lr=1e-3,
