@@ -173,9 +173,10 @@ class DefenseStrategy(FedAvg):
         self.defense = defense
         self.defense_fn = DEFENSES.get(defense)  # unknown name: the registry's error listing the known ones
         params = dict(defense_params or {})
+        f = params.pop("f", f)
         if isinstance(f, bool) or not isinstance(f, int) or f < 0:
             raise ValueError(f"f (the number of attackers the server assumes) must be an int >= 0, got {f!r}")
-        self.f = int(params.pop("f", f))
+        self.f = f
         self.pretrain = bool(params.pop("pretrain", True)) and defense in NEEDS_AUX
         check_defense_params(defense, params)
         self.params = params

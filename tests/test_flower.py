@@ -121,6 +121,8 @@ def test_construction_errors_name_the_problem(digits) -> None:
         DefenseStrategy("geomed", defense_params={"nope": 1})
     with pytest.raises(ValueError, match="f .* int >= 0"):
         DefenseStrategy("krum", f=-1)
+    with pytest.raises(ValueError, match="f .* int >= 0"):
+        DefenseStrategy("krum", defense_params={"f": 1.5})
     with pytest.raises(ValueError, match="aux: y must be"):
         DefenseStrategy("flare", model_fn=_digits_model, aux=(digits.x_test[:5], digits.y_test[:4]))
 
