@@ -40,7 +40,7 @@ from robustfl.params import ParamSpec, load_flat_, model_to_flat
 log = logging.getLogger("robustfl")
 
 __all__ = ["CLIENT_COLUMNS", "ROUND_COLUMNS", "RunData", "ServerSets", "Simulation", "remove_checkpoints",
-           "resolve_device", "screen_updates", "simulate", "simulate_many", "write_run_json"]
+           "resolve_device", "root_update", "screen_updates", "simulate", "simulate_many", "write_run_json"]
 
 
 @dataclass
@@ -429,12 +429,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def root_update(model: PLRModel, theta: torch.Tensor, root_x: torch.Tensor, root_y: torch.Tensor, *, epochs: int,
+                batch_size: int, lr: float, generator: torch.Generator) -> torch.Tensor:
+    """FLTrust's server model update g_0 (Cao et al., NDSS 2021, Algorithm 1 line 8): train the current
+    global model ``theta`` on the root set as a client would; returns ``w_0 - theta`` ``(d,)``."""
+    shard = torch.arange(len(root_y), device=theta.device)
+    return engine.train_clients(model, theta, root_x, root_y, [shard], epochs=epochs, batch_size=batch_size, lr=lr,
+                                generator=generator, options=engine.SEQUENTIAL)[0]
+
+
 def _server_update(model: PLRModel, theta: torch.Tensor, sets: ServerSets, cfg: RunConfig, g: torch.Generator) -> torch.Tensor:
-    """FLTrust's server model update g_0: train the current global model on the root set (Cao et al.)."""
-    shard = torch.arange(len(sets.root_y), device=theta.device)
-    return engine.train_clients(model, theta, sets.root_x, sets.root_y, [shard], epochs=cfg.local_epochs,
-                                batch_size=cfg.effective_batch_size, lr=cfg.lr, generator=g,
-                                options=engine.SEQUENTIAL)[0]
+    """FLTrust's server model update g_0 with the run's local-training settings (:func:`root_update`)."""
+    return root_update(model, theta, sets.root_x, sets.root_y, epochs=cfg.local_epochs,
+                       batch_size=cfg.effective_batch_size, lr=cfg.lr, generator=g)
 
 
 @torch.no_grad()
