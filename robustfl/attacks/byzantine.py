@@ -264,6 +264,8 @@ def label_flip_attack(ctx: AttackContext) -> Tensor:
     g = ctx.generator
     if g is None:  # deterministic without one (a fresh stream per round)
         g = torch.Generator().manual_seed(1_000_003 * (ctx.round + 1))
+    # the attackers' arrays are built anew every round: CUDA graphs of this call are not kept for the next
+    # one (graph_cache 0), so they do not push the benign clients' kept graphs out of the cache
     return label_flip_updates(ctx.model, ctx.global_flat, ctx.attacker_data, ctx.num_classes,
-                              epochs=ctx.local_epochs, batch_size=ctx.batch_size, lr=ctx.lr, options=ctx.engine,
-                              generator=g, precision=ctx.precision)
+                              epochs=ctx.local_epochs, batch_size=ctx.batch_size, lr=ctx.lr,
+                              options=ctx.engine.replace(graph_cache=0), generator=g, precision=ctx.precision)
