@@ -58,6 +58,14 @@ SINGLE: dict[str, dict] = {
                                       "engine": {"kind": "vectorised"}},
     "adaptive_plr_flare_vectorised": {"attack": "adaptive_plr", "n_attackers": 2, "defense": "flare",
                                       "engine": {"kind": "vectorised", "conv": "grouped"}},
+    # the untargeted Byzantine attacks (robustfl.attacks.byzantine)
+    "alie_trimmed_mean": {"attack": "alie", "n_attackers": 3, "defense": "trimmed_mean"},
+    "ipm_median": {"attack": "ipm", "n_attackers": 2, "defense": "median"},
+    "sign_flip_krum": {"attack": "sign_flip", "n_attackers": 2, "defense": "krum"},
+    "gaussian_fedavg": {"attack": "gaussian", "n_attackers": 2},
+    "label_flip_median": {"attack": "label_flip", "n_attackers": 2, "defense": "median"},
+    "label_flip_median_vectorised": {"attack": "label_flip", "n_attackers": 2, "defense": "median",
+                                     "engine": {"kind": "vectorised", "conv": "grouped"}},
 }
 # trained together in one process (robustfl.fl.experiment.run_cells)
 PACKED: dict[str, dict] = {
@@ -67,6 +75,7 @@ PACKED: dict[str, dict] = {
     "packed_trimmedmean_untargeted_bulyan": {"attack": "trimmedmean_untargeted", "n_attackers": 1,
                                              "defense": "bulyan", "defense_params": {"f": 1}},
     "packed_adaptive_plr_flare": {"attack": "adaptive_plr", "n_attackers": 2, "defense": "flare"},
+    "packed_label_flip_median": {"attack": "label_flip", "n_attackers": 2, "defense": "median"},
 }
 FILES = ("rounds.csv", "clients.csv")
 

@@ -34,6 +34,7 @@ class AttackContext:
     local_epochs: int = 5
     batch_size: int = 64
     num_classes: int = 10
+    precision: str = "fp32"  # the run's training precision (attackers that train honestly train in it)
     # what the server does, for attacks tailored to a rule (Fang et al. target Krum / trimmed mean)
     defense: str = "fedavg"
     f: int = 0

@@ -41,6 +41,11 @@ ATTACK_NAMES = {
     "krum_untargeted": "Attack-Krum-Untargeted",
     "trimmedmean_untargeted": "Attack-TrimmedMean-Untargeted",
     "adaptive_plr": "Adaptive attack (Sec. 7.4)",
+    "alie": "ALIE",
+    "ipm": "IPM",
+    "sign_flip": "SignFlipping",
+    "gaussian": "Gaussian",
+    "label_flip": "LabelFlipping",
 }
 METRIC_NAMES = {"acc": "Acc", "asr": "ASR"}
 #: The ASR a table can show: option of :func:`build_table` -> (summary metric, caption sentence).
