@@ -5,14 +5,14 @@ graph (``robustfl.engine.EngineOptions.attack_cuda_graph``), side by side in one
 the attacker's shard (CIFAR-10: 5,000 samples, batch 32; fmnist: 6,000, batch 64), 2 benign epochs
 (the authors' ``mal_E``), rho 1e-4, boost n = 10, a backdoor set of ``--bd`` images; random inputs.
 
-    python bench/bench_attack.py --models cifar10 fmnist --out bench/results/attack_h100.json
+    python bench/bench_attack.py --models cifar10 fmnist --out bench/results/attack_graph_h100.json
 
 ``--attackers K [K ...]`` instead compares the two ways of crafting for K attackers (each on its own
 shard of the paper's size): one model at a time through PyTorch's layers (the single-model loops,
 CUDA-graphed), and all K at once on the stacked engine (the loops' ``layout``, the one the engine picks
 for the model), side by side in one process:
 
-    python bench/bench_attack.py --attackers 1 3 6 --attack alternating --out bench/results/attack_stacked.json
+    python bench/bench_attack.py --attackers 1 3 6 --attack alternating --out bench/results/attack_stacked_alternating_h100.json
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Benchmark: how the vectorised engine's convolutions and GPU settings change local-training speed
-(issue 6), side by side in one process. For each model at its paper batch size and each number of
+side by side in one process. For each model at its paper batch size and each number of
 clients trained at once (one cell = 10 clients; packed cells = more), times the same training steps
 under several variants:
 
@@ -20,7 +20,7 @@ Random uint8 inputs of the dataset's shape. Times a shortened round (``--steps``
 client) after a warm-up, and reports seconds per step, samples/s, achieved TFLOP/s (FLOPs counted with
 torch.utils.flop_counter) and peak memory; ``s_per_round`` extrapolates to the paper's full round.
 
-    python bench/bench_conv.py --models cifar10 --clients 10 90 300 --out bench/results/conv_cifar10.json
+    python bench/bench_conv.py --models cifar10 --clients 10 90 300 --out bench/results/stacked_layouts_cifar10_h100.json
 """
 from __future__ import annotations
 

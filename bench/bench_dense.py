@@ -1,6 +1,6 @@
 """Benchmark: the per-client dense layers' forward product, cuBLAS's batched GEMM (``torch.bmm``, what
 the stacked engine ran before) against robustfl.engine.triton_dense's split-K kernel, under the tile shapes
-and program counts of ``--sweep``, in one process on one GPU (issue 6).
+and program counts of ``--sweep``, in one process on one GPU.
 
 For each paper dense layer with a long inner dimension (fmnist 25,600 -> 128 at batch 64; Kather
 2,048 -> 128 at batch 32) and each number of clients, in fp32 (TF32 off, the default precision),

@@ -1,8 +1,8 @@
 """Benchmark: one round of local training at the paper's settings, vectorised engine vs the sequential
-per-client reference, in the same process (issue 6), on random inputs of the right shape (a whole run on
+per-client reference, in the same process, on random inputs of the right shape (a whole run on
 real data: bench_run.py --data). ``--conv auto`` (the default) times the engine a run uses.
 
-    python bench/bench_engine.py --models fmnist cifar10 kather --pack 9 --out bench/results/engine.json
+    python bench/bench_engine.py --models fmnist cifar10 kather --pack 9 --out bench/results/round_h100.json
 
 ``--dirichlet ALPHA`` instead times unequal shards (a label-skewed Dirichlet split of the same number of
 samples, ``robustfl.data.partition.dirichlet``): the vectorised engine skipping clients whose batches ran
@@ -35,7 +35,7 @@ SETTINGS = {
 }
 
 #: named engine options (robustfl.engine.EngineOptions fields over the defaults) that the benchmarks'
-#: variants compare: the defaults, and no CUDA graphs kept from one call to the next (S51)
+#: variants compare: the defaults, and no CUDA graphs kept from one call to the next
 OPTION_SETS: dict[str, dict] = {"default": {}, "nocache": {"graph_cache": 0}}
 
 
@@ -131,7 +131,7 @@ def bench_one(name: str, dev: torch.device, n_clients: int, epochs: int, precisi
         thetas = theta.unsqueeze(0).expand(pack * n_clients, -1)
         # warm-up for the packed shape: its kernels (Triton compiles per tile shape, which depends on the
         # number of clients). Without it the first process on a machine timed the
-        # compilation too (session 7: Kather's packed round 0.89 s cold, 0.41 s warm, same code and card)
+        # compilation too (Kather's packed round 0.89 s cold, 0.41 s warm, same code and card)
         train_vectorised(model, thetas, x, y, [s[:bs * 2] for s in shards] * pack, generator=gens[0],
                          **{**kw, "epochs": 1})
         _sync(dev)
@@ -193,8 +193,8 @@ def main() -> None:
     ap.add_argument("--frac", type=float, default=1.0, help="fraction of each client's shard (quick checks)")
     ap.add_argument("--dirichlet", type=float, default=None, metavar="ALPHA",
                     help="time unequal (Dirichlet) shards, skip_idle on vs off")
-    ap.add_argument("--conv", default="auto", help="EngineOptions.conv: auto (what a run uses; the default "
-                    "since session 10), vmap, or grouped, channels_last, triton (robustfl.engine.stacked)")
+    ap.add_argument("--conv", default="auto", help="EngineOptions.conv: auto (what a run uses; the default), "
+                    "vmap, or grouped, channels_last, triton (robustfl.engine.stacked)")
     ap.add_argument("--cuda-graph", action="store_true", default=None,
                     help="capture the stacked step as a CUDA graph (with --conv auto: on unless --no-cuda-graph)")
     ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")

@@ -1,5 +1,5 @@
-"""Benchmark: one paper-setting FL run end to end (issue 6: "one fmnist paper run in at most 30 s, data
-load to final metrics"), through the library's own entry point :func:`robustfl.fl.experiment.run_cell`:
+"""Benchmark: one paper-setting FL run end to end (the target: one fmnist paper run in at most 30 s, data
+load to final metrics, bench/README.md), through the library's own entry point :func:`robustfl.fl.experiment.run_cell`:
 load the prepared arrays, build the partition's shards and server sets, 20 rounds of 10 clients x
 5 local epochs with FedAvg and no attack (test accuracy evaluated every round), write the run's CSVs and
 ``run.json``. The vectorised engine's kernel options are compared side by side in one process.

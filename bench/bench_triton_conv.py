@@ -1,5 +1,5 @@
 """Benchmark: the per-client convolution layers of the paper's networks, cuDNN against
-robustfl.engine.triton_conv's implicit-GEMM kernels, and the Triton kernels' tile shapes (issue 6).
+robustfl.engine.triton_conv's implicit-GEMM kernels, and the Triton kernels' tile shapes.
 
 For every convolution layer of the fmnist, CIFAR-10 and Kather networks at the paper's batch size and
 ``--clients`` clients at once, in one process on one GPU:
@@ -42,10 +42,9 @@ LAYERS = [
     ("kather_cnn", 2, 32, 32, 32, 64, 64, 3, 1), ("kather_cnn", 3, 32, 16, 16, 64, 64, 3, 1),
     ("kather_cnn", 4, 32, 8, 8, 64, 128, 3, 1),
 ]
-# tile shapes timed by --sweep; the first sweep (session 5) also had bk 64/16, 64-row tiles with 4
-# stages, a 128x128 tile, and weight-gradient tiles with bk 64/128 (all slower; see the results file)
-# (session 7 added the bk-64 shapes; all slower, or too large for shared memory at 256 rows:
-# results/triton_conv_sweep_s7_h100.json)
+# tile shapes timed by --sweep; the first sweep (results/triton_conv_all_layers_h100.jsonl) also had bk 64/16,
+# 64-row tiles with 4 stages, a 128x128 tile, and weight-gradient tiles with bk 64/128 (all slower); the bk-64
+# shapes were all slower, or too large for shared memory at 256 rows (results/triton_conv_tiles_h100.json)
 IGEMM = [Tiles(64, 64, 32, 4, 3), Tiles(128, 64, 32, 4, 3), Tiles(128, 64, 32, 8, 3), Tiles(256, 64, 32, 8, 3),
          Tiles(256, 64, 32, 8, 4), Tiles(256, 64, 64, 8, 3), Tiles(256, 64, 16, 8, 4), Tiles(512, 64, 32, 8, 3),
          Tiles(128, 64, 64, 4, 3), Tiles(256, 64, 64, 8, 4), Tiles(128, 64, 64, 8, 4)]
@@ -53,14 +52,14 @@ WGRAD = [(Tiles(64, 64, 32, 4, 3), 1024), (Tiles(128, 64, 32, 4, 3), 1024), (Til
          (Tiles(32, 64, 32, 4, 3), 1024), (Tiles(64, 64, 16, 4, 4), 1024), (Tiles(64, 64, 32, 4, 3), 4096),
          (Tiles(128, 64, 32, 8, 3), 512), (Tiles(64, 64, 64, 4, 3), 1024), (Tiles(128, 64, 64, 8, 3), 1024),
          (Tiles(128, 64, 32, 8, 4), 1024)]
-# --sweep wgrad (session 11): the weight-gradient kernel with KSUB sub-blocks per program (S57; 1 = before),
+# --sweep wgrad: the weight-gradient kernel with KSUB sub-blocks per program (1: one block a program),
 # its tiles and program counts: (tiles, programs, KSUB)
 WGRAD_KSUB = [(Tiles(64, 64, 32, 4, 3), 1024, 1), (Tiles(64, 64, 32, 4, 3), 1024, 5), (Tiles(64, 64, 32, 4, 3), 512, 5),
               (Tiles(64, 64, 32, 4, 3), 256, 5), (Tiles(64, 64, 32, 8, 3), 512, 5), (Tiles(128, 64, 32, 8, 2), 512, 5),
               (Tiles(32, 64, 32, 4, 3), 512, 5), (Tiles(64, 64, 32, 4, 4), 512, 5), (Tiles(64, 64, 32, 4, 3), 512, 2),
               (Tiles(64, 64, 32, 4, 3), 512, 3), (Tiles(128, 64, 32, 4, 2), 512, 5), (Tiles(64, 64, 32, 8, 3), 1024, 5)]
 # --sweep large: the output tiles around the first sweeps' best (512 and 256 rows; more stages where
-# shared memory allows; session 11: two stages, which leave more of the multiprocessor's memory to its
+# shared memory allows; two stages, which leave more of the multiprocessor's memory to its
 # L1 cache), no weight-gradient tiles
 IGEMM_LARGE = [Tiles(256, 64, 32, 8, 3), Tiles(256, 64, 32, 8, 4), Tiles(512, 64, 32, 8, 3), Tiles(512, 64, 16, 8, 4),
                Tiles(512, 64, 16, 8, 5), Tiles(512, 64, 32, 16, 3), Tiles(1024, 64, 16, 16, 3), Tiles(256, 64, 16, 8, 6),
@@ -146,7 +145,7 @@ def _sweep(add, xd, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, wh
     first = layer == 0
     wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False)
     wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True)
-    # the input gradient as the engine computes it where the gradient arrives zero-bordered (S56): the
+    # the input gradient as the engine computes it where the gradient arrives zero-bordered: the
     # separable gather over the bordered buffer, the window turned
     q = k - 1 - pad
     dyq = wq = None

@@ -1,5 +1,5 @@
-"""Estimate: GPU-hours of a whole study grid (issue 6: "the whole paper grid, all studies, 3 seeds,
-estimated from measured per-cell times, under 3 GPU-hours"), from measured numbers only:
+"""Estimate: GPU-hours of a whole study grid (the target: the whole paper grid, all studies, 3 seeds,
+estimated from measured per-cell times, under 3 GPU-hours; bench/README.md), from measured numbers only:
 
 * local training, per run and round: the packed per-cell-round time of the engine benchmark
   (``bench_engine.py --pack 9``, ``round_auto_h100.json``: 9 runs of 10 clients in one call, the
@@ -19,7 +19,7 @@ and defense of the grid, per dataset, alone on a GPU): crafting per (dataset, at
 aggregation per (dataset, defense), everything else per dataset, no scaling between datasets.
 
     snakemake --cores 1 --config study=full -- reports/full/cells.csv
-    python bench/estimate_grid.py --cells reports/full/cells.csv --out bench/results/grid_estimate_h100.json
+    python bench/estimate_grid.py --cells reports/full/cells.csv --out bench/results/grid_estimate_fp32_h100.json
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Profile: where one vectorised training step's GPU time goes, by kernel (issue 6).
+"""Profile: where one vectorised training step's GPU time goes, by kernel.
 
 Runs ``train_vectorised`` eagerly (no CUDA graph, so that the profiler sees each kernel) on random
 inputs of the model's paper shape for ``--steps`` steps of ``--clients`` clients, under

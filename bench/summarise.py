@@ -1,10 +1,17 @@
-"""Render bench/results/*.json into bench/RESULTS.md (tables generated from the measurements only).
+"""Render bench/results/ into one Markdown file, bench/RESULTS.md (tables generated from the measurements only;
+generated on demand, not kept in the repository).
 
-    python bench/summarise.py
+    python bench/summarise.py [--results bench/results] [--out bench/RESULTS.md]
+
+Each section renders the result files its glob patterns (:data:`SECTIONS`) match, by what they measure; a
+result file no pattern matches is listed at the end (:func:`unrendered`), so a renamed or new kind of file
+shows up instead of vanishing from the summary.
 """
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -12,70 +19,101 @@ import pandas as pd
 HERE = Path(__file__).parent
 RES = HERE / "results"
 
+# ------------------------------------------------------------------------ which files each section renders
+#: bench_engine.py's whole rounds (one run, packed runs, the sequential reference); A/B pairs in subfolders
+ROUNDS = ("round_*.json", "*/round_*.json", "*/*/round_*.json", "vmap_packed_*.json", "vmap_torch_compile_*.json")
+#: bench_engine.py --dirichlet
+UNEQUAL = ("unequal_shards_*.json",)
+#: bench_run.py: one run end to end
+RUNS = ("run_*.json", "*/run_*.json")
+#: bench_conv.py: training steps under each convolution path
+STEPS = ("stacked_layouts_*.json", "vmap_conv_paths_*.json", "triton_conv_step_*.json", "conv_epilogues_*.json")
+#: bench_triton_conv.py: convolution layers, cuDNN vs the Triton kernels and their tile sweeps
+LAYERS = ("triton_conv_*.json", "triton_conv_*.jsonl", "*/sweep*.json")
+LAYERS_EXCLUDE = ("triton_conv_step_*.json",)
+#: bench_dense.py
+DENSE = ("dense_*.json",)
+#: profile_step.py
+PROFILES = ("profile_*.json", "*/profile_*.json", "*/*/profile_*.json")
+#: bench_attack.py
+ATTACK_GRAPH = ("attack_graph_*.json",)
+ATTACK_DIVERGENCE = ("attack_divergence_*.json",)
+ATTACK_BOOSTING = ("attack_boosting_graph*.json",)
+ATTACK_STACKED = ("attack_stacked_*.json",)
+#: measurements recorded as named values, not rows
+PROBES = ("attack_crafting_probe_*.json",)
+#: bench_aggregators.py
+AGGREGATORS = ("aggregators_*.json",)
+#: bench_cells.py
+CELLS = ("cells_*.json",)
+#: estimate_grid.py
+GRID = ("grid_estimate_*.json",)
+#: accuracy checks: a study run through the pipeline, its seed-aggregated summary
+STUDIES = ("*/summary.csv",)
+
+
+def _files(res: Path, patterns: Iterable[str], exclude: Iterable[str] = ()) -> list[Path]:
+    """The files under ``res`` matching any of ``patterns`` and none of ``exclude`` (sorted, each once)."""
+    out = {f for p in patterns for f in res.glob(p) if f.is_file()}
+    out -= {f for p in exclude for f in res.glob(p)}
+    return sorted(out)
+
 
 def _meta(d: dict) -> str:
-    v = d.get("versions", {})
+    v = d.get("versions") or {}
     dev = d.get("device") or sorted({r.get("device", "?") for r in d.get("results", [])})
     return (f"device: {dev}; torch {v.get('torch')}, python {v.get('python')}; date {d.get('date')}; "
             f"commit {d.get('git_commit')}")
 
 
-def _table_sections(title: str, pattern: str, cols: list[str], notes: tuple[str, ...] = ()) -> list[str]:
-    """One subsection per ``results/<pattern>`` file: its metadata and the columns ``cols`` it has."""
+def _table_sections(res: Path, title: str, patterns: Iterable[str], cols: list[str],
+                    notes: tuple[str, ...] = ()) -> list[str]:
+    """One subsection per result file matching ``patterns``: its metadata and the columns ``cols`` it has."""
     out = [title, ""]
-    for f in sorted(RES.glob(pattern)):
+    for f in _files(res, patterns):
         d = json.loads(f.read_text())
         df = pd.DataFrame(d["results"])
-        out += [f"### `{f.relative_to(RES)}`", "", _meta(d), "",
+        out += [f"### `{f.relative_to(res)}`", "", _meta(d), "",
                 df[[c for c in cols if c in df]].to_markdown(index=False, floatfmt=".4g"), "", *notes]
     return out
 
 
-def engine_section() -> list[str]:
+def engine_section(res: Path) -> list[str]:
     cols = ["model", "n_clients", "samples_per_client", "batch", "epochs", "precision", "compiled", "conv", "cuda_graph",
             "train_flops_per_round", "vectorised_s_per_round", "vectorised_tflops", "sequential_s_per_round",
             "speedup_vectorised_over_sequential", "vectorised_s_per_later_round", "speedup_later_round_over_sequential",
             "packed_cells", "packed_s_per_cell_round", "packed_tflops", "vectorised_peak_mem_gib", "packed_peak_mem_gib"]
-    return (_table_sections("## Local training engine, whole rounds (`bench_engine.py`; paper settings, random "
-                            "inputs of the right shape)", "round_*.json", cols)
-            + _table_sections("### Session 11 (H100): fmnist, CIFAR-10 and Kather rounds, each kernel set in its own "
-                              "process within one device call, a fresh machine per call (S56: "
-                              "`round_fmnist_s11a_h100/`; S57: `round_fmnist_s11b_h100/`, `round_s11c_h100/`; S58, "
-                              "reverted: `kblock_s11_h100/`; S59: `dgrad_s11_h100/`, `final_s11_h100/`)",
-                              "*s11*_h100/round_*.json", cols)
-            + _table_sections("### Session 10 (H100): fmnist rounds against the sequential reference in fp32 and in bf16 "
-                              "(both sides in the same precision), 9 cells packed, one process each "
-                              "(`round_fmnist_s10_h100/`); the same command without `--conv auto`, i.e. vmap's "
-                              "cuDNN path, on the same machine (`round_fmnist_vmap_s10_h100/`); the separable gather (S55, "
-                              "`default`) against session 9's (`nosep`), one process each on another H100 "
-                              "(`round_fmnist_sep_s10_h100/`)",
-                              "round_fmnist*_s10_h100/*.json", cols)
-            + _table_sections("### Session 9 (H100): fmnist rounds against the sequential reference, several processes "
-                              "(`round_fmnist_s9_h100/`, `round_fmnist_s9i_h100/`, `round_fmnist_s9j_h100/`)",
-                              "round_fmnist_s9*_h100/*.json", cols)
-            + _table_sections("### Packed fmnist rounds, session 9 (`default`) vs session 8's kernels (`s8`), processes "
-                              "alternating on one H100 (`round_packed_s9_h100/`: plans outside the timing; "
-                              "`round_packed_s9i_h100/`: the cells' plans drawn inside it)", "round_packed_s9*_h100/*.json", cols)
-            + _table_sections("### Packed rounds, session 8's kernels (`default`) vs session 7's (`s7`), processes "
-                              "alternating on one H100 (`round_packed_s8_h100/`)", "round_packed_s8_h100/*.json", cols)
-            + _table_sections("### Packed rounds, session 7's kernels (`default`) vs session 6's (`s6`), processes "
-                              "alternating on one H100 (`round_packed_s7_h100/`)", "round_packed_s7_h100/*.json", cols)
-            + _table_sections("### Earlier whole-round runs (vmap engine only)", "engine_*.json", cols))
+    return _table_sections(res, "## Local training, whole rounds (`bench_engine.py`; paper settings, random inputs of "
+                           "the right shape; a folder holds an A/B pair measured on one machine)", ROUNDS, cols)
 
 
-def dense_section() -> list[str]:
-    cols = ["model", "clients", "batch", "k", "n", "precision", "product", "path", "splits", "ms", "tflops", "max_rel_err",
-            "max_rel_err_vs_fp64", "error"]
-    return _table_sections("## Dense layers' products: cuBLAS vs the split-K kernel (`bench_dense.py`; ms, median of "
-                           "do_bench; `--products`: forward, dX and dW, the kernel in FP32 FMAs, tf32x3 and TF32, "
-                           "error against float64 relative to the largest entry)", "dense_*.json", cols)
+def unequal_section(res: Path) -> list[str]:
+    return _table_sections(
+        res, "## Unequal shards (`bench_engine.py --dirichlet`): skipping idle clients vs masked batches", UNEQUAL,
+        ["model", "n_clients", "samples", "dirichlet_alpha", "batch", "epochs", "conv", "cuda_graph", "fill",
+         "skip_idle_s_per_round", "masked_s_per_round", "speedup_skip_idle"],
+        ("`fill`: real client-steps / lock-step client-steps (the share of work the masked path does not waste).", ""))
 
 
-def conv_section() -> list[str]:
-    out = ["## Convolution path and GPU flags (`bench_conv.py`; seconds per training step of all clients)", ""]
-    for f in sorted(RES.glob("kern_*.json")) + sorted(RES.glob("conv_*.json")):
+def run_section(res: Path) -> list[str]:
+    out = _table_sections(
+        res, "## One paper run end to end (`bench_run.py`: `run_cell`, data load to final metrics, 20 rounds)", RUNS,
+        ["variant", "precision", "engine_conv", "engine_cuda_graph", "end_to_end_s", "sim_wall_s", "train_s_total",
+         "attack_s_total", "agg_s_total", "peak_gpu_mem_gib", "test_acc"],
+        ("Random uint8 data of the dataset's shape and size (`data: random` in the file), so accuracy is chance.", ""))
+    for f in _files(res, RUNS):  # the one-time steps before run_cell, for the record
         d = json.loads(f.read_text())
-        out += [f"### `{f.name}`", "", _meta(d) + f"; {d.get('steps_timed')} timed steps per client", ""]
+        out.append(f"- `{f.relative_to(res)}`: data {d.get('data')}; decoding the dataset into the prepared cache "
+                   f"{d.get('prepare_s', float('nan')):.1f} s and partitioning {d.get('partition_s', float('nan')):.1f} s, "
+                   "once per dataset and seed, before and outside `end_to_end_s`")
+    return out + [""]
+
+
+def steps_section(res: Path) -> list[str]:
+    out = ["## Training steps under each convolution path (`bench_conv.py`; seconds per step of all clients)", ""]
+    for f in _files(res, STEPS):
+        d = json.loads(f.read_text())
+        out += [f"### `{f.relative_to(res)}`", "", _meta(d) + f"; {d.get('steps_timed')} timed steps per client", ""]
         df = pd.DataFrame(d["results"])
         if "error" in df:
             df["s_per_step"] = df["s_per_step"].where(df["error"].isna(), float("nan"))
@@ -86,11 +124,95 @@ def conv_section() -> list[str]:
     return out
 
 
-def agg_section() -> list[str]:
-    out = ["## Aggregation time (fmnist model, d = 3,382,346; median of repeats; seconds)", ""]
-    for f in sorted(RES.glob("aggregators_*.json")):
+def layers_section(res: Path) -> list[str]:
+    """Per-layer times of cuDNN vs the Triton kernels, and each Triton kernel's fastest tile shape
+    (``bench_triton_conv.py``; a ``.jsonl`` file holds the rows one per line, its first line the metadata)."""
+    out = ["## Convolution layers: cuDNN vs Triton kernels (`bench_triton_conv.py`; ms, median of do_bench)", ""]
+    for f in _files(res, LAYERS, LAYERS_EXCLUDE):
+        if f.suffix == ".jsonl":
+            lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            head, rows = (lines[0], lines[1:]) if lines and "ms" not in lines[0] else ({}, lines)
+            meta = _meta(head) + (f"; {head['note']}" if "note" in head else "")
+        else:
+            d = json.loads(f.read_text())
+            rows, meta = d["results"], _meta(d)
+        df = pd.DataFrame(rows)
+        if "ms" not in df:
+            continue
+        df = df.dropna(subset=["ms"])
+        if "tflops" not in df and "flops" in df:
+            df["tflops"] = df["flops"] / df["ms"] / 1e9
+        whole = df[df.kernel_pass == "fwd+bwd"]
+        parts = df[df.kernel_pass != "fwd+bwd"].sort_values("ms").groupby(["model", "layer", "kernel_pass"]).head(1)
+        out += [f"### `{f.relative_to(res)}`", "", meta, ""]
+        if not whole.empty:
+            piv = whole.pivot_table(index=["model", "layer", "cin", "cout", "h", "kernel"], columns="path", values="ms")
+            out += ["Forward + backward of one layer:", "", piv.reset_index().to_markdown(index=False, floatfmt=".4g"),
+                    ""]
+        if not parts.empty:
+            cols = [c for c in ("model", "layer", "kernel_pass", "tiles", "path", "ms", "tflops") if c in parts]
+            out += ["Fastest tile shape per kernel:", "", parts[cols].to_markdown(index=False, floatfmt=".4g"), ""]
+    return out
+
+
+def dense_section(res: Path) -> list[str]:
+    cols = ["model", "clients", "batch", "k", "n", "precision", "product", "path", "splits", "ms", "tflops", "max_rel_err",
+            "max_rel_err_vs_fp64", "error"]
+    return _table_sections(res, "## Dense layers' products: cuBLAS vs the split-K kernel (`bench_dense.py`; ms, median "
+                           "of do_bench; `--products`: forward, dX and dW, the kernel in FP32 FMAs, tf32x3 and TF32, "
+                           "error against float64 relative to the largest entry)", DENSE, cols)
+
+
+def profile_section(res: Path) -> list[str]:
+    out = ["## Where a training step's GPU time goes (`profile_step.py`; eager, ms per step, largest kernels)", ""]
+    for f in _files(res, PROFILES):
         d = json.loads(f.read_text())
-        out += [f"### `{f.name}`", "", _meta(d), ""]
+        df = pd.DataFrame(d["results"])
+        df["kernel"] = df["kernel"].str.slice(0, 90)
+        out += [f"### `{f.relative_to(res)}`", "", _meta(d) + f"; {d['model']}, conv {d['conv']}, {d['precision']}, "
+                f"{d['clients']} clients, batch {d['batch']}; all kernels {d['kernels_ms_per_step']:.3f} ms per step", "",
+                df[["ms_per_step", "calls", "kernel"]].head(10).to_markdown(index=False, floatfmt=".4g"), ""]
+    return out
+
+
+def attack_section(res: Path) -> list[str]:
+    return (_table_sections(
+        res, "## Attackers' crafting (`bench_attack.py`: alternating minimisation, eager vs CUDA graph, one process)",
+        ATTACK_GRAPH, ["model", "shard", "batch", "backdoor_set", "benign_epochs", "iterations", "eager_s", "graph_s",
+                       "speedup", "rel_diff_graph_vs_eager"])
+        + _table_sections(res, "### Run-to-run divergence of the crafted update (relative L2)", ATTACK_DIVERGENCE,
+                          ["iterations", "eager_vs_eager", "graph_vs_graph", "graph_vs_eager", "norm_eager",
+                           "norm_graph", "backdoor_loss_eager", "backdoor_loss_graph"],
+                          ("Two eager runs diverge as much as graph vs eager after 314 boosted iterations: "
+                           "GPU float noise amplified by boost 10, not a difference between the two paths.", ""))
+        + _table_sections(res, "### Attack-Coomed-Backdoor's boosting to convergence (`bench_attack.py --attack "
+                          "boosting`; `tol` -1: every run takes `max_steps` steps)", ATTACK_BOOSTING,
+                          ["model", "backdoor_set", "max_steps", "tol", "steps_eager", "steps_graph", "eager_s",
+                           "graph_s", "speedup", "rel_diff_graph_vs_eager"])
+        + _table_sections(res, "### Single-model crafting vs all attackers at once on the stacked engine "
+                          "(`bench_attack.py --attackers`, one process)", ATTACK_STACKED,
+                          ["model", "dropout", "attack", "attackers", "layout", "shard", "batch", "single_s",
+                           "stacked_s", "speedup", "rel_diff_stacked_vs_single"],
+                          ("The relative difference is the crafting's own sensitivity to rounding (TF32 kernels; "
+                           "`attack_crafting_probe_h100.json`), not a difference between the two computations, which "
+                           "agree in FP32 (tests/test_attacks_vectorised.py).", "")))
+
+
+def probes_section(res: Path) -> list[str]:
+    """Files that record named values rather than rows: each rendered as its JSON, versions left out."""
+    out = ["## Probes (named measurements)", ""]
+    for f in _files(res, PROBES):
+        d = json.loads(f.read_text())
+        body = {k: v for k, v in d.items() if k not in ("versions", "device", "date", "git_commit")}
+        out += [f"### `{f.relative_to(res)}`", "", _meta(d), "", "```json", json.dumps(body, indent=1), "```", ""]
+    return out
+
+
+def agg_section(res: Path) -> list[str]:
+    out = ["## Aggregation time (fmnist model, d = 3,382,346; median of repeats; seconds)", ""]
+    for f in _files(res, AGGREGATORS):
+        d = json.loads(f.read_text())
+        out += [f"### `{f.relative_to(res)}`", "", _meta(d), ""]
         df = pd.DataFrame([r for r in d["results"] if "seconds" in r])
         if df.empty:
             continue
@@ -102,77 +224,24 @@ def agg_section() -> list[str]:
             piv = diffs.pivot_table(index="n", columns="col", values="max_abs_diff_vs_robustfl")
             out += ["Largest absolute difference of each peer's aggregate from ours (same inputs):", "",
                     piv.to_markdown(floatfmt=".2g"), ""]
-        errs = [r for r in d["results"] if "error" in r]
-        for r in errs:
+        for r in (r for r in d["results"] if "error" in r):
             out.append(f"- {r['impl']}:{r['rule']} n={r['n']}: {r['error']}")
     return out
 
 
-def unequal_section() -> list[str]:
+def cells_section(res: Path) -> list[str]:
     return _table_sections(
-        "## Unequal shards (`bench_engine.py --dirichlet`): skipping idle clients vs masked batches",
-        "unequal_shards_*.json",
-        ["model", "n_clients", "samples", "dirichlet_alpha", "batch", "epochs", "conv", "cuda_graph", "fill",
-         "skip_idle_s_per_round",
-         "masked_s_per_round", "speedup_skip_idle"],
-        ("`fill`: real client-steps / lock-step client-steps (the share of work the masked path does not waste).", ""))
-
-
-def run_section() -> list[str]:
-    out = _table_sections(
-        "## One paper run end to end (`bench_run.py`: `run_cell`, data load to final metrics, 20 rounds)", "run_*.json",
-        ["variant", "precision", "engine_conv", "engine_cuda_graph", "end_to_end_s", "sim_wall_s", "train_s_total",
-         "attack_s_total", "agg_s_total", "peak_gpu_mem_gib", "test_acc"],
-        ("Random uint8 data of the dataset's shape and size (`data: random` in the file), so accuracy is chance.", ""))
-    out += _table_sections("### Session 11 (H100): one fmnist run after S56 (`round_fmnist_s11a_h100/`, with session 10's "
-                           "kernels as `triton+graph+s10`), S57 (`round_s11c_h100/`) and S58's revert (`dgrad_s11_h100/`)",
-                           "*s11*_h100/run_*.json", ["variant", "precision", "end_to_end_s", "sim_wall_s", "train_s_total",
-                                                     "peak_gpu_mem_gib"])
-    for f in sorted(RES.glob("run_*.json")):  # the one-time steps before run_cell, for the record
-        d = json.loads(f.read_text())
-        out.append(f"- `{f.name}`: data {d.get('data')}; decoding the dataset into the prepared cache "
-                   f"{d.get('prepare_s', float('nan')):.1f} s and partitioning {d.get('partition_s', float('nan')):.1f} s, "
-                   "once per dataset and seed, before and outside `end_to_end_s`")
-    return out + [""]
-
-
-def attack_section() -> list[str]:
-    return (_table_sections(
-        "## Attackers' crafting (`bench_attack.py`: alternating minimisation, eager vs CUDA graph, one process)",
-        "attack_h100.json", ["model", "shard", "batch", "backdoor_set", "benign_epochs", "iterations", "eager_s",
-                             "graph_s", "speedup", "rel_diff_graph_vs_eager"])
-        + _table_sections("### Run-to-run divergence of the crafted update (relative L2)", "attack_divergence_*.json",
-                          ["iterations", "eager_vs_eager", "graph_vs_graph", "graph_vs_eager", "norm_eager",
-                           "norm_graph", "backdoor_loss_eager", "backdoor_loss_graph"],
-                          ("Two eager runs diverge as much as graph vs eager after 314 boosted iterations: "
-                           "GPU float noise amplified by boost 10, not a difference between the two paths.", ""))
-        + _table_sections("### Attack-Coomed-Backdoor's boosting to convergence (`bench_attack.py --attack boosting`; "
-                          "`tol` -1: every run takes `max_steps` steps)", "attack_boosting*.json",
-                          ["model", "backdoor_set", "max_steps", "tol", "steps_eager", "steps_graph", "eager_s",
-                           "graph_s", "speedup", "rel_diff_graph_vs_eager"])
-        + _table_sections("### Single-model crafting vs all attackers at once on the stacked engine "
-                          "(`bench_attack.py --attackers`, one process)", "attack_stacked_*.json",
-                          ["model", "dropout", "attack", "attackers", "layout", "shard", "batch", "single_s",
-                           "stacked_s", "speedup", "rel_diff_stacked_vs_single"],
-                          ("The relative difference is the crafting's own sensitivity to rounding (TF32 kernels; "
-                           "`attack_probe_s9b_h100.json`), not a difference between the two computations, which "
-                           "agree in FP32 (tests/test_attacks_vectorised.py).", "")))
-
-
-def cells_section() -> list[str]:
-    return _table_sections(
-        "## Per-round cost of each attack and defense besides training (`bench_cells.py`; one run alone on a GPU, "
-        "rounds after the first; random inputs of each dataset's shape)", "cells_*.json",
+        res, "## Per-round cost of each attack and defense besides training (`bench_cells.py`; one run alone on a GPU, "
+        "rounds after the first; random inputs of each dataset's shape)", CELLS,
         ["dataset", "attack", "backdoor", "n_clients", "n_attackers", "defense", "rounds", "train_s_median",
-         "attack_s_median",
-         "agg_s_median", "other_s_per_round", "end_to_end_s"])
+         "attack_s_median", "agg_s_median", "other_s_per_round", "end_to_end_s"])
 
 
-def grid_section() -> list[str]:
+def grid_section(res: Path) -> list[str]:
     out = ["## Whole-grid estimate (`estimate_grid.py`, from measured per-cell times)", ""]
-    for f in sorted(RES.glob("grid_estimate_*.json")):
+    for f in _files(res, GRID):
         d = json.loads(f.read_text())
-        out += [f"### `{f.name}`", "", f"device {d['device']}; date {d['date']}; commit {d['git_commit']}; "
+        out += [f"### `{f.relative_to(res)}`", "", f"device {d['device']}; date {d['date']}; commit {d['git_commit']}; "
                 f"cells {d['cells_file']}; engine times {d['engine_file']}", "",
                 f"- runs: {d['runs']}; estimated GPU-hours: **{d['gpu_hours']:.2f}** "
                 f"(local training alone {d['gpu_hours_training_only']:.2f}, attackers' crafting "
@@ -184,54 +253,51 @@ def grid_section() -> list[str]:
     return out
 
 
-def triton_section() -> list[str]:
-    """Per-layer times of cuDNN vs the Triton kernels, and each Triton kernel's fastest tile shape
-    (``bench_triton_conv.py``: ``triton_conv*.json``, or the JSON lines of a run whose file was lost)."""
-    out = ["## Convolution layers: cuDNN vs Triton kernels (`bench_triton_conv.py`; ms, median of do_bench)", ""]
-    files = (sorted(RES.glob("triton_conv*.json")) + sorted(RES.glob("triton_conv*.jsonl"))
-             + sorted(RES.glob("wgrad_sweep_*.json")) + sorted(RES.glob("*_s11_h100/sweep_*.json")))
-    for f in files:
-        if f.suffix == ".jsonl":
-            rows, meta = [json.loads(line) for line in f.read_text().splitlines() if line.strip()], (
-                "JSON lines printed by the script (the result file with its header did not come back from the "
-                "device; H100, see bench/README.md)")
-        else:
-            d = json.loads(f.read_text())
-            rows, meta = d["results"], _meta(d)
-        df = pd.DataFrame(rows)
-        if "ms" not in df:
-            continue
-        df = df.dropna(subset=["ms"])
-        whole = df[df.kernel_pass == "fwd+bwd"].pivot_table(index=["model", "layer", "cin", "cout", "h", "kernel"],
-                                                            columns="path", values="ms")
-        parts = df[df.kernel_pass != "fwd+bwd"].sort_values("ms").groupby(["model", "layer", "kernel_pass"]).head(1)
-        out += [f"### `{f.relative_to(RES)}`", "", meta, "", "Forward + backward of one layer (10 clients):", "",
-                whole.reset_index().to_markdown(index=False, floatfmt=".4g"), "", "Fastest tile shape per kernel:", "",
-                parts[["model", "layer", "kernel_pass", "tiles", "ms", "tflops"]].to_markdown(index=False, floatfmt=".4g"),
-                ""]
+def studies_section(res: Path) -> list[str]:
+    """Accuracy checks run through the pipeline: each study folder's ``summary.csv``, final test accuracy."""
+    out = ["## Accuracy checks (a study run through the pipeline; final test accuracy over seeds)", ""]
+    for f in _files(res, STUDIES):
+        df = pd.read_csv(f)
+        cols = [c for c in ("cell_id", "test_acc_mean", "test_acc_std", "test_acc_n", "devices") if c in df]
+        out += [f"### `{f.parent.relative_to(res)}/`", "", df[cols].to_markdown(index=False, floatfmt=".4g"), ""]
     return out
 
 
-def profile_section() -> list[str]:
-    out = ["## Where a training step's GPU time goes (`profile_step.py`; eager, ms per step, largest kernels)", ""]
-    for f in sorted(RES.glob("profile_*.json")) + sorted(RES.glob("*s11*_h100/profile_*.json")):
-        d = json.loads(f.read_text())
-        df = pd.DataFrame(d["results"])
-        df["kernel"] = df["kernel"].str.slice(0, 90)
-        out += [f"### `{f.relative_to(RES)}`" + (f" (kernels `{d['kernels']}`)" if "kernels" in d else ""), "", _meta(d) + f"; {d['model']}, conv {d['conv']}, {d['precision']}, "
-                f"{d['clients']} clients, batch {d['batch']}; all kernels {d['kernels_ms_per_step']:.3f} ms per step", "",
-                df[["ms_per_step", "calls", "kernel"]].head(10).to_markdown(index=False, floatfmt=".4g"), ""]
-    return out
+#: the sections in the order RESULTS.md shows them, each with the patterns of the files it renders
+SECTIONS: list[tuple[Callable[[Path], list[str]], tuple[str, ...]]] = [
+    (run_section, RUNS), (engine_section, ROUNDS), (unequal_section, UNEQUAL), (steps_section, STEPS),
+    (layers_section, LAYERS), (dense_section, DENSE), (profile_section, PROFILES),
+    (attack_section, ATTACK_GRAPH + ATTACK_DIVERGENCE + ATTACK_BOOSTING + ATTACK_STACKED), (probes_section, PROBES),
+    (agg_section, AGGREGATORS), (cells_section, CELLS), (grid_section, GRID), (studies_section, STUDIES),
+]
+
+
+def unrendered(res: Path = RES) -> list[Path]:
+    """Result files (``.json``, ``.jsonl``, outside a study's ``runs/``) that no section renders."""
+    every = {f for ext in ("*.json", "*.jsonl") for f in res.rglob(ext) if "runs" not in f.relative_to(res).parts}
+    covered = {f for _, patterns in SECTIONS for f in _files(res, patterns)}
+    return sorted(every - covered)
+
+
+def render(res: Path = RES) -> str:
+    lines = ["# Benchmark results", "",
+             f"Generated by `bench/summarise.py` from `{res.name}/`; every number below was measured by a script of",
+             "`bench/` (named in each section), or computed from such measurements by `bench/estimate_grid.py`.",
+             "Device, versions, date and commit of each file: `results/index.csv` and each file's own header.", ""]
+    for section, _ in SECTIONS:
+        lines += section(res)
+    missing = unrendered(res)
+    if missing:
+        lines += ["## Files no section renders", ""] + [f"- `{f.relative_to(res)}`" for f in missing] + [""]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    lines = ["# Benchmark results", "", "Generated by `bench/summarise.py` from `bench/results/*.json`; every number below",
-             "was measured by `bench/bench_run.py`, `bench/bench_engine.py`, `bench/bench_conv.py`,",
-             "`bench/bench_triton_conv.py`, `bench/bench_dense.py`, `bench/profile_step.py`, `bench/bench_attack.py`, `bench/bench_cells.py` or",
-             "`bench/bench_aggregators.py`, or computed from such measurements by `bench/estimate_grid.py` (see those files).", ""]
-    lines += (run_section() + engine_section() + conv_section() + triton_section() + dense_section() + profile_section()
-              + attack_section() + agg_section() + unequal_section() + cells_section() + grid_section())
-    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=RES)
+    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    a = ap.parse_args()
+    a.out.write_text(render(a.results))
 
 
 if __name__ == "__main__":

@@ -258,7 +258,7 @@ def test_stacked_crafting_matches_single_model_on_the_gpu_in_fp32(attack, layout
     attackers, the whole loop (CUDA graphs, fused Adam): with TF32 off everywhere (the Triton
     convolutions then compute in IEEE FP32 too) the stacked crafting gives the single-model loops'
     updates up to float rounding, which Adam's first steps and the boosting amplify to ~1e-3. (With
-    TF32 on, two runs differ as much as any two TF32 kernels let them: bench/results/attack_probe_s9b_h100.json.)"""
+    TF32 on, two runs differ as much as any two TF32 kernels let them: bench/results/attack_crafting_probe_h100.json.)"""
     from robustfl.engine.options import triton_ready
 
     if layout == "triton" and not triton_ready(build_model("fmnist_cnn", 10, 1)):

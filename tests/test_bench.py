@@ -160,3 +160,31 @@ def test_benchmarks_build_engine_options_instead_of_patching_modules() -> None:
     for path in (ROOT / "bench").glob("*.py"):
         text = path.read_text()
         assert not re.search(r"\b(stacked|triton_conv|triton_dense|train|backdoor|B)\.[A-Z_]{4,} = ", text), path
+
+
+def test_summarise_renders_every_committed_result_file(tmp_path: Path) -> None:
+    """bench/summarise.py's patterns match every result file in bench/results (a renamed or new kind of file
+    would be listed as unrendered), each file under exactly the heading of its path, and the rendering runs."""
+    sm = _load("summarise")
+    assert sm.unrendered() == []
+    text = sm.render()
+    for f in sorted(sm.RES.rglob("*.json*")):
+        rel = f.relative_to(sm.RES)
+        if "runs" not in rel.parts:
+            assert f"### `{rel}`" in text, rel
+    assert "Files no section renders" not in text
+
+
+def test_summarise_lists_a_file_no_section_renders(tmp_path: Path) -> None:
+    """A result file matched by no pattern is named at the end of the summary, not dropped; one matched is
+    rendered under its section (here a bench_engine.py round, by hand)."""
+    sm = _load("summarise")
+    head = {"date": "2026-01-01", "device": "GPU X", "versions": {"torch": "t", "python": "p"}, "git_commit": "abc"}
+    (tmp_path / "round_x_h100.json").write_text(json.dumps({**head, "results": [
+        {"model": "m", "n_clients": 10, "vectorised_s_per_round": 1.5}]}))
+    (tmp_path / "mystery_h100.json").write_text(json.dumps({**head, "results": []}))
+    assert [f.name for f in sm.unrendered(tmp_path)] == ["mystery_h100.json"]
+    text = sm.render(tmp_path)
+    section = text.split("### `round_x_h100.json`")[1].split("##")[0]
+    assert "GPU X" in section and "abc" in section and "1.5" in section
+    assert text.rstrip().endswith("- `mystery_h100.json`")

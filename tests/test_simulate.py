@@ -108,7 +108,7 @@ def test_claim_gpu_spreads_jobs_over_cards(tmp_path: Path, monkeypatch: pytest.M
 def test_a_claimed_gpu_becomes_the_process_current_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """resolve_device makes the run's card the current CUDA device: Triton launches its kernels on the
     current device, and a run on cuda:1 whose current device stayed cuda:0 failed ("Pointer argument
-    cannot be accessed from Triton"; the session-6 pipeline run on 4 GPUs)."""
+    cannot be accessed from Triton" on a 4-GPU host)."""
     from robustfl.fl import simulate
 
     calls = []

@@ -167,7 +167,7 @@ def test_layouts_agree_on_the_gpu_in_full_fp32() -> None:
     the float summation order that Adam amplifies (measured on an H100 after 4 steps: 1.2e-4 of the
     update norm for channels-last, 5e-6 between two vmap runs). With TF32 on, PyTorch's default for
     convolutions, channels-last and per-client convolutions differ by ~4e-2 (TF32 kernels; see
-    docs/decisions/simulator.md S28), so this bound tells the two apart."""
+    docs/decisions/simulator.md, "TF32 in the stacked layouts' cuDNN convolutions"), so this bound tells the two apart."""
     run = _cuda_case([64, 64, 64])
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False

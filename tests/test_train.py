@@ -105,7 +105,7 @@ def test_batch_plan_covers_each_shard_every_epoch() -> None:
 
 
 def _batch_plan_one_batch_at_a_time(shards, epochs, batch_size, generator):
-    """batch_plan as it was written before session 9 (one batch at a time): the reference."""
+    """batch_plan written one batch at a time: the reference."""
     per_client = []
     for shard in shards:
         batches = []

@@ -95,7 +95,7 @@ def test_conv_and_its_gradients_equal_conv2d_per_client(shape: tuple[int, ...], 
 @on_cpu
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[7]])
 def test_weight_operand_is_k_major_and_gives_conv2d(shape: tuple[int, ...]) -> None:
-    """_gemm_weight: the (G, K, N) operand stored K-major (S45), forward K = (kh, kw, ci), input gradient
+    """_gemm_weight: the (G, K, N) operand stored K-major, forward K = (kh, kw, ci), input gradient
     K = (kh, kw, co); the kernels read it at its strides: the convolution and its gradients equal conv2d's."""
     w = torch.randn(2, 6, 5, 3, 3, dtype=torch.float64)
     fwd = triton_conv._gemm_weight(w, torch.float64, backward=False)
@@ -184,7 +184,7 @@ EVEN_SHAPES = [(2, 4, 6, 6, 32, 16, 3, 0), (2, 24, 10, 10, 32, 16, 3, 0)]
 
 
 def test_separable_gather_flags_for_the_paper_layers_and_the_test_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the kernels take the separable gather (S55): an unpadded forward pass and weight gradient,
+    """Where the kernels take the separable gather: an unpadded forward pass and weight gradient,
     never an input gradient (its window leaves the input) or a padded layer; EVEN where the tiles divide
     the shapes. fmnist's 5x5x64 layer at 10 clients: forward unmasked, its weight gradient in 4 chunks of
     100 row blocks (3 uneven ones without the separable gather)."""
@@ -195,10 +195,10 @@ def test_separable_gather_flags_for_the_paper_layers_and_the_test_shapes(monkeyp
     assert triton_conv._igemm_gather(m + 4, k, 64, t512, 1, 0) == (True, False)  # a partial row tile
     assert triton_conv._igemm_gather(64 * 24 * 24, 25, 64, t512, 1, 0) == (True, False)  # first layer: K = 25
     assert triton_conv._igemm_gather(64 * 24 * 24, k, 64, t512, -1, 4) == (False, False)  # input gradient
-    # ... unless taken over its gradient bordered with 4 zeros (S56): 28 x 28 in, 24 x 24 out, unmasked
+    # ... unless taken over its gradient bordered with 4 zeros: 28 x 28 in, 24 x 24 out, unmasked
     assert triton_conv._igemm_gather(64 * 24 * 24, k, 64, t512, 1, 0) == (True, True)
     assert triton_conv._igemm_gather(32 * 32 * 32, 9 * 32, 64, t512, 1, -1) == (False, False)  # padding 1
-    # S57: 50 K blocks of 32, 5 a program: 10 x 10 clients programs a chunk; 6 chunks make ~512, and 8
+    # 50 K blocks of 32, 5 a program (KSUB): 10 x 10 clients programs a chunk; 6 chunks make ~512, and 8
     # is the nearest count that divides the 400 row blocks
     assert triton_conv._wgrad_ksub(k, WGRAD_GPU, m, 64, 10) == 5
     assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU) == (8, 3200, True, True)
@@ -218,7 +218,7 @@ def test_separable_gather_flags_for_the_paper_layers_and_the_test_shapes(monkeyp
         assert triton_conv._igemm_gather(mm, kk * kk * ci, co, IGEMM_GPU[0], 1, 0) == (True, True)
         assert triton_conv._wgrad_split(mm, kk * kk * ci, co, g, 0, WGRAD_GPU)[2:] == (True, True)
     assert triton_conv._wgrad_split(24 * 64, 9 * 32, 16, 2, 0, WGRAD_GPU)[:2] == (3, 512)
-    # session 10's split (one K block a program, 1024 programs): 50 x 10 programs a chunk
+    # the split with one K block a program and 1024 programs: 50 x 10 programs a chunk
     assert triton_conv._wgrad_split(m, k, 64, 10, 0, WGRAD_GPU, programs=1024, ksub=1) == (4, 6400, True, True)
 
 
@@ -227,7 +227,7 @@ def test_separable_gather_flags_for_the_paper_layers_and_the_test_shapes(monkeyp
                                         (EVEN_SHAPES[0], 3), (EVEN_SHAPES[1], 5)])
 def test_weight_gradient_sub_blocks_equal_conv2d(shape: tuple[int, ...], most: int,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """S57: the weight-gradient kernel computing several K blocks a program (KSUB up to ``most``; the
+    """The weight-gradient kernel computing several K blocks a program (KSUB up to ``most``; the
     multiprocessor count that would keep small layers at one set to 1) gives conv2d's gradients, unpadded
     (separable, masked and EVEN) and padded (bounds-tested), with a last K block partly empty (Cin 70)."""
     monkeypatch.setattr(triton_conv, "SMS", 1)
@@ -298,7 +298,7 @@ def _check_bordered(shape: tuple[int, ...], relu_input: bool, monkeypatch: pytes
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[4], SHAPES[7]] + EVEN_SHAPES)
 def test_input_gradient_from_a_zero_bordered_gradient_equals_conv2d(shape: tuple[int, ...], relu_input: bool,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """S56: with ``grad_padded``, a gradient handed back as the inside of a buffer bordered by KH - 1 -
+    """With ``grad_padded``, a gradient handed back as the inside of a buffer bordered by KH - 1 -
     padding zeros gives conv2d's input, weight and bias gradients (float64, the GPU's tiles), the input
     gradient computed by the separable gather (SGN = 1, no offset: the window turned by 180 degrees over
     the buffer) and the weight gradient reading the gradient at the buffer's strides; a contiguous
@@ -313,7 +313,7 @@ def test_input_gradient_from_a_zero_bordered_gradient_equals_conv2d(shape: tuple
 @pytest.mark.parametrize("shape", [(10, 64, 24, 24, 64, 64, 5, 0), (4, 32, 32, 32, 64, 64, 3, 1)])
 def test_cuda_input_gradient_from_a_zero_bordered_gradient_in_full_fp32(shape: tuple[int, ...],
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """S56 on the GPU, fmnist's second layer (its input-gradient kernel unmasked) and a padded layer, TF32
+    """The same on the GPU, fmnist's second layer (its input-gradient kernel unmasked) and a padded layer, TF32
     off: equal to cuDNN's gradients up to summation order, bordered or not."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     _check_bordered(shape, True, monkeypatch, torch.float32, "cuda", tol=1e-4)
@@ -484,7 +484,7 @@ def test_cuda_relu_backward_handed_to_the_next_convolution() -> None:
 def test_stacked_hands_the_relu_backward_on_only_between_two_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
     """stacked_logits flags exactly fmnist's conv -> ReLU -> conv pair (not a convolution followed by a
     pool or a flatten), borders the second convolution's gradient with zeros where the ReLU - Dropout -
-    Flatten kernel follows it (S56), and the step's gradients are the grouped layout's (float64)."""
+    Flatten kernel follows it, and the step's gradients are the grouped layout's (float64)."""
     calls = []
     real = triton_conv.conv_nhwc
     monkeypatch.setattr(triton_conv, "conv_nhwc", lambda *a, **k: calls.append(k) or real(*a, **k))

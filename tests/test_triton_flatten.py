@@ -56,7 +56,7 @@ def test_equals_relu_dropout_permute_flatten(shape: tuple[int, ...], relu: bool,
 @pytest.mark.parametrize("q", [1, 4])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7, 6), (1, 2, 20, 20, 64), (3, 1, 1, 1, 3)])
 def test_gradient_handed_back_inside_a_zero_bordered_buffer(shape: tuple[int, ...], q: int) -> None:
-    """``grad_pad`` q (S56): the gradient at z is the same as without it, and it is the inside of a
+    """``grad_pad`` q: the gradient at z is the same as without it, and it is the inside of a
     (G, B, H + 2q, W + 2q, C) buffer whose border the kernel wrote with zeros (over a buffer first filled
     with NaN, so an unwritten border would show)."""
     g = torch.Generator().manual_seed(sum(shape) + q)

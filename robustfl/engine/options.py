@@ -26,9 +26,9 @@ CONVS = ("auto", "vmap", *LAYOUTS)
 REMOVED_CONVS = {
     "cudnn": "'cudnn' is now called 'vmap' (torch.func.vmap over the per-client models)",
     "matmul": "'matmul' (im2col + batched GEMM) was removed: 2-5.5x slower than vmap's grouped convolution "
-              "(bench/README.md, session 3); use 'vmap'",
+              "(bench/results/vmap_conv_paths_*_h100.json); use 'vmap'",
     "loop": "'loop' (one convolution per client) was removed: slower than the grouped layouts for every model "
-            "(bench/README.md, session 4); use 'grouped'",
+            "(bench/results/stacked_layouts_*_h100.json); use 'grouped'",
 }
 #: the run precisions (robustfl.engine.train.precision_context says what each computes in)
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -36,13 +36,12 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 CONFIG_KEYS = ("kind", "conv", "cuda_graph")
 
 #: what ``conv="auto"`` means on a CUDA device, per model class, in fp32: the fastest layout with CUDA
-#: graphs for the paper's models. Session 4 measured grouped (fmnist) and channels-last (CIFAR-10,
-#: Kather) fastest among cuDNN's layouts (bench/results/kern_*_h100.json); session 5's implicit-GEMM
-#: Triton kernels, with their chosen tiles, beat both for every model at 10 and at 90/30 clients
-#: (kern_triton_*_h200.json).
+#: graphs for the paper's models. Among cuDNN's layouts grouped (fmnist) and channels-last (CIFAR-10,
+#: Kather) were fastest (bench/results/stacked_layouts_*_h100.json); the implicit-GEMM Triton kernels
+#: beat both for every model at 10 and at 90/30 clients (triton_conv_step_*_h200.json).
 AUTO_CUDA_CONV = {"FMNISTNet": "triton", "CIFARNet": "triton", "KatherNet": "triton"}
-#: in bf16 (session 4: channels-last the fastest cuDNN layout; session 5: Triton faster still, except
-#: CIFAR-10 at 10 clients, within 6%)
+#: in bf16 (channels-last the fastest cuDNN layout; Triton faster still, except CIFAR-10 at 10 clients,
+#: within 6%: triton_conv_step_*_h200.json)
 AUTO_CUDA_CONV_BF16 = "triton"
 
 

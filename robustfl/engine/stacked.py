@@ -143,7 +143,7 @@ class _Dense(torch.autograd.Function):
     layout: ``dW = dY^T X`` as one batched product (autograd's ``bmm`` backward computes ``X^T dY`` and
     hands back its transpose, which the fused Adam kernel then has to copy). ``splitk``: the forward
     product by :func:`robustfl.engine.triton_dense.bmm_nt` (long inner dimensions on the GPU); the backward's
-    products stay with cuBLAS (faster for them: bench/results/dense_products_s8_h100.json)."""
+    products stay with cuBLAS (faster for them: bench/results/dense_products_h100.json)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
@@ -235,7 +235,7 @@ def stacked_logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
                 # conv -> ReLU -> conv: the ReLU's backward runs in the second's input-gradient kernel
                 hand_on = epilogue == "relu" and isinstance(nxt, nn.Conv2d) and triton_conv.supported(nxt)
                 # a flatten kernel next, and an input gradient wanted: it borders its gradient with zeros,
-                # which this convolution's input-gradient kernel gathers without bounds tests (S56)
+                # which this convolution's input-gradient kernel gathers without bounds tests
                 border = m.kernel_size[0] - 1 - m.padding[0]
                 grad_pad = border if (epilogue == "none" and _flatten_run(seq[pos:])[2] and h.requires_grad
                                       and m.kernel_size[0] == m.kernel_size[1] and border > 0) else 0

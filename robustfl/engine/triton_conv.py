@@ -1,7 +1,7 @@
 """Per-client 2-d convolution (one weight tensor per client) as implicit-GEMM Triton kernels, NHWC.
 
 cuDNN computes n clients' convolutions as one grouped convolution (``groups = n``), which on an H100
-ran the fmnist network's 64->64 5x5 layer at ~28 TFLOP/s (bench/results/kern_fmnist_h100.json), far
+ran the fmnist network's 64->64 5x5 layer at ~28 TFLOP/s (bench/results/stacked_layouts_fmnist_h100.json), far
 below the matrix units' rate. Here each client's convolution is the matrix product
 
     y[g, (b, oh, ow), co] = sum_{(kh, kw, ci)} x[g, b, oh + kh - P, ow + kw - P, ci] * w[g, co, ci, kh, kw]
@@ -27,7 +27,7 @@ its output) and hands it to the two gradient kernels (the weight-gradient kernel
 gradient where K is one block, a first layer; :func:`_wgrad`). (Applying the mask or the pool's
 routing inside the gradient kernels instead, on every one of their re-reads of the gradient, was
 measured 1.2x (fmnist) and 1.4x (Kather) slower per step on an H200:
-bench/results/kern_fuse_v1_h200.json.)
+bench/results/conv_epilogues_in_gradient_kernels_h200.json.)
 
 Stride 1 and dilation 1 only (every convolution of :mod:`robustfl.models`); :func:`supported` says
 whether a layer qualifies. fp32 inputs use TF32 matrix units when ``torch.backends.cudnn.allow_tf32``
@@ -246,7 +246,7 @@ def _wgrad_kernel(x_ptr, dy_ptr, out_ptr, outb_ptr, M, HIN, WIN, HOUT, WOUT, x_s
     row part (b, oh, ow) per block of rows, with no bounds test per element; EVEN (with SEP: the S chunks
     cover M exactly, K and COUT whole multiples of the tiles): no masks. KSUB (1 to 5): each program
     computes KSUB consecutive BK-row blocks of the output, each in its own accumulator, from one load of
-    each dy tile (which every program re-reads: KSUB times fewer reads of dy; S57). Grid:
+    each dy tile (which every program re-reads: KSUB times fewer reads of dy). Grid:
     (cdiv(K, BK * KSUB), cdiv(COUT, BN), G*S)."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -336,21 +336,22 @@ IGEMM_TILES: Tiles | None = None
 #: tiles for the bounds-tested input gradient (a padded layer's, or one whose gradient is not
 #: zero-bordered); None: as the forward's (igemm_tiles). 128 rows: fmnist's 5x5x64 layer 0.519 -> 0.358 ms
 #: against igemm_tiles' 512, while the zero-bordered (separable) one stays fastest at 512 (0.388 vs 0.415;
-#: bench/results/dgrad_s11_h100/); CIFAR-10's and Kather's rounds 2-3 % faster (S59)
+#: bench/results/conv_dgrad_tiles_h100/); CIFAR-10's and Kather's rounds 2-3 % faster
 DGRAD_TILES: Tiles | None = Tiles(bm=128, bn=64, bk=32, num_warps=4, num_stages=3)
 #: weight-gradient tiles (bm = rows reduced per iteration); bk = 32 was fastest for every layer of the
-#: paper's networks but CIFAR-10's last (bench/results/triton_conv_h100.json)
+#: paper's networks but CIFAR-10's last (bench/results/triton_conv_all_layers_h100.jsonl)
 WGRAD_TILES = Tiles(bm=64, bn=64, bk=32)
-#: ... of a padded layer (the bounds-tested gather): 32 rows per iteration, with S57's sub-blocks
+#: ... of a padded layer (the bounds-tested gather): 32 rows per iteration, with WGRAD_KSUB's sub-blocks:
 #: Kather's 64x64 layer 2.08 -> 1.25 ms, its 32x32 one 0.56 -> 0.35 ms (64 rows: 2.00 / 0.55 ms;
-#: bench/results/wgrad_sweep_s11_h100.json)
+#: bench/results/conv_wgrad_ksub_h100/sweep.json)
 WGRAD_TILES_PADDED = Tiles(bm=32, bn=64, bk=32)
 #: the weight-gradient reduction is split until about this many programs run (a few per multiprocessor;
-#: 1024 before S57's sub-blocks, whose partial sums are 5x fewer programs' worth of work each)
+#: with WGRAD_KSUB's sub-blocks each program does up to 5x the work of one with a single block, for which
+#: 1024 was best)
 WGRAD_PROGRAMS = 512
 #: the most BK-row blocks of the weight gradient one program computes from one read of each dy tile
 #: (the kernel's KSUB, 1 to 5; :func:`_wgrad_ksub`): every program re-reads all of dy for its rows, so
-#: dy is read cdiv(K, BK * KSUB) times (S57)
+#: dy is read cdiv(K, BK * KSUB) times
 WGRAD_KSUB = 5
 if INTERPRET:  # the interpreter's cost is per program and per operation: few, large tiles
     IGEMM_TILES = Tiles(bm=1024, bn=64, bk=128)
@@ -359,17 +360,17 @@ if INTERPRET:  # the interpreter's cost is per program and per operation: few, l
     WGRAD_PROGRAMS = 1
 
 
-#: the output tiles igemm_tiles considers, largest first: (rows, warps, stages). 512 rows (session 7):
+#: the output tiles igemm_tiles considers, largest first: (rows, warps, stages). 512 rows:
 #: fmnist's 64 -> 64 5x5 layer's forward 0.46 -> 0.35-0.38 ms, input gradient 0.62 -> 0.52-0.53 ms, Kather's
-#: second layer 0.92 -> 0.75-0.78 ms, against 256 (bench/results/triton_conv_sweep_s7_h100.json, H100)
+#: second layer 0.92 -> 0.75-0.78 ms, against 256 (bench/results/triton_conv_tiles_h100.json, H100)
 IGEMM_CANDIDATES: tuple[tuple[int, int, int], ...] = ((512, 8, 3), (256, 8, 3), (128, 4, 3))
 
 
 def igemm_tiles(m: int, n: int, g: int) -> Tiles:
     """Output tiles for ``m`` rows and ``n`` columns per client and ``g`` clients: the largest of
     :data:`IGEMM_CANDIDATES` that still makes :data:`SMS` programs (the largest tiles were the fastest
-    on every large layer measured on an H100: bench/results/triton_conv_h100.json,
-    triton_conv_sweep_s7_h100.json), else 64 rows (small layers: more programs)."""
+    on every large layer measured on an H100: bench/results/triton_conv_all_layers_h100.jsonl,
+    triton_conv_tiles_h100.json), else 64 rows (small layers: more programs)."""
     if IGEMM_TILES is not None:
         return IGEMM_TILES
     cols = triton.cdiv(n, _bn(n, 64)) * g
@@ -397,7 +398,7 @@ _EPI = {name: i for i, name in enumerate(EPILOGUES)}
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on ``t``'s GPU: Triton launches on the current CUDA device, which need not be the one
-    holding the tensors (a run on ``cuda:1`` of a multi-GPU host; found in the session-6 pipeline run)."""
+    holding the tensors (a run on ``cuda:1`` of a multi-GPU host)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
@@ -461,7 +462,7 @@ def _kn_divide(k: int, cout: int, tiles: Tiles) -> bool:
 
 def _igemm_gather(m: int, k: int, cout: int, tiles: Tiles, sgn: int, off: int) -> tuple[bool, bool]:
     """:func:`_igemm_kernel`'s SEP and EVEN for ``m`` rows, ``k`` = KH*KW*CIN and ``cout`` columns."""
-    sep = sgn == 1 and off == 0  # the window never leaves the input: separable gather (S55)
+    sep = sgn == 1 and off == 0  # the window never leaves the input: separable gather
     return sep, sep and m % tiles.bm == 0 and _kn_divide(k, cout, tiles)
 
 
@@ -479,7 +480,7 @@ def _wgrad_ksub(k: int, tiles: Tiles, m: int | None = None, cout: int = 0, g: in
     the BK-row blocks (fmnist's 5x5x64 layer: 50 blocks, 5 a program; a 3x3x64 layer: 18 blocks, 3) and,
     given the layer's ``m`` rows, ``cout`` and ``g`` clients, still leaves :data:`SMS` programs at the
     most chunks the split allows (CIFAR-10's 4x4-output layer, 10 clients: one chunk, 18 blocks; KSUB 3
-    left 60 programs, 0.31 ms against 0.11 ms with KSUB 1: bench/results/wgrad_sweep_s11_h100.json)."""
+    left 60 programs, 0.31 ms against 0.11 ms with KSUB 1: bench/results/conv_wgrad_ksub_h100/sweep.json)."""
     blocks = triton.cdiv(k, tiles.bk)
     chunks = 1 if m is None else triton.cdiv(m, 8 * tiles.bm) * triton.cdiv(cout, _bn(cout, tiles.bn)) * g
     most = WGRAD_KSUB if most is None else most
@@ -492,7 +493,7 @@ def _wgrad_split(m: int, k: int, cout: int, g: int, pad: int, tiles: Tiles, prog
     """How :func:`_wgrad_kernel` splits its reduction over ``m`` rows: ``(chunks S, rows per chunk, SEP,
     EVEN)``. S is what makes about ``programs`` (:data:`WGRAD_PROGRAMS`) programs (at least 8 row blocks a chunk); with
     the separable gather and whole row blocks, the nearest S up to twice as many that divides the blocks
-    (fmnist's 5x5x64 layer: 400 blocks of 64 rows in 8 chunks, not 6; with session 10's KSUB 1 and 1024
+    (fmnist's 5x5x64 layer: 400 blocks of 64 rows in 8 chunks, not 6; with KSUB 1 and 1024
     programs, 4, not 3), so that no chunk needs masks. The programs of a chunk: K blocks / KSUB
     (:func:`_wgrad_ksub`, at most ``ksub``) x output-channel tiles."""
     programs = WGRAD_PROGRAMS if programs is None else programs
@@ -517,7 +518,7 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     kernel only where K is one block (a first layer); elsewhere by ``torch.sum``: summing it in the
     kernel, even in the first K block's programs only, slowed the whole kernel (fmnist's 5x5x64 layer
     0.78 -> 1.03 ms, Kather's second 1.48 -> 1.96 ms; the separate sum 0.06 / 0.17 ms:
-    bench/results/triton_conv_large_s7_h100.json, H100). ``programs``, ``ksub``: :func:`_wgrad_split`'s
+    bench/results/triton_conv_tiles_large_h100.json, H100). ``programs``, ``ksub``: :func:`_wgrad_split`'s
     (benchmarks' sweeps; by default :data:`WGRAD_PROGRAMS`, :data:`WGRAD_KSUB`)."""
     g, b, hin, win, cin = x.shape
     _, _, hout, wout, cout = dy.shape
@@ -550,7 +551,7 @@ def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool, flip: b
     """The weight ``w (G, Cout, Cin, KH, KW)`` as the (G, K, N) operand of :func:`_igemm_kernel`: forward,
     K = (kh, kw, ci) and N = co; input gradient (``backward``), K = (kh, kw, co) and N = ci; a contiguous
     copy in ``dtype`` stored K-major (each output channel's K = (kh, kw, ci) inputs contiguous, the
-    layout Hopper's TF32 matrix instructions read; S45), returned as a (G, K, N) view. ``flip``: the
+    layout Hopper's TF32 matrix instructions read), returned as a (G, K, N) view. ``flip``: the
     kernel's window turned by 180 degrees (kh -> KH-1-kh, kw -> KW-1-kw; the input gradient as a
     correlation over a zero-bordered gradient, :func:`padded_base`)."""
     if flip:
@@ -568,7 +569,7 @@ def padded_base(dy: torch.Tensor, q: int) -> torch.Tensor | None:
     (:func:`conv_nhwc`'s ``grad_padded``). With the border q = KH - 1 - padding, a stride-1 convolution's
     input gradient, dx[ih, iw] = sum dy[ih - kh + padding, iw - kw + padding] w[kh, kw], is the correlation
     dx[ih, iw] = sum dyq[ih + kh', iw + kw'] w[KH-1-kh', KW-1-kw'] whose window never leaves the buffer
-    dyq: the separable gather, without bounds tests (S56)."""
+    dyq: the separable gather, without bounds tests."""
     if q <= 0 or dy.dim() != 5:
         return None
     g, b, h, w, c = dy.shape

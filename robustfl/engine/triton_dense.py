@@ -5,14 +5,14 @@ The stacked engine computes n clients' dense layer ``y[g] = x[g] W[g]^T`` as one
 128 outputs, batch 64) each client's product is one 64 x 128 output tile over K = 25,600: cuBLAS's
 batched FP32 kernel ran it as 8 small tiles per client, each looping over all of K, i.e. 80 programs
 for 10 clients on a GPU with 132 multiprocessors, ~0.75 ms a step (5.6 TFLOP/s;
-bench/results/profile_fmnist_triton_fp32_h100.json). Here K is split into S chunks, one program per
+an H100 step profile by bench/profile_step.py). Here K is split into S chunks, one program per
 (client, chunk, output tile), whose fp32 partial products are added by ``torch.sum`` in a fixed
 order (no atomics: the result does not depend on the order programs run in):
 
     y[g, m, n] = sum_s sum_{k in chunk s} x[g, m, k] W[g, n, k]
 
 (:func:`bmm` takes operands at any strides; the layer's backward products stay with cuBLAS, which
-was faster for them: bench/results/dense_products_s8_h100.json).
+was faster for them: bench/results/dense_products_h100.json).
 
 Precision. bf16 inputs accumulate in fp32. fp32 inputs use one-pass TF32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is on (what cuBLAS would do; the engine's ``precision:
@@ -21,7 +21,8 @@ the three-product split of each operand into a TF32 part and a TF32
 remainder, ``a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi`` (the 3xTF32 of NVIDIA's CUTLASS), whose error
 against the float64 product was smaller than cuBLAS's FP32 kernel's on every product measured
 (fmnist's layer: 2.2e-7 against 7.0e-6 of the largest output, the split sums being shorter; one-pass
-TF32: 8.3e-4), at 2.1x the speed of the kernel's FP32 FMAs (``"ieee"``, session 7's choice; S43). On a machine without a GPU the kernel runs in Triton's interpreter when ``TRITON_INTERPRET=1``
+TF32: 8.3e-4), at 2.1x the speed of the kernel's FP32 FMAs (``"ieee"``).
+On a machine without a GPU the kernel runs in Triton's interpreter when ``TRITON_INTERPRET=1``
 is set before import (tests/test_triton_dense.py).
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from robustfl.engine.triton_conv import INTERPRET, SMS, Tiles, acc_dtypes, on_de
 #: the stacked engine's dense layers use the split-K kernel on the GPU from this many inputs on:
 #: fmnist's 25,600-input layer (H100, 10 clients: cuBLAS 0.77 ms, FP32 FMAs 0.23, tf32x3 0.11; 90
 #: clients 1.42 / 2.22 / 0.84); Kather's 2,048 were as fast by cuBLAS (10 clients 0.068 / 0.072 /
-#: 0.079 ms, 90: 0.090 / 0.196 / 0.088) and CIFAR-10's 256 faster (bench/results/dense_products_s8_h100.json)
+#: 0.079 ms, 90: 0.090 / 0.196 / 0.088) and CIFAR-10's 256 faster (bench/results/dense_products_h100.json)
 MIN_K = 8192
 #: output tile, K block and launch settings of one program (one 64 x 128 tile covers a paper client's
 #: whole output)

@@ -5,7 +5,7 @@ The stacked engine's ``"triton"`` layout keeps activations in NHWC, ``(G, B, H, 
 columns). The fmnist network (Table 6) ends its convolutions with ``ReLU - Dropout(.25) - Flatten``.
 Done as PyTorch operations that is a dropout pass and a transposing copy forward, and backward a
 dropout pass, a transposing copy and the ReLU's mask (two more passes): on fmnist's 10-client step
-about 0.9 GB of memory traffic over a 65 MB activation (bench/results/profile_fmnist_s7_h100.json).
+about 0.9 GB of memory traffic over a 65 MB activation (an H100 step profile by bench/profile_step.py).
 Here one kernel computes, for sample s = (g, b), pixel p = (h, w) and channel c,
 
     forward:   y[s, c * H * W + p] = relu(z[s, p, c]) * keep[s, p, c] / (1 - P)
