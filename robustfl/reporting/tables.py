@@ -41,6 +41,9 @@ ATTACK_NAMES = {
     "krum_untargeted": "Attack-Krum-Untargeted",
     "trimmedmean_untargeted": "Attack-TrimmedMean-Untargeted",
     "adaptive_plr": "Adaptive attack (Sec. 7.4)",
+    "model_replacement": "Model replacement (Bagdasaryan et al.)",
+    "dba": "DBA (Xie et al.)",
+    "neurotoxin": "Neurotoxin (Zhang et al.)",
 }
 METRIC_NAMES = {"acc": "Acc", "asr": "ASR"}
 #: The ASR a table can show: option of :func:`build_table` -> (summary metric, caption sentence).
