@@ -21,6 +21,12 @@
 All three train with Adam on the rows of :class:`robustfl.engine.ModelRows` (:func:`poisoned_training`):
 one attacker at a time, or all at once on the stacked layout the run's engine trains with. Choices the
 papers leave open: docs/decisions/attacks-backdoor-suite.md.
+
+Options (``attack_params``), defaults in brackets. All: ``poison_fraction`` [20/64], ``epochs``, ``lr``,
+``batch_size`` [the run's]. ``model_replacement``: ``alpha`` [1.0], ``anomaly`` [global | benign_mean],
+``gamma`` ["n/eta" = n / (eta k), or a number], ``eta`` [1.0], ``bound`` [null]. ``dba``: ``n_parts`` [4],
+``scale`` [1.0]; needs ``backdoor: trojan``. ``neurotoxin``: ``topk`` [0.05], ``mask_from``
+[benign_mean | own].
 """
 from __future__ import annotations
 
