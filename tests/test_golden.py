@@ -66,6 +66,11 @@ SINGLE: dict[str, dict] = {
     "label_flip_median": {"attack": "label_flip", "n_attackers": 2, "defense": "median"},
     "label_flip_median_vectorised": {"attack": "label_flip", "n_attackers": 2, "defense": "median",
                                      "engine": {"kind": "vectorised", "conv": "grouped"}},
+    # the backdoor suite (robustfl.attacks.backdoor_suite)
+    "model_replacement_fedavg": {"attack": "model_replacement", "n_attackers": 1},
+    "dba_fedavg_vectorised": {"attack": "dba", "n_attackers": 2, "backdoor": "trojan", "backdoor_mode": "multiple",
+                              "engine": {"kind": "vectorised", "conv": "grouped"}},
+    "neurotoxin_median": {"attack": "neurotoxin", "n_attackers": 1, "defense": "median"},
 }
 # trained together in one process (robustfl.fl.experiment.run_cells)
 PACKED: dict[str, dict] = {

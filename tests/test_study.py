@@ -167,6 +167,9 @@ def test_schema_messages_name_the_key():
     ({"base": BASE, "grid": [{"outputs": ["cost"], "defense": ["median"]}]},
      "studies.s.grid[0]: `cost` measures FLARE's aggregation time, but cell 'defense=median,rounds=2' "
      "uses defense 'median'"),
+    ({"base": BASE, "grid": [{"attack": ["dba"], "n_attackers": [2]}]},
+     "studies.s.grid[0]: attack 'dba' needs backdoor: trojan, but cell 'n_attackers=2,attack=dba,rounds=2' "
+     "has backdoor: semantic"),
 ])
 def test_each_study_mistake_has_its_message(study, message):
     assert message in error(expand_studies, config(s=study))
@@ -302,6 +305,15 @@ def test_a_card_block_expands_into_report_card_cells_with_their_seeds():
         assert c.where == ["studies.c.card"]
     assert {c.cfg["defense"] for c in cells.values()} == {"fedavg", "krum", "flare"}
     assert {c.cfg["n_attackers"] for c in cells.values() if c.cfg["attack"] != "none"} == {2}
+
+
+def test_a_card_gives_an_attack_the_backdoor_set_it_needs():
+    """DBA splits the trojan trigger: its card cells get ``backdoor: trojan``, the other backdoor attacks the
+    card's default (semantic)."""
+    card = {**CARD, "attacks": ["dba", "krum_backdoor"]}
+    cells = expand_studies(config(c={"seeds": [0], "base": {"rounds": 2}, "card": card}))["c"]
+    kinds = {(c.cfg["attack"], c.cfg["backdoor"]) for c in cells.values() if c.cfg["attack"] != "none"}
+    assert kinds == {("dba", "trojan"), ("krum_backdoor", "semantic")}
 
 
 def test_the_top_level_defenses_replace_the_selected_cards():

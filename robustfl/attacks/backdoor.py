@@ -211,7 +211,7 @@ def distance_rows(v: torch.Tensor, form: str) -> torch.Tensor:
     return torch.sqrt(sq + NORM_EPS) if form == "norm" else 0.5 * sq
 
 
-def _schedule(sizes: Sequence[int], generators: Sequence[torch.Generator], iterations: Sequence[int],
+def batch_schedule(sizes: Sequence[int], generators: Sequence[torch.Generator], iterations: Sequence[int],
               batch_size: int, ls: int, offsets: Sequence[int], pad: bool,
               device: torch.device) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]:
     """Every iteration's ``ls`` mini-batches of the k rows, drawn up front from each row's generator in
@@ -248,7 +248,7 @@ def _schedule(sizes: Sequence[int], generators: Sequence[torch.Generator], itera
     return drawn, live
 
 
-def _groups(k: int, layout: str | None) -> list[list[int]]:
+def row_groups(k: int, layout: str | None) -> list[list[int]]:
     """The rows computed together: all k on a stacked layout, else one at a time."""
     return [list(range(k))] if layout is not None else [[i] for i in range(k)]
 
@@ -316,7 +316,7 @@ def alternating_minimisation(
     refs, w0 = _rows_of(ref_deltas, theta, k), _rows_of(starts, theta, k)
     centres = None if project is None else _rows_of(project[0], theta, k)
     out = []
-    for g in _groups(k, layout):
+    for g in row_groups(k, layout):
         rows = ModelRows(model, len(g), device, layout, engine)
         out.append(_alternate(
             rows, theta, [owns[i] for i in g], x_bd, y_bd, None if refs is None else refs[g],
@@ -398,7 +398,7 @@ def _alternate(rows: ModelRows, theta: torch.Tensor, owns: Sequence[tuple[torch.
 
     use_graph = extra is None and rows.use_graph(max(n_iter))
     with rows.training(generators):
-        batches, live = _schedule(sizes, generators, n_iter, batch_size, ls, offsets, k > 1 or use_graph, device)
+        batches, live = batch_schedule(sizes, generators, n_iter, batch_size, ls, offsets, k > 1 or use_graph, device)
         if not use_graph:
             for t in range(len(batches)):
                 iteration(batches[t], live[t])
@@ -443,7 +443,7 @@ def explicit_boosting(
         return theta.new_zeros(0, theta.numel()), []
     x_bd, y_bd = prepare_inputs(x_bd.to(device)), y_bd.to(device)
     deltas, infos = [], []
-    for g in _groups(k, layout):
+    for g in row_groups(k, layout):
         rows = ModelRows(model, len(g), device, layout, engine)
         d, info = _boost(rows, theta, x_bd, y_bd, [generators[i] for i in g], boost=boost, min_steps=min_steps,
                          tol=tol, max_steps=max_steps, check_every=check_every, lr=lr)

@@ -34,7 +34,7 @@ from robustfl.data.partition import available_mask
 __all__ = [
     "AUX_CLASS", "AuxClassWarning", "AuxSet", "RootSet", "BackdoorSet", "SemanticRule", "SEMANTIC_RULES",
     "TRIGGER_OFFSETS", "aux_set", "backdoor_classes", "resolve_aux_class", "root_set", "backdoor_set",
-    "stamp_trigger", "trigger_mask", "semantic_scores", "semantic_ranking", "union",
+    "split_trigger", "stamp_trigger", "trigger_mask", "semantic_scores", "semantic_ranking", "union",
 ]
 
 # reference code, objective `single`: one image of class 4 relabelled to class 3 (fmnist: Coat -> Dress)
@@ -153,6 +153,26 @@ def stamp_trigger(x: np.ndarray, value: int = 255) -> np.ndarray:
     h, w = out.shape[-3], out.shape[-2]
     out[..., trigger_mask(h, w), :] = value
     return out
+
+
+def split_trigger(mask: np.ndarray, n_parts: int) -> list[np.ndarray]:
+    """The trigger ``mask`` (bool ``(h, w)``, e.g. :func:`trigger_mask`) cut into ``n_parts`` local triggers,
+    DBA's decomposition of a global trigger (Xie et al., ICLR 2020, Sec. 2.2): its pixels in row-major order
+    split into ``n_parts`` consecutive runs whose sizes differ by at most one (the first ones larger). The
+    parts are disjoint and their union is ``mask``. Needs ``1 <= n_parts <=`` the trigger's pixel count."""
+    mask = np.asarray(mask)
+    if mask.dtype != bool or mask.ndim != 2:
+        raise ValueError(f"split_trigger expects a bool (h, w) mask, got {mask.dtype} {mask.shape}")
+    pixels = np.flatnonzero(mask)
+    if isinstance(n_parts, bool) or not isinstance(n_parts, (int, np.integer)) or not 1 <= n_parts <= len(pixels):
+        raise ValueError(f"the trigger has {len(pixels)} pixels: n_parts must be an integer in 1..{len(pixels)}, "
+                         f"got {n_parts!r}")
+    parts = []
+    for run in np.array_split(pixels, int(n_parts)):
+        part = np.zeros(mask.size, dtype=bool)
+        part[run] = True
+        parts.append(part.reshape(mask.shape))
+    return parts
 
 
 # --------------------------------------------------------------------------------------------------

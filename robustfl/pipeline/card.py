@@ -36,6 +36,11 @@ def _registries() -> tuple[list[str], list[str], Any]:
     return DEFENSES.names(), ATTACKS.names(), is_targeted
 
 
+def _required_backdoor(attack: str) -> str | None:
+    from robustfl.attacks import required_backdoor
+    return required_backdoor(attack)
+
+
 def attackers(fraction: float, n: int) -> int:
     """f = round(fraction * n), halves rounded up (0.25 * 10 -> 3)."""
     return int(math.floor(fraction * n + 0.5 + 1e-9))
@@ -151,6 +156,7 @@ def card_grid(defenses: Iterable[str] | None = None, attacks: Iterable[str] | No
                                 "partition_params": dict(part[1]), "seed": int(seed)}
         if attack != NO_ATTACK and is_targeted(attack):
             cell.update({"backdoor": "semantic", "backdoor_mode": "single", **bd})
+            cell["backdoor"] = _required_backdoor(attack) or cell["backdoor"]  # DBA: the trojan trigger
         params = dparams.get(defense, {})
         if defense == "bulyan":
             params = _bulyan_params(f, n_clients, params)

@@ -18,7 +18,7 @@ from typing import Any
 import jsonschema
 
 from robustfl.aggregation.defenses import DEFENSES
-from robustfl.attacks import ATTACKS, is_targeted
+from robustfl.attacks import ATTACKS, is_targeted, required_backdoor
 from robustfl.config import RunConfig
 from robustfl.data.datasets import DATASETS
 from robustfl.fl import experiment as rx
@@ -200,9 +200,13 @@ def expand_study(studies: Mapping[str, Any], name: str, stack: Sequence[str] = (
 
 def check_outputs(studies: Mapping[str, Mapping[str, Cell]]) -> None:
     """Each cell can feed its outputs: snapshot figures need a snapshot, ``fig_attack`` a targeted attack,
-    ``cost`` FLARE."""
+    ``cost`` FLARE; an attack that needs one backdoor set kind (DBA: trojan) has it."""
     for cells in studies.values():
         for c in cells.values():
+            need = required_backdoor(c.cfg["attack"]) if c.cfg["attack"] != "none" else None
+            if need is not None and c.cfg["backdoor"] != need:
+                raise StudyError(f"{c.where[0]}: attack {c.cfg['attack']!r} needs backdoor: {need}, but cell {c.id!r} "
+                                 f"has backdoor: {c.cfg['backdoor']}")
             snapshots = sorted(c.outputs & set(SNAPSHOT_FIGURES))
             if snapshots and c.cfg["snapshot_round"] is None:
                 raise StudyError(f"{c.where[0]}: cell {c.id!r} feeds {snapshots} but has snapshot_round: null "

@@ -58,7 +58,8 @@ ROUND_MEAN_METRICS: tuple[tuple[str, str], ...] = (("asr_rounds", "asr"),)
 TIME_METRICS: tuple[str, ...] = ("train_s", "attack_s", "agg_s")
 
 #: Attacks that have a backdoor (semantic / trojan) target; the others get ``backdoor = "none"``.
-BACKDOOR_ATTACKS: frozenset[str] = frozenset({"krum_backdoor", "median_backdoor", "adaptive_plr"})
+BACKDOOR_ATTACKS: frozenset[str] = frozenset({"krum_backdoor", "median_backdoor", "adaptive_plr",
+                                              "model_replacement", "dba", "neurotoxin"})
 #: Keys of ``partition_params`` accepted for Sattler et al.'s classes-per-client (Section 7.3.2).
 C_SEL_KEYS: tuple[str, ...] = ("c_sel", "classes_per_client", "n_classes", "classes", "k")
 

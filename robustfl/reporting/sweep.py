@@ -27,7 +27,8 @@ from robustfl.reporting import results
 
 #: the rule each attack is designed against (FLARE Sec. 7.1.1, 7.2.1)
 TARGET_RULE = {"krum_backdoor": "krum", "median_backdoor": "median", "krum_untargeted": "krum",
-               "trimmedmean_untargeted": "trimmed_mean"}
+               "trimmedmean_untargeted": "trimmed_mean",
+               "model_replacement": "fedavg"}
 #: what identifies a cell in a sweep (the seed is averaged over)
 SWEEP_KEYS = ("dataset", "attack", "attack_variant", "backdoor", "backdoor_mode", "defense", "defense_options",
               "partition", "n_clients", "n_attackers")

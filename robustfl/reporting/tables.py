@@ -46,6 +46,9 @@ ATTACK_NAMES = {
     "sign_flip": "SignFlipping",
     "gaussian": "Gaussian",
     "label_flip": "LabelFlipping",
+    "model_replacement": "Model replacement (Bagdasaryan et al.)",
+    "dba": "DBA (Xie et al.)",
+    "neurotoxin": "Neurotoxin (Zhang et al.)",
 }
 METRIC_NAMES = {"acc": "Acc", "asr": "ASR"}
 #: The ASR a table can show: option of :func:`build_table` -> (summary metric, caption sentence).
