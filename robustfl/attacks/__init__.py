@@ -33,6 +33,6 @@ def is_targeted(name: str) -> bool:
 
 
 # Importing the modules registers their attacks.
-from robustfl.attacks import adaptive, backdoor, untargeted  # noqa: E402,F401
+from robustfl.attacks import adaptive, backdoor, minmax, untargeted  # noqa: E402,F401
 
 __all__ = ["ATTACKS", "AttackContext", "register_attack", "is_targeted"]

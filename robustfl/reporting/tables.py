@@ -41,6 +41,9 @@ ATTACK_NAMES = {
     "krum_untargeted": "Attack-Krum-Untargeted",
     "trimmedmean_untargeted": "Attack-TrimmedMean-Untargeted",
     "adaptive_plr": "Adaptive attack (Sec. 7.4)",
+    "minmax": "Min-Max",
+    "minsum": "Min-Sum",
+    "agr_tailored": "AGR-tailored",
 }
 METRIC_NAMES = {"acc": "Acc", "asr": "ASR"}
 #: The ASR a table can show: option of :func:`build_table` -> (summary metric, caption sentence).
