@@ -188,14 +188,14 @@ def test_tailored_beats_gamma_zero_the_agnostic_gamma_and_a_grid(seed: int, dire
 
 def test_tailored_bulyan_is_a_local_search() -> None:
     """Bulyan's damage is a saw-tooth in gamma (its Krum stage swaps members): the search, like Algorithm 1,
-    finds a local maximum. Still at least gamma = 0's damage, and here within 10% of a 201-point grid's best."""
+    finds a local maximum. Still more than gamma = 0's damage, and here at least 90% of a 201-point grid's best."""
     b = torch.randn(8, 30, generator=torch.Generator().manual_seed(0), dtype=F64) * 0.5 + 0.2
     rule = lambda x: agg.bulyan(x, 1).update  # noqa: E731
     p, mu = mm.perturbation(b, "std"), b.mean(0)
     r = mm.agr_tailored_attack(b, 3, rule, tau=1e-6)
     got = _damage(b, r.updates, rule)
     brute = max(_damage(b, (mu + g * p).expand(3, -1), rule) for g in torch.linspace(0, 20, 201).tolist())
-    assert _damage(b, mu.expand(3, -1), rule) < got <= brute and got >= 0.9 * brute
+    assert got > _damage(b, mu.expand(3, -1), rule) and got >= 0.9 * brute
 
 
 def test_side_by_side_batches_equal_one_call_per_candidate() -> None:
@@ -237,15 +237,15 @@ def test_tailored_stands_in_for_the_servers_data() -> None:
     x = torch.rand(30, 1, 8, 8, generator=gen)
     ctx = AttackContext(model=model, global_flat=theta, benign_updates=b, n_attackers=2, n_clients=8, round=1,
                         attacker_data=[(x, torch.zeros(30, dtype=torch.int64))], defense="fltrust",
-                        params={"batch": 4, "tau": 1e-2}, generator=torch.Generator().manual_seed(0))
+                        params={"batch": 6, "tau": 0.1}, generator=torch.Generator().manual_seed(0))
     fl = ATTACKS.get("agr_tailored")(ctx)
     rule = lambda u: DEFENSES.get("fltrust")(u, ServerContext(8, 2, server_update_fn=lambda: b.mean(0))).update  # noqa
-    assert torch.equal(fl, mm.agr_tailored_attack(b, 2, rule, batch=4, tau=1e-2).updates)
+    assert torch.equal(fl, mm.agr_tailored_attack(b, 2, rule, batch=6, tau=0.1).updates)
     ctx.defense = "flare"
     got = ATTACKS.get("agr_tailored")(ctx)
     plrs = lambda u: model_plrs(model, theta + u, x[:10])  # noqa: E731
     rule = lambda u: DEFENSES.get("flare")(u, ServerContext(8, 2, plr_fn=plrs)).update  # noqa: E731
-    ref = mm.agr_tailored_attack(b, 2, rule, batch=4, tau=1e-2)
+    ref = mm.agr_tailored_attack(b, 2, rule, batch=6, tau=0.1)
     assert torch.allclose(got, ref.updates) and torch.isfinite(got).all()
     ctx.attacker_data = []
     with pytest.raises(ValueError, match="stands in for the server's auxiliary set"):
@@ -322,7 +322,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("minmax", "median", {}), ("minsum", "krum", {"direction": "unit"}), ("minmax", "fedavg", {"direction": "sign"}),
     ("agr_tailored", "krum", {"batch": 6, "tau": 1e-3}), ("agr_tailored", "median", {}),
     ("agr_tailored", "trimmed_mean", {"batch": 8, "direction": "sign"}),
-    ("agr_tailored", "flare", {"batch": 4, "tau": 1e-2}),
+    ("agr_tailored", "flare", {"batch": 6, "tau": 0.1}),
 ])
 def test_end_to_end_on_digits(digits: Path, tmp_path: Path, attack: str, defense: str, params: dict) -> None:
     cfg = RunConfig(dataset="digits", rounds=2, local_epochs=1, batch_size=32, engine={"kind": "sequential"},
