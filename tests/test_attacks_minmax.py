@@ -131,6 +131,9 @@ def test_the_search_evaluates_candidates_in_batches() -> None:
     seen: list[int] = []
     g, v = mm.max_damage(lambda x: (seen.append(x.numel()), -(x - 0.7).abs())[1], 10.0, 1e-5, 8)
     assert set(seen) == {8} and g.item() == pytest.approx(0.7, abs=1e-5) and v.item() <= 0
+    # a NaN damage (a rule breaking down for a huge update) never wins
+    g, v = mm.max_damage(lambda x: torch.where(x > 1.5, torch.nan, x), 10.0, 1e-5, 8)
+    assert 1.5 - 1e-5 <= g.item() <= 1.5 and v.item() == g.item()
 
 
 def test_all_attackers_send_the_same_update_in_the_benign_dtype() -> None:

@@ -170,16 +170,16 @@ def max_damage(damage: Callable[[Tensor], Tensor], gamma_init: float, tau: float
     sequence ``2 gamma_init / 2^k`` (k = 0 .. batch-2) in one batch; the bracket becomes the best point's two
     neighbours in that sequence. Each further step evaluates ``batch`` evenly spaced points of the bracket and
     re-centres a bracket of two spacings on the best gamma so far, until the spacing is below tau (a number of
-    steps fixed in advance). The best value never decreases, so the result does at least as much damage as
-    gamma = 0 and every other gamma evaluated. Among equal values the gamma found first is kept (in step 1
-    the smallest).
+    steps fixed in advance). A NaN value counts as the lowest. The best value never decreases, so the result
+    does at least as much damage as gamma = 0 and every other gamma evaluated. Among equal values the gamma
+    found first is kept (in step 1 the smallest).
     """
     k = batch
     g0 = float(gamma_init)
     grid = torch.cat([torch.zeros(1, dtype=F64, device=device),
                       2.0 * g0 * torch.pow(torch.tensor(0.5, dtype=F64, device=device),
                                            torch.arange(k - 2, -1, -1, device=device).to(F64))])
-    vals = damage(grid).to(F64)
+    vals = damage(grid).to(F64).nan_to_num(nan=-math.inf)  # a NaN damage never wins
     j = torch.argmax(vals).view(1)  # first maximum: the smallest gamma among ties
     best_g, best_v = grid.index_select(0, j), vals.index_select(0, j)
     lo = grid.index_select(0, (j - 1).clamp_min(0))
@@ -191,7 +191,7 @@ def max_damage(damage: Callable[[Tensor], Tensor], gamma_init: float, tau: float
     for _ in range(steps):
         h = (hi - lo) / (k - 1)
         cand = lo + h * frac
-        vals = damage(cand).to(F64)
+        vals = damage(cand).to(F64).nan_to_num(nan=-math.inf)
         j = torch.argmax(vals).view(1)
         cg, cv = cand.index_select(0, j), vals.index_select(0, j)
         better = cv > best_v
@@ -310,7 +310,8 @@ def defense_aggregate(ctx: AttackContext) -> tuple[Callable[[Tensor], Tensor], b
     rules a generator re-seeded on every call from one seed drawn from ``ctx.generator``, so every candidate
     gamma meets the same random draws. Server data the attackers do not have is replaced by stand-ins:
     FLTrust's root-set update by the benign mean update; FLARE's auxiliary set by the first
-    :data:`AUX_STANDIN` inputs of the first attacker's own data (the PLRs of every model on it)."""
+    :data:`AUX_STANDIN` inputs of the first attacker's own data (the PLRs of every model on it); a candidate
+    whose PLRs are not finite, which the server would exclude, gets a NaN aggregate (never the best gamma)."""
     defense, n_mal = ctx.defense, ctx.n_attackers
     fn = DEFENSES.get(defense)
     dp = dict(ctx.defense_params)
@@ -319,7 +320,7 @@ def defense_aggregate(ctx: AttackContext) -> tuple[Callable[[Tensor], Tensor], b
     gen = ctx.generator
     seed = 0 if gen is None else int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
     benign = ctx.benign_updates
-    server_update_fn = plr_fn = None
+    server_update_fn = None
     if defense in NEEDS_ROOT:
         mean_update = benign.to(F64).mean(dim=0).to(benign.dtype)
         server_update_fn = lambda: mean_update  # noqa: E731
@@ -332,10 +333,13 @@ def defense_aggregate(ctx: AttackContext) -> tuple[Callable[[Tensor], Tensor], b
         n_ben = benign.shape[0]
         ben_plrs = model_plrs(ctx.model, theta + benign, x_aux)
 
-        def plr_fn(updates: Tensor) -> Tensor:  # rows: the benign updates first (as agr_tailored_attack lays them)
-            return torch.cat([ben_plrs, model_plrs(ctx.model, theta + updates[n_ben:], x_aux)])
-
     def aggregate(updates: Tensor) -> Tensor:
+        plr_fn = None
+        if defense in NEEDS_AUX:  # rows: the benign updates first (as agr_tailored_attack lays them out)
+            plrs = torch.cat([ben_plrs, model_plrs(ctx.model, theta + updates[n_ben:], x_aux)])
+            if not bool(torch.isfinite(plrs).all()):  # the server would drop these attackers: never the best
+                return torch.full_like(updates[0], math.nan)
+            plr_fn = lambda u: plrs  # noqa: E731
         sctx = ServerContext(n_clients=updates.shape[0], f=f, params=dict(params), plr_fn=plr_fn,
                              server_update_fn=server_update_fn, state={},
                              generator=torch.Generator().manual_seed(seed))
