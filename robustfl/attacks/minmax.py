@@ -18,9 +18,9 @@ with the perturbation direction p chosen by the option ``direction``:
 gamma is searched in ``[0, 2 gamma_init]`` (the interval Algorithm 1 reaches from ``gamma_init``) to within
 ``tau`` (Algorithm 1's convergence threshold; authors' code: gamma_init = 10, tau = 1e-5):
 
-* ``minmax`` (Eq. for Min-Max): the largest gamma with
+* ``minmax`` (Sec. IV-A, Min-Max): the largest gamma with
   ``max_i ||delta_m - delta_i||^2 <= max_{i,j} ||delta_i - delta_j||^2`` (over the benign updates);
-* ``minsum`` (Min-Sum): the largest gamma with
+* ``minsum`` (Sec. IV-A, Min-Sum): the largest gamma with
   ``sum_i ||delta_m - delta_i||^2 <= min_i sum_j ||delta_i - delta_j||^2``; the bound is the smallest benign
   sum as in the authors' code (``bound: max`` takes the largest);
 * ``agr_tailored`` (Sec. IV-B, made generic): the gamma that maximises the paper's tailored objective
