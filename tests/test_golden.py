@@ -49,6 +49,11 @@ SINGLE: dict[str, dict] = {
     "krum_untargeted_krum": {"attack": "krum_untargeted", "n_attackers": 2, "defense": "krum"},
     "trimmedmean_untargeted_tm": {"attack": "trimmedmean_untargeted", "n_attackers": 2, "defense": "trimmed_mean"},
     "adaptive_plr_flare": {"attack": "adaptive_plr", "n_attackers": 2, "defense": "flare"},
+    "minmax_median": {"attack": "minmax", "n_attackers": 2, "defense": "median"},
+    "minsum_krum_unit": {"attack": "minsum", "n_attackers": 2, "defense": "krum",
+                         "attack_params": {"direction": "unit"}},
+    "agr_tailored_krum": {"attack": "agr_tailored", "n_attackers": 2, "defense": "krum",
+                          "attack_params": {"batch": 6, "tau": 1e-3}},
     "krum_backdoor_sequential": {"attack": "krum_backdoor", "n_attackers": 1, "defense": "krum",
                                  "engine": {"kind": "sequential"}},
     # on the CPU `engine: auto` is the sequential loop: the vectorised engine's paths explicitly

@@ -41,6 +41,6 @@ def required_backdoor(name: str) -> str | None:
 
 
 # Importing the modules registers their attacks.
-from robustfl.attacks import adaptive, backdoor, backdoor_suite, byzantine, untargeted  # noqa: E402,F401
+from robustfl.attacks import adaptive, backdoor, backdoor_suite, byzantine, minmax, untargeted  # noqa: E402,F401
 
 __all__ = ["ATTACKS", "AttackContext", "register_attack", "is_targeted", "required_backdoor"]

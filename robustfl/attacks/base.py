@@ -38,6 +38,8 @@ class AttackContext:
     # what the server does, for attacks tailored to a rule (Fang et al. target Krum / trimmed mean)
     defense: str = "fedavg"
     f: int = 0
+    # the cell's defense_params as the server reads them (attacks that run the server's rule themselves)
+    defense_params: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # the attack's own config parameters
     generator: torch.Generator | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

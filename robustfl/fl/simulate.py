@@ -261,7 +261,8 @@ class Simulation:
                 backdoor_x=None if data.sets.bd_train_x is None else engine.prepare_inputs(data.sets.bd_train_x),
                 backdoor_y=data.sets.bd_train_y, lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=self.bs,
                 num_classes=data.num_classes, precision=cfg.precision, defense=cfg.defense, f=cfg.n_attackers,
-                params=dict(cfg.attack_params), generator=self.g_att, device=self.device, engine=self.options)
+                defense_params=dict(cfg.defense_params), params=dict(cfg.attack_params), generator=self.g_att,
+                device=self.device, engine=self.options)
             crafted = check_crafted(self.attack_fn(ctx), cfg.attack, (len(mal), self.spec.dim))
             updates[mal] = crafted.to(updates.dtype)
         elif mal:

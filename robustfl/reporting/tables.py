@@ -49,6 +49,9 @@ ATTACK_NAMES = {
     "model_replacement": "Model replacement (Bagdasaryan et al.)",
     "dba": "DBA (Xie et al.)",
     "neurotoxin": "Neurotoxin (Zhang et al.)",
+    "minmax": "Min-Max",
+    "minsum": "Min-Sum",
+    "agr_tailored": "AGR-tailored",
 }
 METRIC_NAMES = {"acc": "Acc", "asr": "ASR"}
 #: The ASR a table can show: option of :func:`build_table` -> (summary metric, caption sentence).
