@@ -361,3 +361,18 @@ def test_the_committed_cards_are_valid():
     studies = expand_studies({**CONFIG, "study": "report_card"})
     assert {c.cfg["dataset"] for c in studies["report_card"].values()} == {"cifar10"}
     assert {c.cfg["dataset"] for c in studies["report_card_quick"].values()} == {"digits"}
+
+
+def test_tiny_exercises_every_attack_and_defense_and_suite_crosses_them_all(committed):
+    """CI runs the tiny study: every registered attack and defense name appears in it; the `suite` study runs
+    every attack against every defense on CIFAR-10."""
+    from robustfl.aggregation.defenses import DEFENSES
+    from robustfl.attacks import ATTACKS
+
+    tiny = committed["tiny"].values()
+    assert set(ATTACKS.names()) <= {c.cfg["attack"] for c in tiny}
+    assert set(DEFENSES.names()) <= {c.cfg["defense"] for c in tiny}
+    suite = committed["suite"].values()
+    assert {c.cfg["dataset"] for c in suite} == {"cifar10"}
+    pairs = {(c.cfg["attack"], c.cfg["defense"]) for c in suite}
+    assert {(a, d) for a in ATTACKS.names() for d in DEFENSES.names()} <= pairs
