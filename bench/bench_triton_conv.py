@@ -123,8 +123,8 @@ def bench_layer(spec: tuple, g: int, sweep: list[str] | None) -> list[dict]:
         add(path="triton", kernel_pass=name, tiles=_tiles(wt_tiles), ms=do_bench(fn),
             flops=flops["wgrad"] if name != "bias_by_torch" else 0)
     # the forward and input-gradient kernels alone, at their chosen tiles
-    wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False)
-    wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True)
+    wk = triton_conv.gemm_weight(wt.detach(), xd.dtype, backward=False)
+    wd = triton_conv.gemm_weight(wt.detach(), xd.dtype, backward=True)
     add(path="triton", kernel_pass="fwd", tiles=_tiles(triton_conv.igemm_tiles(m_out, co, g)),
         ms=do_bench(lambda: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad)), flops=flops["fwd"])
     if not first:  # (the bounds-tested input gradient, over an unbordered gradient)
@@ -138,20 +138,20 @@ def bench_layer(spec: tuple, g: int, sweep: list[str] | None) -> list[dict]:
 def _sweep(add, xd, wt, bias, dy, spec: tuple, oh: int, ow: int, flops: dict, which: str) -> None:
     """Each Triton kernel alone under every tile shape of IGEMM / WGRAD (``which`` "all"), or of
     IGEMM_LARGE (``which`` "large"), with the weight operand as the engine lays it out
-    (triton_conv._gemm_weight); ``xd`` the layer's input (no grad)."""
+    (triton_conv.gemm_weight); ``xd`` the layer's input (no grad)."""
     from triton.testing import do_bench
 
     _, layer, _, h, w, ci, co, k, pad = spec
     first = layer == 0
-    wk = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=False)
-    wd = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True)
+    wk = triton_conv.gemm_weight(wt.detach(), xd.dtype, backward=False)
+    wd = triton_conv.gemm_weight(wt.detach(), xd.dtype, backward=True)
     # the input gradient as the engine computes it where the gradient arrives zero-bordered: the
     # separable gather over the bordered buffer, the window turned
     q = k - 1 - pad
     dyq = wq = None
     if q > 0 and not first:
         dyq = F.pad(dy, (0, 0, q, q, q, q))
-        wq = triton_conv._gemm_weight(wt.detach(), xd.dtype, backward=True, flip=True)
+        wq = triton_conv.gemm_weight(wt.detach(), xd.dtype, backward=True, flip=True)
     for t in {"all": IGEMM, "large": IGEMM_LARGE}.get(which, []):
         try:
             ms = do_bench(lambda t=t: triton_conv._igemm(xd, wk, bias.detach(), oh, ow, co, k, k, 1, -pad, t))

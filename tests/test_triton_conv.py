@@ -95,11 +95,11 @@ def test_conv_and_its_gradients_equal_conv2d_per_client(shape: tuple[int, ...], 
 @on_cpu
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[7]])
 def test_weight_operand_is_k_major_and_gives_conv2d(shape: tuple[int, ...]) -> None:
-    """_gemm_weight: the (G, K, N) operand stored K-major, forward K = (kh, kw, ci), input gradient
+    """gemm_weight: the (G, K, N) operand stored K-major, forward K = (kh, kw, ci), input gradient
     K = (kh, kw, co); the kernels read it at its strides: the convolution and its gradients equal conv2d's."""
     w = torch.randn(2, 6, 5, 3, 3, dtype=torch.float64)
-    fwd = triton_conv._gemm_weight(w, torch.float64, backward=False)
-    bwd = triton_conv._gemm_weight(w, torch.float64, backward=True)
+    fwd = triton_conv.gemm_weight(w, torch.float64, backward=False)
+    bwd = triton_conv.gemm_weight(w, torch.float64, backward=True)
     assert fwd.shape == (2, 45, 6) and bwd.shape == (2, 54, 5) and fwd.stride(1) == bwd.stride(1) == 1
     assert torch.equal(fwd[1, :, 2].view(3, 3, 5), w[1, 2].permute(1, 2, 0))  # K = (kh, kw, ci), N = co
     assert torch.equal(bwd[1, :, 2].view(3, 3, 6), w[1, :, 2].permute(1, 2, 0))  # K = (kh, kw, co), N = ci

@@ -11,14 +11,13 @@ Every registered defense also accepts ``pre`` in its params: one or a list of pr
 applied in order before the rule, inside the registry's dispatch (:func:`with_pre`); the weights the rule
 gives the mixed vectors are mapped back to the clients (``mix.T @ weights``).
 
-**Across rounds.** ``ServerContext.state`` is a dict the FL loop must create once per run, pass as the same
-object every round, and save/restore with its checkpoints (with ``ServerContext.generator``'s state);
+**Across rounds.** ``ServerContext.state`` is one dict per run that the FL loop passes every round and keeps in
+its checkpoints, with ``ServerContext.generator`` (the server's own random stream) and its state;
 ``ServerContext.client_ids`` names the client behind each row (the server drops non-finite clients before the
-rule). Without that wiring -- a fresh ``state`` every round -- centered clipping always centres at 0 and
-FoolsGold sees only the current round (its "no memory" form); without a generator, the randomised defenses
-use a fixed-seed generator (:func:`robustfl.aggregation.suite.fallback_generator`): the same coordinates,
-permutation and noise every round. The first shows in ``info`` (``history_rounds``, ``centred_at_zero``), the
-second is logged once per defense; both are described in docs/decisions/defenses-suite.md.
+rule). Centered clipping keeps its centre there and FoolsGold its history. A caller that gives a fresh
+``state`` every round gets centered clipping centred at 0 and FoolsGold without memory (``info`` says so:
+``centred_at_zero``, ``history_rounds``); one without a generator gets a fixed-seed stream
+(:func:`robustfl.aggregation.suite.fallback_generator`), logged once per defense (docs/decisions/defenses-suite.md).
 """
 from __future__ import annotations
 

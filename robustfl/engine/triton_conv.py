@@ -102,7 +102,7 @@ def _igemm_kernel(a_ptr, w_ptr, b_ptr, y_ptr, code_ptr, M, HIN, WIN, HOUT, WOUT,
                   PREC: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   SEP: tl.constexpr = False, EVEN: tl.constexpr = False):
     """y[g, m, n] = epilogue(sum_k A[g, m, k] w[g, k, n] (+ b[g, n])), w at strides (w_sg, w_sk, w_sn) (K-major,
-    w_sk = 1, as :func:`_gemm_weight` lays it out, or N-major, w_sn = 1); A gathered from a (G, B, HIN, WIN,
+    w_sk = 1, as :func:`gemm_weight` lays it out, or N-major, w_sn = 1); A gathered from a (G, B, HIN, WIN,
     CIN): row m = (b, oh, ow) of the output grid (:func:`_rows`; 2x2 windows for EPI 2), column
     k = (kh, kw, ci), A = a[g, b, oh + SGN*kh + OFF, ow + SGN*kw + OFF, ci] (0 outside). EPI 0: y as is;
     1: max(y, 0); 2: each window's maximum, then max(., 0), stored pooled with the window position of
@@ -407,7 +407,7 @@ def _igemm(a: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, hout: i
            epi: int = 0, relu_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Output ``(G, B, hout, wout, cout)`` of :func:`_igemm_kernel`, or for ``epi`` 2 the pooled
     ``(G, B, hout // 2, wout // 2, cout)`` and its uint8 codes (else codes None); ``wk (G, K, cout)`` at
-    any strides (:func:`_gemm_weight`); ``tiles`` by default :func:`igemm_tiles` of the kernel's rows.
+    any strides (:func:`gemm_weight`); ``tiles`` by default :func:`igemm_tiles` of the kernel's rows.
     ``relu_of`` (a contiguous tensor shaped as the output): the output is zeroed where it is not
     positive (epilogue 3)."""
     if relu_of is not None:
@@ -547,7 +547,7 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, kh: int, kw: int, pad: int, tiles:
     return dw, part_b[0] if s == 1 else part_b.sum(0)
 
 
-def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool, flip: bool = False) -> torch.Tensor:
+def gemm_weight(w: torch.Tensor, dtype: torch.dtype, *, backward: bool, flip: bool = False) -> torch.Tensor:
     """The weight ``w (G, Cout, Cin, KH, KW)`` as the (G, K, N) operand of :func:`_igemm_kernel`: forward,
     K = (kh, kw, ci) and N = co; input gradient (``backward``), K = (kh, kw, co) and N = ci; a contiguous
     copy in ``dtype`` stored K-major (each output channel's K = (kh, kw, ci) inputs contiguous, the
@@ -589,7 +589,7 @@ class _ConvNHWC(torch.autograd.Function):
         g, _, h, wd, cin = x.shape
         cout, _, kh, kw = w.shape[1:]
         oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
-        wk = _gemm_weight(w, x.dtype, backward=False)
+        wk = gemm_weight(w, x.dtype, backward=False)
         y, code = _igemm(x, wk, None if bias is None else bias.to(x.dtype).contiguous(), oh, ow, cout, kh, kw, 1,
                          -pad, epi=epi)
         # what the backward needs to form the gradient at the convolution's output: the ReLU's output
@@ -622,10 +622,10 @@ class _ConvNHWC(torch.autograd.Function):
             # where x is not positive in the kernel's epilogue (the producer's backward then skips it)
             relu_of = x if ctx.relu_input else None
             if dyq is not None:
-                wd_k = _gemm_weight(w, dy.dtype, backward=True, flip=True)
+                wd_k = gemm_weight(w, dy.dtype, backward=True, flip=True)
                 dx, _ = _igemm(dyq, wd_k, None, h, wd, cin, kh, kw, 1, 0, relu_of=relu_of)
             else:
-                wd_k = _gemm_weight(w, dy.dtype, backward=True)
+                wd_k = gemm_weight(w, dy.dtype, backward=True)
                 dx, _ = _igemm(dy, wd_k, None, h, wd, cin, kh, kw, -1, pad, DGRAD_TILES, relu_of=relu_of)
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] or want_b:
