@@ -51,6 +51,8 @@ GRID = ("grid_estimate_*.json",)
 #: accuracy checks: a study run through the pipeline, its seed-aggregated summary
 STUDIES = ("*/summary.csv",)
 
+FRAMEWORKS = ("flower_vs_robustfl_*.json",)
+
 
 def _files(res: Path, patterns: Iterable[str], exclude: Iterable[str] = ()) -> list[Path]:
     """The files under ``res`` matching any of ``patterns`` and none of ``exclude`` (sorted, each once)."""
@@ -263,12 +265,25 @@ def studies_section(res: Path) -> list[str]:
     return out
 
 
+def frameworks_section(res: Path) -> list[str]:
+    """The same FedAvg run through another framework and through robustfl (``bench_flower.py``)."""
+    out = ["## Against other frameworks (the same FedAvg run; seconds)", ""]
+    for f in _files(res, FRAMEWORKS):
+        d = json.loads(f.read_text())
+        df = pd.DataFrame(d["results"])
+        cols = [c for c in ("impl", "engine", "end_to_end_s", "per_round_s", "test_acc") if c in df]
+        out += [f"### `{f.relative_to(res)}`", "", _meta(d), "", d.get("note", ""), "",
+                df[cols].to_markdown(index=False, floatfmt=".4g"), ""]
+    return out
+
+
 #: the sections in the order RESULTS.md shows them, each with the patterns of the files it renders
 SECTIONS: list[tuple[Callable[[Path], list[str]], tuple[str, ...]]] = [
     (run_section, RUNS), (engine_section, ROUNDS), (unequal_section, UNEQUAL), (steps_section, STEPS),
     (layers_section, LAYERS), (dense_section, DENSE), (profile_section, PROFILES),
     (attack_section, ATTACK_GRAPH + ATTACK_DIVERGENCE + ATTACK_BOOSTING + ATTACK_STACKED), (probes_section, PROBES),
     (agg_section, AGGREGATORS), (cells_section, CELLS), (grid_section, GRID), (studies_section, STUDIES),
+    (frameworks_section, FRAMEWORKS),
 ]
 
 
