@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 CORES   ?= all
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: quick test full report lint env
+.PHONY: quick test test-slurm full report lint env
 
 # torch's CUDA build takes about 5.5 GB in the venv (6.0 GB in all; pip's temporary files stayed under
 # 0.1 GB, measured 2026-11-27; the test extra's flwr[simulation] adds 0.33 GB): say so up front when the disk
@@ -34,6 +34,11 @@ quick: env
 
 test: env
 	$(BIN)/python -m pytest
+
+# profiles/slurm for real (root): installs SLURM with apt-get, brings up a single-node cluster
+# (tests/slurm/cluster.sh), runs the tiny study through the profile, shuts the cluster down
+test-slurm: env
+	ROBUSTFL_SLURM_TEST=1 $(BIN)/python -m pytest tests/test_slurm.py
 
 lint: env
 	$(BIN)/snakemake --lint

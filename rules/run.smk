@@ -71,3 +71,12 @@ else:
 
 onstart:
     run_gpus()  # the device check (rules/common.smk), before the first job runs
+    # A remote executor (SLURM) starts each job with --target-jobs RULE:WILDCARD=VALUE,..., which snakemake
+    # splits at every comma, so a run_cell job whose cell id holds commas cannot run there; pack rules
+    # have no wildcards.
+    if PACK <= 1 and workflow.non_local_exec:
+        todo = [d for d in run_dirs(STUDY) if "," in Path(d).parent.name and not Path(d).exists()]
+        if todo:
+            raise WorkflowError(
+                f"config error: pack: 1 cannot run on a remote executor ({len(todo)} runs to do, e.g. {todo[0]}: "
+                "snakemake's --target-jobs splits a cell id at its commas); use --config pack=N with N >= 2")
