@@ -342,9 +342,11 @@ def _params(ctx: AttackContext, allowed: set[str], name: str) -> dict[str, Any]:
 
 @register_attack("krum_untargeted", targeted=False)
 def krum_untargeted(ctx: AttackContext) -> Tensor:
-    """Attack-Krum-Untargeted. ``ctx.params``: variant ("paper" | "code"), lam_init, threshold, epsilon,
-    distance ("squared" | "euclidean", the server Krum's distance). Krum's f is ``ctx.f``, or
-    ``ctx.n_attackers`` when the server runs with f = 0."""
+    """Attack-Krum-Untargeted (Fang et al., USENIX Security 2020, full knowledge; FLARE Sec. 7.2).
+
+    ``ctx.params``: variant ("paper" | "code"), lam_init, threshold, epsilon, distance ("squared" |
+    "euclidean", the server Krum's distance). Krum's f is ``ctx.f``, or ``ctx.n_attackers`` when the server
+    runs with f = 0."""
     p = _params(ctx, _KRUM_KEYS, "krum_untargeted")
     variant = p.get("variant", "paper")
     f = ctx.f if ctx.f > 0 else ctx.n_attackers
@@ -356,9 +358,11 @@ def krum_untargeted(ctx: AttackContext) -> Tensor:
 
 @register_attack("trimmedmean_untargeted", targeted=False)
 def trimmedmean_untargeted(ctx: AttackContext) -> Tensor:
-    """Attack-TM-Untargeted. ``ctx.params``: variant ("paper": Fang et al., :func:`fang_trimmed_mean`, default |
-    "code": the authors' code, :func:`code_trimmed_mean`), b (default 2); with variant "paper" also space
-    ("model" | "update") and same_values."""
+    """Attack-TM-Untargeted (Fang et al., USENIX Security 2020, full knowledge; FLARE Sec. 7.2).
+
+    ``ctx.params``: variant ("paper": Fang et al., :func:`fang_trimmed_mean`, default | "code": the authors'
+    code, :func:`code_trimmed_mean`), b (default 2); with variant "paper" also space ("model" | "update")
+    and same_values."""
     p = _params(ctx, _TM_KEYS, "trimmedmean_untargeted")
     variant = p.get("variant", "paper")
     if variant not in ("paper", "code"):
