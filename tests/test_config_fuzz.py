@@ -253,8 +253,10 @@ def in_range(sub: dict) -> st.SearchStrategy | None:
 # keys whose valid values depend on more than their own schema (a study name, a registry name, RunConfig's
 # cross-field rules): exercised by the cell fuzz below, not here
 # keys whose validity depends on other keys (checked by RunConfig / the registries, not the schema);
-# snapshot_round must lie within 1..rounds (or be -1 / null)
-SEMANTIC = {"study", "dataset", "model", "attack", "defense", "n_clients", "n_attackers", "include", "snapshot_round"}
+# snapshot_round must lie within 1..rounds (or be -1 / null); a block's outputs must suit its cells (`cost`
+# measures FLARE, so a block with other defenses cannot feed it)
+SEMANTIC = {"study", "dataset", "model", "attack", "defense", "n_clients", "n_attackers", "include", "snapshot_round",
+            "outputs"}
 UNIQUE_LISTS = {p for p, s, v in NODES if isinstance(v, list) and resolve(s).get("uniqueItems")}
 VALID_SLOTS = [(p, s) for p, s in SLOTS if last_key(p) not in SEMANTIC and in_range(s) is not None
                and not (isinstance(p[-1], int) and p[:-1] in UNIQUE_LISTS)]
