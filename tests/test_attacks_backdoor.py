@@ -38,13 +38,7 @@ N_BEN, N_CLIENTS, SOURCE, TARGET, BATCH = 5, 6, 4, 3, 32
 MEASURED: dict[str, float] = {}  # printed at the end (pytest -s) for the record
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast and does not stall when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
