@@ -61,6 +61,23 @@ class Interrupted(Exception):
     pass
 
 
+def run_interrupted(cfg, data_dir: Path, part: Path, out: Path, after: int = 2) -> None:
+    """Run the cell and stop it (raising :class:`Interrupted`) right after the checkpoint of round ``after``."""
+    orig = simulate.Simulation._checkpoint
+
+    def hook(self):
+        orig(self)
+        if self.round == after:
+            raise Interrupted
+
+    simulate.Simulation._checkpoint = hook
+    try:
+        with pytest.raises(Interrupted):
+            experiment.run_cell(cfg, data_dir, part, out)
+    finally:
+        simulate.Simulation._checkpoint = orig
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Digits data, one partition, the reference uninterrupted run, and the checkpoints (after rounds 1 and
@@ -75,19 +92,7 @@ def env(tmp_path_factory):
     experiment.run_cell(make_cfg(), d, part, ref)
 
     stash = root / "runs" / "stash"
-    orig = simulate.Simulation._checkpoint
-
-    def hook(self):
-        orig(self)
-        if self.round == 2:
-            raise Interrupted
-
-    simulate.Simulation._checkpoint = hook
-    try:
-        with pytest.raises(Interrupted):
-            experiment.run_cell(make_cfg(), d, part, stash)
-    finally:
-        simulate.Simulation._checkpoint = orig
+    run_interrupted(make_cfg(), d, part, stash)
     assert not (stash / "rounds.csv").exists()
     assert rio.load_checkpoint(ckpt_of(stash))["round"] == 2 and rio.load_checkpoint(prev_of(stash))["round"] == 1
     yield {"data": d, "part": part, "ref": ref, "root": root, "stash": stash}
@@ -353,19 +358,7 @@ def test_a_defense_with_state_or_randomness_resumes_to_identical_metrics(env, ca
     ref = env["root"] / "runs" / f"{defense}-ref"
     experiment.run_cell(make_cfg(**kw), env["data"], env["part"], ref)
     out = env["root"] / "runs" / f"{defense}-resumed"
-    orig = simulate.Simulation._checkpoint
-
-    def hook(self):
-        orig(self)
-        if self.round == 2:
-            raise Interrupted
-
-    simulate.Simulation._checkpoint = hook
-    try:
-        with pytest.raises(Interrupted):
-            experiment.run_cell(make_cfg(**kw), env["data"], env["part"], out)
-    finally:
-        simulate.Simulation._checkpoint = orig
+    run_interrupted(make_cfg(**kw), env["data"], env["part"], out)
     state = rio.load_checkpoint(ckpt_of(out))["defense_state"]
     if defense != "signguard":
         assert state, "the defense's memory is in the checkpoint"
