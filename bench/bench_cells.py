@@ -33,10 +33,10 @@ from robustfl.io import atomic_write_json
 
 try:  # run as `python bench/bench_cells.py` from the repository root
     from bench_engine import result_header
-    from bench_run import SHAPES, _register_random
+    from bench_run import SHAPES, register_random
 except ImportError:  # pragma: no cover - imported as bench.bench_cells
     from bench.bench_engine import result_header
-    from bench.bench_run import SHAPES, _register_random
+    from bench.bench_run import SHAPES, register_random
 
 #: the attacks of the paper's grid (reports/full/cells.csv) with their attacker counts (Section 6.1)
 ATTACKS = [dict(attack="krum_backdoor", n_attackers=1), dict(attack="krum_backdoor", n_attackers=1, backdoor="trojan"),
@@ -106,7 +106,7 @@ def main() -> None:
     for i, job in enumerate(todo):
         ds = job["dataset"]
         if ds not in dirs:
-            dirs[ds] = Path(real[ds]) if ds in real else prepare(_register_random(ds, a.scale), {}, tmp / f"data_{ds}")
+            dirs[ds] = Path(real[ds]) if ds in real else prepare(register_random(ds, a.scale), {}, tmp / f"data_{ds}")
         row = time_cell(job, dirs[ds], a.rounds, str(dev), tmp, f"{a.shard}_{i}")
         print(json.dumps(row), flush=True)
         res["results"].append(row)

@@ -32,7 +32,7 @@ import torch
 
 from robustfl import engine
 from robustfl.config import RunConfig
-from robustfl.data.datasets import DATASETS, ArrayDataset, load_prepared, prepare
+from robustfl.data.datasets import load_prepared, prepare
 from robustfl.data.partition import load_partition
 from robustfl.fl.experiment import build_partition, run_cell, server_split
 from robustfl.io import atomic_write_json
@@ -41,27 +41,15 @@ from robustfl.params import model_to_flat
 
 try:  # run as `python bench/bench_flower.py` from the repository root
     from bench_engine import result_header
+    from bench_run import register_random
 except ImportError:  # pragma: no cover - imported as bench.bench_flower
     from bench.bench_engine import result_header
+    from bench.bench_run import register_random
 
 BATCH, LR = 64, 1e-3
 #: test images, evaluated after every round (robustfl's server split draws 100 backdoor-evaluation images
 #: from them, so not fewer)
 TEST_IMAGES = 200
-
-
-def _register_random(n_train: int, n_test: int) -> str:
-    key = f"random_fmnist_{n_train}_{n_test}"
-    if key in DATASETS:
-        return key
-
-    @DATASETS.register(key)
-    def _random(spec: dict, raw_dir: Path) -> ArrayDataset:  # noqa: ARG001
-        g = np.random.default_rng(0)
-        return ArrayDataset(g.integers(0, 256, (n_train, 28, 28, 1), dtype=np.uint8), np.arange(n_train) % 10,
-                            g.integers(0, 256, (n_test, 28, 28, 1), dtype=np.uint8), np.arange(n_test) % 10,
-                            [str(i) for i in range(10)], "fmnist", meta={"source": {"kind": "random uint8"}})
-    return key
 
 
 def _model() -> torch.nn.Module:
@@ -156,9 +144,11 @@ def main() -> None:
     # the server's held-out sets (backdoor targets, aux, root) come out of the training images first: size the
     # random set so that the clients' pool is exactly clients x samples
     cfg0 = RunConfig(**base, engine={"kind": "sequential"})
-    probe = load_prepared(prepare(_register_random(a.clients * a.samples + 300, TEST_IMAGES), {}, tmp / "probe"))
+    probe_key = register_random("fmnist", n_train=a.clients * a.samples + 300, n_test=TEST_IMAGES)
+    probe = load_prepared(prepare(probe_key, {}, tmp / "probe"))
     reserved = len(server_split(probe, cfg0).reserved)
-    data_dir = prepare(_register_random(a.clients * a.samples + reserved, TEST_IMAGES), {}, tmp / "data")
+    key = register_random("fmnist", n_train=a.clients * a.samples + reserved, n_test=TEST_IMAGES)
+    data_dir = prepare(key, {}, tmp / "data")
     part = tmp / "partition.npz"
     build_partition(data_dir, cfg0, part)
     shards, _ = load_partition(part)

@@ -47,12 +47,27 @@ VARIANTS = {
 }
 
 
-def _register_random(name: str, scale: float = 1.0) -> str:
+def register_random(name: str, scale: float = 1.0, *, n_train: int | None = None,
+                    n_test: int | None = None) -> str:
+    """Register random uint8 data of dataset ``name``'s shape (:data:`SHAPES`): its train/test sizes times
+    ``scale``, or exactly ``n_train``/``n_test`` images where given. Returns the registered dataset name."""
     n_tr, n_te, h, w, c, k = SHAPES[name]
-    n_tr, n_te = int(n_tr * scale), int(n_te * scale)
-    key = f"random_{name}_{scale:g}"
+    if n_train is None:
+        n_tr, n_te = int(n_tr * scale), int(n_te * scale)
+        key = f"random_{name}_{scale:g}"
+    else:
+        n_tr, n_te = n_train, n_test
+        key = f"random_{name}_{n_tr}_{n_te}"
     if key in DATASETS:
         return key
+
+    @DATASETS.register(key)
+    def _random(spec: dict, raw_dir: Path) -> ArrayDataset:  # noqa: ARG001
+        g = np.random.default_rng(0)
+        return ArrayDataset(g.integers(0, 256, (n_tr, h, w, c), dtype=np.uint8), np.arange(n_tr) % k,
+                            g.integers(0, 256, (n_te, h, w, c), dtype=np.uint8), np.arange(n_te) % k,
+                            [str(i) for i in range(k)], name, meta={"source": {"kind": "random uint8"}})
+    return key
 
     @DATASETS.register(key)
     def _random(spec: dict, raw_dir: Path) -> ArrayDataset:  # noqa: ARG001
@@ -80,7 +95,7 @@ def main() -> None:
     if a.data is not None:
         data_dir, source = a.data, "real"
     else:
-        data_dir, source = prepare(_register_random(a.dataset, a.scale), {}, tmp / "data"), "random"
+        data_dir, source = prepare(register_random(a.dataset, a.scale), {}, tmp / "data"), "random"
     prep_s = time.perf_counter() - t
     base = dict(dataset=a.dataset, rounds=a.rounds, device=str(dev), engine={"kind": "vectorised"},
                 precision=a.precision, checkpoint_every=0, snapshot_round=None)
