@@ -212,8 +212,8 @@ def distance_rows(v: torch.Tensor, form: str) -> torch.Tensor:
 
 
 def batch_schedule(sizes: Sequence[int], generators: Sequence[torch.Generator], iterations: Sequence[int],
-              batch_size: int, ls: int, offsets: Sequence[int], pad: bool,
-              device: torch.device) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]:
+                   batch_size: int, ls: int, offsets: Sequence[int], pad: bool,
+                   device: torch.device) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]:
     """Every iteration's ``ls`` mini-batches of the k rows, drawn up front from each row's generator in
     the order its own loop would draw them (:func:`batch_stream`): per iteration a list of ``(idx (k, b),
     mask (k, b))`` into the rows' concatenated shards (row i's from ``offsets[i]``), and ``live (T, k)``
