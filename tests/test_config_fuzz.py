@@ -16,12 +16,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from robustfl.attacks import ATTACKS
+from robustfl.attacks import ATTACKS, required_backdoor
 from robustfl.data.datasets import DATASETS
 from robustfl.aggregation.defenses import DEFENSES
+from robustfl.config import RunConfig
 from robustfl.models import MODELS
 from robustfl.pipeline.study import StudyError, check_schema, dotted, expand_studies
 
@@ -316,6 +317,7 @@ def test_runconfig_domain_values_are_accepted(values, as_grid):
 
 
 # -------------------------------------------------------------------- cells: names and RunConfig rules
+DEFAULT_BACKDOOR = RunConfig.__dataclass_fields__["backdoor"].default
 NAME = {"dataset": DATASETS.names(), "attack": ["none", *ATTACKS.names()], "defense": DEFENSES.names(),
         "model": [None, *MODELS.names()]}
 
@@ -339,6 +341,7 @@ def cell_overrides(draw):
 
 @FUZZ
 @given(cell_overrides(), st.booleans())
+@example(({"attack": "dba", "defense": "bulyan", "n_clients": 7, "n_attackers": 1}, set()), False)
 def test_cells_are_checked_by_name_and_runconfig(ov, in_grid):
     base, junk = ov
     study = {"seeds": [0], "grid": [{"outputs": ["table2"], **{k: [v] for k, v in base.items()}}]} if in_grid \
@@ -356,6 +359,9 @@ def test_cells_are_checked_by_name_and_runconfig(ov, in_grid):
         assert msg is not None and "'n_attackers'" in msg, (base, msg)
     elif base.get("defense") == "bulyan" and n < 4 * max(f, 1) + 3:
         assert msg is not None and "Bulyan needs n >= 4f + 3" in msg, (base, msg)
+    elif base.get("attack", "none") != "none" and required_backdoor(base["attack"]) not in (None, DEFAULT_BACKDOOR):
+        # DBA splits the trojan trigger: a cell on the default (semantic) backdoor is refused by name
+        assert msg is not None and f"needs backdoor: {required_backdoor(base['attack'])}" in msg, (base, msg)
     else:
         assert msg is None, (base, msg)
 
