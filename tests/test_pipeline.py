@@ -18,6 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from robustfl.pipeline.study import expand_study
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 
@@ -59,7 +61,7 @@ def test_lint_is_clean(tmp_path, args):
     assert "Lints for" not in output(proc), output(proc)
 
 
-@pytest.mark.parametrize("study", ["quick", "tiny", "full"])
+@pytest.mark.parametrize("study", ["tiny", "full"])
 def test_dry_run_plans_every_output_kind(tmp_path, study):
     proc = snakemake(tmp_path, "-n", "--config", f"study={study}")
     assert proc.returncode == 0, output(proc)
@@ -70,6 +72,23 @@ def test_dry_run_plans_every_output_kind(tmp_path, study):
     if study != "full":  # the paper's studies have no 20-target table and no ablation
         expected |= {"table3_multiple", "aux_ablation"}
     assert expected <= rules, expected - rules
+
+
+def test_quick_is_the_papers_setting_on_digits_in_one_packed_job(tmp_path):
+    """`make quick`: the paper's n = 10, T = 20, E = 5 on digits, Tables 2-4 and the backdoor figures, its
+    12 runs packed into one job (pack=12, as the Makefile runs it)."""
+    quick = expand_study(CONFIG["studies"], "quick")
+    assert {(c.cfg["dataset"], c.cfg["n_clients"], c.cfg["rounds"], c.cfg["local_epochs"]) for c in quick.values()} \
+        == {("digits", 10, 20, 5)}
+    proc = snakemake(tmp_path, "-n", "--config", "study=quick", "pack=12")
+    assert proc.returncode == 0, output(proc)
+    jobs = planned_jobs(output(proc))
+    assert sum(r.startswith("run_pack_") for r, _ in jobs) == 1 and len(quick) == 12
+    rules = {r for r, _ in jobs}
+    assert {"table2", "table3", "table4", "fig_confidence", "fig_attack"} <= rules
+    assert not rules & {"table5", "fig12", "fig13", "cost", "attack_sweep"}
+    make = (REPO / "Makefile").read_text()
+    assert "study=quick pack=12" in make
 
 
 def test_dry_run_plans_one_attack_figure_per_tagged_backdoor_cell(tmp_path):

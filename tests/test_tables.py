@@ -136,7 +136,7 @@ def test_pivot_layout_and_cells(summary: pd.DataFrame) -> None:
     row = wide.set_index("Dataset").loc["fMNIST"]
     assert row["FedAvg"] == "91.00 ± 1.41 (n=2) [91.77]"
     assert row["Krum"] == "[88.68]"
-    assert wide.set_index("Dataset").loc["Digits", "Krum"] == ""
+    assert wide.set_index("Dataset").loc["Digits (stand-in)", "Krum"] == ""
     w3 = pivot(build_table(summary, "table3"), "table3")
     assert list(w3.columns[:4]) == ["Attack", "Dataset", "FedAvg Acc", "FedAvg ASR"]
     assert list(w3.columns[-4:]) == ["FLARE Acc", "FLARE ASR", "FLARE (code) Acc", "FLARE (code) ASR"]
@@ -251,3 +251,14 @@ def test_aux_ablation_rows_per_aux_class() -> None:
     assert wide.set_index("aux_class").loc["3", "FLARE ASR"] == "50.0 ± 0.0 (n=2)"
     with pytest.raises(ValueError, match="aux_class"):
         build_table(s.drop(columns="aux_class"), "aux_ablation")
+
+
+def test_stand_in_rows_are_labelled_and_explained(summary: pd.DataFrame, tmp_path: Path) -> None:
+    """Digits rows (a stand-in the paper does not use) are named so in the table and the caption says their
+    neighbours' bracketed values are the paper's other datasets; a table without them says nothing."""
+    wide = pivot(build_table(summary, "table2"), "table2").set_index("Dataset")
+    assert wide.loc["Digits (stand-in)", "FedAvg"] == "95.00 (n=1)" and wide.loc["fMNIST", "Krum"] == "[88.68]"
+    md = next(p for p in write_paper_table(summary, "table2", tmp_path) if p.name == "table2.md").read_text()
+    assert "stand-in (Digits (stand-in) = scikit-learn's 8x8 digits)" in md.splitlines()[0]
+    md3 = next(p for p in write_paper_table(summary, "table3", tmp_path) if p.name == "table3.md").read_text()
+    assert "stand-in" not in md3.splitlines()[0]  # table 3's rows of ours are fMNIST only

@@ -27,7 +27,9 @@ from robustfl.io import atomic_write_text
 #: Where the transcribed paper numbers live (repository checkout).
 PAPER_DIR = Path(__file__).resolve().parent / "paper"  # package data (pyproject.toml)
 
-DATASET_NAMES = {"fmnist": "fMNIST", "cifar10": "CIFAR-10", "kather": "Kather", "digits": "Digits"}
+DATASET_NAMES = {"fmnist": "fMNIST", "cifar10": "CIFAR-10", "kather": "Kather", "digits": "Digits (stand-in)"}
+#: Datasets the paper does not use (offline stand-ins): their rows never carry a paper value
+STAND_INS = {"digits": "scikit-learn's 8x8 digits"}
 DEFENSE_NAMES = {
     "fedavg": "FedAvg", "krum": "Krum", "median": "Coomed", "trimmed_mean": "TrimmedMean",
     "bulyan": "Bulyan", "fltrust": "FLTrust", "flare": "FLARE",
@@ -348,12 +350,24 @@ def caption(name: str, asr: str = "rounds") -> str:
     return spec.caption + (" " + ASR_DEFINITIONS[asr][1] if has_asr else "")
 
 
+def stand_in_note(long: pd.DataFrame) -> str:
+    """A caption sentence for a table holding rows of a stand-in dataset (:data:`STAND_INS`), else ``""``."""
+    ours = long.loc[long["ours_mean"].notna(), "dataset"] if "dataset" in long.columns else pd.Series([], dtype=object)
+    used = [d for d in STAND_INS if d in set(ours)]
+    if not used:
+        return ""
+    names = ", ".join(f"{display('dataset', d)} = {STAND_INS[d]}" for d in used)
+    return (f" Rows marked stand-in ({names}) are a different dataset from the paper's: the paper has no value "
+            "for them, and the bracketed values in the other rows are the paper's own datasets, shown for the "
+            "pattern across defenses, not for a direct comparison.")
+
+
 def write_paper_table(summary: pd.DataFrame, name: str, out_dir: str | os.PathLike[str],
                       **kwargs: Any) -> list[Path]:
     """Build table ``name`` and write ``<name>.{csv,md,tex}`` (paper layout) and
     ``<name>_long.{csv,md,tex}`` (tidy) under ``out_dir``; ``kwargs`` go to :func:`build_table`."""
     long = build_table(summary, name, **kwargs)
-    cap = caption(name, kwargs.get("asr", "rounds"))
+    cap = caption(name, kwargs.get("asr", "rounds")) + stand_in_note(long)
     ours = " Ours: mean ± std over seeds (n)" + ("; paper value in brackets." if SPECS[name].paper_csv else ".")
     return [*write_table(pivot(long, name), Path(out_dir) / name, caption=cap + ours),
             *write_table(long, Path(out_dir) / f"{name}_long", caption=cap)]
@@ -364,5 +378,6 @@ def write_all_tables(summary: pd.DataFrame, out_dir: str | os.PathLike[str], **k
     return [p for name in TABLES for p in write_paper_table(summary, name, out_dir, **kwargs)]
 
 
-__all__ = ["ASR_DEFINITIONS", "PAPER_DIR", "SPECS", "TABLES", "TableSpec", "build_table", "caption", "display",
-           "format_cell", "load_paper", "pivot", "write_all_tables", "write_paper_table", "write_table"]
+__all__ = ["ASR_DEFINITIONS", "PAPER_DIR", "SPECS", "STAND_INS", "TABLES", "TableSpec", "build_table", "caption", "display",
+           "format_cell", "load_paper", "pivot", "stand_in_note", "write_all_tables", "write_paper_table",
+           "write_table"]
