@@ -259,6 +259,6 @@ def test_stand_in_rows_are_labelled_and_explained(summary: pd.DataFrame, tmp_pat
     wide = pivot(build_table(summary, "table2"), "table2").set_index("Dataset")
     assert wide.loc["Digits (stand-in)", "FedAvg"] == "95.00 (n=1)" and wide.loc["fMNIST", "Krum"] == "[88.68]"
     md = next(p for p in write_paper_table(summary, "table2", tmp_path) if p.name == "table2.md").read_text()
-    assert "stand-in (Digits (stand-in) = scikit-learn's 8x8 digits)" in md.splitlines()[0]
+    assert "Digits (stand-in): scikit-learn's 8x8 digits, a dataset the paper does not use" in md.splitlines()[0]
     md3 = next(p for p in write_paper_table(summary, "table3", tmp_path) if p.name == "table3.md").read_text()
     assert "stand-in" not in md3.splitlines()[0]  # table 3's rows of ours are fMNIST only

@@ -356,10 +356,10 @@ def stand_in_note(long: pd.DataFrame) -> str:
     used = [d for d in STAND_INS if d in set(ours)]
     if not used:
         return ""
-    names = ", ".join(f"{display('dataset', d)} = {STAND_INS[d]}" for d in used)
-    return (f" Rows marked stand-in ({names}) are a different dataset from the paper's: the paper has no value "
-            "for them, and the bracketed values in the other rows are the paper's own datasets, shown for the "
-            "pattern across defenses, not for a direct comparison.")
+    names = "; ".join(f"{display('dataset', d)}: {STAND_INS[d]}" for d in used)
+    return (f" {names}, a dataset the paper does not use, so its rows have no paper value; the bracketed values "
+            "in the other rows are the paper's own datasets, shown for the pattern across defenses, not for a "
+            "direct comparison.")
 
 
 def write_paper_table(summary: pd.DataFrame, name: str, out_dir: str | os.PathLike[str],
