@@ -30,11 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
 FULL_CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 # config.yaml with fewer cells (~10 ms per validation): its top level, data, and two studies holding every
-# study key (description, base, seeds, include, grid blocks with outputs, lists and parameter dicts)
+# study key (description, base with run settings, seeds, include, grid blocks with outputs and lists)
 CONFIG = copy.deepcopy(FULL_CONFIG)
 _quick = FULL_CONFIG["studies"]["quick"]
 CONFIG["studies"] = {
-    "quick": {**_quick, "grid": [_quick["grid"][i] for i in (0, 1, 5)]},
+    "quick": {**_quick, "base": {**_quick["base"], "rounds": 3, "local_epochs": 1}, "grid": _quick["grid"][:3]},
     "tiny": {"description": "includes quick", "include": ["quick"], "seeds": [0],
              "grid": FULL_CONFIG["studies"]["tiny"]["grid"][:1]},
 }
