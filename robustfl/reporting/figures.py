@@ -81,7 +81,9 @@ def fig_confidence(rounds_df: pd.DataFrame, out: str | os.PathLike[str],
     hue_order = sorted(df["Defense"].unique(), key=lambda lab: next(
         (i for i, d in enumerate(DEFENSE_NAMES.values()) if lab.startswith(d)), 99))
     palette = dict(zip(hue_order, sns.color_palette(n_colors=len(hue_order))))
-    fig, axes = plt.subplots(len(datasets), len(panels), figsize=(4.2 * len(panels) + 1.5, 3.2 * len(datasets)),
+    # at least 7.5 inches wide: the title and the legend outside must not meet over a single panel
+    fig, axes = plt.subplots(len(datasets), len(panels),
+                             figsize=(max(4.2 * len(panels) + 1.5, 7.5), 3.2 * len(datasets)),
                              squeeze=False, sharey=True, layout="constrained")
     for i, ds in enumerate(datasets):
         for j, panel in enumerate(panels):
@@ -99,7 +101,7 @@ def fig_confidence(rounds_df: pd.DataFrame, out: str | os.PathLike[str],
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles = [Line2D([], [], color=palette[h], marker="o", markersize=3, label=h) for h in hue_order]
     fig.legend(handles=handles, title="Defense", loc="outside right upper", fontsize=8)
-    fig.suptitle("Model confidence on targeted inputs under backdoor MPAs (mirrors paper Figures 7-9)")
+    fig.suptitle("Model confidence on targeted inputs under backdoor MPAs\n(mirrors paper Figures 7-9)", fontsize=11)
     return _save(fig, out)
 
 
