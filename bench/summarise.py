@@ -52,6 +52,8 @@ GRID = ("grid_estimate_*.json",)
 STUDIES = ("*/summary.csv",)
 
 FRAMEWORKS = ("flower_vs_robustfl_*.json",)
+#: bench_diagnostics.py: the per-round attack diagnostics, per library checkout
+DIAGNOSTICS = ("diagnostics_*.json",)
 
 
 def _files(res: Path, patterns: Iterable[str], exclude: Iterable[str] = ()) -> list[Path]:
@@ -277,13 +279,25 @@ def frameworks_section(res: Path) -> list[str]:
     return out
 
 
+def diagnostics_section(res: Path) -> list[str]:
+    """The per-round attack diagnostics (``bench_diagnostics.py``), one row per library checkout timed."""
+    out = ["## Per-round attack diagnostics (seconds per round)", ""]
+    for f in _files(res, DIAGNOSTICS):
+        d = json.loads(f.read_text())
+        df = pd.DataFrame(d["results"])
+        cols = [c for c in ("library_commit", "median_s", "krum_rank") if c in df]
+        out += [f"### `{f.relative_to(res)}` (n = {d.get('n')}, d = {d.get('d')})", "", _meta(d), "",
+                d.get("note", ""), "", df[cols].to_markdown(index=False, floatfmt=".4g"), ""]
+    return out
+
+
 #: the sections in the order RESULTS.md shows them, each with the patterns of the files it renders
 SECTIONS: list[tuple[Callable[[Path], list[str]], tuple[str, ...]]] = [
     (run_section, RUNS), (engine_section, ROUNDS), (unequal_section, UNEQUAL), (steps_section, STEPS),
     (layers_section, LAYERS), (dense_section, DENSE), (profile_section, PROFILES),
     (attack_section, ATTACK_GRAPH + ATTACK_DIVERGENCE + ATTACK_BOOSTING + ATTACK_STACKED), (probes_section, PROBES),
     (agg_section, AGGREGATORS), (cells_section, CELLS), (grid_section, GRID), (studies_section, STUDIES),
-    (frameworks_section, FRAMEWORKS),
+    (frameworks_section, FRAMEWORKS), (diagnostics_section, DIAGNOSTICS),
 ]
 
 

@@ -77,6 +77,20 @@ def test_multi_krum_known_answer():
     assert r.info["selected"] == [1, 0, 3, 4]
 
 
+def test_krum_order_from_distances_by_hand_and_as_krum_selects():
+    # squared scores 14, 12, 21, 19, 21 with the p2/p4 tie broken by the total (67 > 59): 1, 0, 3, 4, 2;
+    # euclidean scores 4.606, 4.828, 6.123, 5.243, 6.434: 0, 1, 3, 2, 4
+    d2 = A.pairwise_sq_dists(t(KRUM_PTS))
+    assert A.krum_order(d2, 1).tolist() == [1, 0, 3, 4, 2]
+    assert A.krum_order(d2, 1, "euclidean").tolist() == [0, 1, 3, 2, 4]
+    for seed, (n, f) in enumerate([(7, 2), (10, 1), (10, 3), (12, 4)]):
+        x = rand(n, 50, seed=seed)
+        x[3] = x[5]  # an exact tie
+        assert A.krum_order(A.pairwise_sq_dists(x), f).tolist() == A.krum(x, f, m=n).info["selected"]
+    with pytest.raises(ValueError, match="n > 2f \\+ 2"):
+        A.krum_order(d2, 2)
+
+
 def test_krum_near_identical_updates_no_cancellation():
     # float32 updates with a large common offset and tiny, structured differences: a naive
     # ||a||^2 + ||b||^2 - 2ab in float32 would lose them entirely.

@@ -44,6 +44,7 @@ __all__ = [
     "pairwise_sq_dists",
     "fedavg",
     "krum",
+    "krum_order",
     "krum_scores",
     "median",
     "trimmed_mean",
@@ -234,6 +235,16 @@ def krum_scores(updates: Tensor, f: int, distance: str = "squared") -> Tensor:
     f = _check_krum_f(n, f)
     _check_distance(distance)
     return _krum_scores_from_d2(pairwise_sq_dists(updates), n - f - 2, distance)
+
+
+def krum_order(d2: Tensor, f: int, distance: str = "squared") -> Tensor:
+    """Every update in Krum's selection order (first: Krum's choice) from their pairwise squared distances
+    ``d2`` (:func:`pairwise_sq_dists`): by score over the n - f - 2 nearest others, ties by the sum of the
+    distances to all others, then by index -- the order :func:`krum` selects in. Requires n > 2f + 2."""
+    n = d2.shape[0]
+    f = _check_krum_f(n, f)
+    _check_distance(distance)
+    return _krum_order(_krum_scores_from_d2(d2, n - f - 2, distance), d2, distance)
 
 
 def krum(updates: Tensor, f: int, m: int = 1, *, distance: str = "squared") -> AggResult:

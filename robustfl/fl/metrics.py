@@ -78,7 +78,7 @@ def attack_diagnostics(updates: torch.Tensor, benign_idx: Sequence[int], f: int)
     if int(b.sum()) >= 2 and float(s2 := d2[b][:, b].mean() / 2) > 0:
         out["dist_ratio"][idx] = ((d2[:, b].mean(dim=1) - s2).clamp_min(0) / s2).sqrt()
     if len(idx) > 2 * f + 2:
-        order = agg.krum(u, f, m=len(idx)).info["selected"]  # every update, in Krum's selection order
+        order = agg.krum_order(d2, f)  # every update, in Krum's selection order
         out["krum_rank"][idx[order]] = torch.arange(1, len(idx) + 1, dtype=torch.float64, device=updates.device)
     return out
 
