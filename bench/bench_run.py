@@ -69,14 +69,6 @@ def register_random(name: str, scale: float = 1.0, *, n_train: int | None = None
                             [str(i) for i in range(k)], name, meta={"source": {"kind": "random uint8"}})
     return key
 
-    @DATASETS.register(key)
-    def _random(spec: dict, raw_dir: Path) -> ArrayDataset:  # noqa: ARG001
-        g = np.random.default_rng(0)
-        return ArrayDataset(g.integers(0, 256, (n_tr, h, w, c), dtype=np.uint8), np.arange(n_tr) % k,
-                            g.integers(0, 256, (n_te, h, w, c), dtype=np.uint8), np.arange(n_te) % k,
-                            [str(i) for i in range(k)], name, meta={"source": {"kind": "random uint8"}})
-    return key
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
