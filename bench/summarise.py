@@ -71,13 +71,16 @@ def _meta(d: dict) -> str:
 
 
 def _table_sections(res: Path, title: str, patterns: Iterable[str], cols: list[str],
-                    notes: tuple[str, ...] = ()) -> list[str]:
-    """One subsection per result file matching ``patterns``: its metadata and the columns ``cols`` it has."""
+                    notes: tuple[str, ...] = (), *, settings: tuple[str, ...] = (),
+                    file_note: bool = False) -> list[str]:
+    """One subsection per result file matching ``patterns``: its metadata (with the top-level ``settings``
+    it records, and its own ``note`` where ``file_note``) and the columns ``cols`` it has."""
     out = [title, ""]
     for f in _files(res, patterns):
         d = json.loads(f.read_text())
         df = pd.DataFrame(d["results"])
-        out += [f"### `{f.relative_to(res)}`", "", _meta(d), "",
+        meta = _meta(d) + "".join(f"; {k} {d.get(k)}" for k in settings)
+        out += [f"### `{f.relative_to(res)}`", "", meta, "", *((d.get("note", ""), "") if file_note else ()),
                 df[[c for c in cols if c in df]].to_markdown(index=False, floatfmt=".4g"), "", *notes]
     return out
 
@@ -269,26 +272,14 @@ def studies_section(res: Path) -> list[str]:
 
 def frameworks_section(res: Path) -> list[str]:
     """The same FedAvg run through another framework and through robustfl (``bench_flower.py``)."""
-    out = ["## Against other frameworks (the same FedAvg run; seconds)", ""]
-    for f in _files(res, FRAMEWORKS):
-        d = json.loads(f.read_text())
-        df = pd.DataFrame(d["results"])
-        cols = [c for c in ("impl", "engine", "end_to_end_s", "per_round_s", "test_acc") if c in df]
-        out += [f"### `{f.relative_to(res)}`", "", _meta(d), "", d.get("note", ""), "",
-                df[cols].to_markdown(index=False, floatfmt=".4g"), ""]
-    return out
+    return _table_sections(res, "## Against other frameworks (the same FedAvg run; seconds)", FRAMEWORKS,
+                           ["impl", "engine", "end_to_end_s", "per_round_s", "test_acc"], file_note=True)
 
 
 def diagnostics_section(res: Path) -> list[str]:
     """The per-round attack diagnostics (``bench_diagnostics.py``), one row per library checkout timed."""
-    out = ["## Per-round attack diagnostics (seconds per round)", ""]
-    for f in _files(res, DIAGNOSTICS):
-        d = json.loads(f.read_text())
-        df = pd.DataFrame(d["results"])
-        cols = [c for c in ("library_commit", "median_s", "krum_rank") if c in df]
-        out += [f"### `{f.relative_to(res)}` (n = {d.get('n')}, d = {d.get('d')})", "", _meta(d), "",
-                d.get("note", ""), "", df[cols].to_markdown(index=False, floatfmt=".4g"), ""]
-    return out
+    return _table_sections(res, "## Per-round attack diagnostics (seconds per round)", DIAGNOSTICS,
+                           ["library_commit", "median_s", "krum_rank"], settings=("n", "d"), file_note=True)
 
 
 #: the sections in the order RESULTS.md shows them, each with the patterns of the files it renders
