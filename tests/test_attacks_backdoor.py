@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _digits import digits_tensors
 from robustfl.attacks import ATTACKS, is_targeted
 from robustfl.attacks import adaptive, backdoor  # noqa: F401  (registers the attacks)
 from robustfl.attacks.adaptive import d_plr
@@ -43,10 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op 
 
 @pytest.fixture(scope="module")
 def digits():
-    sklearn_datasets = pytest.importorskip("sklearn.datasets")
-    d = sklearn_datasets.load_digits()
-    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8)
-    y = torch.tensor(d.target, dtype=torch.int64)
+    x, y = digits_tensors()  # (N, 1, 8, 8)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
     test_x, test_y, train_x, train_y = x[:300], y[:300], x[300:], y[300:]

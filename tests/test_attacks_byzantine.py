@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from _byzfl import load_byzfl
+from _digits import digits_tensors, seeded_digits_cnn
 
 from robustfl.attacks import ATTACKS, AttackContext, is_targeted
 from robustfl.attacks import byzantine as B
@@ -22,7 +23,7 @@ from robustfl.engine import EngineOptions, train_clients
 from robustfl.engine.adam import ADAM_EPS
 from robustfl.fl import experiment
 from robustfl.models import build_model
-from robustfl.params import load_flat_, model_to_flat
+from robustfl.params import load_flat_
 from robustfl.reporting.tables import ATTACK_NAMES
 
 F64 = torch.float64
@@ -183,14 +184,10 @@ def test_gaussian_matches_byzfl_on_the_same_stream():
 @pytest.fixture(scope="module")
 def digits():
     """Three attackers' shards of scikit-learn's digits (60, 90 and 25 samples), the digits CNN (no dropout)."""
-    sk = pytest.importorskip("sklearn.datasets")
-    d = sk.load_digits()
-    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(d.target, dtype=torch.int64)
-    torch.manual_seed(0)
-    model = build_model("digits_cnn", 10, 1)
+    x, y = digits_tensors()
+    model, theta = seeded_digits_cnn()
     shards = [torch.arange(0, 60), torch.arange(60, 150), torch.arange(150, 175)]
-    return {"model": model, "theta": model_to_flat(model), "x": x, "y": y, "shards": shards}
+    return {"model": model, "theta": theta, "x": x, "y": y, "shards": shards}
 
 
 def lf_ctx(s, engine: EngineOptions, n: int = 3, seed: int = 5, **kw) -> AttackContext:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _digits import digits_tensors, seeded_digits_cnn
 from robustfl.data import datasets as data
 from robustfl.fl import experiment
 from robustfl.attacks import ATTACKS
@@ -33,13 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op 
 def setup():
     """Three attackers with shards of 250, 350 and 90 samples (8, 11 and 3 mini-batches an epoch, each
     epoch ending on a partial batch), a 10-image backdoor set, a benign mean update."""
-    sklearn_datasets = pytest.importorskip("sklearn.datasets")
-    d = sklearn_datasets.load_digits()
-    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(d.target, dtype=torch.int64)
-    torch.manual_seed(0)
-    model = build_model("digits_cnn", 10, 1)
-    theta = model_to_flat(model)
+    x, y = digits_tensors()
+    model, theta = seeded_digits_cnn()
     shards = [torch.arange(0, 250), torch.arange(250, 600), torch.arange(600, 690)]
     src = (y[1000:] == 4).nonzero().squeeze(1)[:10] + 1000
     return {"model": model, "theta": theta, "x": x, "y": y, "shards": shards,
