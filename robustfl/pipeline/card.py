@@ -30,15 +30,10 @@ NO_ATTACK = "none"
 
 
 # ------------------------------------------------------------------------------------------------ grid
-def _registries() -> tuple[list[str], list[str], Any]:
+def _registries() -> tuple[list[str], list[str], Any, Any]:
     from robustfl.aggregation.defenses import DEFENSES
-    from robustfl.attacks import ATTACKS, is_targeted
-    return DEFENSES.names(), ATTACKS.names(), is_targeted
-
-
-def _required_backdoor(attack: str) -> str | None:
-    from robustfl.attacks import required_backdoor
-    return required_backdoor(attack)
+    from robustfl.attacks import ATTACKS, is_targeted, required_backdoor
+    return DEFENSES.names(), ATTACKS.names(), is_targeted, required_backdoor
 
 
 def attackers(fraction: float, n: int) -> int:
@@ -110,7 +105,7 @@ def card_grid(defenses: Iterable[str] | None = None, attacks: Iterable[str] | No
     maps a defense to its ``defense_params``. Raises ``ValueError`` (one line) naming an unknown defense,
     attack or partition, an empty list, a fraction giving f = 0 or f >= n/2, or a cell RunConfig rejects.
     """
-    known_def, known_att, is_targeted = _registries()
+    known_def, known_att, is_targeted, required_backdoor = _registries()
     defs = _names("defense", defenses, known_def)
     if attacks is not None:
         attacks = [attacks] if isinstance(attacks, str) else list(attacks)
@@ -156,7 +151,7 @@ def card_grid(defenses: Iterable[str] | None = None, attacks: Iterable[str] | No
                                 "partition_params": dict(part[1]), "seed": int(seed)}
         if attack != NO_ATTACK and is_targeted(attack):
             cell.update({"backdoor": "semantic", "backdoor_mode": "single", **bd})
-            cell["backdoor"] = _required_backdoor(attack) or cell["backdoor"]  # DBA: the trojan trigger
+            cell["backdoor"] = required_backdoor(attack) or cell["backdoor"]  # DBA: the trojan trigger
         params = dparams.get(defense, {})
         if defense == "bulyan":
             params = _bulyan_params(f, n_clients, params)
