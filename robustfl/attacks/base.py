@@ -46,3 +46,10 @@ class AttackContext:
     # how the engine computes (the run's): all attackers crafted at once where it trains with a stacked
     # layout (robustfl.engine.options.EngineOptions.layout), else one model at a time
     engine: EngineOptions = field(default_factory=lambda: EngineOptions(kind="sequential"))
+
+
+def check_n_mal(n_mal: Any) -> int:
+    """The attackers' count an attack function is asked for: an int >= 0 (``ValueError`` naming it otherwise)."""
+    if isinstance(n_mal, bool) or not isinstance(n_mal, int) or n_mal < 0:
+        raise ValueError(f"n_mal must be an int >= 0, got {n_mal!r}")
+    return n_mal

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from robustfl.aggregation.aggregators import check_updates
 from robustfl.attacks import AttackContext, register_attack
+from robustfl.attacks.base import check_n_mal
 from robustfl.engine import EngineOptions, train_clients
 
 __all__ = [
@@ -46,12 +47,6 @@ __all__ = [
 
 #: default of IPM's epsilon: Xie et al.'s small-epsilon regime (their experiments use 0.1 and 100)
 IPM_EPSILON = 0.1
-
-
-def _check_n_mal(n_mal: Any) -> int:
-    if isinstance(n_mal, bool) or not isinstance(n_mal, int) or n_mal < 0:
-        raise ValueError(f"n_mal must be an int >= 0, got {n_mal!r}")
-    return n_mal
 
 
 # ----------------------------------------------------------------------------------------------- ALIE
@@ -74,7 +69,7 @@ def alie(benign_updates: Tensor, n_mal: int, z: float) -> Tensor:
     ``mu_j - z * sigma_j`` per coordinate j, with ``mu`` the mean and ``sigma`` the sample standard
     deviation (``1/(n_ben - 1)``) of the benign updates, computed in float64. Needs two benign updates."""
     n_ben, d = check_updates(benign_updates, "benign_updates")
-    n_mal = _check_n_mal(n_mal)
+    n_mal = check_n_mal(n_mal)
     if n_ben < 2:
         raise ValueError(f"alie: the benign standard deviation needs at least 2 benign updates, got {n_ben}")
     if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z):
@@ -90,7 +85,7 @@ def ipm(benign_updates: Tensor, n_mal: int, epsilon: float) -> Tensor:
     ``-epsilon * (1/n_ben) sum_i delta_i`` (mean in float64), so that the aggregate's inner product with
     the true gradient turns negative. ``epsilon = 1`` is sign flipping (ByzFL's ``SignFlipping``)."""
     n_ben, d = check_updates(benign_updates, "benign_updates")
-    n_mal = _check_n_mal(n_mal)
+    n_mal = check_n_mal(n_mal)
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (math.isfinite(epsilon)
                                                                                    and epsilon > 0):
         raise ValueError(f"ipm: epsilon must be a finite number > 0, got {epsilon!r}")
@@ -106,7 +101,7 @@ def gaussian(n_mal: int, d: int, *, mu: float = 0.0, sigma: float = 1.0, same_va
     ``~ N(mu, sigma^2)``, i.i.d. across coordinates and attackers (``same_values``: one draw, sent by every
     attacker, as ByzFL's ``ByzantineClient`` does). Drawn as ``randn * sigma + mu`` in ``dtype`` on the
     generator's device (the CPU without one; then the global stream), then moved to ``device``."""
-    n_mal = _check_n_mal(n_mal)
+    n_mal = check_n_mal(n_mal)
     if isinstance(d, bool) or not isinstance(d, int) or d < 1:
         raise ValueError(f"gaussian: d must be an int >= 1, got {d!r}")
     for key, v in (("mu", mu), ("sigma", sigma)):

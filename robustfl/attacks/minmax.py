@@ -50,6 +50,7 @@ from torch import Tensor
 from robustfl.aggregation.aggregators import check_updates, pairwise_sq_dists
 from robustfl.aggregation.defenses import DEFENSES, NEEDS_AUX, NEEDS_ROOT, ServerContext
 from robustfl.attacks import AttackContext, register_attack
+from robustfl.attacks.base import check_n_mal
 from robustfl.engine import model_plrs
 
 __all__ = [
@@ -106,12 +107,6 @@ def _check_search(gamma_init: Any, tau: Any, batch: Any, min_batch: int) -> tupl
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < min_batch:
         raise ValueError(f"batch must be an int >= {min_batch}, got {batch!r}")
     return float(gamma_init), float(tau), batch
-
-
-def _check_n_mal(n_mal: Any) -> int:
-    if isinstance(n_mal, bool) or not isinstance(n_mal, int) or n_mal < 0:
-        raise ValueError(f"n_mal must be an int >= 0, got {n_mal!r}")
-    return n_mal
 
 
 # ------------------------------------------------------------------------------------- direction and search
@@ -219,7 +214,7 @@ def minmax_attack(benign_updates: Tensor, n_mal: int, *, direction: str = "std",
     """Min-Max (Sec. IV-A): ``delta_m = mu + gamma p`` with the largest gamma in ``[0, 2 gamma_init]`` (to within
     tau) such that ``max_i ||delta_m - delta_i||^2 <= max_{i,j} ||delta_i - delta_j||^2`` over the benign
     updates; every attacker sends delta_m."""
-    _check_n_mal(n_mal)
+    check_n_mal(n_mal)
     p = perturbation(benign_updates, direction)
     g0, tau, batch = _check_search(gamma_init, tau, batch, 1)
     x = benign_updates.to(F64)
@@ -240,7 +235,7 @@ def minsum_attack(benign_updates: Tensor, n_mal: int, *, direction: str = "std",
     """Min-Sum (Sec. IV-A): ``delta_m = mu + gamma p`` with the largest gamma in ``[0, 2 gamma_init]`` (to within
     tau) such that ``sum_i ||delta_m - delta_i||^2 <= min_k sum_j ||delta_k - delta_j||^2`` (``bound: min``, the
     authors' code; ``bound: max`` uses the largest benign sum); every attacker sends delta_m."""
-    _check_n_mal(n_mal)
+    check_n_mal(n_mal)
     if bound not in ("min", "max"):
         raise ValueError(f"bound must be 'min' or 'max', got {bound!r}")
     p = perturbation(benign_updates, direction)
@@ -272,7 +267,7 @@ def agr_tailored_attack(benign_updates: Tensor, n_mal: int, aggregate: Callable[
     by side (``D = K d``, split to at most :data:`BATCH_ELEMS` elements); otherwise the rule is called once per
     candidate, ``batch`` calls per step, because the rules take one ``(n, d)`` matrix and most (Krum's selection,
     clustering, sorting by scores) cannot be vectorised over candidates."""
-    n_mal = _check_n_mal(n_mal)
+    n_mal = check_n_mal(n_mal)
     p = perturbation(benign_updates, direction)
     g0, tau, batch = _check_search(gamma_init, tau, batch, 4)
     n_ben, d = benign_updates.shape

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from robustfl.aggregation.aggregators import check_updates, krum, pairwise_sq_dists
 from robustfl.attacks import AttackContext, register_attack
+from robustfl.attacks.base import check_n_mal
 
 __all__ = [
     "direction",
@@ -46,12 +47,6 @@ __all__ = [
 def direction(benign_updates: Tensor) -> Tensor:
     """Fang's s: ``sign(mean_i delta_i)`` per coordinate (0 where the mean is exactly 0)."""
     return torch.sign(benign_updates.to(torch.float64).mean(dim=0)).to(benign_updates.dtype)
-
-
-def _check_n_mal(n_mal: Any) -> int:
-    if isinstance(n_mal, bool) or not isinstance(n_mal, int) or n_mal < 0:
-        raise ValueError(f"n_mal must be an int >= 0, got {n_mal!r}")
-    return n_mal
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
@@ -79,7 +74,7 @@ def fang_krum_lambda_upper_bound(benign_updates: Tensor, n_mal: int) -> float:
     ``D(w_l, w_i) = ||delta_l - delta_i||``. Needs m - 2c - 1 > 0.
     """
     n_ben, d = check_updates(benign_updates, "benign_updates")
-    c = _check_n_mal(n_mal)
+    c = check_n_mal(n_mal)
     m = n_ben + c
     if m - 2 * c - 1 <= 0:
         raise ValueError(f"Fang's lambda bound needs m - 2c - 1 > 0 (m={m} clients, c={c} attackers)")
@@ -143,7 +138,7 @@ def fang_krum(benign_updates: Tensor, n_mal: int, f: int, *, theta: Tensor | Non
     ``theta`` is accepted for symmetry but not needed: in update space D(w_i, theta) = ||delta_i||.
     """
     n_ben, d = check_updates(benign_updates, "benign_updates")
-    n_mal = _check_n_mal(n_mal)
+    n_mal = check_n_mal(n_mal)
     if variant not in ("paper", "code"):
         raise ValueError(f"variant must be 'paper' or 'code', got {variant!r}")
     if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
@@ -257,7 +252,7 @@ def fang_trimmed_mean(benign_updates: Tensor, n_mal: int, *, theta: Tensor | Non
     values). Returns updates (model-space values minus theta for ``space="model"``).
     """
     n_ben, d = check_updates(benign_updates, "benign_updates")
-    n_mal = _check_n_mal(n_mal)
+    n_mal = check_n_mal(n_mal)
     lo, hi = fang_tm_intervals(benign_updates, theta=theta, b=b, space=space)
     if n_mal == 0:
         return benign_updates.new_zeros((0, d))
@@ -317,7 +312,7 @@ def code_trimmed_mean(benign_updates: Tensor, n_mal: int, theta: Tensor, *, b: f
     (:func:`fang_trimmed_mean`).
     """
     n_ben, d = check_updates(benign_updates, "benign_updates")
-    n_mal = _check_n_mal(n_mal)
+    n_mal = check_n_mal(n_mal)
     lo, hi = code_tm_intervals(benign_updates, theta, b=b)
     if n_mal == 0:
         return benign_updates.new_zeros((0, d))
